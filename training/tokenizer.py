@@ -1,0 +1,72 @@
+"""GPT-2's byte-pair encoding through tiktoken, loaded from local files so serving never needs a network."""
+
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+from training.download import download, sha256_file
+
+BPE_FILES = ("vocab.bpe", "encoder.json")
+# The files OpenAI published with GPT-2, as tiktoken's own "gpt2" encoding checks them.
+GPT2_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{}"
+GPT2_BPE_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+ENDOFTEXT = "<|endoftext|>"
+# tiktoken's r50k pattern: GPT-2's original pre-tokenizer regex, in a faster equivalent form.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+class TokenizerError(RuntimeError):
+    """Tokenizer files missing, altered or malformed."""
+
+
+def bpe_hashes(directory: Path) -> dict[str, str]:
+    missing = [name for name in BPE_FILES if not (directory / name).is_file()]
+    if missing:
+        raise TokenizerError(f"{directory / missing[0]}: tokenizer file missing")
+    return {name: sha256_file(directory / name) for name in BPE_FILES}
+
+
+def load_tokenizer(directory: str | Path, expected_sha256: dict[str, str] | None = None) -> tiktoken.Encoding:
+    """The GPT-2 encoding from `directory`/vocab.bpe and encoder.json, checked against the given hashes."""
+    directory = Path(directory)
+    hashes = bpe_hashes(directory)
+    for name, expected in (expected_sha256 or {}).items():
+        if hashes.get(name) != expected:
+            raise TokenizerError(
+                f"{directory / name}: sha256 {hashes.get(name)} does not match expected {expected}"
+            )
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(str(directory / "vocab.bpe"), str(directory / "encoder.json"))
+    except Exception as exc:
+        raise TokenizerError(
+            f"{directory}: not a GPT-2 BPE vocabulary ({type(exc).__name__}: {exc})"
+        ) from exc
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)}
+    )
+
+
+def fetch_gpt2_bpe(cache_dir: str | Path) -> Path:
+    """GPT-2's BPE files in `cache_dir`/gpt2-bpe, downloaded (sha256 checked) unless already there."""
+    directory = Path(cache_dir) / "gpt2-bpe"
+    for name in BPE_FILES:
+        download(GPT2_BPE_URL.format(name), directory / name, GPT2_BPE_SHA256[name])
+    return directory
+
+
+def encode_batch(
+    enc: tiktoken.Encoding, texts: list[str], max_tokens: int
+) -> tuple[list[list[int]], list[bool]]:
+    """Token ids of each text, truncated to max_tokens, and whether it was truncated.
+
+    encode_ordinary: "<|endoftext|>" inside a message is plain text, never a special token. An empty
+    encoding (only possible for an empty string) becomes the single <|endoftext|> token so every row has
+    a last real token to read.
+    """
+    ids = [enc.encode_ordinary(text) for text in texts]  # tiktoken's batch call starts a thread pool
+    truncated = [len(row) > max_tokens for row in ids]
+    return [row[:max_tokens] or [enc.eot_token] for row in ids], truncated

@@ -74,9 +74,7 @@ def decide_labels(probs: torch.Tensor, labels: list[str], threshold: dict | None
     return [labels[positive] if p >= threshold["value"] else other for p in probs[:, positive].tolist()]
 
 
-def save_checkpoint(
-    directory: str | Path, model: GPTClassifier, tokenizer_dir: str | Path, card: dict
-) -> Path:
+def save_checkpoint(directory: str | Path, model: GPTClassifier, tokenizer_dir: str | Path, card: dict) -> Path:
     """Write config.json, model.safetensors and tokenizer/ into `directory` (created if needed)."""
     missing = [name for name in CARD_FIELDS if name not in card]
     assert not missing, f"checkpoint card lacks {missing}"
@@ -114,9 +112,7 @@ def load_checkpoint(
     _check_card(path / CONFIG_FILE, card, config)
     state = _read_weights(path / WEIGHTS_FILE, config)
     try:
-        tokenizer = load_tokenizer(
-            path / TOKENIZER_DIR, expected_sha256=card["tokenizer"].get("sha256") or {}
-        )
+        tokenizer = load_tokenizer(path / TOKENIZER_DIR, expected_sha256=card["tokenizer"].get("sha256") or {})
     except TokenizerError as exc:
         raise CheckpointError(str(exc)) from exc
     if tokenizer.n_vocab > config.vocab_size:
@@ -167,13 +163,9 @@ def _check_card(file: Path, card: dict, config: GPTConfig) -> None:
         or len(set(labels)) != len(labels)
         or not all(isinstance(label, str) and label for label in labels)
     ):
-        raise CheckpointError(
-            f"{file}: 'labels' must be {config.n_labels} distinct non-empty strings, got {labels!r}"
-        )
+        raise CheckpointError(f"{file}: 'labels' must be {config.n_labels} distinct non-empty strings, got {labels!r}")
     if not isinstance(max_tokens, int) or not 1 <= max_tokens <= config.block_size:
-        raise CheckpointError(
-            f"{file}: 'max_tokens' must be an integer in 1..{config.block_size}, got {max_tokens!r}"
-        )
+        raise CheckpointError(f"{file}: 'max_tokens' must be an integer in 1..{config.block_size}, got {max_tokens!r}")
     if card["pooling"] != POOLING:
         raise CheckpointError(f"{file}: unknown pooling {card['pooling']!r} (expected {POOLING!r})")
     if threshold is not None and not (
@@ -186,9 +178,7 @@ def _check_card(file: Path, card: dict, config: GPTConfig) -> None:
         raise CheckpointError(
             f"{file}: 'threshold' must be null or {{'label': one of the 2 labels, 'value': 0..1}}, got {threshold!r}"
         )
-    if not isinstance(card["tokenizer"], dict) or set(card["tokenizer"].get("sha256") or {}) != set(
-        BPE_FILES
-    ):
+    if not isinstance(card["tokenizer"], dict) or set(card["tokenizer"].get("sha256") or {}) != set(BPE_FILES):
         raise CheckpointError(f"{file}: 'tokenizer' must record the sha256 of {list(BPE_FILES)}")
 
 
@@ -209,9 +199,7 @@ def _read_weights(file: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
     for key, shape in expected.items():
         tensor = state[key]
         if tuple(tensor.shape) != shape:
-            raise CheckpointError(
-                f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, config needs {shape}"
-            )
+            raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, config needs {shape}")
         if not tensor.is_floating_point():
             raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}, expected floating point")
         if not torch.isfinite(tensor).all():

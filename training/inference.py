@@ -18,9 +18,7 @@ def pad_right(
     return idx.to(device), lengths.to(device)
 
 
-def length_sorted_batches(
-    lengths: list[int], max_batch: int, max_batch_tokens: int | None = None
-) -> list[list[int]]:
+def length_sorted_batches(lengths: list[int], max_batch: int, max_batch_tokens: int | None = None) -> list[list[int]]:
     """Indices grouped into batches of similar length, so that little compute goes to padding.
 
     A batch holds at most max_batch rows and, padded to its longest row, at most max_batch_tokens tokens

@@ -36,15 +36,11 @@ def load_tokenizer(directory: str | Path, expected_sha256: dict[str, str] | None
     hashes = bpe_hashes(directory)
     for name, expected in (expected_sha256 or {}).items():
         if hashes.get(name) != expected:
-            raise TokenizerError(
-                f"{directory / name}: sha256 {hashes.get(name)} does not match expected {expected}"
-            )
+            raise TokenizerError(f"{directory / name}: sha256 {hashes.get(name)} does not match expected {expected}")
     try:
         ranks = data_gym_to_mergeable_bpe_ranks(str(directory / "vocab.bpe"), str(directory / "encoder.json"))
     except Exception as exc:
-        raise TokenizerError(
-            f"{directory}: not a GPT-2 BPE vocabulary ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise TokenizerError(f"{directory}: not a GPT-2 BPE vocabulary ({type(exc).__name__}: {exc})") from exc
     return tiktoken.Encoding(
         name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)}
     )
@@ -58,9 +54,7 @@ def fetch_gpt2_bpe(cache_dir: str | Path) -> Path:
     return directory
 
 
-def encode_batch(
-    enc: tiktoken.Encoding, texts: list[str], max_tokens: int
-) -> tuple[list[list[int]], list[bool]]:
+def encode_batch(enc: tiktoken.Encoding, texts: list[str], max_tokens: int) -> tuple[list[list[int]], list[bool]]:
     """Token ids of each text, truncated to max_tokens, and whether it was truncated.
 
     encode_ordinary: "<|endoftext|>" inside a message is plain text, never a special token. An empty

@@ -11,9 +11,13 @@ class DownloadError(RuntimeError):
     """A file could not be downloaded or did not match its expected hash."""
 
 
-def download(url: str, dest: Path, sha256: str) -> Path:
-    """`dest`, fetched from `url` unless a file with the expected sha256 is already there."""
-    if dest.is_file() and sha256_file(dest) == sha256:
+def download(url: str, dest: Path, sha256: str | None) -> Path:
+    """`dest`, fetched from `url` unless a file with the expected sha256 is already there.
+
+    sha256=None is for an archive whose own hash is not published: it is always fetched, and the
+    caller checks the hash of what it extracts.
+    """
+    if sha256 is not None and dest.is_file() and sha256_file(dest) == sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
@@ -29,7 +33,7 @@ def download(url: str, dest: Path, sha256: str) -> Path:
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise DownloadError(f"could not download {url}: {exc}") from exc
-    if digest.hexdigest() != sha256:
+    if sha256 is not None and digest.hexdigest() != sha256:
         partial.unlink(missing_ok=True)
         raise DownloadError(f"{url}: sha256 {digest.hexdigest()} does not match expected {sha256}")
     partial.replace(dest)

@@ -1,0 +1,249 @@
+"""Labelled texts: the SMS Spam Collection or any CSV / TSV / JSONL table, deduplicated, balanced and split.
+
+Loaders check every row at the boundary and name the file, the line and the offending value.
+"""
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.download import DownloadError, download, sha256_file
+
+DEFAULT_CACHE = Path(os.environ.get("SPAMGPT_CACHE", Path.home() / ".cache" / "spamgpt"))
+SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+_SMS_FILE = "SMSSpamCollection"
+SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"  # of the extracted SMSSpamCollection
+
+
+@dataclass(frozen=True)
+class Dataset:
+    texts: list[str]
+    labels: list[str]  # one per text
+
+    def __post_init__(self):
+        if len(self.texts) != len(self.labels):
+            raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+
+    def label_names(self) -> list[str]:
+        """Sorted distinct labels: the classifier's label order."""
+        return sorted(set(self.labels))
+
+
+@dataclass(frozen=True)
+class Split:
+    train: Dataset
+    validation: Dataset
+    test: Dataset
+
+
+# --- Loading --------------------------------------------------------------------------------------
+
+
+def load_dataset(
+    source: str, cache_dir: str | Path = DEFAULT_CACHE, text_column: str = "text", label_column: str = "label"
+) -> Dataset:
+    """The source "sms" (downloaded into cache_dir), a local SMSSpamCollection file, or a .csv / .tsv / .jsonl table."""
+    if source == "sms":
+        return load_sms_spam(None, cache_dir)
+    if Path(source).name == _SMS_FILE:
+        return load_sms_spam(source)
+    return load_table(source, text_column, label_column)
+
+
+def load_sms_spam(path: str | Path | None = None, cache_dir: str | Path = DEFAULT_CACHE) -> Dataset:
+    """The SMS Spam Collection from a local file, or downloaded from UCI into cache_dir (sha256 checked).
+
+    Parsed as plain `label<TAB>text` lines, not as CSV: three messages contain quote characters that CSV
+    quoting would merge with their neighbours.
+    """
+    path = _fetch_sms(Path(cache_dir)) if path is None else Path(path)
+    lines = _read_text(path).split("\n")
+    if lines[-1] == "":  # the file's final newline
+        lines.pop()
+    texts, labels = [], []
+    for number, line in enumerate(lines, start=1):
+        label, tab, text = line.removesuffix("\r").partition("\t")
+        if not tab:
+            raise ValueError(f"{path}, line {number}: expected 'label<TAB>text', got {_clip(line)!r}")
+        _check_row(path, number, text, label)
+        texts.append(text)
+        labels.append(label)
+    return _dataset(path, texts, labels)
+
+
+def _fetch_sms(cache_dir: Path) -> Path:
+    dest = cache_dir / "sms-spam-collection" / _SMS_FILE
+    if dest.is_file() and sha256_file(dest) == SMS_SHA256:
+        return dest
+    # UCI publishes no hash of the zip, so the extracted file is what gets checked.
+    archive = download(SMS_URL, dest.with_name("sms+spam+collection.zip"), sha256=None)
+    partial = dest.with_name(dest.name + ".part")
+    try:
+        with zipfile.ZipFile(archive) as zf, zf.open(_SMS_FILE) as member, open(partial, "wb") as out:
+            shutil.copyfileobj(member, out)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        partial.unlink(missing_ok=True)
+        raise DownloadError(f"{SMS_URL}: no readable {_SMS_FILE} in the downloaded archive ({exc})") from exc
+    finally:
+        archive.unlink()
+    actual = sha256_file(partial)
+    if actual != SMS_SHA256:
+        partial.unlink()
+        raise DownloadError(f"{SMS_URL}: extracted {_SMS_FILE} has sha256 {actual}, expected {SMS_SHA256}")
+    partial.replace(dest)
+    return dest
+
+
+def load_table(path: str | Path, text_column: str = "text", label_column: str = "label") -> Dataset:
+    """A .csv, .tsv (header row, csv quoting) or .jsonl (one JSON object a line) table of texts and labels."""
+    path = Path(path)
+    readers = {".csv": _csv_rows, ".tsv": _csv_rows, ".jsonl": _jsonl_rows}
+    suffix = path.suffix.lower()
+    if suffix not in readers:
+        raise ValueError(f"{path}: unknown table format {suffix!r}; use one of {sorted(readers)}")
+    texts, labels = [], []
+    for number, row in readers[suffix](path):
+        for column in (text_column, label_column):
+            if column not in row:
+                columns = [name for name in row if isinstance(name, str)]  # csv files key surplus fields by None
+                raise ValueError(f"{path}, line {number}: no column {column!r}; the row has {columns!r}")
+        _check_row(path, number, row[text_column], row[label_column])
+        texts.append(row[text_column])
+        labels.append(row[label_column])
+    return _dataset(path, texts, labels)
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line where the record starts, record); a quoted field may span several lines."""
+    stream = io.StringIO(_read_text(path), newline="")  # newline="": quoted line breaks stay as written
+    reader = csv.DictReader(stream, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    start = 2  # the header is line 1
+    for row in reader:  # short rows get None for the missing fields, which _check_row reports
+        yield start, row
+        start = reader.line_num + 1
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}, line {number}: not JSON ({exc.msg}): {_clip(line)!r}") from exc
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: expected a JSON object, got {_clip(line)!r}")
+        yield number, row
+
+
+def _read_text(path: Path) -> str:
+    # Bytes, then decode: text mode would turn a "\r" inside a message into a line break.
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
+
+
+def _check_row(path: Path, number: int, text, label) -> None:
+    if not isinstance(label, str) or not label.strip():
+        raise ValueError(f"{path}, line {number}: label must be a non-empty string, got {_clip(label)!r}")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{path}, line {number}: text must be a non-empty string, got {_clip(text)!r}")
+
+
+def _dataset(path: Path, texts: list[str], labels: list[str]) -> Dataset:
+    if not texts:
+        raise ValueError(f"{path}: no rows")
+    ds = Dataset(texts, labels)
+    if len(ds.label_names()) < 2:
+        raise ValueError(f"{path}: a classifier needs at least 2 labels, found only {ds.label_names()!r}")
+    return ds
+
+
+def _clip(value, limit: int = 80):
+    """Long values shortened for an error message."""
+    return value[:limit] + "..." if isinstance(value, str) and len(value) > limit else value
+
+
+# --- Preparing ------------------------------------------------------------------------------------
+
+
+def deduplicate(ds: Dataset) -> Dataset:
+    """Exact duplicate texts removed, keeping the first occurrence, so that no text sits in two splits.
+
+    A text seen with two different labels keeps the label of its first occurrence.
+    """
+    first = {}
+    for i, text in enumerate(ds.texts):
+        first.setdefault(text, i)
+    return _subset(ds, sorted(first.values()))
+
+
+def balance(ds: Dataset, seed: int) -> Dataset:
+    """Every label undersampled at random (seeded) to the smallest label's count; rows keep their order."""
+    rng = random.Random(seed)
+    by_label = _indices_by_label(ds)
+    smallest = min(len(indices) for indices in by_label.values())
+    kept = [i for label in sorted(by_label) for i in rng.sample(by_label[label], smallest)]
+    return _subset(ds, sorted(kept))
+
+
+def stratified_split(ds: Dataset, seed: int, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> Split:
+    """Train / validation / test, each label shuffled (seeded) and cut by the fractions, so every split keeps
+    the label proportions. Rows keep their order within a split."""
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
+        raise ValueError(f"fractions must be three positive numbers that sum to 1, got {fractions!r}")
+    rng = random.Random(seed)
+    parts = ([], [], [])
+    by_label = _indices_by_label(ds)
+    for label in sorted(by_label):
+        indices = by_label[label]
+        rng.shuffle(indices)
+        cut_train = round(len(indices) * fractions[0])
+        cut_validation = round(len(indices) * (fractions[0] + fractions[1]))
+        parts[0].extend(indices[:cut_train])
+        parts[1].extend(indices[cut_train:cut_validation])
+        parts[2].extend(indices[cut_validation:])
+    if not all(parts):
+        sizes = [len(part) for part in parts]
+        raise ValueError(f"{len(ds.texts)} rows are too few to split by {fractions!r}: split sizes {sizes}")
+    return Split(*(_subset(ds, sorted(part)) for part in parts))
+
+
+def _subset(ds: Dataset, indices: list[int]) -> Dataset:
+    return Dataset([ds.texts[i] for i in indices], [ds.labels[i] for i in indices])
+
+
+def _indices_by_label(ds: Dataset) -> dict[str, list[int]]:
+    by_label = {}
+    for i, label in enumerate(ds.labels):
+        by_label.setdefault(label, []).append(i)
+    return by_label
+
+
+# --- Provenance -----------------------------------------------------------------------------------
+
+
+def fingerprint(ds: Dataset) -> dict:
+    """{"sha256": over texts and labels in order, "rows": n, "labels": {label: count}}."""
+    digest = hashlib.sha256()
+    for text, label in zip(ds.texts, ds.labels, strict=True):
+        # one JSON array a row: unambiguous whatever tabs or newlines the text holds
+        digest.update(json.dumps([text, label]).encode() + b"\n")
+    counts = Counter(ds.labels)
+    return {"sha256": digest.hexdigest(), "rows": len(ds.texts), "labels": dict(sorted(counts.items()))}
+
+
+def text_id(text: str) -> str:
+    """A short sha256 of a text: names it in the saved split without copying it."""
+    # surrogatepass: a JSON table can carry a lone surrogate, which strict UTF-8 cannot encode
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]

@@ -1,0 +1,137 @@
+import random
+
+import pytest
+import torch
+
+from training.finetune import Examples, TrainConfig, evaluate_loss, prepare_trainable, tail_forward, train
+from training.inference import pad_right, probabilities
+from training.lora import merge_lora
+from training.model import GPTClassifier, GPTConfig
+
+CONFIG = GPTConfig.from_preset("tiny", vocab_size=100)
+CPU = torch.device("cpu")
+
+
+def synthetic(n: int, seed: int, flip: bool = False) -> Examples:
+    """Rows of 3..12 tokens; class 0 draws from tokens 0..49, class 1 from 50..99 (flip swaps the targets)."""
+    rng = random.Random(seed)
+    rows, targets = [], []
+    for i in range(n):
+        label = i % 2
+        rows.append([rng.randrange(50 * label, 50 * label + 50) for _ in range(rng.randint(3, 12))])
+        targets.append(1 - label if flip else label)
+    return Examples(rows, targets)
+
+
+def fresh_model() -> GPTClassifier:
+    torch.manual_seed(0)
+    return GPTClassifier(CONFIG)
+
+
+def validation_loss(model: GPTClassifier, data: Examples) -> float:
+    return evaluate_loss(model, tail_forward(model, data.rows, 0, False, CPU, "val"), data, CPU)[0]
+
+
+def test_loss_goes_down():
+    model, data = fresh_model(), synthetic(40, seed=1)
+    history = train(model, data, synthetic(10, seed=2), TrainConfig(trainable="all", epochs=4, lr=1e-3, device="cpu"))
+    losses = [e["train_loss"] for e in history.epochs]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert history.epochs[-1]["val_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("blocks", [pytest.param(1, id="one-block"), pytest.param(2, id="all-blocks")])
+def test_cached_prefix_matches_whole_model(blocks):
+    data, val = synthetic(24, seed=3), synthetic(8, seed=4)
+    results = []
+    for cache in (True, False):
+        model = fresh_model()
+        config = TrainConfig(trainable_blocks=blocks, epochs=2, batch_size=4, lr=1e-3, device="cpu", cache_prefix=cache)
+        history = train(model, data, val, config)
+        results.append((history.step_losses, [e["val_loss"] for e in history.epochs], model.state_dict()))
+    (cached_steps, cached_val, cached_state), (plain_steps, plain_val, plain_state) = results
+    assert len(cached_steps) == 12
+    torch.testing.assert_close(cached_steps, plain_steps)
+    torch.testing.assert_close(cached_val, plain_val)
+    torch.testing.assert_close(cached_state, plain_state)
+
+
+def test_last_blocks_freezes_the_rest():
+    model = fresh_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, synthetic(16, seed=5), synthetic(4, seed=6), TrainConfig(epochs=1, lr=1e-3, device="cpu"))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed, "nothing trained"
+    assert all(k.startswith(("transformer.h.1.", "transformer.ln_f.", "score.")) for k in changed), changed
+
+
+def test_lora_trains_only_adapters_norm_and_head():
+    model = fresh_model()
+    prepare_trainable(model, TrainConfig(trainable="lora", lora_rank=4))
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert names >= {"transformer.ln_f.weight", "score.weight", "transformer.h.0.attn.c_attn.lora_A"}
+    assert all("lora_" in n or n.startswith(("transformer.ln_f.", "score.")) for n in names), names
+    # every linear layer of every block carries an adapter: 4 per block, A and B each
+    assert sum("lora_" in n for n in names) == CONFIG.n_layer * 4 * 2
+
+
+def test_lora_merge_keeps_probabilities_and_plain_keys():
+    model = fresh_model()
+    batch = pad_right(synthetic(6, seed=7).rows, 0)
+    with torch.no_grad():
+        base = probabilities(model(*batch))
+    prepare_trainable(model, TrainConfig(trainable="lora", lora_rank=4))
+    with torch.no_grad():  # B starts at zero; make the adapters do something
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+        unmerged = probabilities(model(*batch))
+        merge_lora(model)
+        merged = probabilities(model(*batch))
+    assert not torch.allclose(unmerged, base, atol=1e-3)
+    torch.testing.assert_close(merged, unmerged)
+    assert set(model.state_dict()) == set(fresh_model().state_dict())
+
+
+def test_lora_training_exports_plain_classifier():
+    model = fresh_model()
+    history = train(model, synthetic(16, seed=8), synthetic(4, seed=9), TrainConfig(trainable="lora", epochs=1))
+    assert history.best_epoch == 1
+    assert set(model.state_dict()) == set(fresh_model().state_dict())
+
+
+def test_best_epoch_by_validation_loss_is_kept():
+    # Validation labels are the opposite of training's, so validation loss rises as training goes on.
+    model, val = fresh_model(), synthetic(10, seed=11, flip=True)
+    history = train(model, synthetic(40, seed=10), val, TrainConfig(trainable="all", epochs=4, lr=1e-3, device="cpu"))
+    val_losses = [e["val_loss"] for e in history.epochs]
+    assert history.best_epoch == 1 and val_losses[-1] > val_losses[0], val_losses
+    assert validation_loss(model, val) == pytest.approx(val_losses[0], rel=1e-5)
+
+
+def test_training_is_reproducible():
+    runs = []
+    for _ in range(2):
+        model = fresh_model()
+        train(model, synthetic(16, seed=12), synthetic(4, seed=13), TrainConfig(epochs=2, lr=1e-3, device="cpu"))
+        runs.append(model.state_dict())
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        pytest.param({"trainable": "some"}, "'some'", id="trainable"),
+        pytest.param({"epochs": 0}, "epochs must be at least 1, got 0", id="epochs"),
+        pytest.param({"lr": -1.0}, "-1.0", id="lr"),
+        pytest.param({"device": "gpu7"}, "'gpu7'", id="device"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**overrides)
+
+
+def test_too_many_trainable_blocks():
+    with pytest.raises(ValueError, match="trainable_blocks 3 exceeds the model's 2 blocks"):
+        prepare_trainable(fresh_model(), TrainConfig(trainable_blocks=3))

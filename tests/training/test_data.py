@@ -1,0 +1,349 @@
+import csv
+import hashlib
+import json
+import zipfile
+from collections import Counter
+
+import pytest
+
+from training import data
+from training.data import (
+    Dataset,
+    balance,
+    deduplicate,
+    fingerprint,
+    load_dataset,
+    load_sms_spam,
+    load_table,
+    stratified_split,
+    text_id,
+)
+from training.download import DownloadError
+
+# Messages that CSV quoting or a naive split would mangle: quotes, commas, tabs, a lone quote.
+SMS_ROWS = [
+    ("ham", 'He said "see you at 5" and left'),
+    ("spam", "WINNER!! Claim your prize, call 0800 now"),
+    ("ham", '"Quoted from start to end"'),
+    ("ham", 'Unbalanced "quote here'),
+    ("spam", "tab\tinside the text"),
+    ("ham", "  leading and trailing spaces  "),
+]
+
+
+def write_sms(path, rows=SMS_ROWS, newline="\n"):
+    path.write_bytes("".join(f"{label}\t{text}{newline}" for label, text in rows).encode())
+    return path
+
+
+def labelled(pairs: str) -> Dataset:
+    """'a:x b:y' -> texts [a, b], labels [x, y]."""
+    rows = [pair.split(":") for pair in pairs.split()]
+    return Dataset([text for text, _ in rows], [label for _, label in rows])
+
+
+# --- Tables ---------------------------------------------------------------------------------------
+
+TABLE_ROWS = [
+    {"message": 'Free entry, "now"', "category": "spam", "extra": "1"},
+    {"message": "Two\nlines, one message", "category": "ham", "extra": "2"},
+    {"message": "ok", "category": "ham", "extra": "3"},
+]
+
+
+def write_table(path, rows):
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    else:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if path.suffix == ".tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_load_table_reads_custom_columns(tmp_path, suffix):
+    path = write_table(tmp_path / f"messages{suffix}", TABLE_ROWS)
+    ds = load_table(path, text_column="message", label_column="category")
+    assert ds.texts == [row["message"] for row in TABLE_ROWS]
+    assert ds.labels == [row["category"] for row in TABLE_ROWS]
+    assert ds.label_names() == ["ham", "spam"]
+
+
+def test_load_table_default_columns_and_dispatch(tmp_path):
+    rows = [{"label": label, "text": text} for label, text in SMS_ROWS]
+    path = write_table(tmp_path / "data.csv", rows)
+    assert load_dataset(str(path)) == load_table(path) == Dataset([t for _, t in SMS_ROWS], [la for la, _ in SMS_ROWS])
+
+
+def test_load_table_accepts_a_byte_order_mark(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbftext,label\nhello,ham\nwin,spam\n")
+    assert load_table(path).texts == ["hello", "win"]
+
+
+def test_load_table_error_names_the_line_of_a_multiline_record(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('text,label\n"one\ntwo\nthree",ham\nwin,spam\nbad,\n')
+    with pytest.raises(ValueError, match=r"data\.csv, line 6: label must be a non-empty string, got ''"):
+        load_table(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        pytest.param("a.csv", "", r"a\.csv: no rows", id="empty-csv"),
+        pytest.param("a.csv", "text,label\n", r"a\.csv: no rows", id="header-only"),
+        pytest.param("a.jsonl", "\n\n", r"a\.jsonl: no rows", id="empty-jsonl"),
+        pytest.param(
+            "a.csv",
+            "body,label\nhi,ham\n",
+            r"a\.csv, line 2: no column 'text'; the row has \['body'",
+            id="csv-no-text-column",
+        ),
+        pytest.param(
+            "a.jsonl",
+            '{"text": "hi", "label": "ham"}\n{"text": "yo"}\n',
+            r"a\.jsonl, line 2: no column 'label'",
+            id="jsonl-no-label",
+        ),
+        pytest.param(
+            "a.csv",
+            "text,label\nhi,ham\nyo,ham\n",
+            r"a\.csv: a classifier needs at least 2 labels, found only \['ham'\]",
+            id="one-label",
+        ),
+        pytest.param(
+            "a.jsonl",
+            '{"text": "hi", "label": "ham"}\n{"text": "yo", "label": 1}\n',
+            r"a\.jsonl, line 2: label must be a non-empty string, got 1",
+            id="int-label",
+        ),
+        pytest.param(
+            "a.jsonl",
+            '{"text": "hi", "label": null}\n',
+            r"line 1: label must be a non-empty string, got None",
+            id="null-label",
+        ),
+        pytest.param(
+            "a.tsv",
+            "text\tlabel\nhi\t  \n",
+            r"a\.tsv, line 2: label must be a non-empty string, got '  '",
+            id="blank-label",
+        ),
+        pytest.param(
+            "a.csv",
+            "text,label\nhi,ham\nwin\n",
+            r"a\.csv, line 3: label must be a non-empty string, got None",
+            id="short-row",
+        ),
+        pytest.param(
+            "a.csv", "text,label\n,ham\n", r"a\.csv, line 2: text must be a non-empty string, got ''", id="empty-text"
+        ),
+        pytest.param(
+            "a.jsonl",
+            '{"text": ["x"], "label": "ham"}\n',
+            r"line 1: text must be a non-empty string, got \['x'\]",
+            id="list-text",
+        ),
+        pytest.param(
+            "a.jsonl",
+            '{"text": "hi", "label": "ham"}\n{"text": "hi",\n',
+            r"a\.jsonl, line 2: not JSON",
+            id="broken-json",
+        ),
+        pytest.param("a.jsonl", '["hi", "ham"]\n', r"a\.jsonl, line 1: expected a JSON object", id="json-array"),
+        pytest.param("a.xlsx", "text,label\n", r"a\.xlsx: unknown table format '\.xlsx'", id="unknown-suffix"),
+    ],
+)
+def test_load_table_refuses(tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        load_table(path)
+
+
+def test_load_table_refuses_non_utf8(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\ncafé,ham\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.csv: not UTF-8 text"):
+        load_table(path)
+
+
+# --- SMS Spam Collection --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_load_sms_spam_reads_plain_tab_lines(tmp_path, newline):
+    ds = load_sms_spam(write_sms(tmp_path / "SMSSpamCollection", newline=newline))
+    assert ds.texts == [text for _, text in SMS_ROWS]  # quotes, inner tabs and spaces kept verbatim
+    assert ds.labels == [label for label, _ in SMS_ROWS]
+
+
+def test_load_dataset_sends_a_file_named_smsspamcollection_to_the_sms_parser(tmp_path):
+    path = write_sms(tmp_path / "SMSSpamCollection")
+    assert load_dataset(str(path)) == load_sms_spam(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        pytest.param(
+            "ham\tok\nspam no tab here\n", r"line 2: expected 'label<TAB>text', got 'spam no tab here'", id="no-tab"
+        ),
+        pytest.param("ham\tok\n\nspam\twin\n", r"line 2: expected 'label<TAB>text', got ''", id="blank-line"),
+        pytest.param("ham\tok\n\twin\n", r"line 2: label must be a non-empty string, got ''", id="no-label"),
+        pytest.param("ham\tok\nspam\t\n", r"line 2: text must be a non-empty string, got ''", id="no-text"),
+        pytest.param("ham\tok\nham\tfine\n", r"at least 2 labels, found only \['ham'\]", id="one-label"),
+        pytest.param("", r"SMSSpamCollection: no rows", id="empty"),
+    ],
+)
+def test_load_sms_spam_refuses_malformed_lines(tmp_path, content, match):
+    path = tmp_path / "SMSSpamCollection"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        load_sms_spam(path)
+
+
+@pytest.fixture
+def sms_zip_url(tmp_path, monkeypatch):
+    """Point the downloader at a local zip (file:// URL, no network) holding `content` as SMSSpamCollection."""
+
+    def serve(content: bytes, member: str = "SMSSpamCollection", sha256: str | None = None) -> str:
+        archive = tmp_path / "served" / "sms+spam+collection.zip"
+        archive.parent.mkdir(exist_ok=True)
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr(member, content)
+            zf.writestr("readme", "the UCI archive also holds a readme")
+        monkeypatch.setattr(data, "SMS_URL", archive.as_uri())
+        monkeypatch.setattr(data, "SMS_SHA256", sha256 or hashlib.sha256(content).hexdigest())
+        return archive
+
+    return serve
+
+
+def test_load_sms_spam_downloads_extracts_and_caches(tmp_path, sms_zip_url):
+    content = write_sms(tmp_path / "source").read_bytes()
+    archive = sms_zip_url(content)
+    cache = tmp_path / "cache"
+    ds = load_dataset("sms", cache_dir=cache)
+    assert ds.texts == [text for _, text in SMS_ROWS]
+    cached = cache / "sms-spam-collection" / "SMSSpamCollection"
+    assert cached.read_bytes() == content
+    assert sorted(p.name for p in cached.parent.iterdir()) == ["SMSSpamCollection"]  # no zip, no .part left
+    archive.unlink()  # a second load must come from the cache
+    assert load_sms_spam(None, cache) == ds
+
+
+def test_load_sms_spam_refuses_an_extracted_file_with_the_wrong_hash(tmp_path, sms_zip_url):
+    sms_zip_url(b"ham\tok\nspam\twin\n", sha256="0" * 64)
+    with pytest.raises(DownloadError, match=r"extracted SMSSpamCollection has sha256 [0-9a-f]{64}, expected 0{64}"):
+        load_sms_spam(None, tmp_path / "cache")
+    assert not any((tmp_path / "cache" / "sms-spam-collection").iterdir())
+
+
+def test_load_sms_spam_refuses_an_archive_without_the_file(tmp_path, sms_zip_url):
+    sms_zip_url(b"ham\tok\n", member="other.txt")
+    with pytest.raises(DownloadError, match=r"no readable SMSSpamCollection in the downloaded archive"):
+        load_sms_spam(None, tmp_path / "cache")
+
+
+def test_real_sms_spam_collection(shared_data):
+    ds = load_sms_spam(shared_data / "sms-spam-collection" / "SMSSpamCollection")
+    assert fingerprint(ds)["rows"] == 5574
+    assert Counter(ds.labels) == {"ham": 4827, "spam": 747}
+    assert ds.label_names() == ["ham", "spam"]
+    assert len(set(ds.texts)) == len(deduplicate(ds).texts) == 5171
+
+
+def test_real_sms_spam_collection_through_the_download_path(tmp_path, shared_data, monkeypatch):
+    """The real file zipped as UCI ships it passes the real SMS_SHA256 check."""
+    archive = tmp_path / "sms+spam+collection.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(shared_data / "sms-spam-collection" / "SMSSpamCollection", "SMSSpamCollection")
+    monkeypatch.setattr(data, "SMS_URL", archive.as_uri())
+    assert Counter(load_dataset("sms", cache_dir=tmp_path / "cache").labels) == {"ham": 4827, "spam": 747}
+
+
+# --- Preparing ------------------------------------------------------------------------------------
+
+
+def test_deduplicate_keeps_the_first_occurrence_and_its_label():
+    ds = labelled("a:ham b:spam a:ham c:ham b:ham d:spam")
+    assert deduplicate(ds) == labelled("a:ham b:spam c:ham d:spam")
+
+
+def many(n_ham: int, n_spam: int) -> Dataset:
+    return Dataset(
+        [f"ham {i}" for i in range(n_ham)] + [f"spam {i}" for i in range(n_spam)], ["ham"] * n_ham + ["spam"] * n_spam
+    )
+
+
+def test_stratified_split_partitions_and_keeps_proportions():
+    ds = many(700, 100)
+    split = stratified_split(ds, seed=0)
+    parts = (split.train, split.validation, split.test)
+    assert [Counter(part.labels) for part in parts] == [
+        {"ham": 490, "spam": 70},
+        {"ham": 70, "spam": 10},
+        {"ham": 140, "spam": 20},
+    ]
+    texts = [set(part.texts) for part in parts]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert texts[0] | texts[1] | texts[2] == set(ds.texts)
+    for part in parts:  # every text keeps its label
+        assert all(text.split()[0] == label for text, label in zip(part.texts, part.labels, strict=True))
+
+
+def test_stratified_split_is_seeded():
+    ds = many(50, 20)
+    assert stratified_split(ds, seed=1) == stratified_split(ds, seed=1)
+    assert stratified_split(ds, seed=1).test != stratified_split(ds, seed=2).test
+
+
+@pytest.mark.parametrize(
+    "fractions", [(0.8, 0.2), (0.7, 0.2, 0.2), (0.9, 0.1, 0.0), (1.2, -0.1, -0.1)], ids=["two", "sum", "zero", "neg"]
+)
+def test_stratified_split_refuses_bad_fractions(fractions):
+    with pytest.raises(ValueError, match=r"fractions must be three positive numbers that sum to 1"):
+        stratified_split(many(10, 10), seed=0, fractions=fractions)
+
+
+def test_stratified_split_refuses_too_few_rows():
+    with pytest.raises(ValueError, match=r"2 rows are too few to split"):
+        stratified_split(many(1, 1), seed=0)
+
+
+def test_balance_undersamples_to_the_smallest_label():
+    ds = Dataset([f"t{i}" for i in range(60)], ["a"] * 30 + ["b"] * 20 + ["c"] * 10)
+    balanced = balance(ds, seed=0)
+    assert Counter(balanced.labels) == {"a": 10, "b": 10, "c": 10}
+    positions = [ds.texts.index(text) for text in balanced.texts]
+    assert positions == sorted(positions)  # a subset of the original rows, in their order
+    assert all(ds.labels[p] == label for p, label in zip(positions, balanced.labels, strict=True))
+    assert balance(ds, seed=0) == balanced
+    assert balance(ds, seed=1) != balanced
+
+
+def test_fingerprint_covers_texts_labels_and_order():
+    ds = labelled("a:ham b:spam c:ham")
+    fp = fingerprint(ds)
+    assert fp["rows"] == 3
+    assert fp["labels"] == {"ham": 2, "spam": 1}
+    assert fingerprint(labelled("a:ham b:spam c:ham")) == fp
+    for other in (labelled("b:spam a:ham c:ham"), labelled("a:ham b:spam c:spam"), labelled("a:ham b:spam")):
+        assert fingerprint(other)["sha256"] != fp["sha256"]
+    # a tab inside a text is not a field separator
+    assert fingerprint(Dataset(["a\tb"], ["c"]))["sha256"] != fingerprint(Dataset(["a"], ["b\tc"]))["sha256"]
+
+
+def test_text_id():
+    assert text_id("hello") == text_id("hello") == hashlib.sha256(b"hello").hexdigest()[:16]
+    assert text_id("hello") != text_id("hello ")
+    assert len(text_id("\ud800 lone surrogate, as JSON can carry")) == 16
+
+
+def test_dataset_refuses_unequal_lengths():
+    with pytest.raises(ValueError, match=r"2 texts but 1 labels"):
+        Dataset(["a", "b"], ["ham"])

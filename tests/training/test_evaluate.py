@@ -1,0 +1,129 @@
+import json
+import sys
+
+import pytest
+import torch
+
+from training.evaluate import (
+    Predictions,
+    choose_threshold,
+    classification_metrics,
+    evaluation_report,
+    predict,
+    roc_auc,
+    summary,
+    write_report,
+)
+from training.model import GPTClassifier
+
+LABELS = ["ham", "spam"]
+# Spam probabilities and truths, small enough to check by hand (see the comments in the tests).
+SPAM_P = [0.9, 0.8, 0.7, 0.6, 0.4, 0.3, 0.2, 0.1]
+TRUTH = [1, 1, 0, 1, 0, 0, 1, 0]
+
+
+def binary(spam_p: list[float], truth: list[int]) -> Predictions:
+    p = torch.tensor(spam_p)
+    return Predictions(torch.stack([1 - p, p], dim=1), torch.tensor(truth))
+
+
+def test_metrics_by_hand():
+    pred = binary(SPAM_P, TRUTH)
+    m = classification_metrics(pred.probs, pred.targets, pred.probs.argmax(dim=1), LABELS)
+    # argmax says spam for the first four: ham row [3 right, 1 wrong], spam row [1 missed, 3 right]
+    assert m["confusion_matrix"] == [[3, 1], [1, 3]]
+    assert m["accuracy"] == 0.75 and m["n"] == 8
+    assert m["per_class"]["spam"] == {"precision": 0.75, "recall": 0.75, "f1": 0.75, "support": 4}
+    assert m["per_class"]["ham"]["f1"] == 0.75
+    # spam above ham in 4 + 4 + 3 + 1 of the 16 pairs
+    assert m["roc_auc"] == pytest.approx(12 / 16)
+
+
+def test_precision_recall_f1_unbalanced():
+    pred = binary([0.9, 0.9, 0.9, 0.1, 0.1], [1, 0, 0, 1, 0])
+    m = classification_metrics(pred.probs, pred.targets, pred.probs.argmax(dim=1), LABELS)
+    spam = m["per_class"]["spam"]  # 1 of 3 flagged is spam; 1 of 2 spam flagged
+    assert (spam["precision"], spam["recall"]) == pytest.approx((1 / 3, 1 / 2))
+    assert spam["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+    assert m["confusion_matrix"] == [[1, 2], [1, 1]]
+
+
+@pytest.mark.parametrize(
+    ("scores", "truth", "expected"),
+    [
+        pytest.param([0.9, 0.1], [1, 0], 1.0, id="perfect"),
+        pytest.param([0.1, 0.9], [1, 0], 0.0, id="inverted"),
+        pytest.param([0.5, 0.5, 0.5], [1, 0, 0], 0.5, id="ties-count-half"),
+        pytest.param([0.8, 0.5, 0.5, 0.2], [1, 1, 0, 0], 0.875, id="one-tie"),
+        pytest.param([0.3, 0.2], [1, 1], None, id="one-class"),
+    ],
+)
+def test_roc_auc(scores, truth, expected):
+    auc = roc_auc(torch.tensor(scores), torch.tensor(truth).bool())
+    assert auc == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_threshold_maximises_f1():
+    # F1 of `p >= t` at each distinct t: .4, .67, .57, .75 (t=0.6), .67, .6, .73, .67
+    assert choose_threshold(torch.tensor(SPAM_P), torch.tensor(TRUTH).bool()) == pytest.approx(0.6)
+
+
+def test_threshold_is_chosen_on_validation_only():
+    validation = binary(SPAM_P, TRUTH)
+    test_a = binary([0.35, 0.3, 0.25, 0.1], [1, 1, 1, 0])  # on its own it would pick 0.25
+    test_b = binary([0.99, 0.01], [0, 1])
+    assert choose_threshold(test_a.probs[:, 1], test_a.targets.bool()) == pytest.approx(0.25)
+    report_a, report_b = evaluation_report(LABELS, validation, test_a), evaluation_report(LABELS, validation, test_b)
+    assert report_a["threshold"] == report_b["threshold"] == {"label": "spam", "value": pytest.approx(0.6)}
+    # at 0.6 none of test_a is flagged: recall 0, where argmax found none either and 0.25 would find all
+    assert report_a["test"]["threshold"]["per_class"]["spam"]["recall"] == 0.0
+    assert report_a["validation"]["threshold"]["per_class"]["spam"]["f1"] == pytest.approx(0.75)
+
+
+def test_positive_label_is_spam_wherever_it_sorts():
+    report = evaluation_report(["spam", "zzz"], binary(SPAM_P, TRUTH), binary(SPAM_P, TRUTH))
+    assert report["threshold"]["label"] == "spam"  # column 0 here
+    report = evaluation_report(["a", "b"], binary(SPAM_P, TRUTH), binary(SPAM_P, TRUTH))
+    assert report["threshold"]["label"] == "b"
+    assert summary(report)["test_f1"] == 0.75 and summary(report)["f1_label"] == "b"
+
+
+def test_multiclass_has_no_threshold():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    pred = Predictions(probs, torch.tensor([0, 1, 2, 1]))
+    report = evaluation_report(["a", "b", "c"], pred, pred)
+    assert report["threshold"] is None and set(report["test"]) == {"argmax"}
+    assert report["test"]["argmax"]["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    # one-vs-rest: a 1.0, b 1.0 (0.8, 0.4 over 0.2, 0.2), c 1.0
+    assert report["test"]["argmax"]["roc_auc"] == pytest.approx(1.0)
+    assert summary(report)["f1_label"] == "macro"
+
+
+def test_report_files(tmp_path):
+    pred = binary(SPAM_P, TRUTH)
+    report = evaluation_report(LABELS, pred, pred)
+    history = {"epochs": [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "train_accuracy": 0.5, "val_accuracy": 0.6}]}
+    write_report(tmp_path, report, pred, {**history, "best_epoch": 1})
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["test"]["argmax"]["accuracy"] == 0.75 and saved["history"]["best_epoch"] == 1
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["accuracy.png", "confusion_matrix.png", "loss.png", "precision_recall.png", "roc.png"]
+    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in pngs)
+
+
+def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import now raises ImportError
+    pred = binary(SPAM_P, TRUTH)
+    write_report(tmp_path, evaluation_report(LABELS, pred, pred), pred)
+    assert (tmp_path / "metrics.json").is_file() and not list(tmp_path.glob("*.png"))
+    assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_predict_uses_model_probabilities(tiny_config, tokenizer):
+    torch.manual_seed(0)
+    model = GPTClassifier(tiny_config).eval()
+    pred = predict(model, tokenizer, ["hi there", "win a prize"], ["spam", "ham"], LABELS, max_tokens=16)
+    assert pred.targets.tolist() == [1, 0]
+    torch.testing.assert_close(pred.probs.sum(dim=1), torch.ones(2))
+    with pytest.raises(ValueError, match=r"\['eggs'\]"):
+        predict(model, tokenizer, ["hi"], ["eggs"], LABELS, max_tokens=16)

@@ -164,7 +164,8 @@ def _check_card(file: Path, card: dict, config: GPTConfig) -> None:
         or not all(isinstance(label, str) and label for label in labels)
     ):
         raise CheckpointError(f"{file}: 'labels' must be {config.n_labels} distinct non-empty strings, got {labels!r}")
-    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= config.block_size:
+    # bool is an int subclass: JSON true must not pass as 1
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= config.block_size:
         raise CheckpointError(f"{file}: 'max_tokens' must be an integer in 1..{config.block_size}, got {max_tokens!r}")
     if card["pooling"] != POOLING:
         raise CheckpointError(f"{file}: unknown pooling {card['pooling']!r} (expected {POOLING!r})")
@@ -173,6 +174,7 @@ def _check_card(file: Path, card: dict, config: GPTConfig) -> None:
         and isinstance(threshold, dict)
         and threshold.get("label") in labels
         and isinstance(threshold.get("value"), int | float)
+        and not isinstance(threshold["value"], bool)
         and 0.0 <= threshold["value"] <= 1.0
     ):
         raise CheckpointError(

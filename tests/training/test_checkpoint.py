@@ -1,0 +1,214 @@
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_card
+from safetensors.torch import load_file, save_file
+
+from training.checkpoint import CheckpointError, decide_labels, load_checkpoint, save_checkpoint
+from training.inference import predict_proba
+from training.model import GPTClassifier, GPTConfig
+
+TEXTS = ["WINNER!! Claim your free prize now", "See you at 5?", "", "the cat sat on the mat " * 10]
+
+
+def test_export_then_load_gives_identical_state_and_probabilities(tmp_path, tiny_config, bpe_dir, tokenizer):
+    torch.manual_seed(3)
+    model = GPTClassifier(tiny_config).eval()
+    card = tiny_card(threshold={"label": "spam", "value": 0.7}, metrics={"test": {"accuracy": 0.5}})
+    save_checkpoint(tmp_path / "ckpt", model, bpe_dir, card)
+
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    loaded = ckpt.model.state_dict()
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    assert not ckpt.model.training and not any(p.requires_grad for p in ckpt.model.parameters())
+    assert torch.equal(
+        predict_proba(ckpt.model, ckpt.tokenizer, TEXTS, ckpt.max_tokens),
+        predict_proba(model, tokenizer, TEXTS, card["max_tokens"]),
+    )
+    assert (ckpt.labels, ckpt.max_tokens, ckpt.threshold) == (["ham", "spam"], 48, {"label": "spam", "value": 0.7})
+    assert ckpt.card["metrics"] == card["metrics"] and ckpt.card["model"] == tiny_config.to_dict()
+
+
+def test_load_onto_a_lower_precision_dtype(tiny_checkpoint):
+    ckpt = load_checkpoint(tiny_checkpoint, dtype=torch.bfloat16)
+    assert {p.dtype for p in ckpt.model.parameters()} == {torch.bfloat16}
+
+
+def test_decide_labels():
+    probs = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.25, 0.75]])
+    assert decide_labels(probs, ["ham", "spam"], None) == ["ham", "spam", "spam"]
+    assert decide_labels(probs, ["ham", "spam"], {"label": "spam", "value": 0.7}) == ["ham", "ham", "spam"]
+    assert decide_labels(probs, ["ham", "spam"], {"label": "ham", "value": 0.3}) == ["ham", "ham", "spam"]
+
+
+# --- Broken checkpoints ---------------------------------------------------------------------------
+
+
+class PickleBomb:
+    """Unpickling this creates `marker`: proof that a loader ran pickle on the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def edit_card(**changes):
+    def edit(ckpt: Path):
+        card = json.loads((ckpt / "config.json").read_text())
+        for key, value in changes.items():
+            if value is DELETE:
+                del card[key]
+            else:
+                card[key] = value
+        (ckpt / "config.json").write_text(json.dumps(card))
+
+    return edit
+
+
+def edit_tensors(change):
+    def edit(ckpt: Path):
+        state = load_file(ckpt / "model.safetensors")
+        change(state)
+        save_file(state, ckpt / "model.safetensors")
+
+    return edit
+
+
+def flip_header_byte(ckpt: Path):
+    raw = bytearray((ckpt / "model.safetensors").read_bytes())
+    raw[8] ^= 0xFF  # the first byte of the JSON header, after its 8-byte length
+    (ckpt / "model.safetensors").write_bytes(bytes(raw))
+
+
+def truncate(ckpt: Path):
+    raw = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+
+
+def plant_pickle(ckpt: Path):
+    # Written only to prove it is never read as pickle: the loader must refuse it without unpickling.
+    payload = {"score.weight": PickleBomb(ckpt.parent / "pickle-ran")}
+    (ckpt / "model.safetensors").write_bytes(pickle.dumps(payload))
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("breakage", "match"),
+    [
+        pytest.param(lambda c: c.rename(c.with_name("moved")), r"ckpt: checkpoint directory not found", id="no-dir"),
+        pytest.param(lambda c: (c / "config.json").unlink(), r"config\.json: missing", id="no-config"),
+        pytest.param(
+            lambda c: (c / "config.json").write_text("{not json"), r"config\.json: not valid JSON", id="config-not-json"
+        ),
+        pytest.param(
+            lambda c: (c / "config.json").write_text("[1, 2]"),
+            r"config\.json: expected a JSON object, got list",
+            id="config-not-object",
+        ),
+        pytest.param(edit_card(labels=DELETE), r"config\.json: missing field 'labels'", id="missing-field"),
+        pytest.param(
+            edit_card(format_version=2),
+            r"config\.json: unknown format_version 2 \(this spamgpt reads 1\)",
+            id="format-version",
+        ),
+        pytest.param(
+            edit_card(model={"n_layer": 2, "n_head": 3, "n_embd": 32}),
+            r"config\.json: invalid model config \(n_embd 32 is not divisible by n_head 3\)",
+            id="bad-model-config",
+        ),
+        pytest.param(
+            edit_card(model={"n_layers": 2}),
+            r"config\.json: invalid model config \(.*unexpected keyword argument 'n_layers'",
+            id="unknown-model-field",
+        ),
+        pytest.param(
+            edit_card(labels=["ham"]), r"'labels' must be 2 distinct non-empty strings, got \['ham'\]", id="one-label"
+        ),
+        pytest.param(edit_card(labels=["ham", "ham"]), r"'labels' must be .*got \['ham', 'ham'\]", id="repeated-label"),
+        pytest.param(edit_card(labels=["ham", 1]), r"'labels' must be .*got \['ham', 1\]", id="int-label"),
+        pytest.param(edit_card(labels="ham,spam"), r"'labels' must be .*got 'ham,spam'", id="labels-string"),
+        pytest.param(edit_card(max_tokens=0), r"'max_tokens' must be an integer in 1\.\.64, got 0", id="max-tokens-0"),
+        pytest.param(edit_card(max_tokens=65), r"'max_tokens' must be .*got 65", id="max-tokens-over-block"),
+        pytest.param(edit_card(max_tokens="48"), r"'max_tokens' must be .*got '48'", id="max-tokens-string"),
+        pytest.param(edit_card(max_tokens=True), r"'max_tokens' must be .*got True", id="max-tokens-bool"),
+        pytest.param(edit_card(pooling="mean"), r"config\.json: unknown pooling 'mean'", id="pooling"),
+        pytest.param(
+            edit_card(threshold={"label": "eggs", "value": 0.5}),
+            r"'threshold' must be null or .*'eggs'",
+            id="threshold-label",
+        ),
+        pytest.param(
+            edit_card(threshold={"label": "spam", "value": 1.5}),
+            r"'threshold' must be null or .*1\.5",
+            id="threshold-over-1",
+        ),
+        pytest.param(
+            edit_card(threshold={"label": "spam", "value": True}),
+            r"'threshold' must be null or .*True",
+            id="threshold-bool",
+        ),
+        pytest.param(edit_card(threshold=0.5), r"'threshold' must be null or .*got 0\.5", id="threshold-number"),
+        pytest.param(
+            edit_card(tokenizer={"name": "gpt2"}),
+            r"'tokenizer' must record the sha256 of \['vocab\.bpe'",
+            id="tokenizer-field",
+        ),
+        pytest.param(lambda c: (c / "model.safetensors").unlink(), r"model\.safetensors: missing", id="no-weights"),
+        pytest.param(truncate, r"model\.safetensors: not a readable safetensors file", id="truncated"),
+        pytest.param(flip_header_byte, r"model\.safetensors: not a readable safetensors file", id="header-byte"),
+        pytest.param(plant_pickle, r"model\.safetensors: not a readable safetensors file", id="pickle"),
+        pytest.param(
+            edit_tensors(lambda s: s.pop("score.bias")),
+            r"model\.safetensors: missing tensor 'score\.bias' \(1 missing in all\)",
+            id="missing-tensor",
+        ),
+        pytest.param(
+            edit_tensors(lambda s: s.update({"lm_head.weight": s["transformer.wte.weight"].clone()})),
+            r"model\.safetensors: unexpected tensor 'lm_head\.weight'",
+            id="extra-tensor",
+        ),
+        pytest.param(
+            edit_tensors(lambda s: s.update({"score.weight": torch.zeros(3, 32)})),
+            r"model\.safetensors: tensor 'score\.weight' has shape \(3, 32\), config needs \(2, 32\)",
+            id="wrong-shape",
+        ),
+        pytest.param(
+            edit_tensors(lambda s: s["transformer.h.1.mlp.c_fc.bias"].__setitem__(5, float("nan"))),
+            r"tensor 'transformer\.h\.1\.mlp\.c_fc\.bias' has non-finite values",
+            id="nan",
+        ),
+        pytest.param(
+            edit_tensors(lambda s: s.update({"score.bias": torch.zeros(2, dtype=torch.int64)})),
+            r"tensor 'score\.bias' has dtype torch\.int64, expected floating point",
+            id="int-tensor",
+        ),
+        pytest.param(
+            lambda c: (c / "tokenizer" / "vocab.bpe").unlink(), r"vocab\.bpe: tokenizer file missing", id="no-tokenizer"
+        ),
+        pytest.param(
+            lambda c: (c / "tokenizer" / "encoder.json").write_text("{}"),
+            r"tokenizer[/\\]encoder\.json: sha256 [0-9a-f]{64} does not match expected [0-9a-f]{64}",
+            id="tokenizer-hash",
+        ),
+    ],
+)
+def test_load_checkpoint_refuses(tiny_checkpoint, breakage, match):
+    breakage(tiny_checkpoint)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tiny_checkpoint)
+    assert not (tiny_checkpoint.parent / "pickle-ran").exists()
+
+
+def test_load_checkpoint_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path, tiny_config, bpe_dir):
+    small = GPTClassifier(GPTConfig.from_preset("tiny", vocab_size=tiny_config.vocab_size - 1))
+    save_checkpoint(tmp_path / "ckpt", small, bpe_dir, tiny_card())
+    with pytest.raises(CheckpointError, match=rf"tokenizer has {tiny_config.vocab_size} tokens, model vocab_size"):
+        load_checkpoint(tmp_path / "ckpt")

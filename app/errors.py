@@ -1,0 +1,124 @@
+"""One error shape for every failure, from a small set of exception types, each mapped to one status code here."""
+
+from typing import ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+
+class ErrorDetail(BaseModel):
+    field: str  # dotted path into the request, e.g. "texts.2"; "body" for the request as a whole
+    message: str
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+    details: list[ErrorDetail] = []
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class APIError(Exception):
+    status_code: ClassVar[int]
+    type: ClassVar[str]
+    description: ClassVar[str]  # what the status means here, for the OpenAPI docs
+
+    def __init__(self, message: str, details: list[ErrorDetail] = (), headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message, self.details, self.headers = message, list(details), headers
+
+    def response(self) -> JSONResponse:
+        body = ErrorResponse(error=ErrorInfo(type=self.type, message=self.message, details=self.details))
+        return JSONResponse(body.model_dump(), status_code=self.status_code, headers=self.headers)
+
+
+class InvalidInput(APIError):
+    status_code, type = 422, "invalid_request"
+    description = "The request is malformed: the message and details name each bad field and index"
+
+    @classmethod
+    def of(cls, details: list[ErrorDetail]) -> "InvalidInput":
+        return cls("; ".join(f"{d.field}: {d.message}" for d in details), details)
+
+
+class PayloadTooLarge(APIError):
+    status_code, type = 413, "payload_too_large"
+    description = "The body is over max_body_bytes (counted as it arrives, before parsing)"
+
+
+class Unauthorized(APIError):
+    status_code, type = 401, "unauthorized"
+    description = "An API key is configured and the request's is missing or wrong"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Overloaded(APIError):
+    status_code, type = 429, "overloaded"
+    description = "The queue cannot take the request's texts now; retry after Retry-After seconds"
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class NotReady(APIError):
+    status_code, type = 503, "not_ready"
+    description = "The model is loading, failed to load, or the server is shutting down"
+
+
+class InternalError(APIError):
+    status_code, type = 500, "internal_error"
+
+
+def error_responses(*errors: type[APIError]) -> dict[int, dict]:
+    """The `responses=` of a route, so /docs declares each error it can give."""
+    return {e.status_code: {"model": ErrorResponse, "description": e.description} for e in errors}
+
+
+def _field(loc: tuple) -> str:
+    parts = loc[1:] if loc and loc[0] == "body" else loc
+    return ".".join(str(p) for p in parts) or "body"
+
+
+def validation_details(exc: RequestValidationError) -> list[ErrorDetail]:
+    details = []
+    for err in exc.errors():
+        message = err["msg"]
+        if err["type"] == "json_invalid":  # loc is ("body", character position)
+            message = f"invalid JSON at character {err['loc'][-1]}: {err['ctx']['error']}"
+            details.append(ErrorDetail(field="body", message=message))
+            continue
+        if err["type"] not in ("missing", "extra_forbidden", "too_short", "too_long"):
+            message = f"{message}, got {type(err['input']).__name__}"
+        details.append(ErrorDetail(field=_field(err["loc"]), message=message))
+    return details
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return InvalidInput.of(validation_details(exc)).response()
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+            # FastAPI's answer to a body that is not UTF-8 (json.loads raised UnicodeDecodeError)
+            return InvalidInput.of([ErrorDetail(field="body", message=f"not valid JSON: {exc.__cause__}")]).response()
+        body = ErrorResponse(error=ErrorInfo(type="http_error", message=str(exc.detail)))
+        return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return InternalError(f"{type(exc).__name__} while serving {request.url.path}").response()
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

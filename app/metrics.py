@@ -1,0 +1,54 @@
+"""Prometheus metrics in a registry of the app's own, so several apps in one process never clash."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Seconds: from a fraction of a millisecond (tiny batches on GPU) to seconds (a full batch of long texts on CPU).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("spamgpt_requests", "HTTP requests", ["route", "status"], registry=r)
+        self.queue_wait = Histogram(
+            "spamgpt_queue_wait_seconds", "Time a text waited for its batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.tokenize = Histogram(
+            "spamgpt_tokenize_seconds", "Tokenizing one request's texts", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            "spamgpt_inference_seconds", "One batch's forward pass and softmax", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram("spamgpt_batch_size", "Texts per forward pass", buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("spamgpt_queue_depth", "Texts waiting for the model", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestCounter:
+    """Pure ASGI middleware counting requests by path and status. Paths outside `paths` count as "other", so
+    label values stay bounded whatever clients send. It sits outside the body limit, so 413s count too."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: frozenset[str]):
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # if the app fails before it starts a response
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope["path"] if scope["path"] in self.paths else "other"
+            self.metrics.requests.labels(route=route, status=str(status)).inc()

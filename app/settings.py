@@ -1,0 +1,85 @@
+"""SPAMGPT_* settings. Nothing about the model lives here: sizes, labels and max tokens come from the checkpoint."""
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPAMGPT_")
+
+    checkpoint_dir: Path = Path("checkpoints/spamgpt")
+    # "auto": cuda when available, else cpu.
+    device: str = "auto"
+    # "auto": float32 on CPU (half types are slow or unsupported there), float16 on CUDA.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # CPU only: int8 weights for every nn.Linear. Faster and 4x smaller; probabilities move by ~1e-2.
+    quantize_int8: bool = False
+    # torch intra-op threads; 0 keeps torch's default (all cores). Fewer leaves cores for tokenizing and HTTP.
+    torch_threads: int = Field(0, ge=0)
+
+    # False: every request is its own batch (the benchmark's baseline); True merges concurrent requests.
+    batching: bool = True
+    # Texts per forward pass: larger raises throughput until the device saturates, and raises latency.
+    max_batch_size: int = Field(32, ge=1)
+    # Padded tokens (rows x longest row) per forward pass: bounds activation memory when texts are long.
+    max_batch_tokens: int = Field(16384, ge=1)
+    # How long a batch waits for more texts: fuller batches under load, up to this much latency when idle.
+    max_wait_ms: float = Field(2.0, ge=0)
+    # Texts waiting for the model: more absorbs bursts, fewer bounds memory and the wait before a 429.
+    max_queue_texts: int = Field(2048, ge=1)
+    # Texts in one request: larger saves round trips, smaller keeps one client from filling the queue.
+    max_texts_per_request: int = Field(256, ge=1)
+    # Characters per text, checked before tokenizing so a huge string cannot eat CPU. GPT-2 contexts end
+    # at 1024 tokens (~4,000 characters of English), so longer texts would only be truncated anyway.
+    max_text_chars: int = Field(20_000, ge=1)
+    # Request body bytes, counted as they arrive before any parsing: bounds memory per request.
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
+
+    # When set, /classify and /info need "Authorization: Bearer <key>" or "X-API-Key: <key>".
+    # /health and /metrics stay open for load balancers and scrapers; /docs shows no data.
+    api_key: SecretStr | None = None
+    # The name in responses; default derived from the checkpoint, e.g. "spamgpt-gpt2-124m".
+    model_name: str | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _non_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("api_key must not be empty (leave it unset to disable authentication)")
+        return value
+
+    @model_validator(mode="after")
+    def _device_supports_dtype(self) -> "Settings":
+        on_cpu = self.torch_device.type == "cpu"
+        if on_cpu and self.dtype in HALF_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported on CPU; use float32, or quantize_int8 for speed")
+        if self.quantize_int8 and not on_cpu:
+            raise ValueError(f"quantize_int8 runs on CPU only, got device {self.device!r}; use dtype float16 on CUDA")
+        return self
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if self.torch_device.type == "cpu" else torch.float16
+        return getattr(torch, self.dtype)

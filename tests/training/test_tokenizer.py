@@ -1,0 +1,96 @@
+import shutil
+
+import pytest
+
+from training.data import load_sms_spam
+from training.tokenizer import (
+    ENDOFTEXT,
+    GPT2_BPE_SHA256,
+    TokenizerError,
+    bpe_hashes,
+    encode_batch,
+    load_tokenizer,
+)
+
+
+def test_endoftext_inside_a_message_is_plain_text(tokenizer):
+    text = f"before {ENDOFTEXT} after"
+    (ids,), (truncated,) = encode_batch(tokenizer, [text], max_tokens=100)
+    assert all(i < tokenizer.eot_token for i in ids)  # ordinary tokens only, never the special one
+    assert len(ids) > len(ENDOFTEXT) // 4 and not truncated
+    assert tokenizer.decode(ids) == text
+
+
+def test_truncation_flags(tokenizer):
+    texts = ["the cat", "the weather is fine", "there is another one in the corner over there"]
+    full = [tokenizer.encode_ordinary(text) for text in texts]
+    max_tokens = len(full[1])
+    assert len(full[0]) < max_tokens < len(full[2])
+    rows, truncated = encode_batch(tokenizer, texts, max_tokens)
+    assert truncated == [False, False, True]
+    assert rows == [full[0], full[1], full[2][:max_tokens]]
+
+
+def test_empty_text_gets_one_token(tokenizer):
+    assert encode_batch(tokenizer, ["", "a"], max_tokens=8) == (
+        [[tokenizer.eot_token], tokenizer.encode_ordinary("a")],
+        [False, False],
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "decoded"),
+    [
+        pytest.param("😀 party 🎉", "😀 party 🎉", id="emoji"),
+        pytest.param("lone \ud800 surrogate", "lone \ufffd surrogate", id="lone-surrogate"),  # as JSON can carry
+        pytest.param("\u200b\u2028\x00", "\u200b\u2028\x00", id="odd-code-points"),
+    ],
+)
+def test_any_string_encodes(tokenizer, text, decoded):
+    (ids,), _ = encode_batch(tokenizer, [text], max_tokens=100)
+    assert ids and tokenizer.eot_token not in ids
+    assert tokenizer.decode(ids) == decoded
+
+
+def test_load_tokenizer_checks_hashes(bpe_dir):
+    hashes = bpe_hashes(bpe_dir)
+    assert load_tokenizer(bpe_dir, expected_sha256=hashes).n_vocab == load_tokenizer(bpe_dir).n_vocab
+    wrong = {**hashes, "vocab.bpe": "0" * 64}
+    with pytest.raises(
+        TokenizerError, match=rf"vocab\.bpe: sha256 {hashes['vocab.bpe']} does not match expected 0{{64}}"
+    ):
+        load_tokenizer(bpe_dir, expected_sha256=wrong)
+
+
+def test_load_tokenizer_refuses_missing_and_malformed_files(tmp_path, bpe_dir):
+    shutil.copytree(bpe_dir, tmp_path / "bpe")
+    (tmp_path / "bpe" / "encoder.json").write_text("[]")
+    with pytest.raises(TokenizerError, match=r"bpe: not a GPT-2 BPE vocabulary"):
+        load_tokenizer(tmp_path / "bpe")
+    (tmp_path / "bpe" / "encoder.json").unlink()
+    with pytest.raises(TokenizerError, match=r"encoder\.json: tokenizer file missing"):
+        load_tokenizer(tmp_path / "bpe")
+
+
+# --- The real GPT-2 files -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gpt2(shared_data):
+    return load_tokenizer(shared_data / "gpt2-bpe", expected_sha256=GPT2_BPE_SHA256)
+
+
+def test_real_gpt2_known_ids(gpt2):
+    assert (gpt2.n_vocab, gpt2.eot_token) == (50257, 50256)
+    assert gpt2.encode_ordinary("Hello world") == [15496, 995]
+    assert gpt2.encode_ordinary(ENDOFTEXT) == [27, 91, 437, 1659, 5239, 91, 29]  # "<", "|", "end", "of", "text", ...
+
+
+def test_real_gpt2_matches_an_independent_bpe(gpt2, shared_data):
+    """Hugging Face's `tokenizers` byte-level BPE on the same files gives the same ids on every SMS message."""
+    tokenizers = pytest.importorskip("tokenizers")
+    files = shared_data / "gpt2-bpe"
+    reference = tokenizers.ByteLevelBPETokenizer(str(files / "encoder.json"), str(files / "vocab.bpe"))
+    texts = load_sms_spam(shared_data / "sms-spam-collection" / "SMSSpamCollection").texts
+    texts += [ENDOFTEXT, "a  b   c\n\n d  ", "I'm here, you'll see it's OK", "tab\there", "   ", "\n", "😀"]
+    assert [gpt2.encode_ordinary(text) for text in texts] == [e.ids for e in reference.encode_batch(texts)]

@@ -1,6 +1,7 @@
 """Downloads into a cache, checked by sha256 and moved into place only when complete."""
 
 import hashlib
+import http.client
 import urllib.request
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def download(url: str, dest: Path, sha256: str | None) -> Path:
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:  # HTTPException: e.g. the connection dropped mid-body
         partial.unlink(missing_ok=True)
         raise DownloadError(f"could not download {url}: {exc}") from exc
     if sha256 is not None and digest.hexdigest() != sha256:

@@ -1,12 +1,14 @@
 import csv
 import hashlib
+import http.client
+import io
 import json
 import zipfile
 from collections import Counter
 
 import pytest
 
-from training import data
+from training import data, download
 from training.data import (
     Dataset,
     balance,
@@ -347,3 +349,22 @@ def test_text_id():
 def test_dataset_refuses_unequal_lengths():
     with pytest.raises(ValueError, match=r"2 texts but 1 labels"):
         Dataset(["a", "b"], ["ham"])
+
+
+def test_an_interrupted_download_is_a_download_error_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    class CutOff(io.BytesIO):
+        """A response whose connection drops after the first 100 of 1000 bytes."""
+
+        def __init__(self):
+            super().__init__(b"x" * 1000)
+            self.headers = {"Content-Length": "1000"}
+
+        def read(self, size=-1):
+            if self.tell():
+                raise http.client.IncompleteRead(b"", 900)
+            return super().read(100)
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", lambda url, timeout: CutOff())
+    with pytest.raises(DownloadError, match=r"could not download https://archive\.ics\.uci\.edu/.*IncompleteRead"):
+        load_sms_spam(None, tmp_path / "cache")
+    assert not any((tmp_path / "cache" / "sms-spam-collection").iterdir())

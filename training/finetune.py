@@ -5,7 +5,7 @@ rows with label indices, and leaves the model holding the weights of the epoch w
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +21,28 @@ PAD_ID = 0  # right padding is never read by the model, so any valid token id wi
 PREFIX_BATCH_SIZE = 32  # the frozen prefix and validation run without gradients, so they afford larger batches
 
 
+def opt(default=MISSING, help: str = "", choices: tuple | None = None):
+    """A dataclass field whose help text and choices the command line shows."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    trainable: str = "last-blocks"  # last-blocks: those blocks + ln_f + head; all; lora: adapters + ln_f + head
-    trainable_blocks: int = 1  # how many final blocks train with trainable="last-blocks"
-    lora_rank: int = 8  # rank of each adapter: trainable size against capacity
-    lora_alpha: float = 16.0  # adapter output is scaled by alpha / rank
-    epochs: int = 5
-    batch_size: int = 8
-    lr: float = 5e-5  # AdamW, the reference's settings
-    weight_decay: float = 0.1
-    seed: int = 123  # model init, adapters and the order of batches
-    device: str = "auto"  # auto: cuda, then mps, then cpu
-    cache_prefix: bool = True  # False runs the frozen blocks every step: same losses, slower (tests, benchmarks)
+    trainable: str = opt(
+        "last-blocks",
+        "last-blocks: those blocks + final norm + head; all; lora: adapters + final norm + head",
+        TRAINABLE,
+    )
+    trainable_blocks: int = opt(1, "how many final blocks train with --trainable last-blocks")
+    lora_rank: int = opt(8, "rank of each LoRA adapter: trainable size against capacity")
+    lora_alpha: float = opt(16.0, "LoRA adapters' output is scaled by alpha / rank")
+    epochs: int = opt(5, "passes over the training split")
+    batch_size: int = opt(8, "training examples per optimizer step")
+    lr: float = opt(5e-5, "AdamW learning rate")
+    weight_decay: float = opt(0.1, "AdamW weight decay")
+    seed: int = opt(123, "seeds the data split, the model's initialisation and the order of batches")
+    device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    cache_prefix: bool = opt(True, "run the frozen blocks once and cache their output (off: same losses, slower)")
 
     def __post_init__(self):
         if self.trainable not in TRAINABLE:
@@ -46,11 +55,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must not be negative, got {self.weight_decay!r}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError as exc:
-                raise ValueError(f"unknown device {self.device!r} (use auto, cpu, cuda, cuda:N or mps)") from exc
+        resolve_device(self.device)
 
 
 @dataclass
@@ -74,7 +79,10 @@ class History:
 
 def resolve_device(name: str) -> torch.device:
     if name != "auto":
-        return torch.device(name)
+        try:
+            return torch.device(name)
+        except RuntimeError as exc:
+            raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from exc
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

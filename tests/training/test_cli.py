@@ -1,0 +1,166 @@
+import csv
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import training.cli
+from training.checkpoint import load_checkpoint
+from training.cli import main
+
+SPAM_WORDS = ["win", "prize", "cash", "claim", "free", "urgent", "call", "now", "offer", "txt", "bonus", "reply"]
+HAM_WORDS = ["see", "you", "at", "lunch", "home", "later", "mum", "thanks", "ok", "tonight", "dinner", "soon"]
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory) -> Path:
+    """60 short texts, spam and ham from different words; each unique, so deduplication keeps them all."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "messages.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(60):
+            label, words = ("spam", SPAM_WORDS) if i % 2 else ("ham", HAM_WORDS)
+            writer.writerow([" ".join(rng.sample(words, 4)) + f" {i}", label])
+    return path
+
+
+def finetune_argv(csv_data: Path, bpe_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "finetune", "--preset", "tiny", "--init", "random", "--data", str(csv_data), "--tokenizer-dir", str(bpe_dir),
+        "--out", str(out), "--epochs", "2", "--max-tokens", "48", "--lr", "1e-3", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, csv_data, bpe_dir) -> Path:
+    out = tmp_path_factory.mktemp("run") / "ckpt"
+    assert main(finetune_argv(csv_data, bpe_dir, out)) == 0
+    return out
+
+
+def test_finetune_exports_a_loadable_checkpoint(trained, capsys):
+    checkpoint = load_checkpoint(trained)
+    card = checkpoint.card
+    assert checkpoint.labels == ["ham", "spam"] and checkpoint.max_tokens == 48
+    assert card["base_model"] == "tiny (random init)"
+    assert card["threshold"]["label"] == "spam" and 0 <= card["threshold"]["value"] <= 1
+    assert card["training"]["epochs"] == 2 and card["training"]["seed"] == 123 and card["training"]["balance"] is True
+    assert card["data"]["split"] == {"train": 42, "validation": 6, "test": 12}
+    assert card["data"]["fingerprint"]["rows"] == 60
+    assert card["metrics"]["best_epoch"] in (1, 2) and 0 <= card["metrics"]["test_accuracy"] <= 1
+    report = trained / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["test"]["argmax"]["n"] == 12 and len(metrics["history"]["epochs"]) == 2
+    assert metrics["test"]["argmax"]["accuracy"] == card["metrics"]["test_accuracy"]
+    split = json.loads((report / "split.json").read_text())
+    ids = [set(split[name]) for name in ("train", "validation", "test")]
+    assert [len(s) for s in ids] == [42, 6, 12] and len(set.union(*ids)) == 60
+    assert {p.name for p in report.glob("*.png")} >= {"loss.png", "confusion_matrix.png", "roc.png"}
+    assert not list(trained.parent.glob(".ckpt.*")), "staging directory left behind"
+
+
+def test_evaluate_command(trained, csv_data, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", "--checkpoint", str(trained), "--data", str(csv_data), "--split", "test", "--device", "cpu"]
+    assert main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    recorded = json.loads((trained / "report" / "metrics.json").read_text())["test"]
+    # the same texts through the same code: the export reproduces the report's test metrics
+    assert result["argmax"]["confusion_matrix"] == recorded["argmax"]["confusion_matrix"]
+    assert result["threshold"]["accuracy"] == recorded["threshold"]["accuracy"]
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_skip_existing(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    calls = []
+    real_train = training.cli.train
+    monkeypatch.setattr(training.cli, "train", lambda *a: calls.append(a) or real_train(*a))
+    assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing")) == 0
+    assert calls == [] and "skip" in capsys.readouterr().out
+    assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing", "--epochs", "1")) == 0
+    assert len(calls) == 1 and "other arguments (epochs)" in capsys.readouterr().out
+    assert load_checkpoint(out).card["training"]["epochs"] == 1
+
+
+def test_skip_existing_retrains_on_other_data(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    card = json.loads((out / "config.json").read_text())
+    card["data"]["fingerprint"]["sha256"] = "0" * 64  # as if the file at the same path had changed
+    (out / "config.json").write_text(json.dumps(card))
+    monkeypatch.setattr(training.cli, "train", lambda *a: pytest.fail("retrains"))
+    with pytest.raises(pytest.fail.Exception, match="retrains"):
+        main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing"))
+    assert "trained on other data" in capsys.readouterr().out
+
+
+def test_crash_keeps_the_old_checkpoint(trained, csv_data, bpe_dir, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training.cli, "write_report", crash)
+    assert main(finetune_argv(csv_data, bpe_dir, out, "--seed", "7")) == 1
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+
+
+def test_missing_weights_say_the_two_ways_out(csv_data, bpe_dir, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    argv = ["finetune", "--preset", "gpt2", "--data", str(csv_data), "--tokenizer-dir", str(bpe_dir)]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "openai-community/gpt2" in err and "network unreachable" in err
+    assert "--weights PATH" in err and "--init random" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        pytest.param(["--epochs", "0"], "epochs must be at least 1, got 0", id="epochs"),
+        pytest.param(["--max-tokens", "65"], "max_tokens must lie in 1..64 for preset 'tiny', got 65", id="max-tokens"),
+        pytest.param(["--weights", "w.safetensors"], "'w.safetensors' has no use with --init random", id="weights"),
+        pytest.param(["--trainable", "some"], "invalid choice: 'some'", id="choice"),
+    ],
+)
+def test_bad_arguments(csv_data, bpe_dir, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(finetune_argv(csv_data, bpe_dir, tmp_path / "out", *extra))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_refuses_to_replace_other_files(csv_data, bpe_dir, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert main(finetune_argv(csv_data, bpe_dir, tmp_path / "out")) == 1
+    assert "holds files but no checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_module_entry_point_exit_code(csv_data, bpe_dir, tmp_path):
+    argv = finetune_argv(csv_data, bpe_dir, tmp_path / "out")
+    argv[argv.index("random")] = "pretrained"
+    argv += ["--weights", str(tmp_path / "nowhere")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "training", *argv], capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr
+    assert f"no GPT-2 weights at {tmp_path / 'nowhere'}" in done.stderr
+    assert "--init random" in done.stderr

@@ -10,7 +10,7 @@ from app.settings import Settings
 @pytest.fixture
 def make_settings(tiny_checkpoint):
     def make(**overrides) -> Settings:
-        return Settings(checkpoint_dir=tiny_checkpoint, device="cpu", **overrides)
+        return Settings(**{"checkpoint_dir": tiny_checkpoint, "device": "cpu", **overrides})
 
     return make
 

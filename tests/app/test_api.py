@@ -1,0 +1,169 @@
+import json
+import math
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from torch.testing import assert_close
+
+from app.engine import Engine
+from app.main import create_app
+from tests.conftest import tiny_card
+from training.checkpoint import save_checkpoint
+from training.model import GPTClassifier
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"type", "message", "details"}
+    return error
+
+
+def test_classify_returns_probabilities_in_input_order(client, make_settings):
+    texts = ["WINNER!! Claim your free prize now", "See you at 5?", "x y z " * 40, "ok"]
+    response = client.post("/classify", json={"texts": texts})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "spamgpt-random-init-tiny-36.3k"
+    results = body["results"]
+    engine = Engine.load(make_settings())
+    expected, labels = engine.classify(texts)
+    got = torch.tensor([[r["probabilities"][label] for label in engine.labels] for r in results])
+    assert_close(got, expected)
+    assert [r["label"] for r in results] == labels
+    assert all(math.isclose(sum(r["probabilities"].values()), 1.0, abs_tol=1e-6) for r in results)
+    assert [r["truncated"] for r in results] == [False, False, True, False]
+    assert results[2]["tokens"] == engine.max_tokens
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("call me <|endoftext|> now", id="endoftext"),
+        pytest.param("free 🎁🎉 prize", id="emoji"),
+        pytest.param("\ud800 lone surrogate", id="lone-surrogate"),
+        pytest.param("bell\x07 nul\x00 esc\x1b", id="control-characters"),
+        pytest.param("   ", id="only-spaces"),
+    ],
+)
+def test_odd_texts_are_classified_not_refused(client, text):
+    body = json.dumps({"texts": [text]})  # ensure_ascii: "\ud800" travels as an escape, as JSON allows
+    response = client.post("/classify", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["tokens"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        pytest.param(b'{"texts": ["a", ', "body", "invalid JSON at character", id="malformed-json"),
+        pytest.param(b'{"texts": ["\xff\xfe"]}', "body", "utf-8", id="not-utf8"),
+        pytest.param(b'["a"]', "body", "valid dictionary", id="not-an-object"),
+        pytest.param(b"{}", "texts", "required", id="missing-texts"),
+        pytest.param(b'{"texts": []}', "texts", "at least 1", id="empty-texts"),
+        pytest.param(b'{"texts": "hello"}', "texts", "valid list", id="texts-not-a-list"),
+        pytest.param(b'{"texts": ["a", 2]}', "texts.1", "valid string, got int", id="text-not-a-string"),
+        pytest.param(b'{"texts": ["a", null]}', "texts.1", "valid string, got NoneType", id="null-text"),
+        pytest.param(b'{"texts": ["a", "b", ""]}', "texts.2", "must not be empty", id="empty-text"),
+        pytest.param(b'{"texts": ["a"], "text": "b"}', "text", "not permitted", id="unknown-field"),
+        pytest.param(b'{"texts": ["a", "b", "c", "d"]}', "texts", "4 texts, at most 3", id="too-many-texts"),
+        pytest.param(
+            b'{"texts": ["a", "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"]}',
+            "texts.1",
+            "42 characters, at most 40",
+            id="text-too-long",
+        ),
+    ],
+)
+def test_bad_input_is_422_naming_the_field(make_settings, body, field, message):
+    with TestClient(create_app(make_settings(max_texts_per_request=3, max_text_chars=40))) as client:
+        response = client.post("/classify", content=body, headers={"Content-Type": "application/json"})
+    error = error_of(response, 422)
+    assert error["type"] == "invalid_request"
+    assert error["details"][0]["field"] == field
+    assert message in error["details"][0]["message"]
+    assert error["message"].startswith(f"{field}: ")
+
+
+def test_every_bad_text_is_named(make_settings):
+    with TestClient(create_app(make_settings(max_text_chars=3))) as client:
+        response = client.post("/classify", json={"texts": ["ok", "", "fine", "a", ""]})
+    fields = [d["field"] for d in error_of(response, 422)["details"]]
+    assert fields == ["texts.1", "texts.2", "texts.4"]
+
+
+def test_a_body_without_json_content_type_is_422(client):
+    error = error_of(client.post("/classify", content=b'{"texts": ["a"]}', headers={"Content-Type": "text/plain"}), 422)
+    assert error["details"][0]["field"] == "body"
+
+
+def test_unknown_route_and_method_keep_the_error_shape(client):
+    assert error_of(client.get("/nowhere"), 404)["type"] == "http_error"
+    assert error_of(client.get("/classify"), 405)["type"] == "http_error"
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        pytest.param({}, 401, id="missing"),
+        pytest.param({"Authorization": "Bearer wrong"}, 401, id="wrong-bearer"),
+        pytest.param({"X-API-Key": "wrong"}, 401, id="wrong-header"),
+        pytest.param({"Authorization": "Basic s3cret"}, 401, id="wrong-scheme"),
+        pytest.param({"Authorization": "Bearer s3cret"}, 200, id="bearer"),
+        pytest.param({"X-API-Key": "s3cret"}, 200, id="x-api-key"),
+    ],
+)
+def test_api_key_guards_classify_and_info(make_settings, headers, status):
+    with TestClient(create_app(make_settings(api_key="s3cret"))) as client:
+        classify = client.post("/classify", json={"texts": ["hi"]}, headers=headers)
+        info = client.get("/info", headers=headers)
+        # open without a key: load balancers and scrapers hold no secret
+        assert client.get("/health").status_code == 200
+        assert client.get("/metrics").status_code == 200
+    assert (classify.status_code, info.status_code) == (status, status)
+    if status == 401:
+        assert error_of(classify, 401)["type"] == "unauthorized"
+        assert classify.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_threshold_from_the_checkpoint_decides_the_label(tmp_path, tiny_config, bpe_dir, make_settings):
+    threshold = {"label": "spam", "value": 0.0}  # every probability reaches it
+    directory = save_checkpoint(tmp_path / "t", GPTClassifier(tiny_config), bpe_dir, tiny_card(threshold=threshold))
+    with TestClient(create_app(make_settings(checkpoint_dir=directory))) as client:
+        results = client.post("/classify", json={"texts": ["a", "bb", "see you"]}).json()["results"]
+        assert client.get("/info").json()["threshold"] == threshold
+    assert [r["label"] for r in results] == ["spam"] * 3
+
+
+def test_info_is_the_model_card(client):
+    info = client.get("/info").json()
+    assert info["labels"] == ["ham", "spam"]
+    assert info["base_model"] == "random init (tiny)"
+    assert info["max_tokens"] == 48
+    assert info["parameters"] == 36258
+    assert (info["device"], info["dtype"], info["quantization"]) == ("cpu", "float32", None)
+    assert info["limits"]["max_texts_per_request"] == 256
+    assert info["threshold"] is None and info["metrics"] == {}
+
+
+def test_metrics_count_requests_and_batches(client):
+    client.post("/classify", json={"texts": ["a", "b", "c"]})
+    client.post("/classify", json={"texts": []})
+    text = client.get("/metrics").text
+    assert 'spamgpt_requests_total{route="/classify",status="200"} 1.0' in text
+    assert 'spamgpt_requests_total{route="/classify",status="422"} 1.0' in text
+    assert "spamgpt_queue_wait_seconds_count 3.0" in text
+    assert "spamgpt_tokenize_seconds_count 1.0" in text
+    assert "spamgpt_inference_seconds_count" in text
+    assert "spamgpt_batch_size_sum 3.0" in text
+    assert "spamgpt_queue_depth 0.0" in text
+
+
+def test_openapi_declares_every_error_of_classify(client):
+    spec = client.get("/openapi.json").json()
+    responses = spec["paths"]["/classify"]["post"]["responses"]
+    assert {"200", "401", "413", "422", "429", "503"} <= set(responses)
+    assert responses["429"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert "503" in spec["paths"]["/health"]["get"]["responses"]
+    assert client.get("/docs").status_code == 200

@@ -1,0 +1,48 @@
+import torch
+from torch.testing import assert_close
+
+from app.engine import Engine
+from training.checkpoint import decide_labels, load_checkpoint
+from training.inference import predict_proba
+
+TEXTS = [
+    "Free entry in 2 a wkly comp to win FA Cup final tkts",
+    "ok",
+    "see you at the station at 5? " * 9,
+    "é😀 <|endoftext|>",
+]
+
+
+def test_engine_equals_training_predict_proba(make_settings, tiny_checkpoint):
+    engine = Engine.load(make_settings())
+    probs, labels = engine.classify(TEXTS, max_batch_size=2)
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    expected = predict_proba(checkpoint.model, checkpoint.tokenizer, TEXTS, checkpoint.max_tokens)
+    assert_close(probs, expected)
+    assert labels == decide_labels(expected, checkpoint.labels, checkpoint.threshold)
+
+
+def test_tokenize_truncates_to_the_checkpoints_max_tokens(make_settings):
+    engine = Engine.load(make_settings())
+    rows, truncated = engine.tokenize(TEXTS)
+    assert truncated == [False, False, True, False]
+    assert len(rows[2]) == engine.max_tokens
+    assert max(len(r) for r in rows[:2] + rows[3:]) < engine.max_tokens
+
+
+def test_a_row_scores_the_same_alone_and_in_a_padded_batch(make_settings):
+    engine = Engine.load(make_settings())
+    rows, _ = engine.tokenize(TEXTS)
+    together = engine.predict(rows)
+    alone = torch.cat([engine.predict([row]) for row in rows])
+    assert_close(together, alone, rtol=0, atol=1e-5)
+    assert_close(together.sum(dim=1), torch.ones(len(rows)))
+
+
+def test_int8_quantization_stays_close_to_float32(make_settings):
+    float32 = Engine.load(make_settings())
+    int8 = Engine.load(make_settings(quantize_int8=True))
+    assert int8.quantization == "int8-dynamic" and float32.quantization is None
+    assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())  # every Linear was swapped
+    assert int8.parameters == float32.parameters
+    assert_close(int8.classify(TEXTS)[0], float32.classify(TEXTS)[0], rtol=0, atol=2e-2)

@@ -1,21 +1,13 @@
-"""An app on the tiny checkpoint, with settings passed straight to the factory."""
+"""Settings for an app on the tiny checkpoint, passed straight to the factory.
 
-import pytest
-from fastapi.testclient import TestClient
+Plain functions, not a tests/app/conftest.py: a second module named conftest would shadow tests/conftest.py
+for the `from conftest import ...` of other test packages.
+"""
 
-from app.main import create_app
+from pathlib import Path
+
 from app.settings import Settings
 
 
-@pytest.fixture
-def make_settings(tiny_checkpoint):
-    def make(**overrides) -> Settings:
-        return Settings(**{"checkpoint_dir": tiny_checkpoint, "device": "cpu", **overrides})
-
-    return make
-
-
-@pytest.fixture
-def client(make_settings):
-    with TestClient(create_app(make_settings())) as client:
-        yield client
+def tiny_settings(checkpoint_dir: Path, **overrides) -> Settings:
+    return Settings(**{"checkpoint_dir": checkpoint_dir, "device": "cpu", **overrides})

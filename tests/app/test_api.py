@@ -8,9 +8,16 @@ from torch.testing import assert_close
 
 from app.engine import Engine
 from app.main import create_app
+from tests.app.helpers import tiny_settings
 from tests.conftest import tiny_card
 from training.checkpoint import save_checkpoint
 from training.model import GPTClassifier
+
+
+@pytest.fixture
+def client(tiny_checkpoint):
+    with TestClient(create_app(tiny_settings(tiny_checkpoint))) as client:
+        yield client
 
 
 def error_of(response, status: int) -> dict:
@@ -20,14 +27,14 @@ def error_of(response, status: int) -> dict:
     return error
 
 
-def test_classify_returns_probabilities_in_input_order(client, make_settings):
+def test_classify_returns_probabilities_in_input_order(client, tiny_checkpoint):
     texts = ["WINNER!! Claim your free prize now", "See you at 5?", "x y z " * 40, "ok"]
     response = client.post("/classify", json={"texts": texts})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"] == "spamgpt-random-init-tiny-36.3k"
     results = body["results"]
-    engine = Engine.load(make_settings())
+    engine = Engine.load(tiny_settings(tiny_checkpoint))
     expected, labels = engine.classify(texts)
     got = torch.tensor([[r["probabilities"][label] for label in engine.labels] for r in results])
     assert_close(got, expected)
@@ -76,8 +83,8 @@ def test_odd_texts_are_classified_not_refused(client, text):
         ),
     ],
 )
-def test_bad_input_is_422_naming_the_field(make_settings, body, field, message):
-    with TestClient(create_app(make_settings(max_texts_per_request=3, max_text_chars=40))) as client:
+def test_bad_input_is_422_naming_the_field(tiny_checkpoint, body, field, message):
+    with TestClient(create_app(tiny_settings(tiny_checkpoint, max_texts_per_request=3, max_text_chars=40))) as client:
         response = client.post("/classify", content=body, headers={"Content-Type": "application/json"})
     error = error_of(response, 422)
     assert error["type"] == "invalid_request"
@@ -86,8 +93,8 @@ def test_bad_input_is_422_naming_the_field(make_settings, body, field, message):
     assert error["message"].startswith(f"{field}: ")
 
 
-def test_every_bad_text_is_named(make_settings):
-    with TestClient(create_app(make_settings(max_text_chars=3))) as client:
+def test_every_bad_text_is_named(tiny_checkpoint):
+    with TestClient(create_app(tiny_settings(tiny_checkpoint, max_text_chars=3))) as client:
         response = client.post("/classify", json={"texts": ["ok", "", "fine", "a", ""]})
     fields = [d["field"] for d in error_of(response, 422)["details"]]
     assert fields == ["texts.1", "texts.2", "texts.4"]
@@ -114,8 +121,8 @@ def test_unknown_route_and_method_keep_the_error_shape(client):
         pytest.param({"X-API-Key": "s3cret"}, 200, id="x-api-key"),
     ],
 )
-def test_api_key_guards_classify_and_info(make_settings, headers, status):
-    with TestClient(create_app(make_settings(api_key="s3cret"))) as client:
+def test_api_key_guards_classify_and_info(tiny_checkpoint, headers, status):
+    with TestClient(create_app(tiny_settings(tiny_checkpoint, api_key="s3cret"))) as client:
         classify = client.post("/classify", json={"texts": ["hi"]}, headers=headers)
         info = client.get("/info", headers=headers)
         # open without a key: load balancers and scrapers hold no secret
@@ -127,10 +134,10 @@ def test_api_key_guards_classify_and_info(make_settings, headers, status):
         assert classify.headers["WWW-Authenticate"] == "Bearer"
 
 
-def test_threshold_from_the_checkpoint_decides_the_label(tmp_path, tiny_config, bpe_dir, make_settings):
+def test_threshold_from_the_checkpoint_decides_the_label(tmp_path, tiny_config, bpe_dir):
     threshold = {"label": "spam", "value": 0.0}  # every probability reaches it
     directory = save_checkpoint(tmp_path / "t", GPTClassifier(tiny_config), bpe_dir, tiny_card(threshold=threshold))
-    with TestClient(create_app(make_settings(checkpoint_dir=directory))) as client:
+    with TestClient(create_app(tiny_settings(directory))) as client:
         results = client.post("/classify", json={"texts": ["a", "bb", "see you"]}).json()["results"]
         assert client.get("/info").json()["threshold"] == threshold
     assert [r["label"] for r in results] == ["spam"] * 3

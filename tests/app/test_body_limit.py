@@ -8,13 +8,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from tests.app.helpers import tiny_settings
 
 LIMIT = 100
 
 
 @pytest.fixture
-def limited_client(make_settings):
-    with TestClient(create_app(make_settings(max_body_bytes=LIMIT))) as client:
+def limited_client(tiny_checkpoint):
+    with TestClient(create_app(tiny_settings(tiny_checkpoint, max_body_bytes=LIMIT))) as client:
         yield client
 
 
@@ -75,9 +76,9 @@ def call_raw(app, headers: list[tuple[bytes, bytes]], chunk: bytes) -> tuple[int
         pytest.param([(b"content-length", b"ten")], id="malformed-length"),
     ],
 )
-def test_reading_stops_at_the_limit_whatever_the_headers_say(make_settings, headers):
-
-    app = create_app(make_settings(max_body_bytes=LIMIT))  # the limit sits before the model: no lifespan needed
+def test_reading_stops_at_the_limit_whatever_the_headers_say(tiny_checkpoint, headers):
+    # The limit sits in front of everything: no lifespan, no model needed.
+    app = create_app(tiny_settings(tiny_checkpoint, max_body_bytes=LIMIT))
     status, body, reads = call_raw(app, [(b"content-type", b"application/json"), *headers], b"x" * 30)
     assert_413(status, json.loads(body))
     assert reads == 4  # 120 bytes: the first read past the limit is the last

@@ -2,6 +2,7 @@ import torch
 from torch.testing import assert_close
 
 from app.engine import Engine
+from tests.app.helpers import tiny_settings
 from training.checkpoint import decide_labels, load_checkpoint
 from training.inference import predict_proba
 
@@ -13,8 +14,8 @@ TEXTS = [
 ]
 
 
-def test_engine_equals_training_predict_proba(make_settings, tiny_checkpoint):
-    engine = Engine.load(make_settings())
+def test_engine_equals_training_predict_proba(tiny_checkpoint):
+    engine = Engine.load(tiny_settings(tiny_checkpoint))
     probs, labels = engine.classify(TEXTS, max_batch_size=2)
     checkpoint = load_checkpoint(tiny_checkpoint)
     expected = predict_proba(checkpoint.model, checkpoint.tokenizer, TEXTS, checkpoint.max_tokens)
@@ -22,16 +23,16 @@ def test_engine_equals_training_predict_proba(make_settings, tiny_checkpoint):
     assert labels == decide_labels(expected, checkpoint.labels, checkpoint.threshold)
 
 
-def test_tokenize_truncates_to_the_checkpoints_max_tokens(make_settings):
-    engine = Engine.load(make_settings())
+def test_tokenize_truncates_to_the_checkpoints_max_tokens(tiny_checkpoint):
+    engine = Engine.load(tiny_settings(tiny_checkpoint))
     rows, truncated = engine.tokenize(TEXTS)
     assert truncated == [False, False, True, False]
     assert len(rows[2]) == engine.max_tokens
     assert max(len(r) for r in rows[:2] + rows[3:]) < engine.max_tokens
 
 
-def test_a_row_scores_the_same_alone_and_in_a_padded_batch(make_settings):
-    engine = Engine.load(make_settings())
+def test_a_row_scores_the_same_alone_and_in_a_padded_batch(tiny_checkpoint):
+    engine = Engine.load(tiny_settings(tiny_checkpoint))
     rows, _ = engine.tokenize(TEXTS)
     together = engine.predict(rows)
     alone = torch.cat([engine.predict([row]) for row in rows])
@@ -39,9 +40,9 @@ def test_a_row_scores_the_same_alone_and_in_a_padded_batch(make_settings):
     assert_close(together.sum(dim=1), torch.ones(len(rows)))
 
 
-def test_int8_quantization_stays_close_to_float32(make_settings):
-    float32 = Engine.load(make_settings())
-    int8 = Engine.load(make_settings(quantize_int8=True))
+def test_int8_quantization_stays_close_to_float32(tiny_checkpoint):
+    float32 = Engine.load(tiny_settings(tiny_checkpoint))
+    int8 = Engine.load(tiny_settings(tiny_checkpoint, quantize_int8=True))
     assert int8.quantization == "int8-dynamic" and float32.quantization is None
     assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())  # every Linear was swapped
     assert int8.parameters == float32.parameters

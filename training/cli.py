@@ -149,6 +149,7 @@ def encode(enc: tiktoken.Encoding, ds: Dataset, label_names: list[str], max_toke
 def matching_checkpoint(out: Path, args: FinetuneArgs, data_fingerprint: dict) -> bool:
     """Whether `out` holds a valid checkpoint whose arguments and data are this run's; prints why not."""
     if not (out / CONFIG_FILE).is_file():
+        print(f"no checkpoint at {out} yet; training one")
         return False
     try:
         card = load_checkpoint(out).card

@@ -161,37 +161,26 @@ def train(model: GPTClassifier, train_data: Examples, val_data: Examples, config
     generator = torch.Generator().manual_seed(config.seed)
     # Batches hold rows of similar length (little padding); their order is shuffled each epoch.
     batches = length_sorted_batches([len(r) for r in train_data.rows], config.batch_size)
-    train_targets = torch.tensor(train_data.targets, device=device)
+    targets = torch.tensor(train_data.targets, device=device)
     history, best_loss, best_state = History(), float("inf"), {}
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        loss_sum, correct = 0.0, 0
         order = torch.randperm(len(batches), generator=generator).tolist()
-        bar = tqdm([batches[i] for i in order], desc=f"epoch {epoch}/{config.epochs}", unit="batch")
-        for batch in bar:
-            logits = run_train(batch)
-            targets = train_targets[batch]
-            loss = F.cross_entropy(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            history.step_losses.append(loss.item())
-            loss_sum += history.step_losses[-1] * len(batch)
-            correct += (logits.argmax(dim=1) == targets).sum().item()
-            bar.set_postfix(loss=f"{history.step_losses[-1]:.4f}")
+        desc = f"epoch {epoch}/{config.epochs}"
+        train_loss, train_accuracy = train_epoch(
+            model, run_train, [batches[i] for i in order], targets, optimizer, history, desc
+        )
         val_loss, val_accuracy = evaluate_loss(model, run_val, val_data, device)
-        n = len(train_data.rows)
         history.epochs.append(
             dict(
                 epoch=epoch,
-                train_loss=loss_sum / n,
-                train_accuracy=correct / n,
+                train_loss=train_loss,
+                train_accuracy=train_accuracy,
                 val_loss=val_loss,
                 val_accuracy=val_accuracy,
             )
         )
         print(
-            f"epoch {epoch}: train loss {loss_sum / n:.4f}, validation loss {val_loss:.4f}, accuracy {val_accuracy:.4f}"
+            f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}, accuracy {val_accuracy:.4f}"
         )
         if val_loss < best_loss:
             best_loss, history.best_epoch = val_loss, epoch
@@ -201,6 +190,33 @@ def train(model: GPTClassifier, train_data: Examples, val_data: Examples, config
             p.copy_(best_state[name])
     merge_lora(model)
     return history
+
+
+def train_epoch(
+    model: GPTClassifier,
+    run: Callable[[list[int]], torch.Tensor],
+    batches: list[list[int]],
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    history: History,
+    desc: str,
+) -> tuple[float, float]:
+    """One optimizer step per batch, in the given order; returns the epoch's mean loss and accuracy."""
+    model.train()
+    loss_sum, correct, n = 0.0, 0, 0
+    bar = tqdm(batches, desc=desc, unit="batch")
+    for batch in bar:
+        logits = run(batch)
+        loss = F.cross_entropy(logits, targets[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.step_losses.append(loss.item())
+        loss_sum += history.step_losses[-1] * len(batch)
+        correct += (logits.argmax(dim=1) == targets[batch]).sum().item()
+        n += len(batch)
+        bar.set_postfix(loss=f"{history.step_losses[-1]:.4f}", refresh=False)  # redrawn at tqdm's pace
+    return loss_sum / n, correct / n
 
 
 @torch.inference_mode()

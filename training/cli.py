@@ -73,7 +73,9 @@ class FinetuneArgs(TrainConfig):
 class EvaluateArgs:
     checkpoint: str = opt(help="checkpoint directory written by `finetune`")
     data: str = opt("sms", '"sms" or a local SMSSpamCollection, .csv, .tsv, .jsonl')
-    split: str = opt("all", "all rows, or only the checkpoint's own split (report/split.json)", ("all", "test"))
+    split: str = opt(
+        "all", "all rows, or only those of one of the checkpoint's splits (report/split.json)", ("all", *SPLITS)
+    )
     text_column: str = opt("text", "column of the texts in a .csv / .tsv / .jsonl")
     label_column: str = opt("label", "column of the labels in a .csv / .tsv / .jsonl")
     cache_dir: str = opt(str(DEFAULT_CACHE), "where downloads are kept (env SPAMGPT_CACHE)")
@@ -82,8 +84,8 @@ class EvaluateArgs:
 
     def __post_init__(self):
         resolve_device(self.device)
-        if self.split not in ("all", "test"):
-            raise ValueError(f"split must be 'all' or 'test', got {self.split!r}")
+        if self.split not in ("all", *SPLITS):
+            raise ValueError(f"split must be one of {('all', *SPLITS)}, got {self.split!r}")
 
 
 # --- finetune ------------------------------------------------------------------------------------

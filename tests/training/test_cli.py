@@ -164,3 +164,17 @@ def test_module_entry_point_exit_code(csv_data, bpe_dir, tmp_path):
     assert done.returncode == 2, done.stderr
     assert f"no GPT-2 weights at {tmp_path / 'nowhere'}" in done.stderr
     assert "--init random" in done.stderr
+
+
+def test_three_labels_from_jsonl_with_lora(bpe_dir, tmp_path, capsys):
+    rng = random.Random(1)
+    words = {"spam": SPAM_WORDS, "ham": HAM_WORDS, "work": ["meeting", "report", "deadline", "boss", "email", "desk"]}
+    data = tmp_path / "messages.jsonl"
+    lines = [{"body": " ".join(rng.sample(words[k], 3)) + f" {i}", "kind": k} for i in range(20) for k in words]
+    data.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    argv = finetune_argv(data, bpe_dir, tmp_path / "out", "--text-column", "body", "--label-column", "kind")
+    assert main([*argv, "--trainable", "lora", "--no-balance"]) == 0
+    checkpoint = load_checkpoint(tmp_path / "out")
+    assert checkpoint.labels == ["ham", "spam", "work"] and checkpoint.threshold is None
+    assert checkpoint.card["metrics"]["f1_label"] == "macro"
+    assert "F1 (macro)" in capsys.readouterr().out

@@ -109,9 +109,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return InvalidInput.of(validation_details(exc)).response()
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
-            # FastAPI's answer to a body that is not UTF-8 (json.loads raised UnicodeDecodeError)
-            return InvalidInput.of([ErrorDetail(field="body", message=f"not valid JSON: {exc.__cause__}")]).response()
+        cause = exc.__cause__
+        if exc.status_code == 400 and cause is not None:
+            # FastAPI's 400 for a body json.loads failed on other than by syntax: not UTF-8, nested too deep
+            message = f"not parseable as JSON ({type(cause).__name__}: {cause})"
+            return InvalidInput.of([ErrorDetail(field="body", message=message)]).response()
         body = ErrorResponse(error=ErrorInfo(type="http_error", message=str(exc.detail)))
         return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
 

@@ -65,7 +65,10 @@ def test_odd_texts_are_classified_not_refused(client, text):
     ("body", "field", "message"),
     [
         pytest.param(b'{"texts": ["a", ', "body", "invalid JSON at character", id="malformed-json"),
-        pytest.param(b'{"texts": ["\xff\xfe"]}', "body", "utf-8", id="not-utf8"),
+        pytest.param(b'{"texts": ["\xff\xfe"]}', "body", "UnicodeDecodeError", id="not-utf8"),
+        pytest.param(b"[" * 100_000, "body", "RecursionError", id="nested-too-deep"),
+        pytest.param(b'{"texts": ["a"]} {}', "body", "Extra data", id="trailing-data"),
+        pytest.param(b"NaN", "body", "valid dictionary", id="bare-nan"),
         pytest.param(b'["a"]', "body", "valid dictionary", id="not-an-object"),
         pytest.param(b"{}", "texts", "required", id="missing-texts"),
         pytest.param(b'{"texts": []}', "texts", "at least 1", id="empty-texts"),

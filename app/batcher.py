@@ -10,9 +10,8 @@ sees another's. Right padding means a text's probabilities do not depend on its 
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from time import perf_counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from app.errors import NotReady, Overloaded
@@ -24,7 +23,7 @@ class _Request:
     future: asyncio.Future
     results: list
     remaining: int
-    enqueued: float = field(default_factory=perf_counter)
+    enqueued: float  # event loop time
 
 
 @dataclass(slots=True)
@@ -63,10 +62,8 @@ class Batcher:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        while self._queue:
-            request = self._queue.popleft().request
-            if not request.future.done():
-                request.future.set_exception(NotReady("the server is shutting down"))
+        _fail(self._queue, NotReady("the server is shutting down"))
+        self._queue.clear()
         self.metrics.queue_depth.set(0)
 
     async def submit(self, rows: list[list[int]]) -> list:
@@ -74,7 +71,8 @@ class Batcher:
         free = self.max_queue_texts - len(self._queue)
         if len(rows) > free:
             raise Overloaded(f"queue full: {len(rows)} texts do not fit, {free} of {self.max_queue_texts} slots free")
-        request = _Request(asyncio.get_running_loop().create_future(), [None] * len(rows), len(rows))
+        loop = asyncio.get_running_loop()
+        request = _Request(loop.create_future(), [None] * len(rows), len(rows), loop.time())
         self._queue.extend(_Text(ids, request, i) for i, ids in enumerate(rows))
         self.metrics.queue_depth.set(len(self._queue))
         self._arrived.set()
@@ -89,8 +87,10 @@ class Batcher:
     async def _next_batch(self) -> list[_Text]:
         await self._until(lambda: bool(self._queue))
         if self.max_wait_s > 0 and self.merge_requests:
+            # The wait counts from the oldest text's arrival: texts that queued up while the previous batch
+            # ran have waited already, so under load batches leave at once and the model never idles.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.max_wait_s):
+                async with asyncio.timeout_at(self._queue[0].request.enqueued + self.max_wait_s):
                     await self._until(lambda: self._fitting()[1])
         n, _ = self._fitting()
         batch = [self._queue.popleft() for _ in range(n)]
@@ -114,16 +114,17 @@ class Batcher:
         return len(self._queue), False
 
     async def _run_batch(self, batch: list[_Text]) -> None:
-        now = perf_counter()
+        now = asyncio.get_running_loop().time()
         for text in batch:
             self.metrics.queue_wait.observe(now - text.request.enqueued)
         self.metrics.batch_size.observe(len(batch))
         try:
             results = await asyncio.to_thread(self._timed_run, [t.ids for t in batch])
+        except asyncio.CancelledError:  # stop() while this batch ran: its requests must not hang
+            _fail(batch, NotReady("the server is shutting down"))
+            raise
         except Exception as exc:  # the model failed (e.g. out of memory): fail this batch's requests, keep serving
-            for text in batch:
-                if not text.request.future.done():
-                    text.request.future.set_exception(exc)
+            _fail(batch, exc)
             return
         for text, result in zip(batch, results, strict=True):
             request = text.request
@@ -135,3 +136,9 @@ class Batcher:
     def _timed_run(self, rows: list[list[int]]) -> Sequence[Any]:
         with self.metrics.inference.time():
             return self.run(rows)
+
+
+def _fail(texts: Iterable[_Text], exc: Exception) -> None:
+    for text in texts:
+        if not text.request.future.done():
+            text.request.future.set_exception(exc)

@@ -39,7 +39,7 @@ class RequestCounter:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500  # if the app fails before it starts a response
+        status = 0
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -49,6 +49,10 @@ class RequestCounter:
 
         try:
             await self.app(scope, receive, send_status)
+        except Exception:
+            status = status or 500  # what ServerErrorMiddleware, outside this one, answers
+            raise
         finally:
+            # 499, nginx's "client closed request": the app returned without answering because the client left
             route = scope["path"] if scope["path"] in self.paths else "other"
-            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            self.metrics.requests.labels(route=route, status=str(status or 499)).inc()

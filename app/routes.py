@@ -62,10 +62,11 @@ def require_api_key(
 
 @router.post(
     "/classify",
+    response_model=ClassifyResponse,  # validates and serializes the plain dicts built below in one pass
     dependencies=[Depends(require_api_key)],
     responses=error_responses(Unauthorized, PayloadTooLarge, InvalidInput, Overloaded, NotReady),
 )
-async def classify(body: ClassifyRequest, service: ReadyService) -> ClassifyResponse:
+async def classify(body: ClassifyRequest, service: ReadyService) -> dict:
     """Probabilities and a label for each text, in input order. Texts longer than the model's context are
     truncated and flagged."""
     check_texts(body.texts, service.settings)
@@ -81,8 +82,10 @@ async def classify(body: ClassifyRequest, service: ReadyService) -> ClassifyResp
     return {"model": service.model_name, "results": results}
 
 
-@router.get("/health", responses={503: {"model": Health, "description": "Loading, failed, or draining"}})
-async def health(service: ServiceDep) -> Health:
+@router.get(
+    "/health", response_model=Health, responses={503: {"model": Health, "description": "Loading, failed, or draining"}}
+)
+async def health(service: ServiceDep) -> Health | JSONResponse:
     """200 only once the model is loaded and a warm-up forward has passed. Open: no API key needed."""
     if service.status == "ok":
         return Health(status="ok", model=service.model_name)

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from torch.testing import assert_close
 
 from app.engine import Engine
@@ -190,3 +191,48 @@ def test_health_reports_a_failed_load(tmp_path):
     assert health.status_code == 503
     assert health.json()["status"] == "failed"
     assert "CheckpointError" in health.json()["detail"]
+
+
+def test_shutdown_answers_waiting_requests_with_503(tiny_checkpoint, monkeypatch):
+    engine = BlockedEngine(monkeypatch)
+    app = create_app(tiny_settings(tiny_checkpoint, max_batch_size=1, max_wait_ms=0))
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            lifespan = app.router.lifespan_context(app)
+            await lifespan.__aenter__()
+            try:
+                running = asyncio.create_task(client.post("/classify", json={"texts": ["running"]}))
+                await engine.wait_entered()
+                queued = asyncio.create_task(client.post("/classify", json={"texts": ["queued"]}))
+                await until_queued(client, 1)
+                await lifespan.__aexit__(None, None, None)
+            finally:
+                engine.release.set()
+            return await asyncio.gather(running, queued)
+
+    for response in asyncio.run(main()):
+        assert response.status_code == 503
+        error = response.json()["error"]
+        assert (error["type"], error["message"]) == ("not_ready", "the server is shutting down")
+
+
+def test_a_failing_model_is_a_500_for_its_batch_only(tiny_checkpoint, monkeypatch):
+    score = Engine.score
+    failures = iter([True])
+
+    def flaky_score(engine, rows):
+        if next(failures, False):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return score(engine, rows)
+
+    monkeypatch.setattr(Engine, "score", flaky_score)
+    with TestClient(create_app(tiny_settings(tiny_checkpoint)), raise_server_exceptions=False) as client:
+        failed = client.post("/classify", json={"texts": ["a"]})
+        served = client.post("/classify", json={"texts": ["a"]})
+        metrics = client.get("/metrics").text
+    assert failed.status_code == 500
+    assert failed.json()["error"]["type"] == "internal_error"
+    assert "simulated" not in failed.text  # server internals stay in the log
+    assert served.status_code == 200
+    assert 'spamgpt_requests_total{route="/classify",status="500"} 1.0' in metrics

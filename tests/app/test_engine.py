@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -47,3 +48,14 @@ def test_int8_quantization_stays_close_to_float32(tiny_checkpoint):
     assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())  # every Linear was swapped
     assert int8.parameters == float32.parameters
     assert_close(int8.classify(TEXTS)[0], float32.classify(TEXTS)[0], rtol=0, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_on_cuda_stays_close_to_float32_on_cpu(tiny_checkpoint, dtype):
+    cuda = Engine.load(tiny_settings(tiny_checkpoint, device="cuda", dtype=dtype))
+    cpu = Engine.load(tiny_settings(tiny_checkpoint))
+    assert (cuda.device.type, str(cuda.dtype)) == ("cuda", f"torch.{dtype}")
+    probs = cuda.classify(TEXTS)[0]
+    assert probs.dtype == torch.float32  # softmax in float32 whatever the model's dtype
+    assert_close(probs, cpu.classify(TEXTS)[0], rtol=0, atol=2e-2)

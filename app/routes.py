@@ -28,14 +28,15 @@ LIMITS = (
 )
 
 
-def get_service(request: Request) -> Service:
+# Dependencies are `async def`: FastAPI runs plain `def` ones in a thread pool, a hop per call per request.
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def ready_service(service: ServiceDep) -> Service:
+async def ready_service(service: ServiceDep) -> Service:
     if service.status != "ok":
         raise NotReady(f"model not ready ({service.status}): {service.detail}")
     return service
@@ -44,7 +45,7 @@ def ready_service(service: ServiceDep) -> Service:
 ReadyService = Annotated[Service, Depends(ready_service)]
 
 
-def require_api_key(
+async def require_api_key(
     service: ServiceDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     key: Annotated[str | None, Security(api_key_header)],

@@ -1,0 +1,63 @@
+"""What every benchmark shares: the real data beside the project, the machine it ran on, JSON and a table."""
+
+import contextlib
+import json
+import os
+import platform
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SPAMGPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SMS_FILE = SHARED_DATA / "sms-spam-collection" / "SMSSpamCollection"
+BPE_DIR = SHARED_DATA / "gpt2-bpe"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def require_shared_data() -> None:
+    if not SMS_FILE.is_file() or not (BPE_DIR / "vocab.bpe").is_file():
+        sys.exit(f"benchmarks need the real SMS data and GPT-2 BPE files under {SHARED_DATA} (SPAMGPT_SHARED_DATA)")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as cpuinfo:
+        cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def write_result(name: str, result: dict) -> Path:
+    """benchmarks/results/<name>.json with the machine and time of the run added."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "created": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine()}
+    path.write_text(json.dumps({**payload, **result}, indent=2) + "\n")
+    return path
+
+
+def print_table(rows: list[dict]) -> None:
+    """A plain aligned table of dicts sharing their keys."""
+    if not rows:
+        return
+    keys = list(rows[0])
+    cells = [[_fmt(row.get(k)) for k in keys] for row in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)

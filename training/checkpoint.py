@@ -84,6 +84,8 @@ def save_checkpoint(directory: str | Path, model: GPTClassifier, tokenizer_dir: 
         shutil.copyfile(Path(tokenizer_dir) / name, directory / TOKENIZER_DIR / name)
     weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(weights, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    # safetensors creates the file owner-only; a server running as another user must still read it
+    (directory / WEIGHTS_FILE).chmod(0o644)
     config = {
         "format_version": FORMAT_VERSION,
         "model": model.config.to_dict(),

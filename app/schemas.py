@@ -37,6 +37,16 @@ class Health(BaseModel):
     model: str | None = None
 
 
+def declare_text_limits(openapi: dict, settings: Settings) -> dict:
+    """Write check_texts' limits into the OpenAPI document, so clients and schema-driven fuzzers see the real
+    bounds. They are declared here rather than on the model: they depend on settings, and check_texts (not
+    pydantic) enforces them, with its own messages."""
+    texts = openapi["components"]["schemas"]["ClassifyRequest"]["properties"]["texts"]
+    texts["maxItems"] = settings.max_texts_per_request
+    texts["items"].update(minLength=1, maxLength=settings.max_text_chars)
+    return openapi
+
+
 def check_texts(texts: list[str], settings: Settings) -> None:
     """Raise InvalidInput naming every offending index: too many texts, an empty text, a text too long."""
     if len(texts) > settings.max_texts_per_request:

@@ -46,6 +46,7 @@ ReadyService = Annotated[Service, Depends(ready_service)]
 
 
 async def require_api_key(
+    request: Request,
     service: ServiceDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     key: Annotated[str | None, Security(api_key_header)],
@@ -54,6 +55,9 @@ async def require_api_key(
     expected = service.settings.api_key
     if expected is None:
         return
+    if credentials is None and "Authorization" in request.headers:
+        # HTTPBearer reads any other scheme as no header: a malformed credential must not fall through to X-API-Key
+        raise Unauthorized("Authorization header is not 'Bearer <key>'")
     given = credentials.credentials if credentials is not None else key
     if given is None:
         raise Unauthorized("API key missing: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")

@@ -120,6 +120,7 @@ def test_unknown_route_and_method_keep_the_error_shape(client):
         pytest.param({"Authorization": "Bearer wrong"}, 401, id="wrong-bearer"),
         pytest.param({"X-API-Key": "wrong"}, 401, id="wrong-header"),
         pytest.param({"Authorization": "Basic s3cret"}, 401, id="wrong-scheme"),
+        pytest.param({"Authorization": "Basic s3cret", "X-API-Key": "s3cret"}, 401, id="wrong-scheme-beside-a-key"),
         pytest.param({"Authorization": "Bearer s3cret"}, 200, id="bearer"),
         pytest.param({"X-API-Key": "s3cret"}, 200, id="x-api-key"),
     ],

@@ -5,6 +5,9 @@ head into batches bounded by max_batch_size, max_batch_tokens (padded) and max_w
 a thread, and hands each text's result back to its request at its own index. Each request waits on a
 single future that resolves once all its texts are done, so results keep input order and no request
 sees another's. Right padding means a text's probabilities do not depend on its batch-mates.
+
+A request whose texts have not started running within its deadline, or whose caller stops waiting (the
+client left), has its texts taken off the queue: nothing runs for a request nobody will read.
 """
 
 import asyncio
@@ -14,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.errors import NotReady, Overloaded
+from app.errors import DeadlineExceeded, NotReady, Overloaded
 from app.metrics import Metrics
 
 
@@ -24,6 +27,7 @@ class _Request:
     results: list
     remaining: int
     enqueued: float  # event loop time
+    started: bool = False  # one of its texts has left the queue for a batch: the deadline no longer applies
 
 
 @dataclass(slots=True)
@@ -43,31 +47,35 @@ class Batcher:
         max_batch_tokens: int,
         max_wait_ms: float,
         max_queue_texts: int,
+        timeout_s: float,
         merge_requests: bool = True,
     ):
         self.run, self.metrics = run, metrics  # run: one batch of token ids -> one result per row, in a thread
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_wait_s, self.max_queue_texts = max_wait_ms / 1000, max_queue_texts
-        self.merge_requests = merge_requests
+        self.timeout_s, self.merge_requests = timeout_s, merge_requests
         self._queue: deque[_Text] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="spamgpt-batcher")
 
     async def stop(self) -> None:
-        """Stop the worker; requests still queued get NotReady (a 503) rather than hanging."""
+        """Refuse new requests (NotReady), run the queued ones to the end, then end the worker. The drain is
+        bounded: a queued request either starts running or leaves the queue at its deadline."""
+        self._stopping = True
+        self._arrived.set()
         if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        _fail(self._queue, NotReady("the server is shutting down"))
-        self._queue.clear()
-        self.metrics.queue_depth.set(0)
+            await self._worker
 
     async def submit(self, rows: list[list[int]]) -> list:
-        """Results for `rows` in their order. The request is queued whole or refused whole (Overloaded)."""
+        """Results for `rows` in their order. The request is queued whole or refused whole (Overloaded); its
+        texts leave the queue unrun if none has started within timeout_s (DeadlineExceeded) or if the caller
+        is cancelled."""
+        if self._stopping:
+            raise NotReady("the server is shutting down")
         free = self.max_queue_texts - len(self._queue)
         if len(rows) > free:
             raise Overloaded(f"queue full: {len(rows)} texts do not fit, {free} of {self.max_queue_texts} slots free")
@@ -76,16 +84,40 @@ class Batcher:
         self._queue.extend(_Text(ids, request, i) for i, ids in enumerate(rows))
         self.metrics.queue_depth.set(len(self._queue))
         self._arrived.set()
-        return await request.future
+        try:
+            return await self._result(request)
+        except asyncio.CancelledError:  # the caller stopped waiting (its client left): run nothing more for it
+            self._withdraw(request, "cancelled")
+            raise
+
+    async def _result(self, request: _Request) -> list:
+        await asyncio.wait([request.future], timeout=self.timeout_s)  # unlike wait_for, never cancels the future
+        if not request.future.done() and not request.started:
+            self._withdraw(request, "deadline")
+            raise DeadlineExceeded(
+                f"none of the request's {len(request.results)} texts started within {self.timeout_s} s; "
+                "they were dropped unrun"
+            )
+        return await request.future  # a request that has started runs to the end
+
+    def _withdraw(self, request: _Request, reason: str) -> None:
+        """Take the request's texts off the queue, so they never run, and stop anything from answering it."""
+        queued = len(self._queue)
+        self._queue = deque(t for t in self._queue if t.request is not request)
+        self.metrics.dropped_texts.labels(reason=reason).inc(queued - len(self._queue))
+        self.metrics.queue_depth.set(len(self._queue))
+        request.future.cancel()
 
     async def _work(self) -> None:
-        while True:
+        while self._queue or not self._stopping:
             batch = await self._next_batch()
             if batch:
                 await self._run_batch(batch)
 
     async def _next_batch(self) -> list[_Text]:
-        await self._until(lambda: bool(self._queue))
+        await self._until(lambda: bool(self._queue) or self._stopping)
+        if not self._queue:
+            return []
         if self.max_wait_s > 0 and self.merge_requests:
             # The wait counts from the oldest text's arrival: texts that queued up while the previous batch
             # ran have waited already, so under load batches leave at once and the model never idles.
@@ -95,7 +127,9 @@ class Batcher:
         n, _ = self._fitting()
         batch = [self._queue.popleft() for _ in range(n)]
         self.metrics.queue_depth.set(len(self._queue))
-        return [t for t in batch if not t.request.future.done()]  # skip requests whose client went away
+        for text in batch:
+            text.request.started = True
+        return [t for t in batch if not t.request.future.done()]  # skip requests an earlier batch's failure ended
 
     async def _until(self, condition: Callable[[], bool]) -> None:
         while not condition():
@@ -120,9 +154,6 @@ class Batcher:
         self.metrics.batch_size.observe(len(batch))
         try:
             results = await asyncio.to_thread(self._timed_run, [t.ids for t in batch])
-        except asyncio.CancelledError:  # stop() while this batch ran: its requests must not hang
-            _fail(batch, NotReady("the server is shutting down"))
-            raise
         except Exception as exc:  # the model failed (e.g. out of memory): fail this batch's requests, keep serving
             _fail(batch, exc)
             return

@@ -73,6 +73,19 @@ class NotReady(APIError):
     description = "The model is loading, failed to load, or the server is shutting down"
 
 
+class DeadlineExceeded(APIError):
+    status_code, type = 504, "deadline_exceeded"
+    description = "No text of the request started running within request_timeout_s; they were dropped unrun"
+
+
+class ClientClosedRequest(APIError):
+    """The client disconnected while its texts waited: nobody reads this answer, but the request counts as a
+    499 (nginx's "client closed request") in the metrics. Not declared in the OpenAPI: no client ever sees it."""
+
+    status_code, type = 499, "client_closed_request"
+    description = "The client disconnected before its result was ready"
+
+
 class InternalError(APIError):
     status_code, type = 500, "internal_error"
 

@@ -24,6 +24,9 @@ class Metrics:
         )
         self.batch_size = Histogram("spamgpt_batch_size", "Texts per forward pass", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("spamgpt_queue_depth", "Texts waiting for the model", registry=r)
+        # reason "deadline": request_timeout_s passed before any of the request's texts ran (a 504);
+        # "cancelled": the request stopped waiting, because its client disconnected (a 499) or the server gave up
+        self.dropped_texts = Counter("spamgpt_dropped_texts", "Texts taken off the queue unrun", ["reason"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

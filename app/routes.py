@@ -2,14 +2,25 @@
 
 import asyncio
 import hmac
-from typing import Annotated
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import Receive
 
-from app.errors import InvalidInput, NotReady, Overloaded, PayloadTooLarge, Unauthorized, error_responses
+from app.errors import (
+    ClientClosedRequest,
+    DeadlineExceeded,
+    InvalidInput,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    error_responses,
+)
 from app.schemas import ClassifyRequest, ClassifyResponse, Health, Info, check_texts
 from app.service import Service
 
@@ -22,6 +33,7 @@ LIMITS = (
     "max_batch_tokens",
     "max_wait_ms",
     "max_queue_texts",
+    "request_timeout_s",
     "max_texts_per_request",
     "max_text_chars",
     "max_body_bytes",
@@ -69,22 +81,47 @@ async def require_api_key(
     "/classify",
     response_model=ClassifyResponse,  # validates and serializes the plain dicts built below in one pass
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(Unauthorized, PayloadTooLarge, InvalidInput, Overloaded, NotReady),
+    responses=error_responses(Unauthorized, PayloadTooLarge, InvalidInput, Overloaded, NotReady, DeadlineExceeded),
 )
-async def classify(body: ClassifyRequest, service: ReadyService) -> dict:
+async def classify(body: ClassifyRequest, service: ReadyService, request: Request) -> dict:
     """Probabilities and a label for each text, in input order. Texts longer than the model's context are
     truncated and flagged."""
     check_texts(body.texts, service.settings)
     # Tokenized here, once, in a thread (tiktoken releases the GIL): requests tokenize in parallel while the
     # model runs, and the batcher needs token counts to keep batches within max_batch_tokens.
     rows, truncated = await asyncio.to_thread(service.tokenize, body.texts)
-    scored = await service.batcher.submit(rows)
+    scored = await unless_client_leaves(request.receive, service.batcher.submit(rows))
     labels = service.engine.labels
     results = [
         {"label": label, "probabilities": dict(zip(labels, probs, strict=True)), "tokens": len(ids), "truncated": cut}
         for (label, probs), ids, cut in zip(scored, rows, truncated, strict=True)
     ]
     return {"model": service.model_name, "results": results}
+
+
+T = TypeVar("T")
+
+
+async def unless_client_leaves(receive: Receive, waiting: Awaitable[T]) -> T:
+    """What `waiting` gives, unless the client disconnects first: then `waiting` is cancelled, which takes the
+    request's texts off the queue, and ClientClosedRequest is raised."""
+    work, left = asyncio.ensure_future(waiting), asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((work, left), return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        work.cancel()
+        await asyncio.wait((work,))  # let its cancellation take the texts off the queue before answering
+        raise ClientClosedRequest("the client disconnected while its texts waited")
+    finally:  # also when this handler is cancelled itself (uvicorn's graceful-shutdown timeout)
+        left.cancel()
+        work.cancel()  # does nothing once it is done
+
+
+async def _disconnected(receive: Receive) -> None:
+    # The body has been read: the server's next message is http.disconnect, when the client goes away
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.get(

@@ -1,8 +1,10 @@
 """What one app instance holds: settings, metrics, readiness, the engine and the batcher; and its lifespan."""
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Literal
 
 from fastapi import FastAPI
@@ -38,14 +40,19 @@ class Service:
             max_batch_tokens=s.max_batch_tokens,
             max_wait_ms=s.max_wait_ms,
             max_queue_texts=s.max_queue_texts,
+            timeout_s=s.request_timeout_s,
             merge_requests=s.batching,
         )
         self.batcher.start()
         self.model_name = s.model_name or model_name(self.engine.card["base_model"], self.engine.parameters)
         self.status, self.detail = "ok", None
 
-    async def stop(self) -> None:
+    def drain(self) -> None:
+        """Readiness goes 503 and new requests are refused; requests already in the queue still finish."""
         self.status, self.detail = "draining", "shutting down"
+
+    async def stop(self) -> None:
+        self.drain()
         if self.batcher is not None:
             await self.batcher.stop()
 
@@ -59,5 +66,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Startup raises when the checkpoint cannot be served: uvicorn then exits non-zero with the message."""
     service: Service = app.state.service
     await service.start()
-    yield
+    with draining_on_sigterm(service):
+        yield
     await service.stop()
+
+
+@contextmanager
+def draining_on_sigterm(service: Service) -> Iterator[None]:
+    """Readiness 503 from the moment SIGTERM arrives: uvicorn runs the lifespan shutdown only after its in-flight
+    requests are done, so without this /health would answer 200 until then. Our handler goes in front of the
+    server's own, which still shuts down as it would. Where only the default handles SIGTERM (no server that
+    drains), or off the main thread (signal handlers are set there only), signals are left alone."""
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):
+        yield
+        return
+
+    def on_sigterm(signum, frame) -> None:
+        service.drain()
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

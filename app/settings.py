@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(2.0, ge=0)
     # Texts waiting for the model: more absorbs bursts, fewer bounds memory and the wait before a 429.
     max_queue_texts: int = Field(2048, ge=1)
+    # Seconds a request's texts may wait in the queue before it is answered 504 and they are dropped unrun (once
+    # one has started, the request runs to the end). Shorter sheds load sooner, so clients retry elsewhere instead
+    # of waiting on an overloaded replica; longer rides out bursts that would otherwise fail. Below the clients'
+    # own timeouts, they get a clear 504 rather than a timeout of their own.
+    request_timeout_s: float = Field(10.0, gt=0)
     # Texts in one request: larger saves round trips, smaller keeps one client from filling the queue.
     max_texts_per_request: int = Field(256, ge=1)
     # Characters per text, checked before tokenizing so a huge string cannot eat CPU. GPT-2 contexts end

@@ -174,7 +174,7 @@ def test_metrics_count_requests_and_batches(client):
 def test_openapi_declares_every_error_of_classify(client):
     spec = client.get("/openapi.json").json()
     responses = spec["paths"]["/classify"]["post"]["responses"]
-    assert {"200", "401", "413", "422", "429", "503"} <= set(responses)
+    assert {"200", "401", "413", "422", "429", "503", "504"} <= set(responses)
     assert responses["429"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert "503" in spec["paths"]["/health"]["get"]["responses"]
     assert client.get("/docs").status_code == 200

@@ -2,7 +2,10 @@
 readiness. Async tests drive the app in-process with httpx.ASGITransport and run its lifespan themselves."""
 
 import asyncio
+import json
+import os
 import random
+import signal
 import threading
 from contextlib import asynccontextmanager
 
@@ -20,26 +23,30 @@ WORDS = ["free", "prize", "win", "call", "now", "txt", "ok", "see", "you", "at",
 
 
 @asynccontextmanager
-async def serve(settings, lifespan: bool = True):
-    app = create_app(settings)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-    async with client:
-        if not lifespan:
-            yield client
-            return
-        async with app.router.lifespan_context(app):
-            yield client
+async def serve(settings):
+    async with serve_app(create_app(settings)) as client:
+        yield client
+
+
+@asynccontextmanager
+async def serve_app(app):
+    """A client for `app` in this process, with its lifespan running."""
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+        app.router.lifespan_context(app),
+    ):
+        yield client
 
 
 class BlockedEngine:
-    """Engine.score held until released, recording the size of every batch it was given."""
+    """Engine.score held until released, recording every batch of token ids it was given."""
 
     def __init__(self, monkeypatch):
-        self.entered, self.release, self.batch_sizes = threading.Event(), threading.Event(), []
+        self.entered, self.release, self.batches = threading.Event(), threading.Event(), []
         score = Engine.score
 
         def blocked_score(engine, rows):
-            self.batch_sizes.append(len(rows))
+            self.batches.append(rows)
             self.entered.set()
             assert self.release.wait(timeout=10), "test never released the engine"
             return score(engine, rows)
@@ -48,6 +55,10 @@ class BlockedEngine:
 
     async def wait_entered(self):
         assert await asyncio.to_thread(self.entered.wait, 10)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [len(rows) for rows in self.batches]
 
 
 def sample(metrics: str, name: str) -> float:
@@ -193,7 +204,7 @@ def test_health_reports_a_failed_load(tmp_path):
     assert "CheckpointError" in health.json()["detail"]
 
 
-def test_shutdown_answers_waiting_requests_with_503(tiny_checkpoint, monkeypatch):
+def test_shutdown_refuses_new_requests_and_finishes_the_queued_ones(tiny_checkpoint, monkeypatch):
     engine = BlockedEngine(monkeypatch)
     app = create_app(tiny_settings(tiny_checkpoint, max_batch_size=1, max_wait_ms=0))
 
@@ -206,15 +217,136 @@ def test_shutdown_answers_waiting_requests_with_503(tiny_checkpoint, monkeypatch
                 await engine.wait_entered()
                 queued = asyncio.create_task(client.post("/classify", json={"texts": ["queued"]}))
                 await until_queued(client, 1)
-                await lifespan.__aexit__(None, None, None)
+                stopping = asyncio.create_task(lifespan.__aexit__(None, None, None))
+                await asyncio.sleep(0.05)
+                health = await client.get("/health")
+                refused = await client.post("/classify", json={"texts": ["new"]})
+                drained_early = stopping.done()
             finally:
                 engine.release.set()
-            return await asyncio.gather(running, queued)
+            served = await asyncio.gather(running, queued)
+            await stopping
+        return health, refused, drained_early, served
 
-    for response in asyncio.run(main()):
-        assert response.status_code == 503
-        error = response.json()["error"]
-        assert (error["type"], error["message"]) == ("not_ready", "the server is shutting down")
+    health, refused, drained_early, served = asyncio.run(main())
+    assert (health.status_code, health.json()["status"]) == (503, "draining")
+    assert (refused.status_code, refused.json()["error"]["type"]) == (503, "not_ready")
+    assert not drained_early, "shutdown finished while a request was still queued"
+    assert [r.status_code for r in served] == [200, 200]
+    assert engine.batch_sizes == [1, 1]
+
+
+def test_sigterm_turns_readiness_503_at_once_and_reaches_the_servers_handler(tiny_checkpoint):
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))  # the "server's"
+    app = create_app(tiny_settings(tiny_checkpoint))
+
+    async def main():
+        async with serve_app(app) as client:
+            before = await client.get("/health")
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0)  # Python runs signal handlers between bytecodes of the main thread
+            after = await client.get("/health")
+        return before, after
+
+    try:
+        before, after = asyncio.run(main())
+        restored = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (before.status_code, after.status_code) == (200, 503)
+    assert after.json()["status"] == "draining"
+    assert received == [signal.SIGTERM]
+    assert restored is not None and restored.__name__ == "<lambda>"  # the server's handler is back after shutdown
+
+
+def test_a_request_not_started_within_its_deadline_is_504_and_never_runs(tiny_checkpoint, monkeypatch, tokenizer):
+    engine = BlockedEngine(monkeypatch)
+    settings = tiny_settings(tiny_checkpoint, request_timeout_s=0.2, max_batch_size=1, max_wait_ms=0)
+
+    async def main():
+        async with serve(settings) as client:
+            try:
+                started = asyncio.create_task(client.post("/classify", json={"texts": ["first", "second"]}))
+                await engine.wait_entered()  # "first" holds the model; "second" waits behind it
+                late = await client.post("/classify", json={"texts": ["late text"]})
+                depth = await queue_depth(client)
+            finally:
+                engine.release.set()
+            started = await started
+            after = await client.post("/classify", json={"texts": ["after"]})
+            metrics = (await client.get("/metrics")).text
+        return late, depth, started, after, metrics
+
+    late, depth, started, after, metrics = asyncio.run(main())
+    assert late.status_code == 504
+    error = late.json()["error"]
+    assert error["type"] == "deadline_exceeded"
+    assert error["message"] == "none of the request's 1 texts started within 0.2 s; they were dropped unrun"
+    assert depth == 1  # only "second": the late text left the queue
+    assert [r.status_code for r in (started, after)] == [200, 200]  # started before its deadline: runs to the end
+    assert len(started.json()["results"]) == 2
+    assert engine.batches == [[tokenizer.encode_ordinary(t)] for t in ("first", "second", "after")]
+    assert sample(metrics, 'spamgpt_dropped_texts_total{reason="deadline"}') == 1
+    assert sample(metrics, 'spamgpt_requests_total{route="/classify",status="504"}') == 1
+
+
+def test_a_client_that_disconnects_while_waiting_has_its_texts_dropped(tiny_checkpoint, monkeypatch, tokenizer):
+    engine = BlockedEngine(monkeypatch)
+    app = create_app(tiny_settings(tiny_checkpoint, max_batch_size=1, max_wait_ms=0))
+    body = json.dumps({"texts": ["gone", "away"]}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/classify",
+        "raw_path": b"/classify",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+
+    async def main():
+        hang_up, sent = asyncio.Event(), []
+        messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+        async def receive():  # the body, then http.disconnect once the test hangs up
+            message = next(messages, None)
+            if message is None:
+                await hang_up.wait()
+                message = {"type": "http.disconnect"}
+            return message
+
+        async def send(message):
+            sent.append(message)
+
+        async with serve_app(app) as client:
+            try:
+                running = asyncio.create_task(client.post("/classify", json={"texts": ["running"]}))
+                await engine.wait_entered()
+                leaving = asyncio.create_task(app(scope, receive, send))
+                await until_queued(client, 2)
+                hang_up.set()
+                await asyncio.wait_for(leaving, 5)
+                depth = await queue_depth(client)
+            finally:
+                engine.release.set()
+            running = await running
+            after = await client.post("/classify", json={"texts": ["after"]})
+            metrics = (await client.get("/metrics")).text
+        return sent, depth, running, after, metrics
+
+    sent, depth, running, after, metrics = asyncio.run(main())
+    assert sent[0]["status"] == 499  # sent to no one; what the metrics count
+    assert depth == 0
+    assert [r.status_code for r in (running, after)] == [200, 200]
+    assert engine.batches == [[tokenizer.encode_ordinary(t)] for t in ("running", "after")]
+    assert sample(metrics, 'spamgpt_dropped_texts_total{reason="cancelled"}') == 2
+    assert sample(metrics, 'spamgpt_requests_total{route="/classify",status="499"}') == 1
 
 
 def test_a_failing_model_is_a_500_for_its_batch_only(tiny_checkpoint, monkeypatch):

@@ -1,21 +1,40 @@
-"""The app under a real `uvicorn --factory`: settings from the environment, refusal to start on a bad checkpoint."""
+"""The app under a real `uvicorn --factory`, as the Dockerfile runs it: settings from the environment, refusal to
+start on a broken checkpoint, and a graceful stop on SIGTERM."""
 
+import hashlib
 import os
+import pickle
 import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
+import torch
+
+from tests.training.test_checkpoint import (
+    DELETE,
+    PickleBomb,
+    edit_card,
+    edit_tensors,
+    flip_header_byte,
+    plant_pickle,
+    truncate,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
+GRACE_S = 5  # --timeout-graceful-shutdown, as in the Dockerfile's command (which gives 20)
 
 
-def uvicorn(checkpoint_dir: Path, port: int = 0) -> subprocess.Popen:
+def uvicorn(checkpoint_dir: Path, port: int = 0, *options: str, **settings: str) -> subprocess.Popen:
     env = {**os.environ, "SPAMGPT_CHECKPOINT_DIR": str(checkpoint_dir), "SPAMGPT_DEVICE": "cpu"}
-    command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port)]
+    env.update({f"SPAMGPT_{name.upper()}": value for name, value in settings.items()})
+    command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1"]
+    command += ["--port", str(port), *options]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -25,35 +44,165 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_broken_checkpoint_stops_the_server_with_the_loaders_message(tiny_checkpoint):
-    (tiny_checkpoint / "model.safetensors").unlink()
-    server = uvicorn(tiny_checkpoint)
-    _, stderr = server.communicate(timeout=60)
-    assert server.returncode != 0
-    assert "CheckpointError" in stderr
-    assert f"{tiny_checkpoint / 'model.safetensors'}: missing" in stderr
+def client() -> httpx.Client:
+    return httpx.Client(trust_env=False, timeout=30)  # straight to loopback, whatever proxy the environment names
+
+
+def wait_ready(server: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 60
+    with client() as http:
+        while time.monotonic() < deadline:
+            try:
+                if http.get(f"{url}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                assert server.poll() is None, server.communicate()[1]
+                time.sleep(0.1)
+    raise AssertionError("the server was not ready within 60 s")
+
+
+def stop(server: subprocess.Popen) -> str:
+    """SIGINT, then the server's stderr. A server that does not stop is killed, and the test fails."""
+    server.send_signal(signal.SIGINT)
+    try:
+        return server.communicate(timeout=30)[1]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
 
 
 def test_the_server_starts_from_the_environment_and_serves(tiny_checkpoint):
     port = free_port()
     server = uvicorn(tiny_checkpoint, port)
-    client = httpx.Client(trust_env=False)  # straight to localhost, whatever proxy the environment names
+    url = f"http://127.0.0.1:{port}"
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if client.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert server.poll() is None, server.communicate()[1]
-                time.sleep(0.1)
-        response = client.post(f"{url}/classify", json={"texts": ["free prize", "see you"]})
+        wait_ready(server, url)
+        with client() as http:
+            response = http.post(f"{url}/classify", json={"texts": ["free prize", "see you"]})
         assert response.status_code == 200, response.text
         assert [r["label"] in ("ham", "spam") for r in response.json()["results"]] == [True, True]
     finally:
-        client.close()
-        server.send_signal(signal.SIGINT)
-        _, stderr = server.communicate(timeout=30)
+        stderr = stop(server)
     assert server.returncode == 0, stderr
     assert "Application startup complete" in stderr
+
+
+# --- Broken checkpoints: the server refuses to start ----------------------------------------------------------
+
+
+def plant_pickle_beside_missing_weights(ckpt: Path) -> None:
+    # A loader that fell back to PyTorch's pickle format would run this; ours only ever reads model.safetensors
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps({"score.weight": PickleBomb(ckpt.parent / "pickle-ran")}))
+
+
+WEIGHTS, CONFIG, ENCODER = "model.safetensors", "config.json", "tokenizer/encoder.json"
+EMPTY_OBJECT_SHA256 = hashlib.sha256(b"{}").hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("breakage", "file", "message"),
+    [
+        pytest.param(truncate, WEIGHTS, "not a readable safetensors file", id="truncated"),
+        pytest.param(flip_header_byte, WEIGHTS, "not a readable safetensors file", id="header-byte"),
+        pytest.param(
+            edit_tensors(lambda s: s.update({"score.weight": torch.zeros(3, 32)})),
+            WEIGHTS,
+            "tensor 'score.weight' has shape (3, 32), config needs (2, 32)",
+            id="wrong-shape",
+        ),
+        pytest.param(
+            edit_tensors(lambda s: s["transformer.h.0.attn.c_attn.weight"].__setitem__((0, 0), float("nan"))),
+            WEIGHTS,
+            "tensor 'transformer.h.0.attn.c_attn.weight' has non-finite values (NaN or inf)",
+            id="nan",
+        ),
+        pytest.param(
+            lambda c: (c / ENCODER).write_text("{}"),
+            ENCODER,
+            f"sha256 {EMPTY_OBJECT_SHA256} does not match expected",
+            id="tokenizer-hash",
+        ),
+        pytest.param(edit_card(labels=DELETE), CONFIG, "missing field 'labels'", id="missing-config-field"),
+        pytest.param(plant_pickle, WEIGHTS, "not a readable safetensors file", id="pickle-as-safetensors"),
+        pytest.param(plant_pickle_beside_missing_weights, WEIGHTS, "missing", id="pickle-as-pytorch-model-bin"),
+    ],
+)
+def test_a_broken_checkpoint_stops_the_server_before_it_answers(tiny_checkpoint, breakage, file, message):
+    breakage(tiny_checkpoint)
+    port = free_port()
+    server = uvicorn(tiny_checkpoint, port)
+    deadline = time.monotonic() + 60
+    with client() as http:
+        while server.poll() is None:  # until it exits, nothing answers on its port
+            with pytest.raises(httpx.ConnectError):
+                http.post(f"http://127.0.0.1:{port}/classify", json={"texts": ["hi"]})
+            assert time.monotonic() < deadline, "the server neither served nor exited within 60 s"
+            time.sleep(0.05)
+    stderr = server.communicate()[1]
+    assert server.returncode == 3, stderr  # uvicorn's STARTUP_FAILURE
+    assert f"training.checkpoint.CheckpointError: {tiny_checkpoint / file}: {message}" in stderr
+    assert "Application startup failed. Exiting." in stderr
+    assert not (tiny_checkpoint.parent / "pickle-ran").exists()
+
+
+# --- SIGTERM under load ---------------------------------------------------------------------------------------
+
+
+def classify(url: str, text: str) -> httpx.Response:
+    with client() as http:
+        return http.post(f"{url}/classify", json={"texts": [text]})
+
+
+def queue_depth(url: str) -> float:
+    with client() as http:
+        metrics = http.get(f"{url}/metrics").text
+    return float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("spamgpt_queue_depth ")))
+
+
+def probe_until_refused(url: str) -> list[int | str]:
+    """Health and classify probes on fresh connections from the moment SIGTERM was sent, until the server
+    stops accepting: each answer's status, then "refused"."""
+    seen: list[int | str] = []
+    deadline = time.monotonic() + GRACE_S
+    with httpx.Client(trust_env=False, timeout=5, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+        while time.monotonic() < deadline:
+            try:
+                seen.append(http.get(f"{url}/health").status_code)
+                seen.append(http.post(f"{url}/classify", json={"texts": ["new"]}).status_code)
+            except httpx.ConnectError:
+                return [*seen, "refused"]
+    return seen
+
+
+def test_sigterm_under_load_finishes_in_flight_requests_refuses_new_ones_and_exits(tiny_checkpoint):
+    port, n_in_flight = free_port(), 4
+    # Batches leave max_wait after their oldest text: with 1 s, requests stay in flight long enough to be caught
+    server = uvicorn(tiny_checkpoint, port, "--timeout-graceful-shutdown", str(GRACE_S), max_wait_ms="1000")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(server, url)
+        with ThreadPoolExecutor(n_in_flight) as pool:
+            in_flight = [pool.submit(classify, url, f"message {i}") for i in range(n_in_flight)]
+            while queue_depth(url) < n_in_flight:
+                time.sleep(0.01)
+            sent = time.monotonic()
+            server.send_signal(signal.SIGTERM)
+            probes = probe_until_refused(url)
+            responses = [f.result() for f in in_flight]
+        stderr = server.communicate(timeout=GRACE_S + 5)[1]
+        took = time.monotonic() - sent
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert [r.status_code for r in responses] == [200] * n_in_flight, [r.text for r in responses]
+    assert probes[-1] == "refused" and set(probes[:-1]) <= {503}, probes
+    # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly (since 0.29): the exit status is
+    # "terminated by SIGTERM" (143 in a shell), not a crash; the log shows the clean shutdown
+    assert server.returncode == -signal.SIGTERM, stderr
+    assert "Application shutdown complete." in stderr and "Finished server process" in stderr
+    assert "ERROR" not in stderr and "Traceback" not in stderr, stderr
+    assert took < GRACE_S
+    print(f"SIGTERM -> exit {took:.2f} s with {n_in_flight} requests in flight; probes {probes}")

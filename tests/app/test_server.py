@@ -163,7 +163,8 @@ def queue_depth(url: str) -> float:
 
 def probe_until_refused(url: str) -> list[int | str]:
     """Health and classify probes on fresh connections from the moment SIGTERM was sent, until the server
-    stops accepting: each answer's status, then "refused"."""
+    stops accepting: each answer's status, then "refused". A connection the kernel accepted into the backlog
+    just before uvicorn closed its socket is reset, not answered: a refusal too."""
     seen: list[int | str] = []
     deadline = time.monotonic() + GRACE_S
     with httpx.Client(trust_env=False, timeout=5, limits=httpx.Limits(max_keepalive_connections=0)) as http:
@@ -171,7 +172,7 @@ def probe_until_refused(url: str) -> list[int | str]:
             try:
                 seen.append(http.get(f"{url}/health").status_code)
                 seen.append(http.post(f"{url}/classify", json={"texts": ["new"]}).status_code)
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
                 return [*seen, "refused"]
     return seen
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# What `docker compose up` does, without Docker, on a machine with Python 3.11+:
+# a .venv with the project, a checkpoint trained once into checkpoints/spamgpt, the API on 127.0.0.1:8000.
+#
+#   ./run.sh                                   fine-tune pretrained GPT-2 (downloaded once), then serve
+#   SPAMGPT_INIT=random ./run.sh               random initial weights, where GPT-2's cannot be downloaded
+#   ./run.sh --data my.csv --trainable all     extra arguments go to `python -m training finetune`
+#
+# Environment, as in docker-compose.yml: SPAMGPT_INIT (pretrained | random), SPAMGPT_PRESET (gpt2),
+# SPAMGPT_EPOCHS (5), SPAMGPT_TRAIN_DEVICE (auto), SPAMGPT_PORT (8000); PYTHON (python3) makes the .venv.
+# The server reads every other SPAMGPT_* setting (README: Configuration), SPAMGPT_CHECKPOINT_DIR included.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# Install when the .venv is new or pyproject.toml / the torch pin changed since the last install.
+torch_version=$(sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)  # one pin, the Dockerfile's
+[[ -x .venv/bin/python ]] || "${PYTHON:-python3}" -m venv .venv
+. .venv/bin/activate
+installed="torch==$torch_version $(sha256sum pyproject.toml)"
+if [[ $(cat .venv/.spamgpt-installed 2>/dev/null) != "$installed" ]]; then
+  pip install "torch==$torch_version" -e '.[plots]'
+  echo "$installed" >.venv/.spamgpt-installed
+fi
+
+export SPAMGPT_CHECKPOINT_DIR=${SPAMGPT_CHECKPOINT_DIR:-checkpoints/spamgpt}
+# --skip-existing: exits at once when the checkpoint there was trained with these arguments on this data.
+python -m training finetune --out "$SPAMGPT_CHECKPOINT_DIR" --skip-existing \
+  --init "${SPAMGPT_INIT:-pretrained}" --preset "${SPAMGPT_PRESET:-gpt2}" --epochs "${SPAMGPT_EPOCHS:-5}" \
+  --device "${SPAMGPT_TRAIN_DEVICE:-auto}" "$@"
+
+# The Dockerfile's CMD, with --host and --port given again: uvicorn takes an option's last value.
+cmd=$(python -c 'import json, re; print(*json.loads(re.findall(r"^CMD (\[.*\])$", open("Dockerfile").read(), re.M)[-1]), sep="\n")')
+mapfile -t serve <<<"$cmd"
+exec "${serve[@]}" --host 127.0.0.1 --port "${SPAMGPT_PORT:-8000}"

@@ -120,10 +120,11 @@ class Batcher:
             return []
         if self.max_wait_s > 0 and self.merge_requests:
             # The wait counts from the oldest text's arrival: texts that queued up while the previous batch
-            # ran have waited already, so under load batches leave at once and the model never idles.
+            # ran have waited already, so under load batches leave at once and the model never idles. Once
+            # stopping, nothing more will arrive: batches leave at once.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(self._queue[0].request.enqueued + self.max_wait_s):
-                    await self._until(lambda: self._fitting()[1])
+                    await self._until(lambda: self._stopping or self._fitting()[1])
         n, _ = self._fitting()
         batch = [self._queue.popleft() for _ in range(n)]
         self.metrics.queue_depth.set(len(self._queue))

@@ -236,6 +236,21 @@ def test_shutdown_refuses_new_requests_and_finishes_the_queued_ones(tiny_checkpo
     assert engine.batch_sizes == [1, 1]
 
 
+def test_shutdown_does_not_wait_for_a_batch_to_fill(tiny_checkpoint):
+    app = create_app(tiny_settings(tiny_checkpoint, max_wait_ms=60_000))
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            lifespan = app.router.lifespan_context(app)
+            await lifespan.__aenter__()
+            waiting = asyncio.create_task(client.post("/classify", json={"texts": ["waits for company"]}))
+            await until_queued(client, 1)
+            await asyncio.wait_for(lifespan.__aexit__(None, None, None), 5)  # not the 60 s max_wait
+            return await waiting
+
+    assert asyncio.run(main()).status_code == 200
+
+
 def test_sigterm_turns_readiness_503_at_once_and_reaches_the_servers_handler(tiny_checkpoint):
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))  # the "server's"

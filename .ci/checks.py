@@ -1,0 +1,177 @@
+"""CI checks that need Python: `compose` (docker-compose*.yml read statically, no Docker daemon needed) and
+`serve CHECKPOINT` (the Dockerfile's own CMD over real HTTP, then SIGTERM). Run from the repository root."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from app.settings import Settings
+from training.cli import FinetuneArgs, build_parser
+
+GRACE_OPTION = "--timeout-graceful-shutdown"
+
+
+def dockerfile_cmd() -> list[str]:
+    """The JSON array of the Dockerfile's (last) CMD line: the command the image serves with."""
+    lines = re.findall(r"^CMD (\[.*\])$", Path("Dockerfile").read_text(), re.MULTILINE)
+    assert lines, "Dockerfile: no CMD line in JSON form"
+    return json.loads(lines[-1])
+
+
+def option(argv: list[str], name: str) -> str:
+    assert name in argv, f"{name} missing from {argv}"
+    return argv[argv.index(name) + 1]
+
+
+def with_option(argv: list[str], name: str, value: str) -> list[str]:
+    argv = list(argv)
+    argv[argv.index(name) + 1] = value
+    return argv
+
+
+def seconds(duration: str) -> float:
+    """A compose duration such as '30s', '1m30s' or '500ms'."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a compose duration: {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def with_defaults(value: str) -> str:
+    """Compose interpolation as it comes out when the variable is not set: ${VAR:-default} -> default."""
+    return re.sub(r"\$\{\w+:?-([^}]*)\}", r"\1", value)
+
+
+def check_compose() -> None:
+    base = yaml.safe_load(Path("docker-compose.yml").read_text())
+    gpu = yaml.safe_load(Path("docker-compose.gpu.yml").read_text())
+    services = base["services"]
+    for name, service in services.items():
+        assert "restart" in service, f"service {name}: no restart policy"
+        for dependency, spec in service.get("depends_on", {}).items():
+            assert dependency in services, f"service {name} depends on {dependency!r}, which is not a service"
+            assert "condition" in spec, f"service {name}: depends_on {dependency} has no condition"
+    api, train = services["api"], services["train"]
+    assert api["depends_on"]["train"]["condition"] == "service_completed_successfully", api["depends_on"]
+    assert api["healthcheck"]["test"], "api: empty healthcheck"
+    for port in api["ports"]:
+        assert port.startswith("127.0.0.1:"), f"api: port {port!r} is not bound to 127.0.0.1"
+    grace = float(option(dockerfile_cmd(), GRACE_OPTION))
+    assert seconds(api["stop_grace_period"]) > grace, f"api: stop_grace_period must exceed {GRACE_OPTION} {grace}"
+
+    # The train command's options are the CLI's own, and validate with their defaults.
+    command = [with_defaults(arg) for arg in train["command"]]
+    assert command[:4] == ["python", "-m", "training", "finetune"], command
+    namespace = vars(build_parser().parse_args(command[3:]))
+    del namespace["command"], namespace["subparser"]
+    FinetuneArgs(**namespace)
+
+    for name, service in gpu["services"].items():
+        assert name in services, f"docker-compose.gpu.yml: service {name!r} is not in docker-compose.yml"
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert any("gpu" in d["capabilities"] for d in devices), f"gpu override of {name}: no capabilities [gpu]"
+    # The api's environment, with every variable unset, is settings the server accepts (with the override too).
+    for environment in (api["environment"], {**api["environment"], **gpu["services"]["api"]["environment"]}):
+        check_settings(environment)
+    print("compose: ok (services, depends_on, healthcheck, port, restart, grace period, train options, gpu, env)")
+
+
+def check_settings(environment: dict[str, str | None]) -> None:
+    # A variable with no value is passed through from the shell, or left unset when the shell has none.
+    resolved = {key: with_defaults(value) for key, value in environment.items() if value is not None}
+    fields = {f"SPAMGPT_{name.upper()}" for name in Settings.model_fields}
+    unknown = sorted(key for key in resolved if key.startswith("SPAMGPT_") and key not in fields)
+    assert not unknown, f"compose api environment: not settings: {unknown}"
+    saved = dict(os.environ)
+    os.environ.update(resolved)
+    try:
+        Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url: str, body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"server exited with {server.returncode} before /health answered 200"
+        try:
+            if request(url + "/health")[0] == 200:
+                return
+        except OSError:  # not listening yet
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"/health not 200 within {timeout_s} s")
+
+
+def check_serve(checkpoint: str) -> None:
+    cmd = dockerfile_cmd()
+    port = free_port()
+    argv = with_option(with_option(cmd, "--host", "127.0.0.1"), "--port", str(port))
+    env = {**os.environ, "SPAMGPT_CHECKPOINT_DIR": checkpoint}
+    with tempfile.TemporaryFile("w+") as log:
+        server = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+        try:
+            classify_then_stop(f"http://127.0.0.1:{port}", server, grace=float(option(cmd, GRACE_OPTION)), log=log)
+        except BaseException:
+            log.seek(0)
+            print(log.read(), file=sys.stderr)  # the server's own account of what went wrong
+            raise
+        finally:
+            if server.poll() is None:
+                server.kill()
+    print(f"serve: ok ({' '.join(cmd[:3])}... on 127.0.0.1:{port}: /health 200, /classify 200, clean exit on SIGTERM)")
+
+
+def classify_then_stop(url: str, server: subprocess.Popen, grace: float, log) -> None:
+    wait_healthy(url, server)
+    texts = ["WINNER!! Claim your free prize now", "See you at 5?", "<|endoftext|>"]
+    status, body = request(url + "/classify", {"texts": texts})
+    assert status == 200, (status, body)
+    assert len(body["results"]) == len(texts), body
+    for result in body["results"]:
+        assert abs(sum(result["probabilities"].values()) - 1) < 1e-4, result
+        assert result["label"] in result["probabilities"], result
+    server.send_signal(signal.SIGTERM)
+    code = server.wait(timeout=grace)
+    log.seek(0)
+    # uvicorn (>= 0.29) re-raises the SIGTERM it handled once it has shut down: "terminated by SIGTERM" (143 in a
+    # shell, as `docker stop` reports it) after a clean shutdown is success; the log tells it apart from a kill.
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete." in log.read(), f"exit {code}"
+
+
+if __name__ == "__main__":
+    match sys.argv[1:]:
+        case ["compose"]:
+            check_compose()
+        case ["serve", checkpoint]:
+            check_serve(checkpoint)
+        case _:
+            sys.exit(f"usage: {sys.argv[0]} compose | serve CHECKPOINT")

@@ -3,7 +3,7 @@
 ARG PYTHON_VERSION=3.11.7
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
-# The torch release the project is tested with; .ci/run installs the same one.
+# The torch release the project is tested with; run.sh reads this line, .ci/run checks the README's pin against it.
 ARG TORCH_VERSION=2.13.0
 # CPU-only wheels by default (a few hundred MB instead of several GB). For CUDA, build with
 #   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128   (see docker-compose.gpu.yml)
@@ -13,11 +13,13 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 # Dependencies before the source, so that a code change reuses this layer: install the project's
-# metadata over empty packages, then drop the project itself and keep its dependencies.
+# metadata over empty packages (and an empty README, so that editing the README does not invalidate
+# this layer either), then drop the project itself and keep its dependencies.
 WORKDIR /src
-COPY pyproject.toml README.md ./
-RUN mkdir training app && touch training/__init__.py app/__init__.py \
+COPY pyproject.toml ./
+RUN mkdir training app && touch training/__init__.py app/__init__.py README.md \
     && pip install ".[plots]" && pip uninstall --yes spamgpt
+COPY README.md ./
 COPY training training
 COPY app app
 RUN pip install --no-deps . && rm -rf /src

@@ -4,10 +4,12 @@
 #
 #   ./run.sh                                   fine-tune pretrained GPT-2 (downloaded once), then serve
 #   SPAMGPT_INIT=random ./run.sh               random initial weights, where GPT-2's cannot be downloaded
+#                                              (add SPAMGPT_TRAINABLE=all: random blocks are poor frozen features)
 #   ./run.sh --data my.csv --trainable all     extra arguments go to `python -m training finetune`
 #
-# Environment, as in docker-compose.yml: SPAMGPT_INIT (pretrained | random), SPAMGPT_PRESET (gpt2),
-# SPAMGPT_EPOCHS (5), SPAMGPT_TRAIN_DEVICE (auto), SPAMGPT_PORT (8000); PYTHON (python3) makes the .venv.
+# Environment, as in docker-compose.yml: SPAMGPT_INIT (pretrained | random), SPAMGPT_TRAINABLE (last-blocks | all
+# | lora), SPAMGPT_PRESET (gpt2), SPAMGPT_EPOCHS (5), SPAMGPT_TRAIN_DEVICE (auto), SPAMGPT_PORT (8000); PYTHON
+# (python3) makes the .venv.
 # The server reads every other SPAMGPT_* setting (README: Configuration), SPAMGPT_CHECKPOINT_DIR included.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,8 +27,8 @@ fi
 export SPAMGPT_CHECKPOINT_DIR=${SPAMGPT_CHECKPOINT_DIR:-checkpoints/spamgpt}
 # --skip-existing: exits at once when the checkpoint there was trained with these arguments on this data.
 python -m training finetune --out "$SPAMGPT_CHECKPOINT_DIR" --skip-existing \
-  --init "${SPAMGPT_INIT:-pretrained}" --preset "${SPAMGPT_PRESET:-gpt2}" --epochs "${SPAMGPT_EPOCHS:-5}" \
-  --device "${SPAMGPT_TRAIN_DEVICE:-auto}" "$@"
+  --init "${SPAMGPT_INIT:-pretrained}" --trainable "${SPAMGPT_TRAINABLE:-last-blocks}" \
+  --preset "${SPAMGPT_PRESET:-gpt2}" --epochs "${SPAMGPT_EPOCHS:-5}" --device "${SPAMGPT_TRAIN_DEVICE:-auto}" "$@"
 
 # The Dockerfile's CMD, with --host and --port given again: uvicorn takes an option's last value.
 cmd=$(python -c 'import json, re; print(*json.loads(re.findall(r"^CMD (\[.*\])$", open("Dockerfile").read(), re.M)[-1]), sep="\n")')

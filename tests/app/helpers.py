@@ -33,13 +33,13 @@ def free_port() -> int:
 
 @contextmanager
 def live_server(checkpoint_dir: Path, log: Path, **settings) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`uvicorn --factory` on a free loopback port with `settings` as SPAMGPT_* variables; yields its URL, once
+    """`python -m app` (uvicorn) on a free loopback port with `settings` as SPAMGPT_* variables; yields its URL, once
     /health answers 200, and the process; stops it with SIGINT. Output goes to `log`, not a pipe: thousands of
     requests would fill a pipe nobody reads and block the server."""
     env = {**os.environ, **{f"SPAMGPT_{k.upper()}": str(v) for k, v in {"device": "cpu", **settings}.items()}}
     env["SPAMGPT_CHECKPOINT_DIR"] = str(checkpoint_dir)
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port)]
+    command = [sys.executable, "-m", "app", "--port", str(port)]
     with open(log, "w") as out:
         server = subprocess.Popen([*command, "--no-access-log"], cwd=ROOT, env=env, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"

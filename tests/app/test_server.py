@@ -1,4 +1,4 @@
-"""The app under a real `uvicorn --factory`, as the Dockerfile runs it: settings from the environment, refusal to
+"""The app under a real uvicorn (`python -m app`), as the Dockerfile runs it: settings from the environment, refusal to
 start on a broken checkpoint, and a graceful stop on SIGTERM."""
 
 import hashlib
@@ -33,7 +33,7 @@ GRACE_S = 5  # --timeout-graceful-shutdown, as in the Dockerfile's command (whic
 def uvicorn(checkpoint_dir: Path, port: int = 0, *options: str, **settings: str) -> subprocess.Popen:
     env = {**os.environ, "SPAMGPT_CHECKPOINT_DIR": str(checkpoint_dir), "SPAMGPT_DEVICE": "cpu"}
     env.update({f"SPAMGPT_{name.upper()}": value for name, value in settings.items()})
-    command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "app", "--host", "127.0.0.1"]
     command += ["--port", str(port), *options]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -200,9 +200,8 @@ def test_sigterm_under_load_finishes_in_flight_requests_refuses_new_ones_and_exi
             server.communicate()
     assert [r.status_code for r in responses] == [200] * n_in_flight, [r.text for r in responses]
     assert probes[-1] == "refused" and set(probes[:-1]) <= {503}, probes
-    # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly (since 0.29): the exit status is
-    # "terminated by SIGTERM" (143 in a shell), not a crash; the log shows the clean shutdown
-    assert server.returncode == -signal.SIGTERM, stderr
+    # app/__main__.py absorbs the SIGTERM uvicorn re-raises after a clean shutdown: a drained stop exits 0
+    assert server.returncode == 0, stderr
     assert "Application shutdown complete." in stderr and "Finished server process" in stderr
     assert "ERROR" not in stderr and "Traceback" not in stderr, stderr
     assert took < GRACE_S

@@ -1,0 +1,294 @@
+"""Engine throughput on real SMS texts: ours (float32, int8) against transformers and the reference's inference.
+
+    python -m benchmarks.serve_engine [--texts 512] [--seed 0]
+
+Contenders, all on the same texts and holding the same weights (GPT-2 124M architecture, random weights: OpenAI's
+weights are not available here, and the compute is the same):
+- ours float32 / int8: app.engine.Engine.predict (int8: Settings.quantize_int8, dynamic int8 nn.Linear).
+- transformers: GPT2ForSequenceClassification with our weights in its layout, right-padded batches with an
+  attention_mask, torch.inference_mode, the same thread count.
+- reference: the inference of "Build a Large Language Model (From Scratch)" ch. 6: every text truncated and padded
+  to 120 tokens, batches of 8 in order, logits at position -1; run with our model's own blocks.
+Ours and transformers run the same forward passes: the engine's length-sorted batches (its default limits), each
+split as Engine.predict splits it (app.engine.padding_groups). All four are interleaved round by round, so that a
+load change on the machine hits each alike. Tokenizing is done once, outside the timing, for every contender.
+
+Then int8 quality: the checkpoint trained on the real split (benchmarks.train_accuracy) classifies its test texts
+in float32 and int8; the labels must agree on >= 99% and the test accuracy move by <= 0.5 points.
+"""
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from app.engine import Engine, padding_groups
+from app.settings import Settings
+from benchmarks.common import BPE_DIR, ROOT, SMS_FILE, print_table, require_shared_data, write_result
+from training.checkpoint import REPORT_DIR, save_checkpoint
+from training.data import deduplicate, load_sms_spam, text_id
+from training.inference import length_sorted_batches, pad_right, probabilities
+from training.model import GPTClassifier, GPTConfig, hf_key_map
+from training.tokenizer import load_tokenizer
+
+TRAINED_CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "random-init-all"
+REFERENCE_PAD_TO = 120  # the reference pads to its longest training message, 120 tokens
+REFERENCE_BATCH = 8
+TARGETS = {
+    "ours_float32_vs_transformers": 1.5,
+    "ours_int8_vs_transformers": 2.5,
+    "ours_float32_vs_reference": 4.0,
+    "int8_label_agreement": 0.99,
+    "int8_accuracy_change_points": 0.5,
+}
+NOTES = [
+    "weights: GPT-2 124M architecture, random (seeded) weights; OpenAI's weights are not available here, same compute",
+    "transformers' score layer has no bias: ours is copied without its bias, which is zero at init (checked)",
+    "messages_per_second counts forward time only (pad, forward, softmax); tokenizing is the same for all and untimed",
+    "ours and transformers run the same forward passes: length_sorted_batches at the app's default limits, each split"
+    " by app.engine.padding_groups as Engine.predict splits it (checked: predict splits them no further)",
+    "contenders are interleaved: round r runs the r-th share of every contender's batches",
+    "reference: rows truncated to 120 tokens; ours keeps up to the checkpoint's max_tokens (256), so ours does more"
+    " work on the few longer texts",
+]
+
+Forward = Callable[[list[list[int]]], torch.Tensor]
+
+
+def sample_texts(n: int, seed: int) -> list[str]:
+    """n distinct real SMS texts, a seeded sample of the deduplicated collection."""
+    texts = deduplicate(load_sms_spam(SMS_FILE)).texts
+    if n > len(texts):
+        raise ValueError(f"--texts {n} exceeds the {len(texts)} distinct texts")
+    return random.Random(seed).sample(texts, n)
+
+
+def random_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """A GPT-2 124M classifier with seeded random weights, saved with the real BPE files."""
+    torch.manual_seed(seed)
+    model = GPTClassifier(GPTConfig.from_preset("gpt2"))
+    card = {
+        "labels": ["ham", "spam"],
+        "max_tokens": 256,  # the CLI's default
+        "threshold": None,
+        "base_model": "gpt2 (random weights)",
+        "metrics": {},
+        "training": {},
+        "data": {},
+    }
+    return save_checkpoint(directory, model, BPE_DIR, card)
+
+
+def load_engine(checkpoint: Path, quantize_int8: bool = False) -> Engine:
+    return Engine.load(Settings(checkpoint_dir=checkpoint, device="cpu", quantize_int8=quantize_int8))
+
+
+def transformers_classifier(model: GPTClassifier, pad_id: int):
+    """GPT2ForSequenceClassification holding `model`'s weights (Conv1D weights transposed back)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    c = model.config
+    config = GPT2Config(
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        num_labels=c.n_labels,
+        pad_token_id=pad_id,  # how it finds each row's last real token
+    )
+    hf = GPT2ForSequenceClassification(config).eval()
+    ours = model.state_dict()
+    assert not ours["score.bias"].any(), "transformers' score has no bias: ours must be zero to compare"
+    source = {
+        f"transformer.{hf_key}": (ours[key].t() if transposed else ours[key])
+        for hf_key, (key, transposed) in hf_key_map(c.n_layer).items()
+    }
+    source["score.weight"] = ours["score.weight"]
+    missing, unexpected = hf.load_state_dict(source, strict=False)
+    assert not unexpected and all(k.endswith(".attn.bias") for k in missing), (missing, unexpected)
+    return hf
+
+
+def transformers_forward(hf, pad_id: int) -> Forward:
+    @torch.inference_mode()
+    def forward(rows: list[list[int]]) -> torch.Tensor:
+        idx, lengths = pad_right(rows, pad_id)
+        mask = torch.arange(idx.size(1)) < lengths[:, None]  # (B, T)
+        return probabilities(hf(input_ids=idx, attention_mask=mask.long()).logits)
+
+    return forward
+
+
+def reference_forward(model: GPTClassifier, pad_id: int) -> Forward:
+    """The reference's inference: rows truncated and padded to 120 tokens, logits at position -1."""
+
+    @torch.inference_mode()
+    def forward(rows: list[list[int]]) -> torch.Tensor:
+        idx, _ = pad_right([row[:REFERENCE_PAD_TO] for row in rows], pad_id)
+        idx = F.pad(idx, (0, REFERENCE_PAD_TO - idx.size(1)), value=pad_id)  # (B, 120)
+        return probabilities(model.suffix(model.prefix(idx, 0), torch.full((idx.size(0),), REFERENCE_PAD_TO), 0))
+
+    return forward
+
+
+def time_interleaved(contenders: dict[str, tuple[Forward, list[list[list[int]]]]], rounds: int) -> dict[str, float]:
+    """Seconds each contender spends on all its batches. Each round runs the next share of every contender's
+    batches, so that other load on the machine is spread over all of them alike."""
+    for forward, batches in contenders.values():  # warm-up: the shortest and the longest batch
+        forward(batches[0]), forward(batches[-1])
+    seconds = dict.fromkeys(contenders, 0.0)
+    for r in range(rounds):
+        for name, (forward, batches) in contenders.items():
+            share = batches[r * len(batches) // rounds : (r + 1) * len(batches) // rounds]
+            start = time.perf_counter()
+            for batch in share:
+                forward(batch)
+            seconds[name] += time.perf_counter() - start
+    return seconds
+
+
+def int8_quality() -> dict:
+    """float32 against int8 on the trained checkpoint's test texts: label agreement and accuracy."""
+    test_ids = set(json.loads((TRAINED_CHECKPOINT / REPORT_DIR / "split.json").read_text())["test"])
+    data = deduplicate(load_sms_spam(SMS_FILE))
+    test = [(text, label) for text, label in zip(data.texts, data.labels, strict=True) if text_id(text) in test_ids]
+    assert len(test) == len(test_ids), f"{len(test_ids)} test ids, {len(test)} texts found"
+    texts, truth = [t for t, _ in test], [label for _, label in test]
+    result = {"checkpoint": str(TRAINED_CHECKPOINT), "test_texts": len(texts)}
+    outputs = {}
+    for name, int8 in (("float32", False), ("int8", True)):
+        engine = load_engine(TRAINED_CHECKPOINT, int8)
+        probs, served = engine.classify(texts)
+        argmax = [engine.labels[i] for i in probs.argmax(dim=1).tolist()]
+        outputs[name] = {"probs": probs, "argmax": argmax, "served": served}
+        result[f"{name}_accuracy"] = _mean(a == b for a, b in zip(argmax, truth, strict=True))
+        result[f"{name}_accuracy_at_threshold"] = _mean(a == b for a, b in zip(served, truth, strict=True))
+    f32, q8 = outputs["float32"], outputs["int8"]
+    result["label_agreement"] = _mean(a == b for a, b in zip(f32["argmax"], q8["argmax"], strict=True))
+    result["label_agreement_at_threshold"] = _mean(a == b for a, b in zip(f32["served"], q8["served"], strict=True))
+    result["max_probability_difference"] = (f32["probs"] - q8["probs"]).abs().max().item()
+    result["accuracy_change_points"] = 100 * (result["int8_accuracy"] - result["float32_accuracy"])
+    return result
+
+
+def _mean(flags) -> float:
+    flags = list(flags)
+    return sum(flags) / len(flags)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_engine", description=__doc__.split("\n")[0])
+    parser.add_argument("--texts", type=int, default=512, help="distinct real SMS texts to classify")
+    parser.add_argument("--seed", type=int, default=0, help="which texts")
+    args = parser.parse_args(argv)
+    require_shared_data()
+    torch.set_num_threads(os.cpu_count())
+    texts = sample_texts(args.texts, args.seed)
+    enc = load_tokenizer(BPE_DIR)
+    settings = Settings(checkpoint_dir=".")  # only for the engine's default batch limits
+    load_before = os.getloadavg()[0]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = random_checkpoint(Path(tmp))
+        ours, ours_int8 = load_engine(checkpoint), load_engine(checkpoint, quantize_int8=True)
+    rows, _ = ours.tokenize(texts)
+    lengths = [len(r) for r in rows]
+    batches = [
+        [rows[batch[i]] for i in group]
+        for batch in length_sorted_batches(lengths, settings.max_batch_size, settings.max_batch_tokens)
+        for group in padding_groups([lengths[i] for i in batch])
+    ]
+    assert all(len(padding_groups([len(r) for r in batch])) == 1 for batch in batches), "predict would split further"
+    hf = transformers_classifier(ours.model, enc.eot_token)
+    hf_forward = transformers_forward(hf, enc.eot_token)
+    torch.testing.assert_close(hf_forward(batches[-1]), ours.predict(batches[-1]), atol=1e-4, rtol=1e-4)
+
+    reference_batches = [rows[i : i + REFERENCE_BATCH] for i in range(0, len(rows), REFERENCE_BATCH)]
+    contenders = {
+        "ours_float32": (ours.predict, batches),
+        "ours_int8": (ours_int8.predict, batches),
+        "transformers_float32": (hf_forward, batches),
+        "reference_float32": (reference_forward(ours.model, enc.eot_token), reference_batches),
+    }
+    seconds = time_interleaved(contenders, rounds=len(batches))
+    load_after = os.getloadavg()[0]
+
+    throughput = {name: len(texts) / s for name, s in seconds.items()}
+    speedups = {
+        "ours_float32_vs_transformers": throughput["ours_float32"] / throughput["transformers_float32"],
+        "ours_int8_vs_transformers": throughput["ours_int8"] / throughput["transformers_float32"],
+        "ours_float32_vs_reference": throughput["ours_float32"] / throughput["reference_float32"],
+    }
+    quality = int8_quality()
+    met = {name: speedups[name] >= TARGETS[name] for name in speedups}
+    met["int8_label_agreement"] = quality["label_agreement"] >= TARGETS["int8_label_agreement"]
+    met["int8_accuracy_change_points"] = (
+        abs(quality["accuracy_change_points"]) <= TARGETS["int8_accuracy_change_points"]
+    )
+    path = write_result(
+        "serve_engine",
+        {
+            "model": "gpt2 124M architecture, random (seeded) weights; int8 quality on the trained checkpoint",
+            "texts": {
+                "source": str(SMS_FILE),
+                "count": len(texts),
+                "sample": f"random.Random({args.seed}).sample of the deduplicated collection",
+                "tokens": sum(lengths),
+                "tokens_mean": sum(lengths) / len(lengths),
+                "tokens_max": max(lengths),
+            },
+            "batches": {
+                "ours_and_transformers": {
+                    "forward_passes": len(batches),
+                    "padded_tokens": sum(len(b) * max(len(r) for r in b) for b in batches),
+                    "max_batch_size": settings.max_batch_size,
+                    "max_batch_tokens": settings.max_batch_tokens,
+                },
+                "reference": {
+                    "forward_passes": len(reference_batches),
+                    "batch_size": REFERENCE_BATCH,
+                    "pad_to": REFERENCE_PAD_TO,
+                },
+            },
+            "load_average_1min": {"before": load_before, "after": load_after},
+            "seconds": seconds,
+            "messages_per_second": throughput,
+            "speedups": speedups,
+            "int8_quality": quality,
+            "targets": TARGETS,
+            "met": met,
+            "notes": NOTES,
+        },
+    )
+    print_table([{"contender": n, "seconds": seconds[n], "messages/s": t} for n, t in throughput.items()])
+    print()
+    print_table(
+        [{"ratio": n, "value": v, "target": TARGETS[n], "met": met[n]} for n, v in speedups.items()]
+        + [
+            {
+                "ratio": "int8_label_agreement",
+                "value": quality["label_agreement"],
+                "target": 0.99,
+                "met": met["int8_label_agreement"],
+            },
+            {
+                "ratio": "int8_accuracy_change_points",
+                "value": quality["accuracy_change_points"],
+                "target": 0.5,
+                "met": met["int8_accuracy_change_points"],
+            },
+        ]
+    )
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

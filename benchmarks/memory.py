@@ -29,30 +29,19 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from benchmarks.common import BPE_DIR, ROOT, SMS_FILE, print_table, require_shared_data, write_result
-from training.checkpoint import save_checkpoint
+from benchmarks import serve_engine
+from benchmarks.common import ROOT, SMS_FILE, print_table, require_shared_data, write_result
 from training.data import deduplicate, load_sms_spam
-from training.model import GPTClassifier, GPTConfig
 
 CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "gpt2-random"
-MAX_TOKENS = 256  # the CLI's default: what a checkpoint trained with `python -m training finetune` holds
+MAX_TOKENS = 256  # the checkpoint's (serve_engine's card, the CLI's default)
 
 
-def random_checkpoint(directory: Path = CHECKPOINT, seed: int = 0) -> Path:
-    """The GPT-2 124M classifier with seeded random weights and the real BPE; reused when already exported."""
+def random_checkpoint(directory: Path = CHECKPOINT) -> Path:
+    """serve_engine's seeded random 124M classifier (max_tokens 256), exported once and reused."""
     if (directory / "model.safetensors").is_file():
         return directory
-    torch.manual_seed(seed)
-    card = {
-        "labels": ["ham", "spam"],
-        "max_tokens": MAX_TOKENS,
-        "threshold": None,
-        "base_model": "gpt2 (random weights)",
-        "metrics": {},
-        "training": {},
-        "data": {},
-    }
-    return save_checkpoint(directory, GPTClassifier(GPTConfig.from_preset("gpt2")), BPE_DIR, card)
+    return serve_engine.random_checkpoint(directory)
 
 
 def long_texts(tokenizer, n: int, max_tokens: int, seed: int = 0) -> list[str]:

@@ -5,7 +5,6 @@ import hashlib
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import httpx
 import pytest
 import torch
 
+from tests.app.helpers import free_port
 from tests.training.test_checkpoint import (
     DELETE,
     PickleBomb,
@@ -36,12 +36,6 @@ def uvicorn(checkpoint_dir: Path, port: int = 0, *options: str, **settings: str)
     command = [sys.executable, "-m", "app", "--host", "127.0.0.1"]
     command += ["--port", str(port), *options]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def client() -> httpx.Client:

@@ -1,0 +1,257 @@
+"""The app over real HTTP against the engine alone, on the same real SMS texts, in one run.
+
+    python -m benchmarks.serve_http [--texts 512] [--seed 0] [--clients 32] [--bulk-size 64] [--bulk-clients 4]
+
+- engine: app.engine.Engine.classify in this process (tokenize, length-sorted batches at the app's default limits,
+  forward, softmax, labels): the most the server could do with these texts. Timed right before each HTTP run, and
+  each HTTP run is compared with its own engine run, so that other load on the machine hits both alike.
+- http: a uvicorn server started as a subprocess with the Dockerfile's CMD (`python -m app`, uvicorn serving
+  app.main:create_app; only host and port changed: 127.0.0.1 and a free port), loaded from a GPT-2 124M
+  checkpoint with random weights (OpenAI's are not available here; the compute is the same). Clients are asyncio
+  tasks sharing one httpx.AsyncClient, each sending its next request as soon as the last one is answered, until
+  every text has been sent once (after the same load, untimed, as a warm-up):
+  - one text per request from --clients clients, with micro-batching on (the default), then off (SPAMGPT_BATCHING=
+    false: every request its own forward pass);
+  - --bulk-size texts per request from --bulk-clients clients.
+Every HTTP answer is checked against the engine's probabilities for the same text. SPAMGPT_REQUEST_TIMEOUT_S is
+raised to the clients' timeout, so that no request is shed (504) for its queue wait: this measures throughput.
+Clients and server share the machine's cores, as they would behind a local proxy.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import torch
+
+from app.settings import Settings
+from benchmarks.common import ROOT, SMS_FILE, print_table, require_shared_data, write_result
+from benchmarks.serve_engine import load_engine, random_checkpoint, sample_texts
+
+TARGETS = {
+    "single_batching_vs_engine": 0.80,
+    "single_batching_vs_no_batching": 1.5,
+    "bulk_vs_engine": 0.85,
+}
+STARTUP_SECONDS = 180  # loading 500 MB and a warm-up forward, on a shared CPU
+REQUEST_SECONDS = 120  # one request, queueing included
+RUN_SECONDS = 300  # one whole load run
+
+
+def dockerfile_command(host: str, port: int) -> list[str]:
+    """The Dockerfile's CMD with its --host and --port values replaced, run from this Python's environment."""
+    line = next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("CMD ["))
+    command = json.loads(line.removeprefix("CMD "))
+    for flag, value in (("--host", host), ("--port", str(port))):
+        command[command.index(flag) + 1] = value
+    return [str(Path(sys.executable).parent / command[0]), *command[1:]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(checkpoint: Path, log: Path, **env: str) -> Iterator[str]:
+    """A uvicorn subprocess serving `checkpoint` on loopback; yields its base URL once /health says ok."""
+    port = free_port()
+    environ = {
+        **os.environ,
+        "SPAMGPT_CHECKPOINT_DIR": str(checkpoint),
+        "SPAMGPT_DEVICE": "cpu",
+        # the benchmark measures throughput, not load shedding: no request may be dropped for its queue wait
+        "SPAMGPT_REQUEST_TIMEOUT_S": str(REQUEST_SECONDS),
+        **env,
+    }
+    with log.open("w") as out:
+        process = subprocess.Popen(dockerfile_command("127.0.0.1", port), env=environ, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while not _healthy(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not become healthy (exit code {process.poll()}):\n{log.read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+async def send_all(http: httpx.AsyncClient, url: str, requests: list[list[str]], clients: int) -> dict:
+    """Every request sent once by `clients` concurrent clients; wall seconds, latencies and each text's probs."""
+    pending = iter(requests)  # shared: each request is taken by exactly one client
+    latencies, answers = [], {}
+
+    async def client() -> None:
+        for texts in pending:
+            start = time.perf_counter()
+            response = await http.post(f"{url}/classify", json={"texts": texts})
+            latencies.append(time.perf_counter() - start)
+            if response.status_code != 200:
+                raise RuntimeError(f"/classify answered {response.status_code}: {response.text[:300]}")
+            results = response.json()["results"]
+            assert len(results) == len(texts), (len(results), len(texts))
+            answers.update((text, result["probabilities"]) for text, result in zip(texts, results, strict=True))
+
+    start = time.perf_counter()
+    async with asyncio.timeout(RUN_SECONDS):
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return {"seconds": time.perf_counter() - start, "latencies": latencies, "answers": answers}
+
+
+async def load(url: str, requests: list[list[str]], clients: int) -> dict:
+    """Throughput and latencies of sending every request once, after the same untimed (the first forward pass at
+    each new shape is slower, and a warm server has seen them)."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=REQUEST_SECONDS, limits=limits) as http:
+        await send_all(http, url, requests, clients)  # warm-up
+        run = await send_all(http, url, requests, clients)
+    texts = sum(len(r) for r in requests)
+    latencies = run["latencies"]
+    return {
+        "requests": len(requests),
+        "texts_per_request": len(requests[0]),
+        "clients": clients,
+        "seconds": run["seconds"],
+        "messages_per_second": texts / run["seconds"],
+        "latency_p50_ms": 1000 * statistics.median(latencies),
+        "latency_p99_ms": 1000 * statistics.quantiles(latencies, n=100, method="inclusive")[98],
+        "answers": run["answers"],
+    }
+
+
+def run_http(checkpoint: Path, log: Path, requests: list[list[str]], clients: int, **env: str) -> dict:
+    with server(checkpoint, log, **env) as url:
+        return asyncio.run(load(url, requests, clients))
+
+
+def time_engine(checkpoint: Path, texts: list[str], settings: Settings) -> tuple[float, dict]:
+    """Seconds for Engine.classify on all texts at the app's default batch limits (after the same untimed), and
+    each text's probabilities. The engine is freed afterwards, so the server gets the memory."""
+    engine = load_engine(checkpoint)
+    engine.classify(texts, settings.max_batch_size, settings.max_batch_tokens)  # warm-up, as for the server
+    start = time.perf_counter()
+    probs, _ = engine.classify(texts, settings.max_batch_size, settings.max_batch_tokens)
+    seconds = time.perf_counter() - start
+    answers = {text: dict(zip(engine.labels, p, strict=True)) for text, p in zip(texts, probs.tolist(), strict=True)}
+    del engine
+    gc.collect()
+    return seconds, answers
+
+
+def max_difference(http: dict, engine: dict) -> float:
+    assert http.keys() == engine.keys(), "the server did not answer every text"
+    return max(abs(http[text][label] - p) for text, probs in engine.items() for label, p in probs.items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_http", description=__doc__.split("\n")[0])
+    parser.add_argument("--texts", type=int, default=512, help="distinct real SMS texts, each sent once per run")
+    parser.add_argument("--seed", type=int, default=0, help="which texts")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients sending one text per request")
+    parser.add_argument("--bulk-size", type=int, default=64, help="texts per request in the bulk run")
+    parser.add_argument("--bulk-clients", type=int, default=4, help="concurrent clients in the bulk run")
+    args = parser.parse_args(argv)
+    require_shared_data()
+    torch.set_num_threads(os.cpu_count())  # what the server's torch uses by default (SPAMGPT_TORCH_THREADS=0)
+    texts = sample_texts(args.texts, args.seed)
+    settings = Settings(checkpoint_dir=".")  # the app's defaults, which the server runs with too
+    single = [[text] for text in texts]
+    bulk = [texts[i : i + args.bulk_size] for i in range(0, len(texts), args.bulk_size)]
+    load_before = os.getloadavg()[0]
+
+    scenarios = {  # name: (requests, clients, server environment)
+        "http_single_batching": (single, args.clients, {}),
+        "http_single_no_batching": (single, args.clients, {"SPAMGPT_BATCHING": "false"}),
+        "http_bulk_batching": (bulk, args.bulk_clients, {}),
+    }
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = random_checkpoint(Path(tmp) / "checkpoint")
+        for name, (requests, clients, env) in scenarios.items():
+            engine_seconds, engine_answers = time_engine(checkpoint, texts, settings)
+            runs[name] = run_http(checkpoint, Path(tmp) / f"{name}.log", requests, clients, **env)
+            runs[name]["engine_messages_per_second"] = len(texts) / engine_seconds
+            runs[name]["max_probability_difference_vs_engine"] = max_difference(
+                runs[name].pop("answers"), engine_answers
+            )
+    load_after = os.getloadavg()[0]
+
+    single_batching, no_batching, bulk_run = runs.values()
+    ratios = {
+        "single_batching_vs_engine": single_batching["messages_per_second"]
+        / single_batching["engine_messages_per_second"],
+        "single_batching_vs_no_batching": single_batching["messages_per_second"] / no_batching["messages_per_second"],
+        "bulk_vs_engine": bulk_run["messages_per_second"] / bulk_run["engine_messages_per_second"],
+    }
+    met = {name: value >= TARGETS[name] for name, value in ratios.items()}
+    path = write_result(
+        "serve_http",
+        {
+            "model": "gpt2 124M architecture, random (seeded) weights (no pretrained weights here; same compute)",
+            "texts": {
+                "source": str(SMS_FILE),
+                "count": len(texts),
+                "sample": f"random.Random({args.seed}).sample of the deduplicated collection",
+            },
+            "server": {
+                "command": dockerfile_command("127.0.0.1", 0)[1:],
+                "environment": {"SPAMGPT_DEVICE": "cpu", "SPAMGPT_REQUEST_TIMEOUT_S": REQUEST_SECONDS},
+                "settings": {
+                    name: getattr(settings, name) for name in ("max_batch_size", "max_batch_tokens", "max_wait_ms")
+                },
+            },
+            "load_average_1min": {"before": load_before, "after": load_after},
+            "http": runs,
+            "ratios": ratios,
+            "targets": TARGETS,
+            "met": met,
+        },
+    )
+    rows = [
+        {
+            "run": name,
+            "requests": r["requests"],
+            "texts/request": r["texts_per_request"],
+            "clients": r["clients"],
+            "messages/s": r["messages_per_second"],
+            "engine messages/s": r["engine_messages_per_second"],
+            "p50 ms": r["latency_p50_ms"],
+            "p99 ms": r["latency_p99_ms"],
+        }
+        for name, r in runs.items()
+    ]
+    print_table(rows)
+    print()
+    print_table([{"ratio": n, "value": v, "target": TARGETS[n], "met": met[n]} for n, v in ratios.items()])
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,6 @@ import contextlib
 import gc
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import torch
 from app.settings import Settings
 from benchmarks.common import ROOT, SMS_FILE, print_table, require_shared_data, write_result
 from benchmarks.serve_engine import load_engine, random_checkpoint, sample_texts
+from tests.app.helpers import free_port
 
 TARGETS = {
     "single_batching_vs_engine": 0.80,
@@ -57,12 +57,6 @@ def dockerfile_command(host: str, port: int) -> list[str]:
     for flag, value in (("--host", host), ("--port", str(port))):
         command[command.index(flag) + 1] = value
     return [str(Path(sys.executable).parent / command[0]), *command[1:]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

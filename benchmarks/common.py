@@ -9,6 +9,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from training.inference import pad_right
+from training.model import GPTClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPAMGPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -61,3 +65,11 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def reference_logits(model: GPTClassifier, rows: list[list[int]], pad_to: int, pad_id: int) -> torch.Tensor:
+    """The reference's forward: rows truncated and padded to `pad_to`, every block at every position, the hidden
+    state at position -1 (a pad token's, for any row shorter than pad_to)."""
+    idx, _ = pad_right([row[:pad_to] for row in rows], pad_id)
+    idx = F.pad(idx, (0, pad_to - idx.size(1)), value=pad_id)  # (B, pad_to)
+    return model.score(model.transformer.ln_f(model.prefix(idx, model.config.n_layer)[:, -1]))

@@ -27,12 +27,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from app.engine import Engine, padding_groups
 from app.settings import Settings
-from benchmarks.common import BPE_DIR, ROOT, SMS_FILE, print_table, require_shared_data, write_result
-from training.checkpoint import REPORT_DIR, save_checkpoint
+from benchmarks.common import (
+    BPE_DIR,
+    ROOT,
+    SMS_FILE,
+    print_table,
+    reference_logits,
+    require_shared_data,
+    write_result,
+)
+from training.checkpoint import REPORT_DIR, load_checkpoint, save_checkpoint
 from training.data import deduplicate, load_sms_spam, text_id
 from training.inference import length_sorted_batches, pad_right, probabilities
 from training.model import GPTClassifier, GPTConfig, hf_key_map
@@ -132,9 +139,7 @@ def reference_forward(model: GPTClassifier, pad_id: int) -> Forward:
 
     @torch.inference_mode()
     def forward(rows: list[list[int]]) -> torch.Tensor:
-        idx, _ = pad_right([row[:REFERENCE_PAD_TO] for row in rows], pad_id)
-        idx = F.pad(idx, (0, REFERENCE_PAD_TO - idx.size(1)), value=pad_id)  # (B, 120)
-        return probabilities(model.suffix(model.prefix(idx, 0), torch.full((idx.size(0),), REFERENCE_PAD_TO), 0))
+        return probabilities(reference_logits(model, rows, REFERENCE_PAD_TO, pad_id))
 
     return forward
 
@@ -199,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = random_checkpoint(Path(tmp))
         ours, ours_int8 = load_engine(checkpoint), load_engine(checkpoint, quantize_int8=True)
+        plain = load_checkpoint(checkpoint).model  # plain nn.Linear weights, as the checkpoint holds them
     rows, _ = ours.tokenize(texts)
     lengths = [len(r) for r in rows]
     batches = [
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         for group in padding_groups([lengths[i] for i in batch])
     ]
     assert all(len(padding_groups([len(r) for r in batch])) == 1 for batch in batches), "predict would split further"
-    hf = transformers_classifier(ours.model, enc.eot_token)
+    hf = transformers_classifier(plain, enc.eot_token)
     hf_forward = transformers_forward(hf, enc.eot_token)
     torch.testing.assert_close(hf_forward(batches[-1]), ours.predict(batches[-1]), atol=1e-4, rtol=1e-4)
 
@@ -216,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         "ours_float32": (ours.predict, batches),
         "ours_int8": (ours_int8.predict, batches),
         "transformers_float32": (hf_forward, batches),
-        "reference_float32": (reference_forward(ours.model, enc.eot_token), reference_batches),
+        "reference_float32": (reference_forward(plain, enc.eot_token), reference_batches),
     }
     seconds = time_interleaved(contenders, rounds=len(batches))
     load_after = os.getloadavg()[0]

@@ -20,11 +20,10 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import BPE_DIR, SMS_FILE, print_table, require_shared_data, write_result
+from benchmarks.common import BPE_DIR, SMS_FILE, print_table, reference_logits, require_shared_data, write_result
 from training.cli import FinetuneArgs, encode
 from training.data import balance, deduplicate, load_sms_spam, stratified_split
 from training.finetune import PAD_ID, Examples, TrainConfig, prepare_trainable, train
-from training.inference import pad_right
 from training.model import GPTClassifier, GPTConfig
 from training.tokenizer import load_tokenizer
 
@@ -74,13 +73,6 @@ def time_ours(model: GPTClassifier, train_data: Examples, val_data: Examples, co
     }
 
 
-def reference_logits(model: GPTClassifier, rows: list[list[int]], pad_to: int) -> torch.Tensor:
-    """The reference's forward: rows padded to `pad_to`, all blocks, the hidden state at position -1."""
-    idx, _ = pad_right([row[:pad_to] for row in rows], PAD_ID)
-    idx = F.pad(idx, (0, pad_to - idx.size(1)), value=PAD_ID)  # (B, pad_to)
-    return model.suffix(model.prefix(idx, 0), torch.full((idx.size(0),), pad_to), 0)
-
-
 def time_reference(
     model: GPTClassifier,
     train_data: Examples,
@@ -102,7 +94,9 @@ def time_reference(
     steps = min(max_steps or steps_per_epoch * config.epochs, steps_per_epoch * config.epochs)
 
     def step(batch: list[int]) -> float:
-        loss = F.cross_entropy(reference_logits(model, [train_data.rows[i] for i in batch], pad_to), targets[batch])
+        loss = F.cross_entropy(
+            reference_logits(model, [train_data.rows[i] for i in batch], pad_to, PAD_ID), targets[batch]
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -123,7 +117,7 @@ def time_reference(
         with Clock() as val_clock, torch.inference_mode():
             logits = torch.cat(
                 [
-                    reference_logits(model, val_data.rows[i : i + config.batch_size], pad_to)
+                    reference_logits(model, val_data.rows[i : i + config.batch_size], pad_to, PAD_ID)
                     for i in range(0, len(val_data.rows), config.batch_size)
                 ]
             )

@@ -59,22 +59,29 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v fused, as GPT-2 stores them
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); given lengths, only each row's last real token queries: -> (B, C)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (k, v))  # (B, nh, T, hs)
+        if lengths is None:
+            q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        q = last_token_hidden(q, lengths).view(B, self.n_head, 1, C // self.n_head)
+        real = (torch.arange(T, device=x.device) < lengths.to(x.device)[:, None]).view(B, 1, 1, T)
+        return self.c_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=real).view(B, C))
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # a module, so that serving can fuse it into c_fc
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.c_proj(self.gelu(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -85,8 +92,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); given lengths, only at each row's last real token: -> (B, C)."""
+        residual = x if lengths is None else last_token_hidden(x, lengths)
+        x = residual + self.attn(self.ln_1(x), lengths)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -141,11 +150,16 @@ class GPTClassifier(nn.Module):
         return x
 
     def suffix(self, x: torch.Tensor, lengths: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        """(B, T, C) after the first n_blocks -> (B, n_labels) logits at each row's last real token."""
-        for block in self.transformer.h[n_blocks:]:
+        """(B, T, C) after the first n_blocks -> (B, n_labels) logits at each row's last real token.
+
+        Only the last real token is read, so the final block computes only there (its keys and values still
+        cover every token): the same logits for about a twelfth less work in GPT-2 124M.
+        """
+        blocks = self.transformer.h[n_blocks:]
+        for block in blocks[:-1]:
             x = block(x)
-        # Only the last real token goes through the final norm and the head.
-        return self.score(self.transformer.ln_f(last_token_hidden(x, lengths)))
+        x = blocks[-1](x, lengths) if len(blocks) else last_token_hidden(x, lengths)  # (B, C)
+        return self.score(self.transformer.ln_f(x))
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T) right-padded token ids and (B,) real lengths -> (B, n_labels) logits."""

@@ -56,6 +56,14 @@ def test_last_token_hidden_picks_index_length_minus_one():
     assert torch.equal(last_token_hidden(h, torch.tensor([2, 4])), torch.stack([h[0, 1], h[1, 3]]))
 
 
+def test_a_block_given_lengths_computes_only_the_last_real_tokens_output(model):
+    idx, lengths = pad_right(ROWS, pad_id=0)
+    with torch.no_grad():
+        x = model.prefix(idx, 1)
+        for block in model.transformer.h:
+            assert_close(block(x, lengths), last_token_hidden(block(x), lengths))
+
+
 def test_prefix_then_suffix_equals_forward_at_every_split(model, tiny_config):
     idx, lengths = pad_right(ROWS, pad_id=0)
     with torch.no_grad():

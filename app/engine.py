@@ -4,7 +4,6 @@ Every step is the training package's own code (tokenizer, padding, batching, sof
 serving cannot drift from evaluation. The engine is synchronous: callers run it in a worker thread.
 """
 
-import math
 import re
 import warnings
 
@@ -16,11 +15,6 @@ from training.checkpoint import Checkpoint, decide_labels, load_checkpoint
 from training.inference import length_sorted_batches, pad_right, probabilities
 from training.model import GPTClassifier
 from training.tokenizer import encode_batch
-
-# What one forward pass costs beyond its padded tokens (reading every weight once, Python per layer), in tokens of
-# a large batch. A 1-row forward took as long as 60 to 200 tokens of a full batch on 2 shared Xeon cores (float32,
-# noisy); the low end splits more eagerly, which pays off most in the arrival-order batches of the micro-batcher.
-FORWARD_OVERHEAD_TOKENS = 64
 
 
 class Engine:
@@ -66,15 +60,12 @@ class Engine:
     def predict(self, rows: list[list[int]]) -> torch.Tensor:
         """One batch of token id lists -> (B, n_labels) float32 probabilities on the CPU, in row order.
 
-        Rows are right-padded, so each row's result is the same whatever it is batched with; that lets rows of
-        very different lengths (the micro-batcher's batches are in arrival order) run as separate forward passes
-        of similar lengths instead of all padded to the longest.
+        The model computes on real tokens only (training.model.Packing), so a batch in arrival order, its
+        lengths mixed, costs about what the same rows sorted by length would, and each row's result is the
+        same whatever it is batched with.
         """
-        probs = torch.empty(len(rows), len(self.labels))
-        for group in padding_groups([len(row) for row in rows]):
-            idx, lengths = pad_right([rows[i] for i in group], self.tokenizer.eot_token, self.device)
-            probs[group] = probabilities(self.model(idx, lengths)).cpu()
-        return probs
+        idx, lengths = pad_right(rows, self.tokenizer.eot_token, self.device)
+        return probabilities(self.model(idx, lengths)).cpu()
 
     def decide(self, probs: torch.Tensor) -> list[str]:
         return decide_labels(probs, self.labels, self.threshold)
@@ -123,24 +114,6 @@ def prepack_linears(model: GPTClassifier) -> None:
         block.attn.c_attn, block.attn.c_proj = PackedLinear(block.attn.c_attn), PackedLinear(block.attn.c_proj)
         block.mlp.c_fc, block.mlp.gelu = PackedLinear(block.mlp.c_fc, gelu=True), nn.Identity()
         block.mlp.c_proj = PackedLinear(block.mlp.c_proj)
-
-
-def padding_groups(lengths: list[int], overhead_tokens: int = FORWARD_OVERHEAD_TOKENS) -> list[list[int]]:
-    """Row indices split into groups of consecutive lengths (shortest first) that minimise the padded tokens
-    plus overhead_tokens per group: one forward per group costs about that. Dynamic programming, O(rows^2)."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    best, start_of = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best[end]: cost of order[:end]
-    for end in range(1, len(order) + 1):
-        longest = lengths[order[end - 1]]
-        for start in range(end):  # ties keep the earliest start: the longer last group
-            cost = best[start] + overhead_tokens + (end - start) * longest
-            if cost < best[end]:
-                best[end], start_of[end] = cost, start
-    groups, end = [], len(order)
-    while end:
-        groups.append(order[start_of[end] : end])
-        end = start_of[end]
-    return groups[::-1]
 
 
 def model_name(base_model: object, parameters: int) -> str:

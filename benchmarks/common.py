@@ -72,4 +72,6 @@ def reference_logits(model: GPTClassifier, rows: list[list[int]], pad_to: int, p
     state at position -1 (a pad token's, for any row shorter than pad_to)."""
     idx, _ = pad_right([row[:pad_to] for row in rows], pad_id)
     idx = F.pad(idx, (0, pad_to - idx.size(1)), value=pad_id)  # (B, pad_to)
-    return model.score(model.transformer.ln_f(model.prefix(idx, model.config.n_layer)[:, -1]))
+    every = torch.full((idx.size(0),), pad_to)  # the reference's padding is read as tokens like any other
+    hidden = model.prefix(idx, every, model.config.n_layer).view(idx.size(0), pad_to, -1)
+    return model.score(model.transformer.ln_f(hidden[:, -1]))

@@ -9,7 +9,6 @@ from dataclasses import MISSING, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from training.inference import length_sorted_batches, pad_right
@@ -114,14 +113,13 @@ def prepare_trainable(model: GPTClassifier, config: TrainConfig) -> int:
 def prefix_cache(
     model: GPTClassifier, rows: list[list[int]], n_blocks: int, device: torch.device, desc: str
 ) -> list[torch.Tensor]:
-    """Each row's (T_i, C) float32 residual stream after the first n_blocks, unpadded, in row order."""
+    """Each row's (T_i, C) float32 residual stream after the first n_blocks, in row order."""
     cache: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     batches = length_sorted_batches([len(r) for r in rows], PREFIX_BATCH_SIZE)
     for batch in tqdm(batches, desc=desc, unit="batch"):
-        idx, _ = pad_right([rows[i] for i in batch], PAD_ID, device)
-        x = model.prefix(idx, n_blocks).float()  # (B, T, C); real tokens never see the padding
-        for row, i in zip(x, batch, strict=True):
-            cache[i] = row[: len(rows[i])].clone()  # clone: keep the row, not the padded batch
+        x = model.prefix(*pad_right([rows[i] for i in batch], PAD_ID, device), n_blocks).float()  # (N, C)
+        for i, row in zip(batch, x.split([len(rows[i]) for i in batch]), strict=True):
+            cache[i] = row.clone()  # clone: keep the row, not the whole batch
     return cache
 
 
@@ -139,8 +137,7 @@ def tail_forward(
     cache = prefix_cache(model, rows, n_frozen, device, desc)
 
     def run(batch: list[int]) -> torch.Tensor:
-        x = pad_sequence([cache[i] for i in batch], batch_first=True)  # (B, T, C), zero right padding
-        return model.suffix(x, lengths[batch], n_frozen)
+        return model.suffix(torch.cat([cache[i] for i in batch]), lengths[batch], n_frozen)
 
     return run
 

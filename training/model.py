@@ -1,8 +1,9 @@
 """GPT-2 as a sequence classifier, in one readable file (nanoGPT's layout and parameter names).
 
-The classifier reads the hidden state at each row's last real token: batches are right-padded, and
-causal attention means a row's real tokens never see its padding, so no attention mask is needed
-and a row's logits cannot depend on what it was batched with.
+The classifier reads the hidden state at each row's last real token. Batches come right-padded; the model
+packs their real tokens into one stream, so no layer but attention ever computes on padding, and attention is
+causal, so a row's real tokens never see its padding: no attention mask is needed, and a row's logits cannot
+depend on what it was batched with.
 """
 
 import math
@@ -52,6 +53,59 @@ PRESETS = {
 }
 
 
+# What one attention call costs beyond its padded tokens, in tokens: splitting a batch's rows into groups of
+# similar length pays off once it saves more padding than this. Small: attention is a few percent of the model.
+ATTENTION_OVERHEAD_TOKENS = 16
+
+
+def padding_groups(lengths: list[int], overhead_tokens: int = ATTENTION_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Row indices split into groups of consecutive lengths (shortest first) that minimise the padded tokens
+    plus overhead_tokens per group. Dynamic programming, O(rows^2)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best, start_of = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best[end]: cost of order[:end]
+    for end in range(1, len(order) + 1):
+        longest = lengths[order[end - 1]]
+        for start in range(end):  # ties keep the earliest start: the longer last group
+            cost = best[start] + overhead_tokens + (end - start) * longest
+            if cost < best[end]:
+                best[end], start_of[end] = cost, start
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[start_of[end] : end])
+        end = start_of[end]
+    return groups[::-1]
+
+
+class Packing:
+    """Where a right-padded batch's real tokens lie once packed into one (N, C) stream, the padding dropped.
+
+    Every layer but attention works token by token, so it runs on the N real tokens alone, whatever the
+    rows' lengths. Attention runs per group of rows of similar length (padding_groups), padded to the
+    group's longest row: causal attention means a real token never sees the padding after it.
+    """
+
+    def __init__(self, lengths: torch.Tensor, device: torch.device | str):
+        rows = lengths.tolist()
+        if min(rows) < 1:
+            raise ValueError(f"every row needs at least one token, got lengths {rows}")
+        T = max(rows)
+        self.real = (torch.arange(T) < lengths.cpu()[:, None]).to(device)  # (B, T)
+        self.positions = torch.cat([torch.arange(n) for n in rows]).to(device)  # (N,) each token's position
+        starts = torch.tensor(rows).cumsum(0) - torch.tensor(rows)
+        self.last = (starts + lengths.cpu() - 1).to(device)  # (B,) each row's last token in the stream
+        self.groups = []  # per group: (b, T_g) stream indices of its rows (padding reads token 0), (b, T_g) real
+        grouped = []  # the stream indices of the groups' real tokens, group after group
+        for group in padding_groups(rows):
+            index = torch.zeros(len(group), max(rows[i] for i in group), dtype=torch.long)
+            for j, i in enumerate(group):
+                index[j, : rows[i]] = torch.arange(starts[i], starts[i] + rows[i])
+            real = torch.arange(index.size(1)) < torch.tensor([rows[i] for i in group])[:, None]
+            self.groups.append((index.to(device), real.to(device)))
+            grouped.append(index[real])
+        grouped = torch.cat(grouped)
+        self.ungroup = torch.empty_like(grouped).scatter_(0, grouped, torch.arange(len(grouped))).to(device)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -59,18 +113,18 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v fused, as GPT-2 stores them
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C); given lengths, only each row's last real token queries: -> (B, C)."""
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (k, v))  # (B, nh, T, hs)
-        if lengths is None:
-            q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-        q = last_token_hidden(q, lengths).view(B, self.n_head, 1, C // self.n_head)
-        real = (torch.arange(T, device=x.device) < lengths.to(x.device)[:, None]).view(B, 1, 1, T)
-        return self.c_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=real).view(B, C))
+    def forward(self, x: torch.Tensor, packing: Packing, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C) packed tokens -> (N, C); given keep, only the output of those tokens: (len(keep), C)."""
+        qkv = self.c_attn(x)  # (N, 3C)
+        C, hs = x.size(1), x.size(1) // self.n_head
+        outputs = []
+        for index, real in packing.groups:
+            b, T = index.shape
+            q, k, v = qkv[index].view(b, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)  # each (b, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, nh, T, hs)
+            outputs.append(y.transpose(1, 2).reshape(b, T, C)[real])
+        y = torch.cat(outputs)[packing.ungroup if keep is None else packing.ungroup[keep]]
+        return self.c_proj(y)
 
 
 class MLP(nn.Module):
@@ -92,17 +146,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C); given lengths, only at each row's last real token: -> (B, C)."""
-        residual = x if lengths is None else last_token_hidden(x, lengths)
-        x = residual + self.attn(self.ln_1(x), lengths)
+    def forward(self, x: torch.Tensor, packing: Packing, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C) packed tokens -> (N, C); given keep, only those tokens' outputs: (len(keep), C)."""
+        residual = x if keep is None else x[keep]
+        x = residual + self.attn(self.ln_1(x), packing, keep)
         return x + self.mlp(self.ln_2(x))
-
-
-def last_token_hidden(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(B, T, C) hidden states of a right-padded batch -> (B, C) at each row's last real token."""
-    assert lengths.min() >= 1 and lengths.max() <= h.size(1), "lengths must lie in 1..T"
-    return h[torch.arange(h.size(0), device=h.device), lengths.to(h.device) - 1]
 
 
 class GPTClassifier(nn.Module):
@@ -138,32 +186,34 @@ class GPTClassifier(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def prefix(self, idx: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, C) residual stream after the embeddings and the first n_blocks."""
+    def prefix(self, idx: torch.Tensor, lengths: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """(B, T) right-padded token ids and (B,) lengths -> (N, C) residual stream of the N real tokens, row
+        after row, after the embeddings and the first n_blocks."""
         T = idx.size(1)
         if self.config.block_size < T:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        packing = Packing(lengths, idx.device)
+        x = self.transformer.wte(idx[packing.real]) + self.transformer.wpe(packing.positions)  # (N, C)
         for block in self.transformer.h[:n_blocks]:
-            x = block(x)
+            x = block(x, packing)
         return x
 
     def suffix(self, x: torch.Tensor, lengths: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        """(B, T, C) after the first n_blocks -> (B, n_labels) logits at each row's last real token.
+        """(N, C) packed residual stream after the first n_blocks -> (B, n_labels) logits at each row's last token.
 
-        Only the last real token is read, so the final block computes only there (its keys and values still
-        cover every token): the same logits for about a twelfth less work in GPT-2 124M.
+        Only the last token is read, so the final block computes only there (its attention still reads every
+        token): the same logits for about a twelfth less work in GPT-2 124M.
         """
+        packing = Packing(lengths, x.device)
         blocks = self.transformer.h[n_blocks:]
         for block in blocks[:-1]:
-            x = block(x)
-        x = blocks[-1](x, lengths) if len(blocks) else last_token_hidden(x, lengths)  # (B, C)
+            x = block(x, packing)
+        x = blocks[-1](x, packing, keep=packing.last) if len(blocks) else x[packing.last]  # (B, C)
         return self.score(self.transformer.ln_f(x))
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T) right-padded token ids and (B,) real lengths -> (B, n_labels) logits."""
-        return self.suffix(self.prefix(idx, 0), lengths, 0)
+        return self.suffix(self.prefix(idx, lengths, 0), lengths, 0)
 
 
 # --- Importing OpenAI's GPT-2 weights in the Hugging Face layout ---------------------------------

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from app.engine import Engine, PackedLinear, padding_groups
+from app.engine import Engine, PackedLinear
 from tests.app.helpers import tiny_settings
 from training.checkpoint import decide_labels, load_checkpoint
 from training.inference import predict_proba
@@ -51,28 +51,6 @@ def test_a_row_scores_the_same_alone_and_in_a_padded_batch(tiny_checkpoint):
     alone = torch.cat([engine.predict([row]) for row in rows])
     assert_close(together, alone, rtol=0, atol=1e-5)
     assert_close(together.sum(dim=1), torch.ones(len(rows)))
-
-
-@pytest.mark.parametrize(
-    ("lengths", "expected"),
-    [
-        pytest.param([5], [[0]], id="one-row"),
-        pytest.param([7, 7, 7], [[0, 1, 2]], id="equal-lengths-stay-together"),
-        pytest.param([200, 3, 4], [[1, 2], [0]], id="a-long-row-alone"),
-        pytest.param([30, 20], [[1, 0]], id="padding-cheaper-than-a-forward"),
-    ],
-)
-def test_padding_groups_split_where_padding_costs_more_than_a_forward(lengths, expected):
-    assert padding_groups(lengths, overhead_tokens=64) == expected
-
-
-def test_padding_groups_cover_every_row_once_shortest_first():
-    lengths = [(i * 37) % 101 + 1 for i in range(64)]
-    groups = padding_groups(lengths)
-    assert sorted(i for g in groups for i in g) == list(range(64))
-    flat = [lengths[i] for g in groups for i in g]
-    assert flat == sorted(flat)
-    assert 1 < len(groups) < 64
 
 
 def test_int8_quantization_stays_close_to_float32(tiny_checkpoint):

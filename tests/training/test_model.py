@@ -8,9 +8,10 @@ from training.inference import pad_right, probabilities
 from training.model import (
     GPTClassifier,
     GPTConfig,
+    Packing,
     WeightsError,
-    last_token_hidden,
     load_hf_gpt2,
+    padding_groups,
     pretrained_classifier,
     resolve_hf_weights,
 )
@@ -45,23 +46,29 @@ def test_pooling_reads_the_last_real_token_not_the_padding(model):
         logits = model(idx, lengths)
         alone = model(*pad_right([short], pad_id=200))
         # what the reference notebook's [:, -1] would read: the short row's last pad token
-        at_pad = model.score(model.transformer.ln_f(model.prefix(idx, model.config.n_layer)[:, -1]))
+        every = torch.full_like(lengths, idx.size(1))  # every position counted as real, padding included
+        hidden = model.prefix(idx, every, model.config.n_layer).view(*idx.shape, -1)
+        at_pad = model.score(model.transformer.ln_f(hidden[:, -1]))
     assert_close(logits[0], alone[0])
     assert not torch.allclose(logits[0], at_pad[0], atol=1e-4)
     assert_close(logits[1], at_pad[1])  # the unpadded row's last token is the batch's last column
 
 
-def test_last_token_hidden_picks_index_length_minus_one():
-    h = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
-    assert torch.equal(last_token_hidden(h, torch.tensor([2, 4])), torch.stack([h[0, 1], h[1, 3]]))
+def test_rows_of_very_different_lengths_attend_in_several_groups_and_score_as_alone(model):
+    rows = [[3] * 40, [9], [4, 5], [6] * 41, [7] * 60, [8, 8, 8]]
+    assert len(Packing(torch.tensor([len(r) for r in rows]), "cpu").groups) > 1
+    alone = torch.cat([run(model, [row], pad_id=0) for row in rows])
+    assert_close(run(model, rows, pad_id=0), alone)
 
 
-def test_a_block_given_lengths_computes_only_the_last_real_tokens_output(model):
+def test_a_block_given_keep_computes_only_those_tokens(model):
     idx, lengths = pad_right(ROWS, pad_id=0)
+    packing = Packing(lengths, "cpu")
     with torch.no_grad():
-        x = model.prefix(idx, 1)
+        x = model.prefix(idx, lengths, 1)  # (N, C)
+        assert x.shape == (sum(len(r) for r in ROWS), model.config.n_embd)
         for block in model.transformer.h:
-            assert_close(block(x, lengths), last_token_hidden(block(x), lengths))
+            assert_close(block(x, packing, keep=packing.last), block(x, packing)[packing.last])
 
 
 def test_prefix_then_suffix_equals_forward_at_every_split(model, tiny_config):
@@ -69,7 +76,7 @@ def test_prefix_then_suffix_equals_forward_at_every_split(model, tiny_config):
     with torch.no_grad():
         full = model(idx, lengths)
         for k in range(tiny_config.n_layer + 1):
-            assert_close(model.suffix(model.prefix(idx, k), lengths, k), full)
+            assert_close(model.suffix(model.prefix(idx, lengths, k), lengths, k), full)
 
 
 def test_forward_refuses_sequences_longer_than_the_block(model, tiny_config):
@@ -146,10 +153,11 @@ def test_hf_import_matches_transformers_hidden_states(tmp_path, tiny_config, cls
 
     model = pretrained_classifier(tiny_config, "gpt2", source=tmp_path).eval()
     idx = torch.randint(0, tiny_config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
+    lengths = torch.tensor([20, 3, 11])  # right-padded rows: ours packs them, transformers runs each alone
     with torch.no_grad():
-        ours = model.transformer.ln_f(model.prefix(idx, tiny_config.n_layer))
+        ours = model.transformer.ln_f(model.prefix(idx, lengths, tiny_config.n_layer))  # (N, C)
         body = hf.transformer if cls_name == "GPT2LMHeadModel" else hf
-        theirs = body(idx).last_hidden_state
+        theirs = torch.cat([body(idx[i : i + 1, :n]).last_hidden_state[0] for i, n in enumerate(lengths.tolist())])
     assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
@@ -220,3 +228,25 @@ def test_resolve_hf_weights_refuses_a_preset_without_pretrained_weights(monkeypa
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", pytest.fail)  # must not be reached
     with pytest.raises(WeightsError, match=r"preset 'tiny' has no pretrained weights"):
         resolve_hf_weights(None, "tiny")
+
+
+@pytest.mark.parametrize(
+    ("lengths", "expected"),
+    [
+        pytest.param([5], [[0]], id="one-row"),
+        pytest.param([7, 7, 7], [[0, 1, 2]], id="equal-lengths-stay-together"),
+        pytest.param([200, 3, 4], [[1, 2], [0]], id="a-long-row-alone"),
+        pytest.param([30, 20], [[1, 0]], id="padding-cheaper-than-a-call"),
+    ],
+)
+def test_padding_groups_split_where_padding_costs_more_than_a_call(lengths, expected):
+    assert padding_groups(lengths, overhead_tokens=64) == expected
+
+
+def test_padding_groups_cover_every_row_once_shortest_first():
+    lengths = [(i * 37) % 101 + 1 for i in range(64)]
+    groups = padding_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(64))
+    flat = [lengths[i] for g in groups for i in g]
+    assert flat == sorted(flat)
+    assert 1 < len(groups) < 64

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +50,10 @@ class Batcher:
         max_queue_texts: int,
         timeout_s: float,
         merge_requests: bool = True,
+        executor: Executor,
     ):
-        self.run, self.metrics = run, metrics  # run: one batch of token ids -> one result per row, in a thread
+        # run: one batch of token ids -> one result per row, called on `executor`'s threads
+        self.run, self.metrics, self.executor = run, metrics, executor
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_wait_s, self.max_queue_texts = max_wait_ms / 1000, max_queue_texts
         self.timeout_s, self.merge_requests = timeout_s, merge_requests
@@ -118,12 +121,14 @@ class Batcher:
         await self._until(lambda: bool(self._queue) or self._stopping)
         if not self._queue:
             return []
-        if self.max_wait_s > 0 and self.merge_requests:
+        deadline = self._queue[0].request.enqueued + self.max_wait_s
+        if self.merge_requests and asyncio.get_running_loop().time() < deadline:
             # The wait counts from the oldest text's arrival: texts that queued up while the previous batch
-            # ran have waited already, so under load batches leave at once and the model never idles. Once
-            # stopping, nothing more will arrive: batches leave at once.
+            # ran have waited already, so under load batches leave at once, before the previous batch's
+            # answers are sent, and the model never idles. Once stopping, nothing more will arrive: batches
+            # leave at once.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(self._queue[0].request.enqueued + self.max_wait_s):
+                async with asyncio.timeout_at(deadline):
                     await self._until(lambda: self._stopping or self._fitting()[1])
         n, _ = self._fitting()
         batch = [self._queue.popleft() for _ in range(n)]
@@ -154,7 +159,8 @@ class Batcher:
             self.metrics.queue_wait.observe(now - text.request.enqueued)
         self.metrics.batch_size.observe(len(batch))
         try:
-            results = await asyncio.to_thread(self._timed_run, [t.ids for t in batch])
+            rows = [t.ids for t in batch]
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed_run, rows)
         except Exception as exc:  # the model failed (e.g. out of memory): fail this batch's requests, keep serving
             _fail(batch, exc)
             return

@@ -4,6 +4,7 @@ import asyncio
 import signal
 import threading
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from typing import Literal
 
@@ -23,12 +24,18 @@ class Service:
         self.detail = f"loading {settings.checkpoint_dir}"
         self.engine: Engine | None = None
         self.batcher: Batcher | None = None
+        # Every model call (load, warm-up, batches) on this one thread: torch's intra-op thread pool belongs to
+        # the thread that calls it, and one pool per calling thread would leave idle pools spinning on the cores
+        # that the running one needs.
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spamgpt-model")
         self.model_name = settings.model_name
 
     async def start(self) -> None:
         """Load and warm up in a thread, so the event loop stays free (and /health answers 503) meanwhile."""
         try:
-            self.engine = await asyncio.to_thread(Engine.load, self.settings)
+            self.engine = await asyncio.get_running_loop().run_in_executor(
+                self.model_thread, Engine.load, self.settings
+            )
         except Exception as exc:
             self.status, self.detail = "failed", f"{type(exc).__name__}: {exc}"
             raise
@@ -42,6 +49,7 @@ class Service:
             max_queue_texts=s.max_queue_texts,
             timeout_s=s.request_timeout_s,
             merge_requests=s.batching,
+            executor=self.model_thread,
         )
         self.batcher.start()
         self.model_name = s.model_name or model_name(self.engine.card["base_model"], self.engine.parameters)
@@ -55,6 +63,7 @@ class Service:
         self.drain()
         if self.batcher is not None:
             await self.batcher.stop()
+        self.model_thread.shutdown()
 
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
         with self.metrics.tokenize.time():

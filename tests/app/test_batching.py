@@ -104,6 +104,26 @@ def test_batched_results_equal_each_text_alone(tiny_checkpoint):
         assert [r["tokens"] for r in results] == [len(row) for row in rows]
 
 
+def test_the_model_runs_on_one_thread_from_warm_up_to_every_batch(tiny_checkpoint, monkeypatch):
+    threads, predict = [], Engine.predict
+
+    def recording_predict(engine, rows):
+        threads.append(threading.current_thread().name)
+        return predict(engine, rows)
+
+    monkeypatch.setattr(Engine, "predict", recording_predict)
+    settings = tiny_settings(tiny_checkpoint, max_batch_size=2, max_wait_ms=0)
+
+    async def main():
+        async with serve(settings) as client:
+            texts = [[word] for word in WORDS]
+            return await asyncio.gather(*(client.post("/classify", json={"texts": t}) for t in texts))
+
+    assert all(r.status_code == 200 for r in asyncio.run(main()))
+    assert len(threads) > 2  # the warm-up and several batches
+    assert set(threads) == {threads[0]} and threads[0].startswith("spamgpt-model")
+
+
 def test_full_queue_is_429_and_the_request_is_refused_whole(tiny_checkpoint, monkeypatch):
     engine = BlockedEngine(monkeypatch)
     settings = tiny_settings(tiny_checkpoint, max_queue_texts=2, max_batch_size=1, max_wait_ms=0)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from training.inference import pad_right
-from training.model import GPTClassifier
+from training.model import GPTClassifier, Packing
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPAMGPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -73,5 +73,5 @@ def reference_logits(model: GPTClassifier, rows: list[list[int]], pad_to: int, p
     idx, _ = pad_right([row[:pad_to] for row in rows], pad_id)
     idx = F.pad(idx, (0, pad_to - idx.size(1)), value=pad_id)  # (B, pad_to)
     every = torch.full((idx.size(0),), pad_to)  # the reference's padding is read as tokens like any other
-    hidden = model.prefix(idx, every, model.config.n_layer).view(idx.size(0), pad_to, -1)
+    hidden = model.prefix(idx, Packing(every, idx.device), model.config.n_layer).view(idx.size(0), pad_to, -1)
     return model.score(model.transformer.ln_f(hidden[:, -1]))

@@ -100,8 +100,8 @@ def random_checkpoint(directory: Path, seed: int = 0) -> Path:
     return save_checkpoint(directory, model, BPE_DIR, card)
 
 
-def load_engine(checkpoint: Path, quantize_int8: bool = False) -> Engine:
-    return Engine.load(Settings(checkpoint_dir=checkpoint, device="cpu", quantize_int8=quantize_int8))
+def load_engine(checkpoint: Path, quantize_int8: bool = False, device: str = "cpu", dtype: str = "auto") -> Engine:
+    return Engine.load(Settings(checkpoint_dir=checkpoint, device=device, dtype=dtype, quantize_int8=quantize_int8))
 
 
 def transformers_classifier(model: GPTClassifier, pad_id: int):
@@ -132,11 +132,14 @@ def transformers_classifier(model: GPTClassifier, pad_id: int):
 
 
 def transformers_forward(hf, pad_id: int) -> Forward:
+    """Probabilities on the CPU, as Engine.predict gives them (on CUDA, that waits for the forward to finish)."""
+    device = next(hf.parameters()).device
+
     @torch.inference_mode()
     def forward(rows: list[list[int]]) -> torch.Tensor:
-        idx, lengths = pad_right(rows, pad_id)
-        mask = torch.arange(idx.size(1)) < lengths[:, None]  # (B, T)
-        return probabilities(hf(input_ids=idx, attention_mask=mask.long()).logits)
+        idx, lengths = pad_right(rows, pad_id, device)
+        mask = torch.arange(idx.size(1), device=device) < lengths[:, None]  # (B, T)
+        return probabilities(hf(input_ids=idx, attention_mask=mask.long()).logits).cpu()
 
     return forward
 

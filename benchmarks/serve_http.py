@@ -177,10 +177,10 @@ def run_http(checkpoint: Path, log: Path, requests: list[list[str]], clients: in
         return asyncio.run(load(url, requests, clients))
 
 
-def time_engine(checkpoint: Path, texts: list[str], settings: Settings) -> tuple[float, dict]:
+def time_engine(checkpoint: Path, texts: list[str], settings: Settings, device: str) -> tuple[float, dict]:
     """Seconds for Engine.classify on all texts at the app's default batch limits (after the same untimed), and
     each text's probabilities. The engine is freed afterwards, so the server gets the memory."""
-    engine = load_engine(checkpoint)
+    engine = load_engine(checkpoint, device=device)
     engine.classify(texts, settings.max_batch_size, settings.max_batch_tokens)  # warm-up, as for the server
     start = time.perf_counter()
     probs, _ = engine.classify(texts, settings.max_batch_size, settings.max_batch_tokens)
@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients sending one text per request")
     parser.add_argument("--bulk-size", type=int, default=64, help="texts per request in the bulk run")
     parser.add_argument("--bulk-clients", type=int, default=4, help="concurrent clients in the bulk run")
+    parser.add_argument("--device", default="cpu", help="SPAMGPT_DEVICE for the server and the engine (cuda: float16)")
     args = parser.parse_args(argv)
     require_shared_data()
     torch.set_num_threads(os.cpu_count())  # what the server's torch uses by default (SPAMGPT_TORCH_THREADS=0)
@@ -213,15 +214,15 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
 
     scenarios = {  # name: (requests, clients, server environment)
-        "http_single_batching": (single, args.clients, {}),
-        "http_single_no_batching": (single, args.clients, {"SPAMGPT_BATCHING": "false"}),
-        "http_bulk_batching": (bulk, args.bulk_clients, {}),
+        "http_single_batching": (single, args.clients, {"SPAMGPT_DEVICE": args.device}),
+        "http_single_no_batching": (single, args.clients, {"SPAMGPT_DEVICE": args.device, "SPAMGPT_BATCHING": "false"}),
+        "http_bulk_batching": (bulk, args.bulk_clients, {"SPAMGPT_DEVICE": args.device}),
     }
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = random_checkpoint(Path(tmp) / "checkpoint")
         for name, (requests, clients, env) in scenarios.items():
-            engine_seconds, engine_answers = time_engine(checkpoint, texts, settings)
+            engine_seconds, engine_answers = time_engine(checkpoint, texts, settings, args.device)
             runs[name] = run_http(checkpoint, Path(tmp) / f"{name}.log", requests, clients, **env)
             runs[name]["engine_messages_per_second"] = len(texts) / engine_seconds
             runs[name]["max_probability_difference_vs_engine"] = max_difference(
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     met = {name: value >= TARGETS[name] for name, value in ratios.items()}
     path = write_result(
-        "serve_http",
+        "serve_http" if args.device == "cpu" else f"serve_http_{args.device.replace(':', '')}",
         {
             "model": "gpt2 124M architecture, random (seeded) weights (no pretrained weights here; same compute)",
             "texts": {
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
             },
             "server": {
                 "command": dockerfile_command("127.0.0.1", 0)[1:],
-                "environment": {"SPAMGPT_DEVICE": "cpu", "SPAMGPT_REQUEST_TIMEOUT_S": REQUEST_SECONDS},
+                "environment": {"SPAMGPT_DEVICE": args.device, "SPAMGPT_REQUEST_TIMEOUT_S": REQUEST_SECONDS},
                 "settings": {
                     name: getattr(settings, name) for name in ("max_batch_size", "max_batch_tokens", "max_wait_ms")
                 },

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from training.inference import length_sorted_batches, pad_right
 from training.lora import add_lora, merge_lora
-from training.model import GPTClassifier
+from training.model import GPTClassifier, Packing
 
 TRAINABLE = ("last-blocks", "all", "lora")
 PAD_ID = 0  # right padding is never read by the model, so any valid token id will do
@@ -117,7 +117,8 @@ def prefix_cache(
     cache: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     batches = length_sorted_batches([len(r) for r in rows], PREFIX_BATCH_SIZE)
     for batch in tqdm(batches, desc=desc, unit="batch"):
-        x = model.prefix(*pad_right([rows[i] for i in batch], PAD_ID, device), n_blocks).float()  # (N, C)
+        idx, lengths = pad_right([rows[i] for i in batch], PAD_ID, device)
+        x = model.prefix(idx, Packing(lengths, device), n_blocks).float()  # (N, C)
         for i, row in zip(batch, x.split([len(rows[i]) for i in batch]), strict=True):
             cache[i] = row.clone()  # clone: keep the row, not the whole batch
     return cache
@@ -127,7 +128,7 @@ def tail_forward(
     model: GPTClassifier, rows: list[list[int]], n_frozen: int, cached: bool, device: torch.device, desc: str
 ) -> Callable[[list[int]], torch.Tensor]:
     """A function from a batch of row indices to (B, n_labels) logits, through the cache when asked."""
-    lengths = torch.tensor([len(r) for r in rows], device=device)
+    lengths = torch.tensor([len(r) for r in rows])  # on the CPU, where Packing reads them
     if not cached:
 
         def run(batch: list[int]) -> torch.Tensor:
@@ -137,7 +138,7 @@ def tail_forward(
     cache = prefix_cache(model, rows, n_frozen, device, desc)
 
     def run(batch: list[int]) -> torch.Tensor:
-        return model.suffix(torch.cat([cache[i] for i in batch]), lengths[batch], n_frozen)
+        return model.suffix(torch.cat([cache[i] for i in batch]), Packing(lengths[batch], device), n_frozen)
 
     return run
 

@@ -80,28 +80,33 @@ class Packing:
     """Where a right-padded batch's real tokens lie once packed into one (N, C) stream, the padding dropped.
 
     Every layer but attention works token by token, so it runs on the N real tokens alone, whatever the
-    rows' lengths. Attention runs per group of rows of similar length (padding_groups), padded to the
-    group's longest row: causal attention means a real token never sees the padding after it.
+    rows' lengths. Attention runs per group of rows, padded to the group's longest row: causal attention
+    means a real token never sees the padding after it. On CPU the groups are rows of similar length
+    (padding_groups); on CUDA, where an attention call costs more than the padding it would save, one group.
+    Built on the CPU and copied to the device once, so the forward pass never waits for the device.
     """
 
     def __init__(self, lengths: torch.Tensor, device: torch.device | str):
         rows = lengths.tolist()
         if min(rows) < 1:
             raise ValueError(f"every row needs at least one token, got lengths {rows}")
-        T = max(rows)
-        self.real = (torch.arange(T) < lengths.cpu()[:, None]).to(device)  # (B, T)
-        self.positions = torch.cat([torch.arange(n) for n in rows]).to(device)  # (N,) each token's position
-        starts = torch.tensor(rows).cumsum(0) - torch.tensor(rows)
-        self.last = (starts + lengths.cpu() - 1).to(device)  # (B,) each row's last token in the stream
-        self.groups = []  # per group: (b, T_g) stream indices of its rows (padding reads token 0), (b, T_g) real
-        grouped = []  # the stream indices of the groups' real tokens, group after group
-        for group in padding_groups(rows):
+        device = torch.device(device)
+        lengths = torch.tensor(rows)
+        starts = lengths.cumsum(0) - lengths  # each row's first token in the stream
+        real = torch.arange(max(rows)) < lengths[:, None]  # (B, T)
+        self.tokens = real.view(-1).nonzero().squeeze(1).to(device)  # (N,) each token's place in the (B*T) batch
+        self.positions = real.nonzero()[:, 1].to(device)  # (N,) each token's position in its row
+        self.last = (starts + lengths - 1).to(device)  # (B,) each row's last token in the stream
+        groups = padding_groups(rows) if device.type == "cpu" else [list(range(len(rows)))]
+        self.groups = []  # per group: (b, T_g) stream index of each padded place (padding reads token 0), and
+        grouped = []  # the places of its real tokens in the flattened (b*T_g); then the stream indices, in order
+        for group in groups:
             index = torch.zeros(len(group), max(rows[i] for i in group), dtype=torch.long)
             for j, i in enumerate(group):
                 index[j, : rows[i]] = torch.arange(starts[i], starts[i] + rows[i])
-            real = torch.arange(index.size(1)) < torch.tensor([rows[i] for i in group])[:, None]
-            self.groups.append((index.to(device), real.to(device)))
-            grouped.append(index[real])
+            places = (torch.arange(index.size(1)) < lengths[group][:, None]).view(-1).nonzero().squeeze(1)
+            self.groups.append((index.to(device), places.to(device)))
+            grouped.append(index.view(-1)[places])
         grouped = torch.cat(grouped)
         self.ungroup = torch.empty_like(grouped).scatter_(0, grouped, torch.arange(len(grouped))).to(device)
 
@@ -118,11 +123,11 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x)  # (N, 3C)
         C, hs = x.size(1), x.size(1) // self.n_head
         outputs = []
-        for index, real in packing.groups:
+        for index, places in packing.groups:
             b, T = index.shape
             q, k, v = qkv[index].view(b, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)  # each (b, nh, T, hs)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, nh, T, hs)
-            outputs.append(y.transpose(1, 2).reshape(b, T, C)[real])
+            outputs.append(y.transpose(1, 2).reshape(b * T, C)[places])
         y = torch.cat(outputs)[packing.ungroup if keep is None else packing.ungroup[keep]]
         return self.c_proj(y)
 
@@ -186,25 +191,23 @@ class GPTClassifier(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def prefix(self, idx: torch.Tensor, lengths: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        """(B, T) right-padded token ids and (B,) lengths -> (N, C) residual stream of the N real tokens, row
-        after row, after the embeddings and the first n_blocks."""
+    def prefix(self, idx: torch.Tensor, packing: Packing, n_blocks: int) -> torch.Tensor:
+        """(B, T) right-padded token ids laid out by `packing` -> (N, C) residual stream of the N real tokens,
+        row after row, after the embeddings and the first n_blocks."""
         T = idx.size(1)
         if self.config.block_size < T:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        packing = Packing(lengths, idx.device)
-        x = self.transformer.wte(idx[packing.real]) + self.transformer.wpe(packing.positions)  # (N, C)
+        x = self.transformer.wte(idx.view(-1)[packing.tokens]) + self.transformer.wpe(packing.positions)  # (N, C)
         for block in self.transformer.h[:n_blocks]:
             x = block(x, packing)
         return x
 
-    def suffix(self, x: torch.Tensor, lengths: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    def suffix(self, x: torch.Tensor, packing: Packing, n_blocks: int) -> torch.Tensor:
         """(N, C) packed residual stream after the first n_blocks -> (B, n_labels) logits at each row's last token.
 
         Only the last token is read, so the final block computes only there (its attention still reads every
         token): the same logits for about a twelfth less work in GPT-2 124M.
         """
-        packing = Packing(lengths, x.device)
         blocks = self.transformer.h[n_blocks:]
         for block in blocks[:-1]:
             x = block(x, packing)
@@ -213,7 +216,8 @@ class GPTClassifier(nn.Module):
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T) right-padded token ids and (B,) real lengths -> (B, n_labels) logits."""
-        return self.suffix(self.prefix(idx, lengths, 0), lengths, 0)
+        packing = Packing(lengths, idx.device)
+        return self.suffix(self.prefix(idx, packing, 0), packing, 0)
 
 
 # --- Importing OpenAI's GPT-2 weights in the Hugging Face layout ---------------------------------

@@ -53,7 +53,9 @@ def test_cached_prefix_matches_whole_model(blocks):
     assert len(cached_steps) == 12
     torch.testing.assert_close(cached_steps, plain_steps)
     torch.testing.assert_close(cached_val, plain_val)
-    torch.testing.assert_close(cached_state, plain_state)
+    # Adam turns float rounding in near-zero gradients (the cached prefix ran in other batches) into parameter
+    # differences near 1e-5: seen on a 16-core machine, where the matrix products split differently
+    torch.testing.assert_close(cached_state, plain_state, atol=1e-4, rtol=1e-3)
 
 
 def test_last_blocks_freezes_the_rest():

@@ -47,7 +47,7 @@ def test_pooling_reads_the_last_real_token_not_the_padding(model):
         alone = model(*pad_right([short], pad_id=200))
         # what the reference notebook's [:, -1] would read: the short row's last pad token
         every = torch.full_like(lengths, idx.size(1))  # every position counted as real, padding included
-        hidden = model.prefix(idx, every, model.config.n_layer).view(*idx.shape, -1)
+        hidden = model.prefix(idx, Packing(every, "cpu"), model.config.n_layer).view(*idx.shape, -1)
         at_pad = model.score(model.transformer.ln_f(hidden[:, -1]))
     assert_close(logits[0], alone[0])
     assert not torch.allclose(logits[0], at_pad[0], atol=1e-4)
@@ -65,7 +65,7 @@ def test_a_block_given_keep_computes_only_those_tokens(model):
     idx, lengths = pad_right(ROWS, pad_id=0)
     packing = Packing(lengths, "cpu")
     with torch.no_grad():
-        x = model.prefix(idx, lengths, 1)  # (N, C)
+        x = model.prefix(idx, packing, 1)  # (N, C)
         assert x.shape == (sum(len(r) for r in ROWS), model.config.n_embd)
         for block in model.transformer.h:
             assert_close(block(x, packing, keep=packing.last), block(x, packing)[packing.last])
@@ -76,7 +76,8 @@ def test_prefix_then_suffix_equals_forward_at_every_split(model, tiny_config):
     with torch.no_grad():
         full = model(idx, lengths)
         for k in range(tiny_config.n_layer + 1):
-            assert_close(model.suffix(model.prefix(idx, lengths, k), lengths, k), full)
+            packing = Packing(lengths, "cpu")
+            assert_close(model.suffix(model.prefix(idx, packing, k), packing, k), full)
 
 
 def test_forward_refuses_sequences_longer_than_the_block(model, tiny_config):
@@ -155,7 +156,7 @@ def test_hf_import_matches_transformers_hidden_states(tmp_path, tiny_config, cls
     idx = torch.randint(0, tiny_config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
     lengths = torch.tensor([20, 3, 11])  # right-padded rows: ours packs them, transformers runs each alone
     with torch.no_grad():
-        ours = model.transformer.ln_f(model.prefix(idx, lengths, tiny_config.n_layer))  # (N, C)
+        ours = model.transformer.ln_f(model.prefix(idx, Packing(lengths, "cpu"), tiny_config.n_layer))  # (N, C)
         body = hf.transformer if cls_name == "GPT2LMHeadModel" else hf
         theirs = torch.cat([body(idx[i : i + 1, :n]).last_hidden_state[0] for i, n in enumerate(lengths.tolist())])
     assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

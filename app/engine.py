@@ -35,6 +35,7 @@ class Engine:
                 torch.ao.quantization.quantize_dynamic(checkpoint.model, {nn.Linear}, dtype=torch.qint8, inplace=True)
         elif self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             prepack_linears(checkpoint.model)
+            release_checkpoint_file(checkpoint.model)
         self.model = checkpoint.model
 
     @classmethod
@@ -114,6 +115,18 @@ def prepack_linears(model: GPTClassifier) -> None:
         block.attn.c_attn, block.attn.c_proj = PackedLinear(block.attn.c_attn), PackedLinear(block.attn.c_proj)
         block.mlp.c_fc, block.mlp.gelu = PackedLinear(block.mlp.c_fc, gelu=True), nn.Identity()
         block.mlp.c_proj = PackedLinear(block.mlp.c_proj)
+
+
+def release_checkpoint_file(model: nn.Module) -> None:
+    """Copy the CPU tensors that still view the memory-mapped model.safetensors into memory of their own.
+
+    load_checkpoint maps the file, and its weights are the file's pages: free to share, nothing copied. Once
+    prepacking has replaced the large weights with copies, the few tensors left (embeddings, norms, biases) would
+    keep the whole mapping resident: about 320 MB of GPT-2 124M's 500 that nothing reads any more.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.layout == torch.strided:  # not oneDNN's packed weights
+            tensor.data = tensor.data.clone()
 
 
 def model_name(base_model: object, parameters: int) -> str:

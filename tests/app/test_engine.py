@@ -1,3 +1,7 @@
+import gc
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -34,6 +38,19 @@ def test_packed_linear_equals_linear_and_its_fused_gelu(shape):
     with torch.inference_mode():
         assert_close(PackedLinear(linear)(x), linear(x))
         assert_close(PackedLinear(linear, gelu=True)(x), torch.nn.functional.gelu(linear(x), approximate="tanh"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists() or not torch.backends.mkldnn.is_available(), reason="Linux")
+def test_a_prepacked_engine_lets_go_of_the_mapped_checkpoint_file(tiny_checkpoint, tmp_path):
+    checkpoint_dir = Path(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))
+    weights = str(checkpoint_dir / "model.safetensors")
+    checkpoint = load_checkpoint(checkpoint_dir)
+    assert weights in Path("/proc/self/maps").read_text()  # loaded weights are the file's mapped pages
+    del checkpoint
+    engine = Engine.load(tiny_settings(checkpoint_dir))
+    gc.collect()
+    assert weights not in Path("/proc/self/maps").read_text()
+    assert engine.classify(TEXTS)[0].shape == (len(TEXTS), 2)
 
 
 def test_tokenize_truncates_to_the_checkpoints_max_tokens(tiny_checkpoint):

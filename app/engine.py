@@ -13,7 +13,6 @@ from torch import nn
 from app.settings import Settings
 from training.checkpoint import Checkpoint, decide_labels, load_checkpoint
 from training.inference import length_sorted_batches, pad_right, probabilities
-from training.model import GPTClassifier
 from training.tokenizer import encode_batch
 
 
@@ -33,9 +32,6 @@ class Engine:
                 # torch marks its eager quantization deprecated in favour of torchao, which we do not depend on
                 warnings.filterwarnings("ignore", message=r"(?s).*deprecated")
                 torch.ao.quantization.quantize_dynamic(checkpoint.model, {nn.Linear}, dtype=torch.qint8, inplace=True)
-        elif self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            prepack_linears(checkpoint.model)
-            release_checkpoint_file(checkpoint.model)
         self.model = checkpoint.model
 
     @classmethod
@@ -92,41 +88,6 @@ class Engine:
         probs = self.predict([[self.tokenizer.eot_token] * self.max_tokens])
         if not torch.isfinite(probs).all():
             raise RuntimeError(f"warm-up forward on {self.device} ({self.dtype}) gave non-finite probabilities")
-
-
-class PackedLinear(nn.Module):
-    """A CPU float32 nn.Linear whose weight oneDNN reorders into its blocked layout once, not on every call, with
-    the tanh GELU that follows it optionally fused in: what torch.compile's CPU weight freezing does, without a
-    compiler. The same outputs as nn.Linear to float32 rounding; 5-45% faster at this model's batch sizes."""
-
-    def __init__(self, linear: nn.Linear, gelu: bool = False):
-        super().__init__()
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()))
-        self.register_buffer("bias", linear.bias.detach())
-        self.activation, self.algorithm = ("gelu", "tanh") if gelu else ("none", "")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, [], self.algorithm)
-
-
-def prepack_linears(model: GPTClassifier) -> None:
-    """Every block's nn.Linear as a PackedLinear, the MLP's GELU fused into c_fc. For inference only."""
-    for block in model.transformer.h:
-        block.attn.c_attn, block.attn.c_proj = PackedLinear(block.attn.c_attn), PackedLinear(block.attn.c_proj)
-        block.mlp.c_fc, block.mlp.gelu = PackedLinear(block.mlp.c_fc, gelu=True), nn.Identity()
-        block.mlp.c_proj = PackedLinear(block.mlp.c_proj)
-
-
-def release_checkpoint_file(model: nn.Module) -> None:
-    """Copy the CPU tensors that still view the memory-mapped model.safetensors into memory of their own.
-
-    load_checkpoint maps the file, and its weights are the file's pages: free to share, nothing copied. Once
-    prepacking has replaced the large weights with copies, the few tensors left (embeddings, norms, biases) would
-    keep the whole mapping resident: about 320 MB of GPT-2 124M's 500 that nothing reads any more.
-    """
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.layout == torch.strided:  # not oneDNN's packed weights
-            tensor.data = tensor.data.clone()
 
 
 def model_name(base_model: object, parameters: int) -> str:

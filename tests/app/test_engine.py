@@ -1,12 +1,8 @@
-import gc
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
 from torch.testing import assert_close
 
-from app.engine import Engine, PackedLinear
+from app.engine import Engine
 from tests.app.helpers import tiny_settings
 from training.checkpoint import decide_labels, load_checkpoint
 from training.inference import predict_proba
@@ -21,36 +17,11 @@ TEXTS = [
 
 def test_engine_equals_training_predict_proba(tiny_checkpoint):
     engine = Engine.load(tiny_settings(tiny_checkpoint))
-    packed = any(isinstance(m, PackedLinear) for m in engine.model.modules())
-    assert packed == torch.backends.mkldnn.is_available()  # CPU float32 serves oneDNN-packed weights
     probs, labels = engine.classify(TEXTS, max_batch_size=2)
     checkpoint = load_checkpoint(tiny_checkpoint)
     expected = predict_proba(checkpoint.model, checkpoint.tokenizer, TEXTS, checkpoint.max_tokens)
     assert_close(probs, expected)
     assert labels == decide_labels(expected, checkpoint.labels, checkpoint.threshold)
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-@pytest.mark.parametrize("shape", [(1, 48), (3, 5, 48), (7, 1, 48)])
-def test_packed_linear_equals_linear_and_its_fused_gelu(shape):
-    torch.manual_seed(0)
-    linear, x = torch.nn.Linear(48, 80), torch.randn(shape)
-    with torch.inference_mode():
-        assert_close(PackedLinear(linear)(x), linear(x))
-        assert_close(PackedLinear(linear, gelu=True)(x), torch.nn.functional.gelu(linear(x), approximate="tanh"))
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").exists() or not torch.backends.mkldnn.is_available(), reason="Linux")
-def test_a_prepacked_engine_lets_go_of_the_mapped_checkpoint_file(tiny_checkpoint, tmp_path):
-    checkpoint_dir = Path(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))
-    weights = str(checkpoint_dir / "model.safetensors")
-    checkpoint = load_checkpoint(checkpoint_dir)
-    assert weights in Path("/proc/self/maps").read_text()  # loaded weights are the file's mapped pages
-    del checkpoint
-    engine = Engine.load(tiny_settings(checkpoint_dir))
-    gc.collect()
-    assert weights not in Path("/proc/self/maps").read_text()
-    assert engine.classify(TEXTS)[0].shape == (len(TEXTS), 2)
 
 
 def test_tokenize_truncates_to_the_checkpoints_max_tokens(tiny_checkpoint):

@@ -3,11 +3,11 @@
     python -m benchmarks.train_speed [--reference-steps 30] [--no-cache-epochs 1]   # flags: project, don't run all
 
 - ours: training.finetune.train with the default TrainConfig (last block + ln_f + head trainable, the frozen
-  prefix run once and cached, dynamic padding on length-sorted batches), timed whole, prefix pass included.
+  prefix run once and cached, length-sorted batches of real tokens only), timed whole, prefix pass included.
 - reference: the loop of "Build a Large Language Model (From Scratch)" ch. 6: every message padded to the longest
   training message, all 12 blocks run at every step, logits read at position -1, batch 8, a validation pass per
-  epoch padded the same way. Timed whole (about 8 minutes on 2 cores), or for --reference-steps and projected.
-- ours without the cache (dynamic padding only), for attribution: timed whole, or for --no-cache-epochs, projected.
+  epoch padded the same way. Timed whole (about 9 minutes on 2 cores), or for --reference-steps and projected.
+- ours without the cache (real tokens only), for attribution: timed whole, or for --no-cache-epochs, projected.
 
 The model is GPT-2 124M with random weights: OpenAI's weights are not available here, and the compute is the same.
 """

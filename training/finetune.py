@@ -1,4 +1,4 @@
-"""The fine-tuning loop: which parameters train, the frozen-prefix cache, dynamic padding, best epoch by validation.
+"""The fine-tuning loop: which parameters train, the frozen-prefix cache, sorted batches, best epoch by validation.
 
 It knows nothing about files, tokenizers or checkpoints (minGPT's trainer): it takes a GPTClassifier and token id
 rows with label indices, and leaves the model holding the weights of the epoch with the lowest validation loss.

@@ -18,10 +18,10 @@ import torch
 
 from benchmarks.common import print_table, require_shared_data, write_result
 from benchmarks.serve_engine import (
-    SPLIT_OVERHEAD_TOKENS,
     load_engine,
     padded_tokens,
     random_checkpoint,
+    same_forwards,
     sample_texts,
     time_interleaved,
     transformers_classifier,
@@ -29,7 +29,6 @@ from benchmarks.serve_engine import (
 )
 from training.checkpoint import load_checkpoint
 from training.inference import length_sorted_batches
-from training.model import padding_groups
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -52,11 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     first = engines["float32"]
     rows, _ = first.tokenize(texts)
     batches = [[rows[i] for i in b] for b in length_sorted_batches([len(r) for r in rows], args.max_batch_size)]
-    forwards = [
-        [batch[i] for i in group]
-        for batch in batches
-        for group in padding_groups([len(r) for r in batch], SPLIT_OVERHEAD_TOKENS)
-    ]
+    forwards = same_forwards(batches)
     contenders = {}
     for dtype, engine in engines.items():
         hf = transformers_classifier(plain, first.tokenizer.eot_token).to("cuda", getattr(torch, dtype))

@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from app.settings import Settings
-from training.cli import FinetuneArgs, build_parser
+from training.cli import build_parser
+from training.config import FinetuneConfig, from_flat
 
 GRACE_OPTION = "--timeout-graceful-shutdown"
 
@@ -75,7 +76,7 @@ def check_compose() -> None:
     assert command[:4] == ["python", "-m", "training", "finetune"], command
     namespace = vars(build_parser().parse_args(command[3:]))
     del namespace["command"], namespace["subparser"]
-    FinetuneArgs(**namespace)
+    from_flat(FinetuneConfig, namespace)
 
     for name, service in gpu["services"].items():
         assert name in services, f"docker-compose.gpu.yml: service {name!r} is not in docker-compose.yml"

@@ -5,8 +5,7 @@ from fastapi import FastAPI
 from app.body_limit import BodySizeLimit
 from app.errors import install_error_handlers
 from app.metrics import RequestCounter
-from app.routes import router
-from app.schemas import declare_text_limits
+from app.routes import classify_router, router
 from app.service import Service, lifespan
 from app.settings import Settings
 
@@ -16,14 +15,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service = Service(settings or Settings())
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=service.settings.max_body_bytes)
-    paths = frozenset(route.path for route in router.routes)
+    routers = (router, classify_router(service.settings))
+    for api in routers:
+        app.include_router(api)
+    paths = frozenset(route.path for api in routers for route in api.routes)  # the API's, not /docs' own
     app.add_middleware(RequestCounter, metrics=service.metrics, paths=paths)  # outermost: counts the 413s too
-    app.include_router(router)
-
-    def openapi() -> dict:  # FastAPI's documented hook for extending the generated schema; cached after the first
-        if app.openapi_schema is None:
-            app.openapi_schema = declare_text_limits(FastAPI.openapi(app), service.settings)
-        return app.openapi_schema
-
-    app.openapi = openapi
     return app

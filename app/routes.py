@@ -1,10 +1,14 @@
-"""The HTTP API: /classify, /health, /info, /metrics. Each route declares the errors it can answer with."""
+"""The HTTP API: /classify, /health, /info, /metrics. Each route declares the errors it can answer with.
+
+`router` holds the routes every app shares; classify_router(settings) the ones whose request model carries
+the app's limits."""
 
 import asyncio
 import hmac
 from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
+import torch
 from fastapi import APIRouter, Depends, Request, Response, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -21,8 +25,10 @@ from app.errors import (
     Unauthorized,
     error_responses,
 )
-from app.schemas import ClassifyRequest, ClassifyResponse, Health, Info, check_texts
+from app.schemas import ClassifyResponse, Health, Info, classify_request_model
 from app.service import Service
+from app.settings import Settings
+from training.inference import decide
 
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>, when an API key is configured")
@@ -77,24 +83,36 @@ async def require_api_key(
         raise Unauthorized("API key wrong")
 
 
-@router.post(
-    "/classify",
-    response_model=ClassifyResponse,  # validates and serializes the plain dicts built below in one pass
-    dependencies=[Depends(require_api_key)],
-    responses=error_responses(Unauthorized, PayloadTooLarge, InvalidInput, Overloaded, NotReady, DeadlineExceeded),
-)
-async def classify(body: ClassifyRequest, service: ReadyService, request: Request) -> dict:
-    """Probabilities and a label for each text, in input order. Texts longer than the model's context are
-    truncated and flagged."""
-    check_texts(body.texts, service.settings)
+def classify_router(settings: Settings) -> APIRouter:
+    """/classify, whose request model carries this app's limits (app.schemas.classify_request_model)."""
+    classify_request = classify_request_model(settings)
+    routes = APIRouter()
+
+    @routes.post(
+        "/classify",
+        response_model=ClassifyResponse,  # validates and serializes the plain dicts built below in one pass
+        dependencies=[Depends(require_api_key)],
+        responses=error_responses(Unauthorized, PayloadTooLarge, InvalidInput, Overloaded, NotReady, DeadlineExceeded),
+    )
+    async def classify(body: classify_request, service: ReadyService, request: Request) -> dict:
+        """Probabilities and a label for each text, in input order. Texts longer than the model's context are
+        truncated and flagged."""
+        return await classify_texts(body.texts, service, request)
+
+    return routes
+
+
+async def classify_texts(texts: list[str], service: Service, request: Request) -> dict:
+    """The /classify response for validated `texts`: tokenize, queue for the model, decide labels."""
     # Tokenized here, once, in a thread (tiktoken releases the GIL): requests tokenize in parallel while the
     # model runs, and the batcher needs token counts to keep batches within max_batch_tokens.
-    rows, truncated = await asyncio.to_thread(service.tokenize, body.texts)
-    scored = await unless_client_leaves(request.receive, service.batcher.submit(rows))
-    labels = service.engine.labels
+    rows, truncated = await asyncio.to_thread(service.tokenize, texts)
+    probs = torch.stack(await unless_client_leaves(request.receive, service.batcher.submit(rows)))
+    card = service.engine.card
+    labels = decide(probs, card.labels, card.threshold)
     results = [
-        {"label": label, "probabilities": dict(zip(labels, probs, strict=True)), "tokens": len(ids), "truncated": cut}
-        for (label, probs), ids, cut in zip(scored, rows, truncated, strict=True)
+        {"label": label, "probabilities": dict(zip(card.labels, p, strict=True)), "tokens": len(ids), "truncated": cut}
+        for label, p, ids, cut in zip(labels, probs.tolist(), rows, truncated, strict=True)
     ]
     return {"model": service.model_name, "results": results}
 
@@ -144,14 +162,14 @@ async def info(service: ReadyService) -> Info:
     engine, card = service.engine, service.engine.card
     return Info(
         model=service.model_name,
-        labels=engine.labels,
-        base_model=str(card["base_model"]),
-        parameters=engine.parameters,
-        max_tokens=engine.max_tokens,
-        threshold=engine.threshold,
-        metrics=card["metrics"],
-        created=card["created"],
-        version=card["version"],
+        labels=list(card.labels),
+        base_model=card.base_model,
+        parameters=engine.parameter_count,
+        max_tokens=card.max_tokens,
+        threshold=card.threshold,
+        metrics=card.metrics,
+        created=card.created,
+        version=card.version,
         device=str(engine.device),
         dtype=str(engine.dtype).removeprefix("torch."),
         quantization=engine.quantization,

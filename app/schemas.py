@@ -1,22 +1,41 @@
-"""Request and response bodies. Limits that depend on settings (texts per request, characters per text) are
-checked in check_texts, so the same message format covers them."""
+"""Request and response bodies. The request's limits (texts per request, characters per text, non-empty) are
+constraints on its model, built per app from its settings, so validation and the OpenAPI document agree."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
+from pydantic_core import PydanticCustomError
 
-from app.errors import ErrorDetail, InvalidInput
 from app.settings import Settings
+from training.inference import Threshold
 
 
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt field ("text") is an error, not silently ignored
+def bounded_text(max_chars: int) -> type:
+    """A str of 1..max_chars characters, checked in Python: pydantic's own length check reads the string as
+    UTF-8 and refuses a lone surrogate (valid JSON, and classified like any other text); the same bounds go into
+    the JSON schema beside the check."""
 
-    texts: list[str] = Field(
+    def check(text: str) -> str:
+        if not text:
+            raise PydanticCustomError("string_too_short", "must not be empty", {"min_length": 1})
+        if len(text) > max_chars:
+            raise PydanticCustomError("string_too_long", "too long", {"max_length": max_chars})
+        return text
+
+    return Annotated[str, AfterValidator(check), Field(json_schema_extra={"minLength": 1, "maxLength": max_chars})]
+
+
+def classify_request_model(settings: Settings) -> type[BaseModel]:
+    """The /classify body, `{"texts": [...]}`, with this app's limits declared on its fields."""
+    texts = Field(
         min_length=1,
+        max_length=settings.max_texts_per_request,
         description="Messages to classify; each non-empty, at most max_text_chars characters (see /info)",
         examples=[["WINNER!! Claim your free prize now", "See you at 5?"]],
     )
+    text = bounded_text(settings.max_text_chars)
+    # extra="forbid": a misspelt field ("text") is an error, not silently ignored
+    return create_model("ClassifyRequest", __config__=ConfigDict(extra="forbid"), texts=(list[text], texts))
 
 
 class Result(BaseModel):
@@ -37,43 +56,18 @@ class Health(BaseModel):
     model: str | None = None
 
 
-def declare_text_limits(openapi: dict, settings: Settings) -> dict:
-    """Write check_texts' limits into the OpenAPI document, so clients and schema-driven fuzzers see the real
-    bounds. They are declared here rather than on the model: they depend on settings, and check_texts (not
-    pydantic) enforces them, with its own messages."""
-    texts = openapi["components"]["schemas"]["ClassifyRequest"]["properties"]["texts"]
-    texts["maxItems"] = settings.max_texts_per_request
-    texts["items"].update(minLength=1, maxLength=settings.max_text_chars)
-    return openapi
-
-
-def check_texts(texts: list[str], settings: Settings) -> None:
-    """Raise InvalidInput naming every offending index: too many texts, an empty text, a text too long."""
-    if len(texts) > settings.max_texts_per_request:
-        raise InvalidInput.of(
-            [ErrorDetail(field="texts", message=f"{len(texts)} texts, at most {settings.max_texts_per_request}")]
-        )
-    limit = settings.max_text_chars
-    if all(texts) and max(map(len, texts)) <= limit:  # the common case, without a Python loop per text
-        return
-    details = [
-        ErrorDetail(field=f"texts.{i}", message=f"{len(t)} characters, at most {limit}" if t else "must not be empty")
-        for i, t in enumerate(texts)
-        if not t or len(t) > limit
-    ]
-    raise InvalidInput.of(details)
-
-
 class Info(BaseModel):
     model: str
     labels: list[str]
     base_model: str
     parameters: int
     max_tokens: int = Field(description="Longer texts are truncated to this many tokens")
-    threshold: dict | None = Field(description="The positive label's threshold, chosen on validation; null: argmax")
+    threshold: Threshold | None = Field(
+        description="The positive label's threshold, chosen on validation; null: argmax"
+    )
     metrics: dict = Field(description="The checkpoint's evaluation summary, as training recorded it")
-    created: str
-    version: str
+    created: str | None
+    version: str | None
     device: str
     dtype: str
     quantization: str | None

@@ -41,7 +41,7 @@ class Service:
             raise
         s = self.settings
         self.batcher = Batcher(
-            self.engine.score,
+            self.engine.predict,  # one batch the batcher formed -> (B, n_labels) probabilities, one row per text
             self.metrics,
             max_batch_size=s.max_batch_size,
             max_batch_tokens=s.max_batch_tokens,
@@ -52,7 +52,7 @@ class Service:
             executor=self.model_thread,
         )
         self.batcher.start()
-        self.model_name = s.model_name or model_name(self.engine.card["base_model"], self.engine.parameters)
+        self.model_name = s.model_name or model_name(self.engine.card.base_model, self.engine.parameter_count)
         self.status, self.detail = "ok", None
 
     def drain(self) -> None:

@@ -72,7 +72,7 @@ def measure(n_texts: int, quantize_int8: bool, overrides: dict) -> dict:
     settings = Settings(checkpoint_dir=CHECKPOINT, device="cpu", quantize_int8=quantize_int8, **overrides)
     with TestClient(create_app(settings)) as client:
         engine = client.app.state.service.engine
-        texts = long_texts(engine.tokenizer, n_texts, engine.max_tokens)
+        texts = long_texts(engine.checkpoint.tokenizer, n_texts, engine.card.max_tokens)
         load_peak = max_rss_mib()
         reset_max_rss()
         after_load = max_rss_mib()
@@ -82,13 +82,13 @@ def measure(n_texts: int, quantize_int8: bool, overrides: dict) -> dict:
         after_request = max_rss_mib()
     assert response.status_code == 200, response.text
     results = response.json()["results"]
-    assert all(r["tokens"] == engine.max_tokens and r["truncated"] for r in results), "a text was not truncated"
+    assert all(r["tokens"] == engine.card.max_tokens and r["truncated"] for r in results), "a text was not truncated"
     return {
         "texts": n_texts,
-        "tokens_per_text": engine.max_tokens,
+        "tokens_per_text": engine.card.max_tokens,
         "max_batch_size": settings.max_batch_size,
         "max_batch_tokens": settings.max_batch_tokens,
-        "rows_per_batch": min(settings.max_batch_size, settings.max_batch_tokens // engine.max_tokens),
+        "rows_per_batch": min(settings.max_batch_size, settings.max_batch_tokens // engine.card.max_tokens),
         "body_bytes": len(json.dumps({"texts": texts})),
         "max_rss_during_load_mib": load_peak,
         "max_rss_after_load_mib": after_load,

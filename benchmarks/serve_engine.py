@@ -43,9 +43,11 @@ from benchmarks.common import (
     require_shared_data,
     write_result,
 )
-from training.checkpoint import REPORT_DIR, load_checkpoint, save_checkpoint
+from training.checkpoint import REPORT_DIR, ModelCard, load_checkpoint, save_checkpoint
+from training.config import BaseModelConfig
 from training.data import deduplicate, load_sms_spam, text_id
-from training.inference import length_sorted_batches, pad_right, probabilities
+from training.evaluate import EVAL_BATCH_SIZE
+from training.inference import decide, length_sorted_batches, pad_right, probabilities
 from training.model import GPTClassifier, GPTConfig, hf_key_map, padding_groups
 from training.tokenizer import load_tokenizer
 
@@ -88,15 +90,12 @@ def random_checkpoint(directory: Path, seed: int = 0) -> Path:
     """A GPT-2 124M classifier with seeded random weights, saved with the real BPE files."""
     torch.manual_seed(seed)
     model = GPTClassifier(GPTConfig.from_preset("gpt2"))
-    card = {
-        "labels": ["ham", "spam"],
-        "max_tokens": 256,  # the CLI's default
-        "threshold": None,
-        "base_model": "gpt2 (random weights)",
-        "metrics": {},
-        "training": {},
-        "data": {},
-    }
+    card = ModelCard(
+        labels=("ham", "spam"),
+        max_tokens=BaseModelConfig.max_tokens,
+        threshold=None,
+        base_model="gpt2 (random weights)",
+    )
     return save_checkpoint(directory, model, BPE_DIR, card)
 
 
@@ -181,8 +180,11 @@ def int8_quality() -> dict:
     outputs = {}
     for name, int8 in (("float32", False), ("int8", True)):
         engine = load_engine(TRAINED_CHECKPOINT, int8)
-        probs, served = engine.classify(texts)
-        argmax = [engine.labels[i] for i in probs.argmax(dim=1).tolist()]
+        probs = engine.predict(engine.tokenize(texts)[0], EVAL_BATCH_SIZE)
+        argmax, served = (
+            decide(probs, engine.card.labels, None),
+            decide(probs, engine.card.labels, engine.card.threshold),
+        )
         outputs[name] = {"probs": probs, "argmax": argmax, "served": served}
         result[f"{name}_accuracy"] = _mean(a == b for a, b in zip(argmax, truth, strict=True))
         result[f"{name}_accuracy_at_threshold"] = _mean(a == b for a, b in zip(served, truth, strict=True))

@@ -2,8 +2,8 @@
 
     python -m benchmarks.serve_http [--texts 512] [--seed 0] [--clients 32] [--bulk-size 64] [--bulk-clients 4]
 
-- engine: app.engine.Engine.classify in this process (tokenize, length-sorted batches at the app's default limits,
-  forward, softmax, labels): the most the server could do with these texts. Timed right before each HTTP run, and
+- engine: app.engine.Engine.tokenize and .predict in this process (tokenize, length-sorted batches at the app's
+  default limits, forward, softmax): the most the server could do with these texts. Timed right before each HTTP run, and
   each HTTP run is compared with its own engine run, so that other load on the machine hits both alike.
 - http: a uvicorn server started as a subprocess with the Dockerfile's CMD (`python -m app`, uvicorn serving
   app.main:create_app; only host and port changed: 127.0.0.1 and a free port), loaded from a GPT-2 124M
@@ -178,14 +178,17 @@ def run_http(checkpoint: Path, log: Path, requests: list[list[str]], clients: in
 
 
 def time_engine(checkpoint: Path, texts: list[str], settings: Settings, device: str) -> tuple[float, dict]:
-    """Seconds for Engine.classify on all texts at the app's default batch limits (after the same untimed), and
-    each text's probabilities. The engine is freed afterwards, so the server gets the memory."""
+    """Seconds for Engine.tokenize and Engine.predict on all texts at the app's default batch limits (after the same
+    untimed), and each text's probabilities. The engine is freed afterwards, so the server gets the memory."""
     engine = load_engine(checkpoint, device=device)
-    engine.classify(texts, settings.max_batch_size, settings.max_batch_tokens)  # warm-up, as for the server
+    limits = settings.max_batch_size, settings.max_batch_tokens
+    engine.predict(engine.tokenize(texts)[0], *limits)  # warm-up, as for the server
     start = time.perf_counter()
-    probs, _ = engine.classify(texts, settings.max_batch_size, settings.max_batch_tokens)
+    probs = engine.predict(engine.tokenize(texts)[0], *limits)
     seconds = time.perf_counter() - start
-    answers = {text: dict(zip(engine.labels, p, strict=True)) for text, p in zip(texts, probs.tolist(), strict=True)}
+    answers = {
+        text: dict(zip(engine.card.labels, p, strict=True)) for text, p in zip(texts, probs.tolist(), strict=True)
+    }
     del engine
     gc.collect()
     return seconds, answers

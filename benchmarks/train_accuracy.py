@@ -16,7 +16,7 @@ import sys
 import time
 
 from benchmarks.common import BPE_DIR, ROOT, SMS_FILE, require_shared_data, write_result
-from training.checkpoint import CONFIG_FILE, REPORT_DIR
+from training.checkpoint import REPORT_DIR, load_checkpoint
 
 CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "random-init-all"
 COMMAND = [
@@ -36,7 +36,7 @@ REFERENCE = {
 
 def accuracy_result(checkpoint_dir, wall_seconds: float, wall_source: str) -> dict:
     """The headline numbers of an exported checkpoint's config.json and report/metrics.json."""
-    card = json.loads((checkpoint_dir / CONFIG_FILE).read_text())
+    card = load_checkpoint(checkpoint_dir).card.to_json()
     report = json.loads((checkpoint_dir / REPORT_DIR / "metrics.json").read_text())
     test = report["test"]
     return {

@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import BPE_DIR, SMS_FILE, print_table, reference_logits, require_shared_data, write_result
-from training.cli import FinetuneArgs, encode
+from training.config import BaseModelConfig, TrainConfig
 from training.data import balance, deduplicate, load_sms_spam, stratified_split
-from training.finetune import PAD_ID, Examples, TrainConfig, prepare_trainable, train
+from training.finetune import Examples, prepare_trainable, train
+from training.inference import PAD_ID
 from training.model import GPTClassifier, GPTConfig
+from training.pipeline import encode
 from training.tokenizer import load_tokenizer
 
 TARGET_SPEEDUP = 5.0  # ours against the reference's loop, whole 5-epoch fine-tuning
@@ -43,7 +45,9 @@ def sms_split(enc: tiktoken.Encoding, seed: int) -> tuple[Examples, Examples, di
     prepared = balance(deduplicate(load_sms_spam(SMS_FILE)), seed)
     split = stratified_split(prepared, seed)
     labels = prepared.label_names()
-    train_data, val_data = (encode(enc, ds, labels, FinetuneArgs.max_tokens) for ds in (split.train, split.validation))
+    train_data, val_data = (
+        encode(enc, ds, labels, BaseModelConfig.max_tokens) for ds in (split.train, split.validation)
+    )
     sizes = {name: len(getattr(split, name).texts) for name in ("train", "validation", "test")}
     return train_data, val_data, {**sizes, "labels": labels}
 

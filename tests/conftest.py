@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import save_checkpoint
+from training.checkpoint import ModelCard, save_checkpoint
 from training.model import GPTClassifier, GPTConfig
 from training.tokenizer import load_tokenizer
 
@@ -48,17 +48,16 @@ def tiny_config(tokenizer) -> GPTConfig:
     return GPTConfig.from_preset("tiny", vocab_size=tokenizer.n_vocab)
 
 
-def tiny_card(**overrides) -> dict:
-    card = {
-        "labels": ["ham", "spam"],
-        "max_tokens": 48,
-        "threshold": None,
-        "base_model": "random init (tiny)",
-        "metrics": {},
-        "training": {},
-        "data": {},
-    }
-    return {**card, **overrides}
+def tiny_card(**overrides) -> ModelCard:
+    return ModelCard(
+        **{
+            "labels": ("ham", "spam"),
+            "max_tokens": 48,
+            "threshold": None,
+            "base_model": "random init (tiny)",
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture

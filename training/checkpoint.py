@@ -8,15 +8,20 @@ report/            metrics.json, the data split, plots (written by training, not
 
 import json
 import shutil
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 import torch
 from safetensors.torch import load_file, save_file
 
+from training.config import FinetuneConfig, flatten, from_flat
+from training.inference import Threshold
 from training.model import GPTClassifier, GPTConfig
 from training.tokenizer import BPE_FILES, TokenizerError, bpe_hashes, load_tokenizer
 
@@ -27,14 +32,57 @@ CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR, REPORT_DIR = (
     "tokenizer",
     "report",
 )
+SPLIT_FILE = f"{REPORT_DIR}/split.json"
 POOLING = "last_token"
-# Fields the trainer supplies; save_checkpoint adds format_version, model, pooling, tokenizer, created, version.
-CARD_FIELDS = ("labels", "max_tokens", "threshold", "base_model", "metrics", "training", "data")
-REQUIRED_FIELDS = ("format_version", "model", "pooling", "tokenizer", "created", "version", *CARD_FIELDS)
+# config.json fields written by save_checkpoint around the card's own
+REQUIRED_FIELDS = ("format_version", "model", "pooling", "tokenizer")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be served; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What a checkpoint was trained on."""
+
+    source: str  # the --data argument: "sms" or a path
+    fingerprint: dict  # training.data.fingerprint of the source before deduplication: sha256, rows, labels
+    rows_after_dedup_and_balance: int
+    split: dict[str, int]  # rows per split: train, validation, test
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """config.json's description of the classifier, read and checked once by load_checkpoint.
+
+    `training` and `data` are None for a checkpoint not written by `finetune` (config.json holds `{}` there);
+    `created` and `version` are filled in by save_checkpoint.
+    """
+
+    labels: tuple[str, ...]  # in the head's index order
+    max_tokens: int  # texts are truncated to this many tokens, in training and serving
+    threshold: Threshold | None  # a binary model's decision rule chosen on validation; None: argmax
+    base_model: str  # e.g. "gpt2", or "gpt2 (random init)"
+    metrics: dict[str, Any] = field(default_factory=dict)  # the evaluation summary, as training recorded it
+    training: FinetuneConfig | None = None
+    data: DataSummary | None = None
+    created: str | None = None  # ISO 8601, UTC
+    version: str | None = None  # of the spamgpt package that wrote it
+
+    def to_json(self) -> dict:
+        """The card's fields in config.json's on-disk shape."""
+        return {
+            "labels": list(self.labels),
+            "max_tokens": self.max_tokens,
+            "threshold": None if self.threshold is None else asdict(self.threshold),
+            "base_model": self.base_model,
+            "metrics": self.metrics,
+            "training": {} if self.training is None else flatten(self.training),
+            "data": {} if self.data is None else asdict(self.data),
+            "created": self.created,
+            "version": self.version,
+        }
 
 
 @dataclass
@@ -42,19 +90,7 @@ class Checkpoint:
     path: Path
     model: GPTClassifier  # in eval mode, on the requested device and dtype
     tokenizer: tiktoken.Encoding
-    card: dict  # config.json as written
-
-    @property
-    def labels(self) -> list[str]:
-        return self.card["labels"]
-
-    @property
-    def max_tokens(self) -> int:
-        return self.card["max_tokens"]
-
-    @property
-    def threshold(self) -> dict | None:
-        return self.card["threshold"]
+    card: ModelCard
 
 
 def package_version() -> str:
@@ -64,20 +100,9 @@ def package_version() -> str:
         return "unknown"
 
 
-def decide_labels(probs: torch.Tensor, labels: list[str], threshold: dict | None) -> list[str]:
-    """Labels for (B, n_labels) probabilities: argmax, or for a binary model with a threshold chosen on
-    validation, the positive label wherever its probability reaches the threshold."""
-    if threshold is None:
-        return [labels[i] for i in probs.argmax(dim=1).tolist()]
-    positive = labels.index(threshold["label"])
-    other = labels[1 - positive]
-    return [labels[positive] if p >= threshold["value"] else other for p in probs[:, positive].tolist()]
-
-
-def save_checkpoint(directory: str | Path, model: GPTClassifier, tokenizer_dir: str | Path, card: dict) -> Path:
-    """Write config.json, model.safetensors and tokenizer/ into `directory` (created if needed)."""
-    missing = [name for name in CARD_FIELDS if name not in card]
-    assert not missing, f"checkpoint card lacks {missing}"
+def save_checkpoint(directory: str | Path, model: GPTClassifier, tokenizer_dir: str | Path, card: ModelCard) -> Path:
+    """Write config.json, model.safetensors and tokenizer/ into `directory` (created if needed); the card's
+    `created` and `version` are set here."""
     directory = Path(directory)
     (directory / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
     for name in BPE_FILES:
@@ -86,14 +111,13 @@ def save_checkpoint(directory: str | Path, model: GPTClassifier, tokenizer_dir: 
     save_file(weights, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     # safetensors creates the file owner-only; a server running as another user must still read it
     (directory / WEIGHTS_FILE).chmod(0o644)
+    card = replace(card, created=datetime.now(UTC).isoformat(timespec="seconds"), version=package_version())
     config = {
         "format_version": FORMAT_VERSION,
         "model": model.config.to_dict(),
         "pooling": POOLING,
         "tokenizer": {"name": "gpt2", "sha256": bpe_hashes(directory / TOKENIZER_DIR)},
-        **{name: card[name] for name in CARD_FIELDS},
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "version": package_version(),
+        **card.to_json(),
     }
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return directory
@@ -109,12 +133,12 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
-    card = _read_card(path / CONFIG_FILE)
-    config = _model_config(path / CONFIG_FILE, card)
-    _check_card(path / CONFIG_FILE, card, config)
+    raw = _read_json(path / CONFIG_FILE)
+    config = _model_config(path / CONFIG_FILE, raw)
+    card = _card(path / CONFIG_FILE, raw, config)
     state = _read_weights(path / WEIGHTS_FILE, config)
     try:
-        tokenizer = load_tokenizer(path / TOKENIZER_DIR, expected_sha256=card["tokenizer"].get("sha256") or {})
+        tokenizer = load_tokenizer(path / TOKENIZER_DIR, expected_sha256=raw["tokenizer"]["sha256"])
     except TokenizerError as exc:
         raise CheckpointError(str(exc)) from exc
     if tokenizer.n_vocab > config.vocab_size:
@@ -128,27 +152,27 @@ def load_checkpoint(
     return Checkpoint(path=path, model=model, tokenizer=tokenizer, card=card)
 
 
-def _read_card(file: Path) -> dict:
+def _read_json(file: Path) -> dict:
     if not file.is_file():
         raise CheckpointError(f"{file}: missing")
     try:
-        card = json.loads(file.read_text())
+        raw = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
-    if not isinstance(card, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(card).__name__}")
-    missing = [name for name in REQUIRED_FIELDS if name not in card]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    missing = [name for name in (*REQUIRED_FIELDS, *(f.name for f in fields(ModelCard))) if name not in raw]
     if missing:
         raise CheckpointError(f"{file}: missing field {missing[0]!r}")
-    if card["format_version"] != FORMAT_VERSION:
+    if raw["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
-            f"{file}: unknown format_version {card['format_version']!r} (this spamgpt reads {FORMAT_VERSION})"
+            f"{file}: unknown format_version {raw['format_version']!r} (this spamgpt reads {FORMAT_VERSION})"
         )
-    return card
+    return raw
 
 
-def _model_config(file: Path, card: dict) -> GPTConfig:
-    model = card["model"]
+def _model_config(file: Path, raw: dict) -> GPTConfig:
+    model = raw["model"]
     if not isinstance(model, dict):
         raise CheckpointError(f"{file}: 'model' must be an object, got {model!r}")
     try:
@@ -157,8 +181,9 @@ def _model_config(file: Path, card: dict) -> GPTConfig:
         raise CheckpointError(f"{file}: invalid model config ({exc})") from exc
 
 
-def _check_card(file: Path, card: dict, config: GPTConfig) -> None:
-    labels, max_tokens, threshold = card["labels"], card["max_tokens"], card["threshold"]
+def _card(file: Path, raw: dict, config: GPTConfig) -> ModelCard:
+    """The card from config.json, every field checked against the model config; the one place that reads it."""
+    labels, max_tokens = raw["labels"], raw["max_tokens"]
     if (
         not isinstance(labels, list)
         or len(labels) != config.n_labels
@@ -169,21 +194,47 @@ def _check_card(file: Path, card: dict, config: GPTConfig) -> None:
     # bool is an int subclass: JSON true must not pass as 1
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= config.block_size:
         raise CheckpointError(f"{file}: 'max_tokens' must be an integer in 1..{config.block_size}, got {max_tokens!r}")
-    if card["pooling"] != POOLING:
-        raise CheckpointError(f"{file}: unknown pooling {card['pooling']!r} (expected {POOLING!r})")
-    if threshold is not None and not (
-        config.n_labels == 2
+    if raw["pooling"] != POOLING:
+        raise CheckpointError(f"{file}: unknown pooling {raw['pooling']!r} (expected {POOLING!r})")
+    tokenizer = raw["tokenizer"]
+    if not isinstance(tokenizer, dict) or set(tokenizer.get("sha256") or {}) != set(BPE_FILES):
+        raise CheckpointError(f"{file}: 'tokenizer' must record the sha256 of {list(BPE_FILES)}")
+    for name in ("metrics", "training", "data"):
+        if not isinstance(raw[name], dict):
+            raise CheckpointError(f"{file}: {name!r} must be an object, got {raw[name]!r}")
+    try:
+        training = from_flat(FinetuneConfig, raw["training"]) if raw["training"] else None
+        data = DataSummary(**raw["data"]) if raw["data"] else None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: invalid 'training' or 'data' record ({exc})") from exc
+    return ModelCard(
+        labels=tuple(labels),
+        max_tokens=max_tokens,
+        threshold=_threshold(file, raw["threshold"], labels),
+        base_model=str(raw["base_model"]),
+        metrics=raw["metrics"],
+        training=training,
+        data=data,
+        created=raw["created"],
+        version=raw["version"],
+    )
+
+
+def _threshold(file: Path, threshold: object, labels: list[str]) -> Threshold | None:
+    if threshold is None:
+        return None
+    if not (
+        len(labels) == 2
         and isinstance(threshold, dict)
-        and threshold.get("label") in labels
-        and isinstance(threshold.get("value"), int | float)
+        and threshold["label"] in labels
+        and isinstance(threshold["value"], int | float)
         and not isinstance(threshold["value"], bool)
         and 0.0 <= threshold["value"] <= 1.0
     ):
         raise CheckpointError(
             f"{file}: 'threshold' must be null or {{'label': one of the 2 labels, 'value': 0..1}}, got {threshold!r}"
         )
-    if not isinstance(card["tokenizer"], dict) or set(card["tokenizer"].get("sha256") or {}) != set(BPE_FILES):
-        raise CheckpointError(f"{file}: 'tokenizer' must record the sha256 of {list(BPE_FILES)}")
+    return Threshold(threshold["label"], float(threshold["value"]))
 
 
 def _read_weights(file: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -209,3 +260,23 @@ def _read_weights(file: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{file}: tensor {key!r} has non-finite values (NaN or inf)")
     return {k: v.float() for k, v in state.items()}
+
+
+@contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """A directory beside `target` that replaces it only once everything inside is written, so that a crash
+    never leaves a half checkpoint where serving would look."""
+    staging, old = target.with_name(f".{target.name}.staging"), target.with_name(f".{target.name}.old")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)  # a crashed run's leftovers
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)  # a directory cannot be renamed over a non-empty one
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

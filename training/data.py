@@ -38,6 +38,9 @@ class Dataset:
         return sorted(set(self.labels))
 
 
+SPLITS = ("train", "validation", "test")
+
+
 @dataclass(frozen=True)
 class Split:
     train: Dataset
@@ -247,3 +250,23 @@ def text_id(text: str) -> str:
     """A short sha256 of a text: names it in the saved split without copying it."""
     # surrogatepass: a JSON table can carry a lone surrogate, which strict UTF-8 cannot encode
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def write_split(file: Path, split: Split) -> None:
+    """split.json: each split's text ids (text_id), so that evaluation can select a split's rows later."""
+    ids = {name: [text_id(text) for text in getattr(split, name).texts] for name in SPLITS}
+    file.write_text(json.dumps(ids) + "\n")
+
+
+def select_split(ds: Dataset, file: Path, name: str) -> Dataset:
+    """The rows of `ds` that split.json `file` puts in split `name`.
+
+    Raises ValueError when the file is missing or none of the rows is in that split.
+    """
+    if not file.is_file():
+        raise ValueError(f"{file}: missing, so --split {name} cannot be selected")
+    ids = set(json.loads(file.read_text())[name])
+    keep = [i for i, text in enumerate(ds.texts) if text_id(text) in ids]
+    if not keep:
+        raise ValueError(f"none of these rows is in the checkpoint's {name} split")
+    return _subset(ds, keep)

@@ -1,19 +1,19 @@
 """The evaluation report: metrics on validation and test, the decision threshold chosen on validation, plots.
 
-It knows nothing about training loops. Probabilities come from training.inference.predict_proba and thresholded
-labels from training.checkpoint.decide_labels, the same code the server runs.
+It knows nothing about training loops. Probabilities and thresholded labels come from training.inference
+(predict_probabilities, decide), the same code the server runs.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import tiktoken
 import torch
 
-from training.checkpoint import decide_labels
-from training.inference import predict_proba
+from training.inference import Threshold, decide, predict_probabilities
 from training.model import GPTClassifier
+
+EVAL_BATCH_SIZE = 32  # rows per forward pass: no gradients, so larger than training's batches
 
 
 @dataclass
@@ -22,19 +22,16 @@ class Predictions:
     targets: torch.Tensor  # (N,) label indices
 
 
-def predict(
-    model: GPTClassifier,
-    enc: tiktoken.Encoding,
-    texts: list[str],
-    labels: list[str],
-    label_names: list[str],
-    max_tokens: int,
-) -> Predictions:
+def predict(model: GPTClassifier, rows: list[list[int]], labels: list[str], label_names: list[str]) -> Predictions:
+    """The model's probabilities for token id `rows` (truncated to its max_tokens) beside their true `labels`.
+
+    Raises ValueError naming labels the model does not know.
+    """
     unknown = sorted(set(labels) - set(label_names))
     if unknown:
         raise ValueError(f"labels {unknown!r} are not among the model's labels {label_names!r}")
     targets = torch.tensor([label_names.index(label) for label in labels], dtype=torch.long)
-    return Predictions(predict_proba(model, enc, texts, max_tokens), targets)
+    return Predictions(predict_probabilities(model, rows, EVAL_BATCH_SIZE), targets)
 
 
 def positive_label(label_names: list[str]) -> str | None:
@@ -115,24 +112,24 @@ def classification_metrics(
     }
 
 
-def split_metrics(predictions: Predictions, label_names: list[str], threshold: dict | None) -> dict:
+def split_metrics(predictions: Predictions, label_names: list[str], threshold: Threshold | None) -> dict:
     """Metrics at argmax, and with a binary threshold also at that threshold."""
     probs, targets = predictions.probs, predictions.targets
     out = {"argmax": classification_metrics(probs, targets, probs.argmax(dim=1), label_names)}
     if threshold is not None:
-        decided = torch.tensor([label_names.index(label) for label in decide_labels(probs, label_names, threshold)])
+        decided = torch.tensor([label_names.index(label) for label in decide(probs, label_names, threshold)])
         out["threshold"] = classification_metrics(probs, targets, decided, label_names)
     return out
 
 
 def evaluation_report(label_names: list[str], validation: Predictions, test: Predictions) -> dict:
-    """Validation and test metrics; the binary threshold is chosen on validation alone, then applied to test."""
+    """Validation and test metrics; the binary threshold is chosen on validation alone, then applied to test.
+    The report's "threshold" is a Threshold or None."""
     positive = positive_label(label_names)
     threshold = None
     if positive is not None:
         index = label_names.index(positive)
-        value = choose_threshold(validation.probs[:, index], validation.targets == index)
-        threshold = {"label": positive, "value": value}
+        threshold = Threshold(positive, choose_threshold(validation.probs[:, index], validation.targets == index))
     return {
         "labels": label_names,
         "threshold": threshold,
@@ -161,7 +158,7 @@ def summary(report: dict) -> dict:
 def write_report(directory: Path, report: dict, test: Predictions, history: dict | None = None) -> None:
     """metrics.json (the report and the training history) and, when matplotlib is installed, PNG plots."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "metrics.json").write_text(json.dumps({**report, "history": history}, indent=2) + "\n")
+    (directory / "metrics.json").write_text(json.dumps({**report, "history": history}, indent=2, default=asdict) + "\n")
     write_plots(directory, report, test, history)
 
 

@@ -5,56 +5,19 @@ rows with label indices, and leaves the model holding the weights of the epoch w
 """
 
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.inference import length_sorted_batches, pad_right
+from training.config import TrainConfig
+from training.device import resolve_device
+from training.inference import PAD_ID, length_sorted_batches, pad_right
 from training.lora import add_lora, merge_lora
 from training.model import GPTClassifier, Packing
 
-TRAINABLE = ("last-blocks", "all", "lora")
-PAD_ID = 0  # right padding is never read by the model, so any valid token id will do
 PREFIX_BATCH_SIZE = 32  # the frozen prefix and validation run without gradients, so they afford larger batches
-
-
-def opt(default=MISSING, help: str = "", choices: tuple | None = None):
-    """A dataclass field whose help text and choices the command line shows."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    trainable: str = opt(
-        "last-blocks",
-        "last-blocks: those blocks + final norm + head; all; lora: adapters + final norm + head",
-        TRAINABLE,
-    )
-    trainable_blocks: int = opt(1, "how many final blocks train with --trainable last-blocks")
-    lora_rank: int = opt(8, "rank of each LoRA adapter: trainable size against capacity")
-    lora_alpha: float = opt(16.0, "LoRA adapters' output is scaled by alpha / rank")
-    epochs: int = opt(5, "passes over the training split")
-    batch_size: int = opt(8, "training examples per optimizer step")
-    lr: float = opt(5e-5, "AdamW learning rate")
-    weight_decay: float = opt(0.1, "AdamW weight decay")
-    seed: int = opt(123, "seeds the data split, the model's initialisation and the order of batches")
-    device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    cache_prefix: bool = opt(True, "run the frozen blocks once and cache their output (off: same losses, slower)")
-
-    def __post_init__(self):
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
-        for name in ("trainable_blocks", "lora_rank", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        for name in ("lora_alpha", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must not be negative, got {self.weight_decay!r}")
-        resolve_device(self.device)
 
 
 @dataclass
@@ -74,19 +37,6 @@ class History:
 
     def to_dict(self) -> dict:
         return {"epochs": self.epochs, "best_epoch": self.best_epoch}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        try:
-            return torch.device(name)
-        except RuntimeError as exc:
-            raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from exc
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def prepare_trainable(model: GPTClassifier, config: TrainConfig) -> int:

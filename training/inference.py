@@ -1,14 +1,27 @@
-"""Batching and probabilities, shared by evaluation and the serving engine."""
+"""The one path from token ids to probabilities and labels, shared by evaluation, the serving engine and the
+benchmarks: length-sorted batches, right padding, last-real-token pooling (in the model), float32 softmax; then
+the decision rule (argmax, or a binary threshold chosen on validation)."""
 
-import tiktoken
+from dataclasses import dataclass
+
 import torch
 
 from training.model import GPTClassifier
-from training.tokenizer import encode_batch
+
+PAD_ID = 0  # right padding is never read by the model, so any valid token id will do
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A binary model's decision rule: `label` wins wherever its probability is at least `value` (in 0..1).
+    In config.json and metrics.json it is `{"label": ..., "value": ...}`, as dataclasses.asdict writes it."""
+
+    label: str
+    value: float
 
 
 def pad_right(
-    rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+    rows: list[list[int]], pad_id: int = PAD_ID, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists -> (B, T) right-padded ids and (B,) lengths. The pad id is never read by the model."""
     lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
@@ -18,11 +31,13 @@ def pad_right(
     return idx.to(device), lengths.to(device)
 
 
-def length_sorted_batches(lengths: list[int], max_batch: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+def length_sorted_batches(
+    lengths: list[int], max_batch: int | None = None, max_batch_tokens: int | None = None
+) -> list[list[int]]:
     """Indices grouped into batches of similar length, so that little compute goes to padding.
 
-    A batch holds at most max_batch rows and, padded to its longest row, at most max_batch_tokens tokens
-    (a single row longer than the budget still gets a batch of its own).
+    A batch holds at most max_batch rows (None: no row limit) and, padded to its longest row, at most
+    max_batch_tokens tokens (None: no budget; a single row longer than the budget still gets a batch of its own).
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches, current = [], []
@@ -39,25 +54,40 @@ def length_sorted_batches(lengths: list[int], max_batch: int, max_batch_tokens: 
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """float32 softmax that stays finite even when low-precision logits overflowed to +-inf."""
+    """(B, n_labels) logits of any float dtype -> float32 softmax that stays finite even when low-precision
+    logits overflowed to +-inf."""
     logits = logits.float()
     finfo = torch.finfo(torch.float32)
     return torch.softmax(logits.nan_to_num(nan=0.0, posinf=finfo.max, neginf=finfo.min), dim=-1)
 
 
 @torch.inference_mode()
-def predict_proba(
+def predict_probabilities(
     model: GPTClassifier,
-    enc: tiktoken.Encoding,
-    texts: list[str],
-    max_tokens: int,
-    batch_size: int = 32,
+    rows: list[list[int]],
+    max_batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
 ) -> torch.Tensor:
-    """(N, n_labels) float32 probabilities for `texts`, in input order."""
-    device = next(model.parameters()).device
-    rows, _ = encode_batch(enc, texts, max_tokens)
-    out = torch.empty(len(texts), model.config.n_labels)
-    for batch in length_sorted_batches([len(r) for r in rows], batch_size):
-        idx, lengths = pad_right([rows[i] for i in batch], enc.eot_token, device)
+    """Rows of token ids (already truncated to the model's max_tokens) -> (N, n_labels) float32 probabilities on
+    the CPU, in input order.
+
+    Rows run in length-sorted batches of at most max_batch_size rows and max_batch_tokens padded tokens (None: no
+    limit, so a batch the caller already bounded runs as one forward pass). A row's result does not depend on
+    its batch-mates: right padding with causal attention, pooled at each row's last real token.
+    """
+    device = model.transformer.wte.weight.device
+    out = torch.empty(len(rows), model.config.n_labels)
+    for batch in length_sorted_batches([len(r) for r in rows], max_batch_size, max_batch_tokens):
+        idx, lengths = pad_right([rows[i] for i in batch], PAD_ID, device)
         out[batch] = probabilities(model(idx, lengths)).cpu()
     return out
+
+
+def decide(probs: torch.Tensor, labels: list[str] | tuple[str, ...], threshold: Threshold | None) -> list[str]:
+    """Labels for (B, n_labels) probabilities: argmax, or for a binary model with a threshold, `threshold.label`
+    wherever its probability is at least `threshold.value` and the other label elsewhere."""
+    if threshold is None:
+        return [labels[i] for i in probs.argmax(dim=1).tolist()]
+    positive = labels.index(threshold.label)
+    other = labels[1 - positive]
+    return [labels[positive] if p >= threshold.value else other for p in probs[:, positive].tolist()]

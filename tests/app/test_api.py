@@ -11,6 +11,7 @@ from app.main import create_app
 from tests.app.helpers import tiny_settings
 from tests.conftest import tiny_card
 from training.checkpoint import save_checkpoint
+from training.inference import Threshold, decide
 from training.model import GPTClassifier
 
 
@@ -35,13 +36,13 @@ def test_classify_returns_probabilities_in_input_order(client, tiny_checkpoint):
     assert body["model"] == "spamgpt-random-init-tiny-36.3k"
     results = body["results"]
     engine = Engine.load(tiny_settings(tiny_checkpoint))
-    expected, labels = engine.classify(texts)
-    got = torch.tensor([[r["probabilities"][label] for label in engine.labels] for r in results])
+    expected = engine.predict(engine.tokenize(texts)[0], max_batch_size=32)
+    got = torch.tensor([[r["probabilities"][label] for label in engine.card.labels] for r in results])
     assert_close(got, expected)
-    assert [r["label"] for r in results] == labels
+    assert [r["label"] for r in results] == decide(expected, engine.card.labels, engine.card.threshold)
     assert all(math.isclose(sum(r["probabilities"].values()), 1.0, abs_tol=1e-6) for r in results)
     assert [r["truncated"] for r in results] == [False, False, True, False]
-    assert results[2]["tokens"] == engine.max_tokens
+    assert results[2]["tokens"] == engine.card.max_tokens
 
 
 @pytest.mark.parametrize(
@@ -139,11 +140,11 @@ def test_api_key_guards_classify_and_info(tiny_checkpoint, headers, status):
 
 
 def test_threshold_from_the_checkpoint_decides_the_label(tmp_path, tiny_config, bpe_dir):
-    threshold = {"label": "spam", "value": 0.0}  # every probability reaches it
+    threshold = Threshold("spam", 0.0)  # every probability reaches it
     directory = save_checkpoint(tmp_path / "t", GPTClassifier(tiny_config), bpe_dir, tiny_card(threshold=threshold))
     with TestClient(create_app(tiny_settings(directory))) as client:
         results = client.post("/classify", json={"texts": ["a", "bb", "see you"]}).json()["results"]
-        assert client.get("/info").json()["threshold"] == threshold
+        assert client.get("/info").json()["threshold"] == {"label": "spam", "value": 0.0}
     assert [r["label"] for r in results] == ["spam"] * 3
 
 

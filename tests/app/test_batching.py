@@ -15,6 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 from torch.testing import assert_close
 
+import app.engine
 from app.engine import Engine
 from app.main import create_app
 from tests.app.helpers import tiny_settings
@@ -39,19 +40,19 @@ async def serve_app(app):
 
 
 class BlockedEngine:
-    """Engine.score held until released, recording every batch of token ids it was given."""
+    """Engine.predict held until released, recording every batch of token ids it was given."""
 
     def __init__(self, monkeypatch):
         self.entered, self.release, self.batches = threading.Event(), threading.Event(), []
-        score = Engine.score
+        predict = Engine.predict
 
-        def blocked_score(engine, rows):
+        def blocked_predict(engine, rows):
             self.batches.append(rows)
             self.entered.set()
             assert self.release.wait(timeout=10), "test never released the engine"
-            return score(engine, rows)
+            return predict(engine, rows)
 
-        monkeypatch.setattr(Engine, "score", blocked_score)
+        monkeypatch.setattr(Engine, "predict", blocked_predict)
 
     async def wait_entered(self):
         assert await asyncio.to_thread(self.entered.wait, 10)
@@ -99,19 +100,19 @@ def test_batched_results_equal_each_text_alone(tiny_checkpoint):
         assert len(results) == len(texts)
         rows, _ = engine.tokenize(texts)
         alone = torch.cat([engine.predict([row]) for row in rows])
-        got = torch.tensor([[r["probabilities"][label] for label in engine.labels] for r in results])
+        got = torch.tensor([[r["probabilities"][label] for label in engine.card.labels] for r in results])
         assert_close(got, alone, rtol=0, atol=1e-5)
         assert [r["tokens"] for r in results] == [len(row) for row in rows]
 
 
 def test_the_model_runs_on_one_thread_from_warm_up_to_every_batch(tiny_checkpoint, monkeypatch):
-    threads, predict = [], Engine.predict
+    threads, predict = [], app.engine.predict_probabilities
 
-    def recording_predict(engine, rows):
+    def recording_predict(*args):
         threads.append(threading.current_thread().name)
-        return predict(engine, rows)
+        return predict(*args)
 
-    monkeypatch.setattr(Engine, "predict", recording_predict)
+    monkeypatch.setattr(app.engine, "predict_probabilities", recording_predict)
     settings = tiny_settings(tiny_checkpoint, max_batch_size=2, max_wait_ms=0)
 
     async def main():
@@ -179,7 +180,7 @@ def test_batching_switch(tiny_checkpoint, monkeypatch, batching, expected_sizes)
     responses = asyncio.run(main())
     assert [r.status_code for r in responses] == [200] * 5
     assert [len(r.json()["results"]) for r in responses] == [1, 1, 2, 3, 1]
-    assert engine.batch_sizes[1:] == expected_sizes[1:]  # the warm-up does not go through score
+    assert engine.batch_sizes[1:] == expected_sizes[1:]  # the warm-up does not go through Engine.predict
 
 
 def test_health_is_503_until_loaded_and_while_draining(tiny_checkpoint, monkeypatch):
@@ -385,15 +386,15 @@ def test_a_client_that_disconnects_while_waiting_has_its_texts_dropped(tiny_chec
 
 
 def test_a_failing_model_is_a_500_for_its_batch_only(tiny_checkpoint, monkeypatch):
-    score = Engine.score
+    predict = Engine.predict
     failures = iter([True])
 
-    def flaky_score(engine, rows):
+    def flaky_predict(engine, rows):
         if next(failures, False):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return score(engine, rows)
+        return predict(engine, rows)
 
-    monkeypatch.setattr(Engine, "score", flaky_score)
+    monkeypatch.setattr(Engine, "predict", flaky_predict)
     with TestClient(create_app(tiny_settings(tiny_checkpoint)), raise_server_exceptions=False) as client:
         failed = client.post("/classify", json={"texts": ["a"]})
         served = client.post("/classify", json={"texts": ["a"]})

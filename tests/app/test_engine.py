@@ -4,8 +4,8 @@ from torch.testing import assert_close
 
 from app.engine import Engine
 from tests.app.helpers import tiny_settings
-from training.checkpoint import decide_labels, load_checkpoint
-from training.inference import predict_proba
+from training.checkpoint import load_checkpoint
+from training.inference import predict_probabilities
 
 TEXTS = [
     "Free entry in 2 a wkly comp to win FA Cup final tkts",
@@ -15,21 +15,19 @@ TEXTS = [
 ]
 
 
-def test_engine_equals_training_predict_proba(tiny_checkpoint):
+def test_engine_equals_training_predict_probabilities(tiny_checkpoint):
     engine = Engine.load(tiny_settings(tiny_checkpoint))
-    probs, labels = engine.classify(TEXTS, max_batch_size=2)
+    rows, _ = engine.tokenize(TEXTS)
     checkpoint = load_checkpoint(tiny_checkpoint)
-    expected = predict_proba(checkpoint.model, checkpoint.tokenizer, TEXTS, checkpoint.max_tokens)
-    assert_close(probs, expected)
-    assert labels == decide_labels(expected, checkpoint.labels, checkpoint.threshold)
+    assert_close(engine.predict(rows, max_batch_size=2), predict_probabilities(checkpoint.model, rows, 32))
 
 
 def test_tokenize_truncates_to_the_checkpoints_max_tokens(tiny_checkpoint):
     engine = Engine.load(tiny_settings(tiny_checkpoint))
     rows, truncated = engine.tokenize(TEXTS)
     assert truncated == [False, False, True, False]
-    assert len(rows[2]) == engine.max_tokens
-    assert max(len(r) for r in rows[:2] + rows[3:]) < engine.max_tokens
+    assert len(rows[2]) == engine.card.max_tokens
+    assert max(len(r) for r in rows[:2] + rows[3:]) < engine.card.max_tokens
 
 
 def test_a_row_scores_the_same_alone_and_in_a_padded_batch(tiny_checkpoint):
@@ -45,9 +43,10 @@ def test_int8_quantization_stays_close_to_float32(tiny_checkpoint):
     float32 = Engine.load(tiny_settings(tiny_checkpoint))
     int8 = Engine.load(tiny_settings(tiny_checkpoint, quantize_int8=True))
     assert int8.quantization == "int8-dynamic" and float32.quantization is None
-    assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())  # every Linear was swapped
-    assert int8.parameters == float32.parameters
-    assert_close(int8.classify(TEXTS)[0], float32.classify(TEXTS)[0], rtol=0, atol=2e-2)
+    assert not any(isinstance(m, torch.nn.Linear) for m in int8.checkpoint.model.modules())  # every Linear swapped
+    assert int8.parameter_count == float32.parameter_count
+    rows, _ = float32.tokenize(TEXTS)
+    assert_close(int8.predict(rows), float32.predict(rows), rtol=0, atol=2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -56,6 +55,7 @@ def test_half_precision_on_cuda_stays_close_to_float32_on_cpu(tiny_checkpoint, d
     cuda = Engine.load(tiny_settings(tiny_checkpoint, device="cuda", dtype=dtype))
     cpu = Engine.load(tiny_settings(tiny_checkpoint))
     assert (cuda.device.type, str(cuda.dtype)) == ("cuda", f"torch.{dtype}")
-    probs = cuda.classify(TEXTS)[0]
+    rows, _ = cpu.tokenize(TEXTS)
+    probs = cuda.predict(rows)
     assert probs.dtype == torch.float32  # softmax in float32 whatever the model's dtype
-    assert_close(probs, cpu.classify(TEXTS)[0], rtol=0, atol=2e-2)
+    assert_close(probs, cpu.predict(rows), rtol=0, atol=2e-2)

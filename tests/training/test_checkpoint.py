@@ -7,9 +7,10 @@ import torch
 from conftest import tiny_card
 from safetensors.torch import load_file, save_file
 
-from training.checkpoint import CheckpointError, decide_labels, load_checkpoint, save_checkpoint
-from training.inference import predict_proba
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.inference import Threshold, predict_probabilities
 from training.model import GPTClassifier, GPTConfig
+from training.tokenizer import encode_batch
 
 TEXTS = ["WINNER!! Claim your free prize now", "See you at 5?", "", "the cat sat on the mat " * 10]
 
@@ -17,7 +18,7 @@ TEXTS = ["WINNER!! Claim your free prize now", "See you at 5?", "", "the cat sat
 def test_export_then_load_gives_identical_state_and_probabilities(tmp_path, tiny_config, bpe_dir, tokenizer):
     torch.manual_seed(3)
     model = GPTClassifier(tiny_config).eval()
-    card = tiny_card(threshold={"label": "spam", "value": 0.7}, metrics={"test": {"accuracy": 0.5}})
+    card = tiny_card(threshold=Threshold("spam", 0.7), metrics={"test": {"accuracy": 0.5}})
     save_checkpoint(tmp_path / "ckpt", model, bpe_dir, card)
 
     ckpt = load_checkpoint(tmp_path / "ckpt")
@@ -25,24 +26,21 @@ def test_export_then_load_gives_identical_state_and_probabilities(tmp_path, tiny
     assert loaded.keys() == model.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     assert not ckpt.model.training and not any(p.requires_grad for p in ckpt.model.parameters())
-    assert torch.equal(
-        predict_proba(ckpt.model, ckpt.tokenizer, TEXTS, ckpt.max_tokens),
-        predict_proba(model, tokenizer, TEXTS, card["max_tokens"]),
+    rows, _ = encode_batch(tokenizer, TEXTS, card.max_tokens)
+    assert torch.equal(predict_probabilities(ckpt.model, rows), predict_probabilities(model, rows))
+    assert (ckpt.card.labels, ckpt.card.max_tokens, ckpt.card.threshold) == (
+        ("ham", "spam"),
+        48,
+        Threshold("spam", 0.7),
     )
-    assert (ckpt.labels, ckpt.max_tokens, ckpt.threshold) == (["ham", "spam"], 48, {"label": "spam", "value": 0.7})
-    assert ckpt.card["metrics"] == card["metrics"] and ckpt.card["model"] == tiny_config.to_dict()
+    assert ckpt.card.metrics == card.metrics and ckpt.model.config == tiny_config
+    written = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert written["threshold"] == {"label": "spam", "value": 0.7} and written["training"] == written["data"] == {}
 
 
 def test_load_onto_a_lower_precision_dtype(tiny_checkpoint):
     ckpt = load_checkpoint(tiny_checkpoint, dtype=torch.bfloat16)
     assert {p.dtype for p in ckpt.model.parameters()} == {torch.bfloat16}
-
-
-def test_decide_labels():
-    probs = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.25, 0.75]])
-    assert decide_labels(probs, ["ham", "spam"], None) == ["ham", "spam", "spam"]
-    assert decide_labels(probs, ["ham", "spam"], {"label": "spam", "value": 0.7}) == ["ham", "ham", "spam"]
-    assert decide_labels(probs, ["ham", "spam"], {"label": "ham", "value": 0.3}) == ["ham", "ham", "spam"]
 
 
 # --- Broken checkpoints ---------------------------------------------------------------------------
@@ -212,3 +210,56 @@ def test_load_checkpoint_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path
     save_checkpoint(tmp_path / "ckpt", small, bpe_dir, tiny_card())
     with pytest.raises(CheckpointError, match=rf"tokenizer has {tiny_config.vocab_size} tokens, model vocab_size"):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def test_loads_a_config_json_in_the_format_written_by_spamgpt_0_1_0(tiny_checkpoint):
+    """config.json exactly as `finetune` wrote it before the card was typed: every field still reads."""
+    raw = json.loads((tiny_checkpoint / "config.json").read_text())
+    training = {
+        "trainable": "last-blocks", "trainable_blocks": 1, "lora_rank": 8, "lora_alpha": 16.0, "epochs": 5,
+        "batch_size": 8, "lr": 5e-05, "weight_decay": 0.1, "seed": 123, "device": "auto", "cache_prefix": True,
+        "data": "sms", "text_column": "text", "label_column": "label", "balance": True, "preset": "gpt2",
+        "init": "random", "weights": None, "tokenizer_dir": None, "max_tokens": 48,
+        "cache_dir": "/cache", "out": "/models/spamgpt", "skip_existing": True,
+    }  # fmt: skip
+    data = {
+        "source": "sms",
+        "fingerprint": {"sha256": "ab" * 32, "rows": 5574, "labels": {"ham": 4827, "spam": 747}},
+        "rows_after_dedup_and_balance": 1306,
+        "split": {"train": 914, "validation": 130, "test": 262},
+    }
+    metrics = {"test_accuracy": 0.95, "test_f1": 0.95, "test_roc_auc": 0.99, "f1_label": "spam", "best_epoch": 4}
+    raw |= {
+        "threshold": {"label": "spam", "value": 0.41},
+        "base_model": "gpt2 (random init)",
+        "metrics": metrics,
+        "training": training,
+        "data": data,
+        "created": "2026-11-20T10:00:00+00:00",
+        "version": "0.1.0",
+    }
+    (tiny_checkpoint / "config.json").write_text(json.dumps(raw, indent=2))
+
+    card = load_checkpoint(tiny_checkpoint).card
+    assert card.threshold == Threshold("spam", 0.41) and card.base_model == "gpt2 (random init)"
+    assert card.training.data.data == "sms" and card.training.base.init == "random" and card.training.train.lr == 5e-05
+    assert card.training.out == "/models/spamgpt" and card.training.skip_existing is True
+    assert card.data.rows_after_dedup_and_balance == 1306 and card.data.fingerprint["labels"]["spam"] == 747
+    assert (card.metrics, card.created, card.version) == (metrics, "2026-11-20T10:00:00+00:00", "0.1.0")
+    assert card.to_json() | {k: raw[k] for k in ("format_version", "model", "pooling", "tokenizer")} == raw
+
+
+@pytest.mark.parametrize(
+    ("training", "match"),
+    [
+        pytest.param(
+            {"epochs": 0}, r"invalid 'training' or 'data' record \(epochs must be at least 1, got 0\)", id="0"
+        ),
+        pytest.param({"epochs": "5"}, r"invalid 'training' or 'data' record", id="string"),
+        pytest.param([], r"'training' must be an object, got \[\]", id="list"),
+    ],
+)
+def test_load_checkpoint_refuses_a_bad_training_record(tiny_checkpoint, training, match):
+    edit_card(training=training)(tiny_checkpoint)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tiny_checkpoint)

@@ -5,13 +5,17 @@ import random
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-import training.cli
+import training.pipeline
 from training.checkpoint import load_checkpoint
 from training.cli import main
+from training.config import BaseModelConfig, DataConfig, FinetuneConfig, TrainConfig
+from training.inference import Threshold
+from training.pipeline import finetune
 
 SPAM_WORDS = ["win", "prize", "cash", "claim", "free", "urgent", "call", "now", "offer", "txt", "bonus", "reply"]
 HAM_WORDS = ["see", "you", "at", "lunch", "home", "later", "mum", "thanks", "ok", "tonight", "dinner", "soon"]
@@ -48,17 +52,17 @@ def trained(tmp_path_factory, csv_data, bpe_dir) -> Path:
 def test_finetune_exports_a_loadable_checkpoint(trained, capsys):
     checkpoint = load_checkpoint(trained)
     card = checkpoint.card
-    assert checkpoint.labels == ["ham", "spam"] and checkpoint.max_tokens == 48
-    assert card["base_model"] == "tiny (random init)"
-    assert card["threshold"]["label"] == "spam" and 0 <= card["threshold"]["value"] <= 1
-    assert card["training"]["epochs"] == 2 and card["training"]["seed"] == 123 and card["training"]["balance"] is True
-    assert card["data"]["split"] == {"train": 42, "validation": 6, "test": 12}
-    assert card["data"]["fingerprint"]["rows"] == 60
-    assert card["metrics"]["best_epoch"] in (1, 2) and 0 <= card["metrics"]["test_accuracy"] <= 1
+    assert card.labels == ("ham", "spam") and card.max_tokens == 48
+    assert card.base_model == "tiny (random init)"
+    assert card.threshold.label == "spam" and 0 <= card.threshold.value <= 1
+    assert card.training.train.epochs == 2 and card.training.train.seed == 123 and card.training.balance is True
+    assert card.data.split == {"train": 42, "validation": 6, "test": 12}
+    assert card.data.fingerprint["rows"] == 60
+    assert card.metrics["best_epoch"] in (1, 2) and 0 <= card.metrics["test_accuracy"] <= 1
     report = trained / "report"
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["test"]["argmax"]["n"] == 12 and len(metrics["history"]["epochs"]) == 2
-    assert metrics["test"]["argmax"]["accuracy"] == card["metrics"]["test_accuracy"]
+    assert metrics["test"]["argmax"]["accuracy"] == card.metrics["test_accuracy"]
     split = json.loads((report / "split.json").read_text())
     ids = [set(split[name]) for name in ("train", "validation", "test")]
     assert [len(s) for s in ids] == [42, 6, 12] and len(set.union(*ids)) == 60
@@ -75,6 +79,7 @@ def test_evaluate_command(trained, csv_data, tmp_path, capsys):
     # the same texts through the same code: the export reproduces the report's test metrics
     assert result["argmax"]["confusion_matrix"] == recorded["argmax"]["confusion_matrix"]
     assert result["threshold"]["accuracy"] == recorded["threshold"]["accuracy"]
+    assert result["decision_threshold"] == json.loads((trained / "config.json").read_text())["threshold"]
     assert "accuracy" in capsys.readouterr().out
 
 
@@ -82,13 +87,13 @@ def test_skip_existing(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys
     out = tmp_path / "copy"
     shutil.copytree(trained, out)
     calls = []
-    real_train = training.cli.train
-    monkeypatch.setattr(training.cli, "train", lambda *a: calls.append(a) or real_train(*a))
+    real_train = training.pipeline.train
+    monkeypatch.setattr(training.pipeline, "train", lambda *a: calls.append(a) or real_train(*a))
     assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing")) == 0
     assert calls == [] and "skip" in capsys.readouterr().out
     assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing", "--epochs", "1")) == 0
     assert len(calls) == 1 and "other arguments (epochs)" in capsys.readouterr().out
-    assert load_checkpoint(out).card["training"]["epochs"] == 1
+    assert load_checkpoint(out).card.training.train.epochs == 1
 
 
 def test_skip_existing_retrains_on_other_data(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys):
@@ -97,7 +102,7 @@ def test_skip_existing_retrains_on_other_data(trained, csv_data, bpe_dir, tmp_pa
     card = json.loads((out / "config.json").read_text())
     card["data"]["fingerprint"]["sha256"] = "0" * 64  # as if the file at the same path had changed
     (out / "config.json").write_text(json.dumps(card))
-    monkeypatch.setattr(training.cli, "train", lambda *a: pytest.fail("retrains"))
+    monkeypatch.setattr(training.pipeline, "train", lambda *a: pytest.fail("retrains"))
     with pytest.raises(pytest.fail.Exception, match="retrains"):
         main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing"))
     assert "trained on other data" in capsys.readouterr().out
@@ -111,7 +116,7 @@ def test_crash_keeps_the_old_checkpoint(trained, csv_data, bpe_dir, tmp_path, mo
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(training.cli, "write_report", crash)
+    monkeypatch.setattr(training.pipeline, "write_report", crash)
     assert main(finetune_argv(csv_data, bpe_dir, out, "--seed", "7")) == 1
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
@@ -175,6 +180,20 @@ def test_three_labels_from_jsonl_with_lora(bpe_dir, tmp_path, capsys):
     argv = finetune_argv(data, bpe_dir, tmp_path / "out", "--text-column", "body", "--label-column", "kind")
     assert main([*argv, "--trainable", "lora", "--no-balance"]) == 0
     checkpoint = load_checkpoint(tmp_path / "out")
-    assert checkpoint.labels == ["ham", "spam", "work"] and checkpoint.threshold is None
-    assert checkpoint.card["metrics"]["f1_label"] == "macro"
+    assert checkpoint.card.labels == ("ham", "spam", "work") and checkpoint.card.threshold is None
+    assert checkpoint.card.metrics["f1_label"] == "macro"
     assert "F1 (macro)" in capsys.readouterr().out
+
+
+def test_finetune_from_python_with_typed_configs(trained, csv_data, bpe_dir, tmp_path):
+    """The pipeline without the command line: the same arguments as `trained`'s give the same checkpoint."""
+    config = FinetuneConfig(
+        DataConfig(str(csv_data)),
+        BaseModelConfig(preset="tiny", init="random", tokenizer_dir=str(bpe_dir), max_tokens=48),
+        TrainConfig(epochs=2, lr=1e-3, device="cpu"),
+        out=str(tmp_path / "ckpt"),
+    )
+    card, reference = load_checkpoint(finetune(config)).card, load_checkpoint(trained).card
+    assert card.training == config and reference.training == replace(config, out=str(trained))
+    assert card.threshold == reference.threshold and isinstance(card.threshold, Threshold)
+    assert card.metrics == reference.metrics

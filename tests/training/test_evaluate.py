@@ -15,6 +15,7 @@ from training.evaluate import (
     write_report,
 )
 from training.model import GPTClassifier
+from training.tokenizer import encode_batch
 
 LABELS = ["ham", "spam"]
 # Spam probabilities and truths, small enough to check by hand (see the comments in the tests).
@@ -74,7 +75,8 @@ def test_threshold_is_chosen_on_validation_only():
     test_b = binary([0.99, 0.01], [0, 1])
     assert choose_threshold(test_a.probs[:, 1], test_a.targets.bool()) == pytest.approx(0.25)
     report_a, report_b = evaluation_report(LABELS, validation, test_a), evaluation_report(LABELS, validation, test_b)
-    assert report_a["threshold"] == report_b["threshold"] == {"label": "spam", "value": pytest.approx(0.6)}
+    assert report_a["threshold"] == report_b["threshold"]
+    assert report_a["threshold"].label == "spam" and report_a["threshold"].value == pytest.approx(0.6)
     # at 0.6 none of test_a is flagged: recall 0, where argmax found none either and 0.25 would find all
     assert report_a["test"]["threshold"]["per_class"]["spam"]["recall"] == 0.0
     assert report_a["validation"]["threshold"]["per_class"]["spam"]["f1"] == pytest.approx(0.75)
@@ -82,9 +84,9 @@ def test_threshold_is_chosen_on_validation_only():
 
 def test_positive_label_is_spam_wherever_it_sorts():
     report = evaluation_report(["spam", "zzz"], binary(SPAM_P, TRUTH), binary(SPAM_P, TRUTH))
-    assert report["threshold"]["label"] == "spam"  # column 0 here
+    assert report["threshold"].label == "spam"  # column 0 here
     report = evaluation_report(["a", "b"], binary(SPAM_P, TRUTH), binary(SPAM_P, TRUTH))
-    assert report["threshold"]["label"] == "b"
+    assert report["threshold"].label == "b"
     assert summary(report)["test_f1"] == 0.75 and summary(report)["f1_label"] == "b"
 
 
@@ -122,8 +124,9 @@ def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):
 def test_predict_uses_model_probabilities(tiny_config, tokenizer):
     torch.manual_seed(0)
     model = GPTClassifier(tiny_config).eval()
-    pred = predict(model, tokenizer, ["hi there", "win a prize"], ["spam", "ham"], LABELS, max_tokens=16)
+    rows, _ = encode_batch(tokenizer, ["hi there", "win a prize"], 16)
+    pred = predict(model, rows, ["spam", "ham"], LABELS)
     assert pred.targets.tolist() == [1, 0]
     torch.testing.assert_close(pred.probs.sum(dim=1), torch.ones(2))
     with pytest.raises(ValueError, match=r"\['eggs'\]"):
-        predict(model, tokenizer, ["hi"], ["eggs"], LABELS, max_tokens=16)
+        predict(model, rows[:1], ["eggs"], LABELS)

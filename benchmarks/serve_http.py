@@ -3,8 +3,8 @@
     python -m benchmarks.serve_http [--texts 512] [--seed 0] [--clients 32] [--bulk-size 64] [--bulk-clients 4]
 
 - engine: app.engine.Engine.tokenize and .predict in this process (tokenize, length-sorted batches at the app's
-  default limits, forward, softmax): the most the server could do with these texts. Timed right before each HTTP run, and
-  each HTTP run is compared with its own engine run, so that other load on the machine hits both alike.
+  default limits, forward, softmax): the most the server could do with these texts. Timed right before each HTTP
+  run, and each HTTP run is compared with its own engine run, so that other load on the machine hits both alike.
 - http: a uvicorn server started as a subprocess with the Dockerfile's CMD (`python -m app`, uvicorn serving
   app.main:create_app; only host and port changed: 127.0.0.1 and a free port), loaded from a GPT-2 124M
   checkpoint with random weights (OpenAI's are not available here; the compute is the same). Clients are asyncio

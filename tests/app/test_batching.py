@@ -17,7 +17,7 @@ from torch.testing import assert_close
 
 from app.engine import Engine
 from app.main import create_app
-from tests.app.helpers import tiny_settings
+from tests.helpers import tiny_settings
 
 WORDS = ["free", "prize", "win", "call", "now", "txt", "ok", "see", "you", "at", "the", "station", "love"]
 

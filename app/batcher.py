@@ -151,7 +151,7 @@ class Batcher:
             longest = max(longest, len(text.ids))
             if n and (n + 1) * longest > self.max_batch_tokens:
                 return n, True
-        return len(self._queue), False
+        return len(self._queue), len(self._queue) == self.max_batch_size  # exactly full: nothing more would fit
 
     async def _run_batch(self, batch: list[_Text]) -> None:
         now = asyncio.get_running_loop().time()

@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.settings import Settings
 from benchmarks.common import SMS_FILE, print_table, require_shared_data, write_result
 from benchmarks.memory import random_checkpoint
-from tests.app.helpers import live_server
+from benchmarks.server import live_server
 from training.data import deduplicate, load_sms_spam
 
 CLIENT_SLACK_S = 20  # past the server's own deadline, a client timeout means the server failed to answer

@@ -1,36 +1,14 @@
 """Shared fixtures: a GPT-2-format BPE tokenizer and a tiny random checkpoint, both made here, offline."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from training.checkpoint import ModelCard, save_checkpoint
+from tests.helpers import SHARED_DATA, make_bpe_files, tiny_card
+from training.checkpoint import save_checkpoint
 from training.model import GPTClassifier, GPTConfig
 from training.tokenizer import load_tokenizer
-
-# A few merges in GPT-2's data-gym notation ("Ġ" is a space), enough for multi-byte tokens.
-MERGES = ["Ġ t", "h e", "i n", "e r", "Ġ a", "o n", "Ġt he", "Ġ w", "r e", "Ġ s", "Ġ f", "Ġ c", "a t", "o u"]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _data_gym_bytes() -> list[str]:
-    """GPT-2's printable stand-in character for each byte, in rank order (as tiktoken reads them)."""
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
-
-
-def make_bpe_files(directory: Path, merges: list[str] = MERGES) -> Path:
-    """vocab.bpe and encoder.json in GPT-2's format with the given merges."""
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = _data_gym_bytes() + ["".join(m.split()) for m in merges]
-    encoder = {token: rank for rank, token in enumerate(vocab)}
-    encoder["<|endoftext|>"] = len(vocab)
-    (directory / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (directory / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
-    return directory
 
 
 @pytest.fixture(scope="session")
@@ -46,18 +24,6 @@ def tokenizer(bpe_dir):
 @pytest.fixture(scope="session")
 def tiny_config(tokenizer) -> GPTConfig:
     return GPTConfig.from_preset("tiny", vocab_size=tokenizer.n_vocab)
-
-
-def tiny_card(**overrides) -> ModelCard:
-    return ModelCard(
-        **{
-            "labels": ("ham", "spam"),
-            "max_tokens": 48,
-            "threshold": None,
-            "base_model": "random init (tiny)",
-            **overrides,
-        }
-    )
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ from torch.testing import assert_close
 
 from app.engine import Engine
 from app.main import create_app
-from tests.app.helpers import tiny_settings
-from tests.conftest import tiny_card
+from tests.helpers import tiny_card, tiny_settings
 from training.checkpoint import save_checkpoint
 from training.inference import Threshold, decide
 from training.model import GPTClassifier

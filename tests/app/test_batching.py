@@ -18,7 +18,7 @@ from torch.testing import assert_close
 import app.engine
 from app.engine import Engine
 from app.main import create_app
-from tests.app.helpers import tiny_settings
+from tests.helpers import tiny_settings
 
 WORDS = ["free", "prize", "win", "call", "now", "txt", "ok", "see", "you", "at", "the", "station", "love"]
 

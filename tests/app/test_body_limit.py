@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from tests.app.helpers import tiny_settings
+from tests.helpers import tiny_settings
 
 LIMIT = 100
 

@@ -3,7 +3,7 @@ import torch
 from torch.testing import assert_close
 
 from app.engine import Engine
-from tests.app.helpers import tiny_settings
+from tests.helpers import tiny_settings
 from training.checkpoint import load_checkpoint
 from training.inference import predict_probabilities
 

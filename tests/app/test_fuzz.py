@@ -8,7 +8,7 @@ import sys
 
 import httpx
 
-from tests.app.helpers import live_server
+from tests.helpers import live_server
 
 API_KEY = "s3cret"
 # Small limits, so the generated boundary cases (8 and 9 texts, 300 and 301 characters) reach them.

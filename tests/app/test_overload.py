@@ -5,7 +5,7 @@ import asyncio
 
 import httpx
 
-from tests.app.helpers import live_server
+from tests.helpers import live_server
 
 TEXTS = ["WINNER!! Claim your free prize now", "See you at 5?"]
 BURST = 48

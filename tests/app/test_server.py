@@ -15,13 +15,13 @@ import httpx
 import pytest
 import torch
 
-from tests.app.helpers import free_port
-from tests.training.test_checkpoint import (
+from tests.helpers import (
     DELETE,
     PickleBomb,
     edit_card,
     edit_tensors,
     flip_header_byte,
+    free_port,
     plant_pickle,
     truncate,
 )

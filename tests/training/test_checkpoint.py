@@ -1,12 +1,9 @@
 import json
-import pickle
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_card
-from safetensors.torch import load_file, save_file
 
+from tests.helpers import DELETE, edit_card, edit_tensors, flip_header_byte, plant_pickle, tiny_card, truncate
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.inference import Threshold, predict_probabilities
 from training.model import GPTClassifier, GPTConfig
@@ -44,58 +41,6 @@ def test_load_onto_a_lower_precision_dtype(tiny_checkpoint):
 
 
 # --- Broken checkpoints ---------------------------------------------------------------------------
-
-
-class PickleBomb:
-    """Unpickling this creates `marker`: proof that a loader ran pickle on the file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (self.marker,)
-
-
-def edit_card(**changes):
-    def edit(ckpt: Path):
-        card = json.loads((ckpt / "config.json").read_text())
-        for key, value in changes.items():
-            if value is DELETE:
-                del card[key]
-            else:
-                card[key] = value
-        (ckpt / "config.json").write_text(json.dumps(card))
-
-    return edit
-
-
-def edit_tensors(change):
-    def edit(ckpt: Path):
-        state = load_file(ckpt / "model.safetensors")
-        change(state)
-        save_file(state, ckpt / "model.safetensors")
-
-    return edit
-
-
-def flip_header_byte(ckpt: Path):
-    raw = bytearray((ckpt / "model.safetensors").read_bytes())
-    raw[8] ^= 0xFF  # the first byte of the JSON header, after its 8-byte length
-    (ckpt / "model.safetensors").write_bytes(bytes(raw))
-
-
-def truncate(ckpt: Path):
-    raw = (ckpt / "model.safetensors").read_bytes()
-    (ckpt / "model.safetensors").write_bytes(raw[: len(raw) // 2])
-
-
-def plant_pickle(ckpt: Path):
-    # Written only to prove it is never read as pickle: the loader must refuse it without unpickling.
-    payload = {"score.weight": PickleBomb(ckpt.parent / "pickle-ran")}
-    (ckpt / "model.safetensors").write_bytes(pickle.dumps(payload))
-
-
-DELETE = object()
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,6 @@
-"""Settings for an app on the tiny checkpoint, passed straight to the factory; and the app under a real uvicorn.
+"""The app under a real uvicorn, started with `python -m app` as the Dockerfile does, on a free loopback port.
 
-Plain functions, not a tests/app/conftest.py: a second module named conftest would shadow tests/conftest.py
-for the `from conftest import ...` of other test packages.
-"""
+Shared by the benchmarks and the tests that need a live server (tests.helpers re-exports these)."""
 
 import os
 import signal
@@ -16,13 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from app.settings import Settings
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def tiny_settings(checkpoint_dir: Path, **overrides) -> Settings:
-    return Settings(**{"checkpoint_dir": checkpoint_dir, "device": "cpu", **overrides})
+from benchmarks.common import ROOT
 
 
 def free_port() -> int:

@@ -178,3 +178,14 @@ def test_openapi_declares_every_error_of_classify(client):
     assert responses["429"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert "503" in spec["paths"]["/health"]["get"]["responses"]
     assert client.get("/docs").status_code == 200
+
+
+def test_openapi_declares_the_limits_that_validation_enforces(tiny_checkpoint):
+    settings = tiny_settings(tiny_checkpoint, max_texts_per_request=3, max_text_chars=40)
+    with TestClient(create_app(settings)) as client:
+        texts = client.get("/openapi.json").json()["components"]["schemas"]["ClassifyRequest"]["properties"]["texts"]
+        assert (texts["minItems"], texts["maxItems"]) == (1, 3)
+        assert (texts["items"]["minLength"], texts["items"]["maxLength"]) == (1, 40)
+        at_limits = client.post("/classify", json={"texts": ["x" * 40] * 3})
+        over = client.post("/classify", json={"texts": ["x" * 41]})
+    assert at_limits.status_code == 200 and over.status_code == 422

@@ -20,7 +20,7 @@ torch_version=$(sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)  # one pin, the Do
 . .venv/bin/activate
 installed="torch==$torch_version $(sha256sum pyproject.toml)"
 if [[ $(cat .venv/.spamgpt-installed 2>/dev/null) != "$installed" ]]; then
-  pip install "torch==$torch_version" -e '.[plots]'
+  pip install "torch==$torch_version" -e '.[train]'
   echo "$installed" >.venv/.spamgpt-installed
 fi
 

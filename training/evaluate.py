@@ -1,15 +1,30 @@
 """The evaluation report: metrics on validation and test, the decision threshold chosen on validation, plots.
 
 It knows nothing about training loops. Probabilities come from training.inference.predict_proba and thresholded
-labels from training.checkpoint.decide_labels, the same code the server runs.
+labels from training.checkpoint.decide_labels, the same code the server runs. Curves and metrics come from
+torchmetrics (the train extra, which serving does not need), the plots from matplotlib.
 """
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
 import torch
+
+try:  # the train extra; only this module imports it, so serving never loads it
+    from torchmetrics.functional.classification import (
+        binary_auroc,
+        binary_precision_recall_curve,
+        binary_roc,
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
+    )
+except ImportError as e:
+    raise ImportError("evaluation needs torchmetrics: pip install 'spamgpt[train]'") from e
 
 from training.checkpoint import decide_labels
 from training.inference import predict_proba
@@ -45,23 +60,27 @@ def positive_label(label_names: list[str]) -> str | None:
 
 
 # --- Curves and metrics ---------------------------------------------------------------------------
+# Scores are probabilities in [0, 1]: torchmetrics takes anything outside that range for logits and applies a sigmoid.
 
 
 def _cumulative_counts(scores: torch.Tensor, positives: torch.Tensor):
-    """Distinct thresholds in descending order, with the true and false positives of `score >= threshold`."""
-    order = scores.argsort(descending=True)
-    scores, positives = scores[order], positives[order].double()
-    tps, fps = positives.cumsum(0), (1 - positives).cumsum(0)
-    last_of_tie = torch.ones_like(scores, dtype=torch.bool)  # equal scores cross a threshold together
-    last_of_tie[:-1] = scores[:-1] != scores[1:]
-    return scores[last_of_tie], tps[last_of_tie], fps[last_of_tie]
+    """Distinct thresholds in descending order, with the true and false positives of `score >= threshold`.
+
+    Read back from torchmetrics' ROC: its rates are counts over class totals, so rate * total rounds back to the
+    exact count (to well under half a count below 2**23 samples), and equal F1s below still tie exactly.
+    """
+    with warnings.catch_warnings():  # a class is absent: its rates are zeros, which are still the right counts
+        warnings.filterwarnings("ignore", "No (positive|negative) samples in targets", UserWarning)
+        fpr, tpr, thresholds = binary_roc(scores, positives.long())
+    n_pos = int(positives.sum())
+    tps, fps = (tpr.double() * n_pos).round(), (fpr.double() * (len(positives) - n_pos)).round()
+    return thresholds[1:], tps[1:], fps[1:]  # [0] is the (0, 0) point torchmetrics puts above every score
 
 
 def roc_curve(scores: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """False and true positive rates, from (0, 0) through every distinct threshold to (1, 1)."""
-    _, tps, fps = _cumulative_counts(scores, positives)
-    zero = tps.new_zeros(1)
-    return torch.cat([zero, fps / fps[-1]]), torch.cat([zero, tps / tps[-1]])
+    fpr, tpr, _ = binary_roc(scores, positives.long())
+    return fpr, tpr
 
 
 def roc_auc(scores: torch.Tensor, positives: torch.Tensor) -> float | None:
@@ -69,14 +88,14 @@ def roc_auc(scores: torch.Tensor, positives: torch.Tensor) -> float | None:
     n_pos = int(positives.sum())
     if n_pos in (0, len(positives)):
         return None
-    fpr, tpr = roc_curve(scores, positives)
-    return float(torch.trapezoid(tpr, fpr))
+    return binary_auroc(scores, positives.long()).item()
 
 
 def precision_recall_curve(scores: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Precision and recall of `score >= threshold` at every distinct threshold, highest threshold first."""
-    _, tps, fps = _cumulative_counts(scores, positives)
-    return tps / (tps + fps), tps / positives.sum().clamp(min=1)
+    precision, recall, _ = binary_precision_recall_curve(scores, positives.long())
+    # torchmetrics orders them lowest threshold first and ends with (precision 1, recall 0), above every score
+    return precision[:-1].flip(0), recall[:-1].flip(0)
 
 
 def choose_threshold(scores: torch.Tensor, positives: torch.Tensor) -> float:
@@ -91,18 +110,18 @@ def classification_metrics(
 ) -> dict:
     """Accuracy, per-class precision / recall / F1, macro F1, ROC-AUC and the confusion matrix (rows: true)."""
     k = len(label_names)
-    confusion = torch.bincount(targets * k + predicted, minlength=k * k).view(k, k)
-    tp, predicted_n, true_n = confusion.diag(), confusion.sum(0), confusion.sum(1)
-    per_class = {}
-    for i, label in enumerate(label_names):
-        precision = tp[i].item() / predicted_n[i].item() if predicted_n[i] else 0.0
-        recall = tp[i].item() / true_n[i].item() if true_n[i] else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": true_n[i].item()}
+    confusion = multiclass_confusion_matrix(predicted, targets, num_classes=k)  # rows: true, columns: predicted
+    # per class, 0 where undefined (nothing predicted, or nothing true, as that class)
+    by_name = {"precision": multiclass_precision, "recall": multiclass_recall, "f1": multiclass_f1_score}
+    scores = {name: metric(predicted, targets, num_classes=k, average="none") for name, metric in by_name.items()}
+    per_class = {
+        label: {name: values[i].item() for name, values in scores.items()} | {"support": confusion[i].sum().item()}
+        for i, label in enumerate(label_names)
+    }
     positive = positive_label(label_names)
     if positive is not None:
         auc = roc_auc(probs[:, label_names.index(positive)], targets == label_names.index(positive))
-    else:  # macro average of one-vs-rest areas over the classes where one is defined
+    else:  # macro average of one-vs-rest areas over the classes where one is defined (torchmetrics counts the rest 0)
         areas = [a for i in range(k) if (a := roc_auc(probs[:, i], targets == i)) is not None]
         auc = sum(areas) / len(areas) if areas else None
     return {
@@ -169,7 +188,7 @@ def write_plots(directory: Path, report: dict, test: Predictions, history: dict 
     try:
         from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
     except ImportError:
-        print("note: matplotlib is not installed, so the report has no plots (pip install 'spamgpt[plots]')")
+        print("note: matplotlib is not installed, so the report has no plots (pip install 'spamgpt[train]')")
         return []
     written = []
 

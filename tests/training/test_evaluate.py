@@ -17,6 +17,7 @@ from training.evaluate import (
     roc_auc,
     roc_curve,
     summary,
+    write_plots,
     write_report,
 )
 from training.model import GPTClassifier
@@ -185,6 +186,34 @@ def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):
     write_report(tmp_path, evaluation_report(LABELS, pred, pred), pred)
     assert (tmp_path / "metrics.json").is_file() and not list(tmp_path.glob("*.png"))
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_plots_of_a_multiclass_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    pred = Predictions(probs, torch.tensor([0, 1, 2, 1]))
+    written = write_plots(tmp_path, evaluation_report(["a", "b", "c"], pred, pred), pred, history=None)
+    assert written == [tmp_path / "confusion_matrix.png"]  # no binary threshold: no ROC or precision-recall
+    assert written[0].read_bytes().startswith(b"\x89PNG")
+
+
+def test_plots_without_positives_in_test(tmp_path):
+    pytest.importorskip("matplotlib")
+    validation, test = binary(SPAM_P, TRUTH), binary([0.9, 0.2], [0, 0])
+    written = write_plots(tmp_path, evaluation_report(LABELS, validation, test), test, history=None)
+    assert [p.name for p in written] == ["confusion_matrix.png"]  # ROC and recall are undefined
+
+
+@pytest.mark.parametrize(
+    ("cell", "text"),
+    [
+        pytest.param((0.03, 0.19, 0.42, 1.0), "white", id="dark-blue"),
+        pytest.param((0.42, 0.68, 0.84, 1.0), "black", id="mid-blue"),
+        pytest.param((0.97, 0.98, 1.0, 1.0), "black", id="near-white"),
+    ],
+)
+def test_confusion_numbers_contrast_with_their_cell(cell, text):
+    assert evaluate._text_colour_on(cell) == text
 
 
 def test_evaluation_names_the_extra_without_torchmetrics(monkeypatch):

@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# spamgpt: one image for both the one-shot trainer and the API server.
+# spamgpt: one image for both the one-shot trainer and the API server. It carries torchmetrics and the plots extra
+# (matplotlib) that only training imports: simpler than a second image without them.
 ARG PYTHON_VERSION=3.11.7
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build

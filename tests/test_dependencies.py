@@ -1,8 +1,10 @@
 """The installed dependencies meet pyproject.toml's floors (several chosen to skip releases with published
-advisories), and no multipart parser is installed: the API takes JSON only, so a form parser is attack surface
-that nothing uses."""
+advisories), no multipart parser is installed: the API takes JSON only, so a form parser is attack surface
+that nothing uses, and the app does not load the train extra."""
 
 import importlib.util
+import subprocess
+import sys
 import tomllib
 from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
@@ -11,7 +13,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-PROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 RUNTIME = [Requirement(line) for line in PROJECT["dependencies"]]
 DECLARED = RUNTIME + [Requirement(line) for extra in PROJECT["optional-dependencies"].values() for line in extra]
 
@@ -48,3 +51,10 @@ def test_no_multipart_parser_is_installed_or_required():
     assert "python-multipart" not in {canonicalize_name(r.name) for r in others}
     pulled_by = {str(r) for r in others if "python-multipart" in brings(r)}
     assert not pulled_by, f"{pulled_by} would install python-multipart"
+
+
+def test_the_app_does_not_import_the_train_extra():
+    """Serving needs neither metrics nor plots; a fresh interpreter, as this one may have imported them already."""
+    code = "import sys, app.main; print(sorted({'torchmetrics', 'matplotlib'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -1,14 +1,27 @@
 """The evaluation report: metrics on validation and test, the decision threshold chosen on validation, plots.
 
 It knows nothing about training loops. Probabilities and thresholded labels come from training.inference
-(predict_probabilities, decide), the same code the server runs.
+(predict_probabilities, decide), the same code the server runs. Curves and metrics come from torchmetrics, the
+plots from matplotlib (the plots extra; the report is written without them when it is absent).
 """
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+    binary_precision_recall_curve,
+    binary_roc,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
 
 from training.inference import Threshold, decide, predict_probabilities
 from training.model import GPTClassifier
@@ -42,23 +55,27 @@ def positive_label(label_names: list[str]) -> str | None:
 
 
 # --- Curves and metrics ---------------------------------------------------------------------------
+# Scores are probabilities in [0, 1]: torchmetrics takes anything outside that range for logits and applies a sigmoid.
 
 
 def _cumulative_counts(scores: torch.Tensor, positives: torch.Tensor):
-    """Distinct thresholds in descending order, with the true and false positives of `score >= threshold`."""
-    order = scores.argsort(descending=True)
-    scores, positives = scores[order], positives[order].double()
-    tps, fps = positives.cumsum(0), (1 - positives).cumsum(0)
-    last_of_tie = torch.ones_like(scores, dtype=torch.bool)  # equal scores cross a threshold together
-    last_of_tie[:-1] = scores[:-1] != scores[1:]
-    return scores[last_of_tie], tps[last_of_tie], fps[last_of_tie]
+    """Distinct thresholds in descending order, with the true and false positives of `score >= threshold`.
+
+    Read back from torchmetrics' ROC: its rates are counts over class totals, so rate * total rounds back to the
+    exact count (to well under half a count below 2**23 samples), and equal F1s below still tie exactly.
+    """
+    with warnings.catch_warnings():  # a class is absent: its rates are zeros, which are still the right counts
+        warnings.filterwarnings("ignore", "No (positive|negative) samples in targets", UserWarning)
+        fpr, tpr, thresholds = binary_roc(scores, positives.long())
+    n_pos = int(positives.sum())
+    tps, fps = (tpr.double() * n_pos).round(), (fpr.double() * (len(positives) - n_pos)).round()
+    return thresholds[1:], tps[1:], fps[1:]  # [0] is the (0, 0) point torchmetrics puts above every score
 
 
 def roc_curve(scores: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """False and true positive rates, from (0, 0) through every distinct threshold to (1, 1)."""
-    _, tps, fps = _cumulative_counts(scores, positives)
-    zero = tps.new_zeros(1)
-    return torch.cat([zero, fps / fps[-1]]), torch.cat([zero, tps / tps[-1]])
+    fpr, tpr, _ = binary_roc(scores, positives.long())
+    return fpr, tpr
 
 
 def roc_auc(scores: torch.Tensor, positives: torch.Tensor) -> float | None:
@@ -66,14 +83,14 @@ def roc_auc(scores: torch.Tensor, positives: torch.Tensor) -> float | None:
     n_pos = int(positives.sum())
     if n_pos in (0, len(positives)):
         return None
-    fpr, tpr = roc_curve(scores, positives)
-    return float(torch.trapezoid(tpr, fpr))
+    return binary_auroc(scores, positives.long()).item()
 
 
 def precision_recall_curve(scores: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Precision and recall of `score >= threshold` at every distinct threshold, highest threshold first."""
-    _, tps, fps = _cumulative_counts(scores, positives)
-    return tps / (tps + fps), tps / positives.sum().clamp(min=1)
+    precision, recall, _ = binary_precision_recall_curve(scores, positives.long())
+    # torchmetrics orders them lowest threshold first and ends with (precision 1, recall 0), above every score
+    return precision[:-1].flip(0), recall[:-1].flip(0)
 
 
 def choose_threshold(scores: torch.Tensor, positives: torch.Tensor) -> float:
@@ -88,18 +105,18 @@ def classification_metrics(
 ) -> dict:
     """Accuracy, per-class precision / recall / F1, macro F1, ROC-AUC and the confusion matrix (rows: true)."""
     k = len(label_names)
-    confusion = torch.bincount(targets * k + predicted, minlength=k * k).view(k, k)
-    tp, predicted_n, true_n = confusion.diag(), confusion.sum(0), confusion.sum(1)
-    per_class = {}
-    for i, label in enumerate(label_names):
-        precision = tp[i].item() / predicted_n[i].item() if predicted_n[i] else 0.0
-        recall = tp[i].item() / true_n[i].item() if true_n[i] else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": true_n[i].item()}
+    confusion = multiclass_confusion_matrix(predicted, targets, num_classes=k)  # rows: true, columns: predicted
+    # per class, 0 where undefined (nothing predicted, or nothing true, as that class)
+    by_name = {"precision": multiclass_precision, "recall": multiclass_recall, "f1": multiclass_f1_score}
+    scores = {name: metric(predicted, targets, num_classes=k, average="none") for name, metric in by_name.items()}
+    per_class = {
+        label: {name: values[i].item() for name, values in scores.items()} | {"support": confusion[i].sum().item()}
+        for i, label in enumerate(label_names)
+    }
     positive = positive_label(label_names)
     if positive is not None:
         auc = roc_auc(probs[:, label_names.index(positive)], targets == label_names.index(positive))
-    else:  # macro average of one-vs-rest areas over the classes where one is defined
+    else:  # macro average of one-vs-rest areas over the classes where one is defined (torchmetrics counts the rest 0)
         areas = [a for i in range(k) if (a := roc_auc(probs[:, i], targets == i)) is not None]
         auc = sum(areas) / len(areas) if areas else None
     return {
@@ -163,53 +180,104 @@ def write_report(directory: Path, report: dict, test: Predictions, history: dict
 
 
 def write_plots(directory: Path, report: dict, test: Predictions, history: dict | None) -> list[Path]:
+    """PNG plots of the test split at argmax and of the training history; none, with a note, without matplotlib."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
     except ImportError:
         print("note: matplotlib is not installed, so the report has no plots (pip install 'spamgpt[plots]')")
         return []
-    written = []
-
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(directory / name, dpi=100)
-        written.append(directory / name)
-
+    figure = partial(Figure, layout="constrained")  # sizes titles, labels and colour bar to fit: nothing clipped
+    figures = {}
     if history and history["epochs"]:
-        epochs = [e["epoch"] for e in history["epochs"]]
         for metric in ("loss", "accuracy"):
-            ax = (fig := Figure(figsize=(5, 3.5))).subplots()
-            for split in ("train", "val"):
-                ax.plot(epochs, [e[f"{split}_{metric}"] for e in history["epochs"]], marker="o", label=split)
-            ax.axvline(history["best_epoch"], color="grey", linestyle=":", label="best epoch")
-            ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
-            ax.legend()
-            save(fig, f"{metric}.png")
-
-    labels, confusion = report["labels"], report["test"]["argmax"]["confusion_matrix"]
-    ax = (fig := Figure(figsize=(4, 3.5))).subplots()
-    image = ax.imshow(confusion, cmap="Blues")
-    for i, row in enumerate(confusion):
-        for j, count in enumerate(row):
-            ax.text(j, i, str(count), ha="center", va="center")
-    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels)
-    ax.set(xlabel="predicted", ylabel="true", title="test confusion matrix (argmax)")
-    fig.colorbar(image)
-    save(fig, "confusion_matrix.png")
-
+            figures[f"{metric}.png"] = _history_plot(figure, history, metric)
+    labels, test_metrics = report["labels"], report["test"]["argmax"]
+    figures["confusion_matrix.png"] = _confusion_plot(figure, labels, test_metrics)
     positive = positive_label(labels)
     if positive is not None:
         index = labels.index(positive)
         scores, positives = test.probs[:, index], test.targets == index
-        if report["test"]["argmax"]["roc_auc"] is not None:
-            ax = (fig := Figure(figsize=(4, 4))).subplots()
-            ax.plot(*roc_curve(scores, positives))
-            ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-            ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"test ROC ({positive})")
-            save(fig, "roc.png")
-        precision, recall = precision_recall_curve(scores, positives)
-        ax = (fig := Figure(figsize=(4, 4))).subplots()
-        ax.plot(recall, precision)
-        ax.set(xlabel="recall", ylabel="precision", title=f"test precision-recall ({positive})")
-        save(fig, "precision_recall.png")
-    return written
+        if test_metrics["roc_auc"] is not None:
+            figures["roc.png"] = _roc_plot(figure, scores, positives, positive, test_metrics["roc_auc"])
+        if positives.any():  # without positives, recall is undefined
+            figures["precision_recall.png"] = _precision_recall_plot(figure, scores, positives, positive)
+    for name, fig in figures.items():
+        fig.savefig(directory / name, dpi=100)
+    return [directory / name for name in figures]
+
+
+RATE_AXIS = (-0.02, 1.02)  # 0 to 1, with a margin so that a curve along an edge is not hidden by the frame
+
+
+def _history_plot(figure, history: dict, metric: str):
+    ax = (fig := figure(figsize=(5, 3.5))).subplots()
+    epochs = [e["epoch"] for e in history["epochs"]]
+    for split in ("train", "val"):
+        ax.plot(epochs, [e[f"{split}_{metric}"] for e in history["epochs"]], marker="o", label=split)
+    ax.axvline(history["best_epoch"], color="grey", linestyle=":", label="best epoch")
+    _integer_ticks(ax.xaxis)
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+    ax.legend()
+    return fig
+
+
+def _confusion_plot(figure, labels: list[str], metrics: dict):
+    confusion, size = metrics["confusion_matrix"], 0.6 * len(labels)  # inches for each row and column
+    ax = (fig := figure(figsize=(3.3 + size, 2.8 + size))).subplots()
+    # from zero, so that colour reads as a count; vmax at least 1 so that an all-zero matrix still has a scale
+    image = ax.imshow(confusion, cmap="Blues", vmin=0, vmax=max(1, max(map(max, confusion))))
+    for i, row in enumerate(confusion):
+        for j, count in enumerate(row):
+            colour = _text_colour_on(image.cmap(image.norm(count)))
+            ax.text(j, i, f"{count:,}", ha="center", va="center", color=colour, fontsize="large")
+    ticks = range(len(labels))
+    rotation = {} if len(labels) == 2 else {"rotation": 45, "ha": "right", "rotation_mode": "anchor"}
+    ax.set_xticks(ticks, labels, **rotation)
+    ax.set_yticks(ticks, labels)
+    ax.set(xlabel="predicted", ylabel="true")
+    fig.suptitle(f"test confusion matrix (argmax), n = {metrics['n']:,}")  # over the colour bar too
+    _integer_ticks(fig.colorbar(image, label="texts").ax.yaxis)
+    return fig
+
+
+def _integer_ticks(axis) -> None:
+    """Ticks on whole numbers only (epochs, counts)."""
+    from matplotlib.ticker import MaxNLocator  # here, as matplotlib is optional; write_plots checked it is installed
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _text_colour_on(rgba) -> str:
+    """Black or white, whichever contrasts more with `rgba` (WCAG relative luminance; they tie at 0.179)."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "white" if luminance < 0.179 else "black"
+
+
+def _roc_plot(figure, scores: torch.Tensor, positives: torch.Tensor, positive: str, auc: float):
+    ax = (fig := figure(figsize=(4.5, 4.5))).subplots()
+    ax.plot(*roc_curve(scores, positives), label=f"{positive} (AUC = {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance (AUC = 0.5)")
+    ax.set(xlim=RATE_AXIS, ylim=RATE_AXIS, aspect="equal", xlabel="false positive rate", ylabel="true positive rate")
+    ax.set_title(f"test ROC, n = {len(positives):,}")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def _precision_recall_plot(figure, scores: torch.Tensor, positives: torch.Tensor, positive: str):
+    precision, recall = precision_recall_curve(scores, positives)
+    average_precision = binary_average_precision(scores, positives.long()).item()
+    ax = (fig := figure(figsize=(4.5, 4.5))).subplots()
+    # each threshold's precision holds from the recall of the threshold above it: the area is average precision
+    ax.step(
+        [0.0, *recall.tolist()],
+        [precision[0].item(), *precision.tolist()],
+        where="pre",
+        label=f"{positive} (AP = {average_precision:.3f})",
+    )
+    share = positives.double().mean().item()
+    ax.axhline(share, color="grey", linestyle=":", label=f"chance (precision = {share:.3f})")
+    ax.set(xlim=RATE_AXIS, ylim=RATE_AXIS, aspect="equal", xlabel="recall", ylabel="precision")
+    ax.set_title(f"test precision-recall, n = {len(positives):,}")
+    ax.legend(loc="best")  # below the curve; where depends on the class balance
+    return fig

@@ -1,17 +1,22 @@
 import json
 import sys
+from fractions import Fraction
 
 import pytest
 import torch
 
+from training import evaluate
 from training.evaluate import (
     Predictions,
     choose_threshold,
     classification_metrics,
     evaluation_report,
+    precision_recall_curve,
     predict,
     roc_auc,
+    roc_curve,
     summary,
+    write_plots,
     write_report,
 )
 from training.model import GPTClassifier
@@ -64,6 +69,60 @@ def test_roc_auc(scores, truth, expected):
     assert auc == (pytest.approx(expected) if expected is not None else None)
 
 
+# Ties: at 0.6 one spam and two ham cross the threshold together.
+TIED_P = [0.9, 0.6, 0.6, 0.6, 0.1]
+TIED_TRUTH = [1, 1, 0, 0, 0]
+
+
+def test_curves_and_metrics_with_ties_by_hand():
+    scores, positives = torch.tensor(TIED_P), torch.tensor(TIED_TRUTH).bool()
+    # thresholds 0.9, 0.6, 0.1 flag TP / FP 1 / 0, 2 / 2, 2 / 3 of 2 spam and 3 ham
+    fpr, tpr = roc_curve(scores, positives)
+    torch.testing.assert_close(fpr, torch.tensor([0, 0, 2 / 3, 1]))
+    torch.testing.assert_close(tpr, torch.tensor([0, 1 / 2, 1, 1]))
+    # spam above ham in 3 + 1 pairs, tied in 2 of the 6: (4 + 2 / 2) / 6
+    assert roc_auc(scores, positives) == pytest.approx(5 / 6)
+    precision, recall = precision_recall_curve(scores, positives)
+    torch.testing.assert_close(precision, torch.tensor([1, 2 / 4, 2 / 5]))
+    torch.testing.assert_close(recall, torch.tensor([1 / 2, 1, 1]))
+    # F1 = 2TP / (TP + FP + 2): 2/3 at 0.9 and at 0.6, 4/7 at 0.1; the higher of the tied thresholds
+    assert choose_threshold(scores, positives) == pytest.approx(0.9)
+    pred = binary(TIED_P, TIED_TRUTH)
+    m = classification_metrics(pred.probs, pred.targets, pred.probs.argmax(dim=1), LABELS)
+    # argmax flags 0.9 and the three 0.6: ham row [1 right, 2 flagged], spam row [0 missed, 2 found]
+    assert m["confusion_matrix"] == [[1, 2], [0, 2]]
+    assert m["per_class"] == {
+        "ham": {"precision": 1.0, "recall": pytest.approx(1 / 3), "f1": pytest.approx(1 / 2), "support": 3},
+        "spam": {"precision": pytest.approx(2 / 4), "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 2},
+    }
+    assert (m["accuracy"], m["macro_f1"], m["roc_auc"]) == pytest.approx((3 / 5, (1 / 2 + 2 / 3) / 2, 5 / 6))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_threshold_is_the_highest_exact_f1_maximum(seed):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 12, (300,), generator=generator) / 11  # few levels: many ties
+    positives = torch.rand(300, generator=generator) < 0.3
+
+    def f1(threshold: float) -> Fraction:  # exact, so that equal F1s tie
+        flagged = scores >= threshold
+        return Fraction(2 * int((flagged & positives).sum()), int(flagged.sum()) + int(positives.sum()))
+
+    highest_first = sorted(set(scores.tolist()), reverse=True)
+    assert choose_threshold(scores, positives) == max(highest_first, key=f1)  # max keeps the first maximum
+
+
+@pytest.mark.parametrize(
+    ("truth", "expected"),
+    [
+        pytest.param([0, 0, 0], 0.5, id="no-positives"),  # F1 0 everywhere: the highest threshold
+        pytest.param([1, 1, 1], 0.3, id="all-positive"),  # recall 1 only when everything is flagged
+    ],
+)
+def test_threshold_with_one_class(truth, expected):
+    assert choose_threshold(torch.tensor([0.3, 0.5, 0.5]), torch.tensor(truth).bool()) == pytest.approx(expected)
+
+
 def test_threshold_maximises_f1():
     # F1 of `p >= t` at each distinct t: .4, .67, .57, .75 (t=0.6), .67, .6, .73, .67
     assert choose_threshold(torch.tensor(SPAM_P), torch.tensor(TRUTH).bool()) == pytest.approx(0.6)
@@ -101,6 +160,15 @@ def test_multiclass_has_no_threshold():
     assert summary(report)["f1_label"] == "macro"
 
 
+def test_multiclass_auc_averages_the_classes_present():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.2, 0.5, 0.3], [0.4, 0.4, 0.2]])
+    targets = torch.tensor([0, 0, 1, 1])  # no "c": its one-vs-rest area is undefined, not 0
+    m = classification_metrics(probs, targets, probs.argmax(dim=1), ["a", "b", "c"])
+    # a: 0.6, 0.5 over 0.2, 0.4 (1.0); b: 0.5, 0.4 over 0.3, 0.4 with one tie (3.5 / 4)
+    assert m["roc_auc"] == pytest.approx((1.0 + 0.875) / 2)
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
 def test_report_files(tmp_path):
     pred = binary(SPAM_P, TRUTH)
     report = evaluation_report(LABELS, pred, pred)
@@ -119,6 +187,34 @@ def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):
     write_report(tmp_path, evaluation_report(LABELS, pred, pred), pred)
     assert (tmp_path / "metrics.json").is_file() and not list(tmp_path.glob("*.png"))
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_plots_of_a_multiclass_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    pred = Predictions(probs, torch.tensor([0, 1, 2, 1]))
+    written = write_plots(tmp_path, evaluation_report(["a", "b", "c"], pred, pred), pred, history=None)
+    assert written == [tmp_path / "confusion_matrix.png"]  # no binary threshold: no ROC or precision-recall
+    assert written[0].read_bytes().startswith(b"\x89PNG")
+
+
+def test_plots_without_positives_in_test(tmp_path):
+    pytest.importorskip("matplotlib")
+    validation, test = binary(SPAM_P, TRUTH), binary([0.9, 0.2], [0, 0])
+    written = write_plots(tmp_path, evaluation_report(LABELS, validation, test), test, history=None)
+    assert [p.name for p in written] == ["confusion_matrix.png"]  # ROC and recall are undefined
+
+
+@pytest.mark.parametrize(
+    ("cell", "text"),
+    [
+        pytest.param((0.03, 0.19, 0.42, 1.0), "white", id="dark-blue"),
+        pytest.param((0.42, 0.68, 0.84, 1.0), "black", id="mid-blue"),
+        pytest.param((0.97, 0.98, 1.0, 1.0), "black", id="near-white"),
+    ],
+)
+def test_confusion_numbers_contrast_with_their_cell(cell, text):
+    assert evaluate._text_colour_on(cell) == text
 
 
 def test_predict_uses_model_probabilities(tiny_config, tokenizer):

@@ -17,9 +17,10 @@ def bounded_text(max_chars: int) -> type:
 
     def check(text: str) -> str:
         if not text:
-            raise PydanticCustomError("string_too_short", "must not be empty", {"min_length": 1})
+            raise PydanticCustomError("empty_text", "must not be empty")
         if len(text) > max_chars:
-            raise PydanticCustomError("string_too_long", "too long", {"max_length": max_chars})
+            context = {"length": len(text), "max_chars": max_chars}
+            raise PydanticCustomError("text_too_long", "{length} characters, at most {max_chars}", context)
         return text
 
     return Annotated[str, AfterValidator(check), Field(json_schema_extra={"minLength": 1, "maxLength": max_chars})]

@@ -164,7 +164,7 @@ def _read_json(file: Path) -> dict:
     missing = [name for name in (*REQUIRED_FIELDS, *(f.name for f in fields(ModelCard))) if name not in raw]
     if missing:
         raise CheckpointError(f"{file}: missing field {missing[0]!r}")
-    if raw["format_version"] != FORMAT_VERSION:
+    if isinstance(raw["format_version"], bool) or raw["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
             f"{file}: unknown format_version {raw['format_version']!r} (this spamgpt reads {FORMAT_VERSION})"
         )
@@ -196,28 +196,42 @@ def _card(file: Path, raw: dict, config: GPTConfig) -> ModelCard:
         raise CheckpointError(f"{file}: 'max_tokens' must be an integer in 1..{config.block_size}, got {max_tokens!r}")
     if raw["pooling"] != POOLING:
         raise CheckpointError(f"{file}: unknown pooling {raw['pooling']!r} (expected {POOLING!r})")
-    tokenizer = raw["tokenizer"]
-    if not isinstance(tokenizer, dict) or set(tokenizer.get("sha256") or {}) != set(BPE_FILES):
-        raise CheckpointError(f"{file}: 'tokenizer' must record the sha256 of {list(BPE_FILES)}")
-    for name in ("metrics", "training", "data"):
-        if not isinstance(raw[name], dict):
-            raise CheckpointError(f"{file}: {name!r} must be an object, got {raw[name]!r}")
-    try:
-        training = from_flat(FinetuneConfig, raw["training"]) if raw["training"] else None
-        data = DataSummary(**raw["data"]) if raw["data"] else None
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{file}: invalid 'training' or 'data' record ({exc})") from exc
+    hashes = raw["tokenizer"].get("sha256") if isinstance(raw["tokenizer"], dict) else None
+    if (
+        not isinstance(hashes, dict)
+        or set(hashes) != set(BPE_FILES)
+        or not all(isinstance(h, str) for h in hashes.values())
+    ):
+        raise CheckpointError(f"{file}: 'tokenizer' must record the sha256 of {list(BPE_FILES)} as strings")
+    if not isinstance(raw["base_model"], str) or not raw["base_model"]:
+        raise CheckpointError(f"{file}: 'base_model' must be a non-empty string, got {raw['base_model']!r}")
+    for name in ("created", "version"):
+        if not isinstance(raw[name], str | None):
+            raise CheckpointError(f"{file}: {name!r} must be a string or null, got {raw[name]!r}")
     return ModelCard(
         labels=tuple(labels),
         max_tokens=max_tokens,
         threshold=_threshold(file, raw["threshold"], labels),
-        base_model=str(raw["base_model"]),
-        metrics=raw["metrics"],
-        training=training,
-        data=data,
+        base_model=raw["base_model"],
+        metrics=_record(file, raw, "metrics", dict),
+        training=_record(file, raw, "training", FinetuneConfig),
+        data=_record(file, raw, "data", DataSummary),
         created=raw["created"],
         version=raw["version"],
     )
+
+
+def _record(file: Path, raw: dict, name: str, cls: type) -> Any:
+    """config.json's object `name` as `cls` (an empty object: None, for a checkpoint not written by finetune)."""
+    record = raw[name]
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{file}: {name!r} must be an object, got {record!r}")
+    if cls is dict:
+        return record
+    try:
+        return from_flat(cls, record) if record else None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: invalid {name!r} record ({exc})") from exc
 
 
 def _threshold(file: Path, threshold: object, labels: list[str]) -> Threshold | None:
@@ -226,8 +240,8 @@ def _threshold(file: Path, threshold: object, labels: list[str]) -> Threshold | 
     if not (
         len(labels) == 2
         and isinstance(threshold, dict)
-        and threshold["label"] in labels
-        and isinstance(threshold["value"], int | float)
+        and threshold.get("label") in labels
+        and isinstance(threshold.get("value"), int | float)
         and not isinstance(threshold["value"], bool)
         and 0.0 <= threshold["value"] <= 1.0
     ):

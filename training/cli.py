@@ -28,10 +28,12 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     of an argument group under that group's heading."""
     groups = {}
     for f, kind, group in option_fields(cls):
-        target = parser if group is None else groups.setdefault(group, parser.add_argument_group(f"{group} options"))
+        if group is not None and group not in groups:
+            groups[group] = parser.add_argument_group(f"{group} options")
+        target = parser if group is None else groups[group]
         kwargs = dict(dest=f.name, help=f.metadata.get("help"))
         if f.default is MISSING:
-            kwargs["required"] = True
+            kwargs |= dict(required=True, default=argparse.SUPPRESS)  # no "(default: None)" in the help
         else:
             kwargs["default"] = f.default
         if kind is bool:

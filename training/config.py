@@ -3,6 +3,7 @@ raise ValueError with the bad value shown (litgpt's argument groups). Groups com
 its data, base model and training configs. Each field's default and help text are the command line's
 (training.cli); a run's arguments are recorded flat in the checkpoint's config.json under "training"."""
 
+import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
@@ -19,7 +20,9 @@ def opt(default=MISSING, help: str = "", choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-GROUP = {"group": True}  # the metadata of a field that holds an argument group
+def group(title: str) -> dict:
+    """The metadata of a field that holds an argument group, with the heading the command line shows."""
+    return {"group": title}
 
 
 @dataclass(frozen=True)
@@ -87,9 +90,9 @@ class TrainConfig:
 class FinetuneConfig:
     """Everything `finetune` needs: data, base model, training, and where the checkpoint goes."""
 
-    data: DataConfig = field(default_factory=DataConfig, metadata=GROUP)
-    base: BaseModelConfig = field(default_factory=BaseModelConfig, metadata=GROUP)
-    train: TrainConfig = field(default_factory=TrainConfig, metadata=GROUP)
+    data: DataConfig = field(default_factory=DataConfig, metadata=group("data"))
+    base: BaseModelConfig = field(default_factory=BaseModelConfig, metadata=group("base model"))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=group("training"))
     balance: bool = opt(True, "undersample every label to the rarest label's count, as the reference does")
     cache_dir: str = opt(str(DEFAULT_CACHE), "where downloads are kept (env SPAMGPT_CACHE)")
     out: str = opt("checkpoints/spamgpt", "checkpoint directory to write (replaced whole at the end)")
@@ -101,7 +104,7 @@ class EvaluateConfig:
     """Everything `evaluate` needs: the checkpoint, the data and which of its rows."""
 
     checkpoint: str = opt(help="checkpoint directory written by `finetune`")
-    data: DataConfig = field(default_factory=DataConfig, metadata=GROUP)
+    data: DataConfig = field(default_factory=DataConfig, metadata=group("data"))
     split: str = opt(
         "all", "all rows, or only those of one of the checkpoint's splits (report/split.json)", ("all", *SPLITS)
     )
@@ -125,9 +128,11 @@ def flatten(config: Any) -> dict[str, Any]:
 
 
 def from_flat(cls: type, values: dict[str, Any]) -> Any:
-    """Build `cls` and its groups from a flat dict; names it lacks keep their defaults, unknown names are ignored.
+    """Build `cls` and its groups from a flat dict, such as a checkpoint's record of a run. Names it lacks keep
+    their defaults (options added after the record was written); unknown names are ignored.
 
-    Raises ValueError from a group's validation, or TypeError for values of the wrong type.
+    Raises TypeError naming a value of the wrong type or a required name that is missing, ValueError from a
+    group's validation.
     """
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -135,18 +140,32 @@ def from_flat(cls: type, values: dict[str, Any]) -> Any:
         if f.metadata.get("group"):
             kwargs[f.name] = from_flat(hints[f.name], values)
         elif f.name in values:
-            kwargs[f.name] = values[f.name]
+            kwargs[f.name] = check_type(f.name, values[f.name], hints[f.name])
     return cls(**kwargs)
 
 
+def check_type(name: str, value: Any, kind: Any) -> Any:
+    """`value` if it is of type `kind` as JSON would carry it (an int passes as a float; a bool never passes as a
+    number; `dict[str, int]` is checked as a dict); else TypeError naming `name`."""
+    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    for t in (typing.get_origin(t) or t for t in allowed):
+        if t is type(None) and value is None:
+            return value
+        if t in (int, float) and isinstance(value, bool):
+            continue
+        if isinstance(value, int | float if t is float else t):
+            return value
+    raise TypeError(f"{name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
 def option_fields(cls: type) -> list[tuple[Any, type, str | None]]:
-    """(field, its type, its group's name or None) for every option of `cls`, groups flattened in order."""
+    """(field, its type, its group's title or None) for every option of `cls`, groups flattened in order."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in fields(cls):
         if f.metadata.get("group"):
             assert is_dataclass(hints[f.name])
-            out += [(inner, kind, f.name) for inner, kind, _ in option_fields(hints[f.name])]
+            out += [(inner, kind, f.metadata["group"]) for inner, kind, _ in option_fields(hints[f.name])]
         else:
             out.append((f, hints[f.name], None))
     return out

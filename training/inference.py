@@ -14,7 +14,7 @@ PAD_ID = 0  # right padding is never read by the model, so any valid token id wi
 @dataclass(frozen=True)
 class Threshold:
     """A binary model's decision rule: `label` wins wherever its probability is at least `value` (in 0..1).
-    In config.json and metrics.json it is `{"label": ..., "value": ...}`, as dataclasses.asdict writes it."""
+    In config.json, metrics.json and /info it is `{"label": ..., "value": ...}`."""
 
     label: str
     value: float

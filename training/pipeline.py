@@ -43,13 +43,17 @@ from training.inference import Threshold
 from training.model import GPTClassifier, GPTConfig, pretrained_classifier
 from training.tokenizer import encode_batch, fetch_gpt2_bpe, load_tokenizer
 
-# Arguments that change where or how fast a run happens, not what it produces: skip_existing ignores them.
-NOT_COMPARED = ("out", "device", "skip_existing", "cache_dir", "cache_prefix")
+# Arguments that change where or how fast a run happens, not what it produces: skip_existing ignores them. The data
+# is compared by content (its fingerprint), not by the path or name that found it.
+NOT_COMPARED = ("out", "device", "skip_existing", "cache_dir", "cache_prefix", "data")
+PATHS = ("weights", "tokenizer_dir")  # compared as the files they name, wherever the run started
 
 
 def finetune(config: FinetuneConfig) -> Path:
-    """Fine-tune GPT-2 into a classifier and export a checkpoint directory to `config.out` (the reference's
-    settings by default); returns that directory.
+    """Fine-tune GPT-2 into a classifier, evaluate it and export a checkpoint directory (the reference's
+    settings by default).
+
+    Returns the directory written (`config.out`).
 
     Raises ValueError for an `out` that holds files but no checkpoint, or data that cannot be split;
     training.model.WeightsError when the base weights cannot be had; DownloadError, TokenizerError, OSError.
@@ -125,9 +129,8 @@ def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dic
     except CheckpointError as exc:
         print(f"{out} holds no usable checkpoint ({exc}); training a new one")
         return False
-    wanted = {k: v for k, v in flatten(config).items() if k not in NOT_COMPARED}
-    recorded = {} if card.training is None else flatten(card.training)
-    recorded = {k: v for k, v in recorded.items() if k not in NOT_COMPARED}
+    wanted = comparable(flatten(config))
+    recorded = {} if card.training is None else comparable(flatten(card.training))
     changed = sorted(k for k in wanted.keys() | recorded.keys() if wanted.get(k) != recorded.get(k))
     if changed:
         print(f"{out} was trained with other arguments ({', '.join(changed)}); training a new one")
@@ -136,6 +139,12 @@ def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dic
         print(f"{out} was trained on other data; training a new one")
         return False
     return True
+
+
+def comparable(arguments: dict) -> dict:
+    """A run's flat arguments without NOT_COMPARED, with PATHS made absolute."""
+    resolved = {name: str(Path(arguments[name]).resolve()) for name in PATHS if arguments.get(name) is not None}
+    return {k: v for k, v in (arguments | resolved).items() if k not in NOT_COMPARED}
 
 
 def headline(metrics: dict, threshold: Threshold | None) -> str:
@@ -157,8 +166,9 @@ def headline(metrics: dict, threshold: Threshold | None) -> str:
 
 
 def evaluate(config: EvaluateConfig) -> dict:
-    """Re-evaluate an exported checkpoint on a dataset, at argmax and at the checkpoint's threshold; returns the
-    metrics (and writes them to `config.out` when set).
+    """Re-evaluate an exported checkpoint on a dataset, at argmax and at the checkpoint's threshold.
+
+    Returns the metrics, also written to `config.out` when set.
 
     Raises CheckpointError for a checkpoint that cannot be loaded; ValueError for a split that selects nothing
     or labels the model does not know.
@@ -167,7 +177,9 @@ def evaluate(config: EvaluateConfig) -> dict:
     card, data = checkpoint.card, config.data
     ds = deduplicate(load_dataset(data.data, config.cache_dir, data.text_column, data.label_column))
     if config.split != "all":
+        rows_given = len(ds.texts)
         ds = select_split(ds, checkpoint.path / SPLIT_FILE, config.split)
+        print(f"{len(ds.texts)} of {rows_given} distinct rows are in the checkpoint's {config.split} split")
     rows, _ = encode_batch(checkpoint.tokenizer, ds.texts, card.max_tokens)
     predictions = predict(checkpoint.model, rows, ds.labels, card.labels)
     result = {

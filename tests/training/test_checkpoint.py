@@ -100,6 +100,18 @@ def test_load_onto_a_lower_precision_dtype(tiny_checkpoint):
         ),
         pytest.param(edit_card(threshold=0.5), r"'threshold' must be null or .*got 0\.5", id="threshold-number"),
         pytest.param(
+            edit_card(threshold={"label": "spam"}), r"'threshold' must be null or .*got \{'label'", id="no-value"
+        ),
+        pytest.param(
+            edit_card(tokenizer={"sha256": ["vocab.bpe", "encoder.json"]}),
+            r"'tokenizer' must record the sha256",
+            id="tokenizer-hashes-list",
+        ),
+        pytest.param(edit_card(created=5), r"'created' must be a string or null, got 5", id="created-int"),
+        pytest.param(edit_card(version=[1]), r"'version' must be a string or null, got \[1\]", id="version-list"),
+        pytest.param(edit_card(base_model=None), r"'base_model' must be a non-empty string, got None", id="base-none"),
+        pytest.param(edit_card(format_version=True), r"unknown format_version True", id="format-version-bool"),
+        pytest.param(
             edit_card(tokenizer={"name": "gpt2"}),
             r"'tokenizer' must record the sha256 of \['vocab\.bpe'",
             id="tokenizer-field",
@@ -195,16 +207,19 @@ def test_loads_a_config_json_in_the_format_written_by_spamgpt_0_1_0(tiny_checkpo
 
 
 @pytest.mark.parametrize(
-    ("training", "match"),
+    ("field", "record", "match"),
     [
-        pytest.param(
-            {"epochs": 0}, r"invalid 'training' or 'data' record \(epochs must be at least 1, got 0\)", id="0"
-        ),
-        pytest.param({"epochs": "5"}, r"invalid 'training' or 'data' record", id="string"),
-        pytest.param([], r"'training' must be an object, got \[\]", id="list"),
+        pytest.param("training", {"epochs": 0}, r"'training' record \(epochs must be at least 1, got 0\)", id="0"),
+        pytest.param("training", {"epochs": "5"}, r"'training' record \(epochs must be int, got '5'\)", id="str"),
+        pytest.param("training", {"epochs": 2.5}, r"epochs must be int, got 2\.5", id="float-epochs"),
+        pytest.param("training", {"lr": True}, r"lr must be float, got True", id="bool-lr"),
+        pytest.param("training", [], r"'training' must be an object, got \[\]", id="list"),
+        pytest.param("data", {"source": "sms"}, r"invalid 'data' record \(.*fingerprint", id="data-missing-field"),
+        pytest.param("data", {"source": 3}, r"'data' record \(source must be str, got 3\)", id="data-source-int"),
+        pytest.param("metrics", [1], r"'metrics' must be an object, got \[1\]", id="metrics-list"),
     ],
 )
-def test_load_checkpoint_refuses_a_bad_training_record(tiny_checkpoint, training, match):
-    edit_card(training=training)(tiny_checkpoint)
+def test_load_checkpoint_refuses_a_bad_record(tiny_checkpoint, field, record, match):
+    edit_card(**{field: record})(tiny_checkpoint)
     with pytest.raises(CheckpointError, match=match):
         load_checkpoint(tiny_checkpoint)

@@ -197,3 +197,23 @@ def test_finetune_from_python_with_typed_configs(trained, csv_data, bpe_dir, tmp
     assert card.training == config and reference.training == replace(config, out=str(trained))
     assert card.threshold == reference.threshold and isinstance(card.threshold, Threshold)
     assert card.metrics == reference.metrics
+
+
+def test_skip_existing_finds_the_same_data_by_another_path(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    monkeypatch.setattr(training.pipeline, "train", lambda *a: pytest.fail("retrains"))
+    monkeypatch.chdir(csv_data.parent)
+    argv = finetune_argv(Path(csv_data.name), Path(os.path.relpath(bpe_dir)), out, "--skip-existing")
+    assert main(argv) == 0 and "skip" in capsys.readouterr().out
+
+
+def test_help_groups_the_options_and_shows_no_default_for_required_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"{title} options:" in text for title in ("data", "base model", "training"))
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    checkpoint_help = capsys.readouterr().out.split("--checkpoint CHECKPOINT")[-1].split("--")[0]
+    assert "checkpoint directory written by `finetune`" in checkpoint_help and "default" not in checkpoint_help

@@ -6,6 +6,7 @@ plots from matplotlib (the plots extra; the report is written without them when 
 """
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -215,8 +216,9 @@ def _history_plot(figure, history: dict, metric: str):
     for split in ("train", "val"):
         ax.plot(epochs, [e[f"{split}_{metric}"] for e in history["epochs"]], marker="o", label=split)
     ax.axvline(history["best_epoch"], color="grey", linestyle=":", label="best epoch")
-    _integer_ticks(ax.xaxis)
-    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+    ax.set_xticks(epochs[:: math.ceil(len(epochs) / 10)])  # whole epochs, at most about ten ticks
+    # half an epoch of margin, so that a best epoch at either end is not drawn on the frame
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch", xlim=(epochs[0] - 0.5, epochs[-1] + 0.5))
     ax.legend()
     return fig
 

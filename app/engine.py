@@ -33,6 +33,7 @@ class Engine:
 
     @property
     def card(self) -> ModelCard:
+        """The checkpoint's model card: labels, max_tokens, threshold, provenance."""
         return self.checkpoint.card
 
     @classmethod

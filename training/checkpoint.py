@@ -87,6 +87,8 @@ class ModelCard:
 
 @dataclass
 class Checkpoint:
+    """A loaded checkpoint directory: the classifier, its tokenizer and its card."""
+
     path: Path
     model: GPTClassifier  # in eval mode, on the requested device and dtype
     tokenizer: tiktoken.Encoding
@@ -94,6 +96,7 @@ class Checkpoint:
 
 
 def package_version() -> str:
+    """The installed spamgpt's version, "unknown" when run from a tree that is not installed."""
     try:
         return version("spamgpt")
     except PackageNotFoundError:

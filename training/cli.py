@@ -45,6 +45,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """`python -m training` with one subcommand per entry of COMMANDS."""
     parser = argparse.ArgumentParser(prog="python -m training", description="Fine-tune GPT-2 into a text classifier.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (command, cls) in COMMANDS.items():
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse `argv`, run the command; the exit status: 0 done, 1 failed (the message on stderr), 2 bad arguments or
+    base weights that cannot be had."""
     namespace = vars(build_parser().parse_args(argv))
     command, cls = COMMANDS[namespace.pop("command")]
     subparser = namespace.pop("subparser")

@@ -27,6 +27,8 @@ def group(title: str) -> dict:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """Which labelled texts: "sms" or a file, and the columns of a table."""
+
     data: str = opt("sms", '"sms" (the UCI SMS Spam Collection, downloaded) or a SMSSpamCollection, .csv, .tsv, .jsonl')
     text_column: str = opt("text", "column of the texts in a .csv / .tsv / .jsonl")
     label_column: str = opt("label", "column of the labels in a .csv / .tsv / .jsonl")
@@ -34,6 +36,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class BaseModelConfig:
+    """The model fine-tuning starts from, and the token budget of a text in training and serving."""
+
     preset: str = opt("gpt2", "model size", tuple(PRESETS))
     init: str = opt("pretrained", "start from OpenAI's GPT-2 weights, or from random weights", ("pretrained", "random"))
     weights: str | None = opt(None, "local GPT-2 model.safetensors (or its directory) instead of downloading")
@@ -56,6 +60,8 @@ class BaseModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The fine-tuning loop's settings (training.finetune.train); defaults are the reference's, chapter 6."""
+
     trainable: str = opt(
         "last-blocks",
         "last-blocks: those blocks + final norm + head; all; lora: adapters + final norm + head",

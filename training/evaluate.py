@@ -32,6 +32,8 @@ EVAL_BATCH_SIZE = 32  # rows per forward pass: no gradients, so larger than trai
 
 @dataclass
 class Predictions:
+    """A split's probabilities beside its true labels."""
+
     probs: torch.Tensor  # (N, n_labels) float32
     targets: torch.Tensor  # (N,) label indices
 

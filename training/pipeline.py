@@ -7,6 +7,7 @@ exported checkpoint. The command line (training.cli) only maps options to these 
 """
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from training.checkpoint import (
     save_checkpoint,
     staged,
 )
-from training.config import BaseModelConfig, EvaluateConfig, FinetuneConfig, flatten
+from training.config import BaseModelConfig, EvaluateConfig, FinetuneConfig, changed_options, flatten
 from training.data import (
     SPLITS,
     Dataset,
@@ -37,23 +38,34 @@ from training.data import (
     write_split,
 )
 from training.device import resolve_device
+from training.distributed import Group, process_group
 from training.evaluate import evaluation_report, predict, split_metrics, summary, write_report
-from training.finetune import Examples, train
+from training.finetune import Examples, TrainState, train
 from training.inference import Threshold
 from training.model import GPTClassifier, GPTConfig, pretrained_classifier
+from training.resume import STATE_FILE, load_state, save_state, state_dir
 from training.tokenizer import encode_batch, fetch_gpt2_bpe, load_tokenizer
 
 # Arguments that change where or how fast a run happens, not what it produces: skip_existing ignores them.
-NOT_COMPARED = ("out", "device", "skip_existing", "cache_dir", "cache_prefix")
+NOT_COMPARED = ("out", "device", "skip_existing", "cache_dir", "cache_prefix", "resume", "save_state")
 
 
 def finetune(config: FinetuneConfig) -> Path:
     """Fine-tune GPT-2 into a classifier and export a checkpoint directory to `config.out` (the reference's
     settings by default); returns that directory.
 
+    Under torchrun, every process runs this: each trains on its share of every batch (training.distributed),
+    rank 0 evaluates, exports and keeps the resume state, the others wait for it at a barrier.
+
     Raises ValueError for an `out` that holds files but no checkpoint, or data that cannot be split;
+    training.resume.ResumeError (a ValueError) for `resume` with state saved by other arguments or data;
     training.model.WeightsError when the base weights cannot be had; DownloadError, TokenizerError, OSError.
     """
+    with process_group(config.train.device) as group:
+        return _finetune(config, group)
+
+
+def _finetune(config: FinetuneConfig, group: Group) -> Path:
     out = Path(config.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / CONFIG_FILE).is_file():
         raise ValueError(f"--out {str(out)!r} holds files but no checkpoint; refusing to replace it")
@@ -73,7 +85,10 @@ def finetune(config: FinetuneConfig) -> Path:
     train_data, val_data, test_data = (
         encode(enc, getattr(split, name), label_names, base.max_tokens) for name in SPLITS
     )
-    history = train(model, train_data, val_data, config.train)
+    history = train(model, train_data, val_data, config.train, **resume_options(config, fingerprint(source), group))
+    if not group.is_main:
+        group.barrier()  # rank 0 evaluates and exports
+        return out
 
     validation, test = (
         predict(model, ds.rows, [label_names[t] for t in ds.targets], label_names) for ds in (val_data, test_data)
@@ -97,8 +112,42 @@ def finetune(config: FinetuneConfig) -> Path:
         save_checkpoint(staging, model, tokenizer_dir, card)
         write_report(staging / REPORT_DIR, report, test, history.to_dict())
         write_split(staging / SPLIT_FILE, split)
+    shutil.rmtree(state_dir(out), ignore_errors=True)  # the run is complete: nothing left to resume
     print(f"{headline(card.metrics, card.threshold)}; checkpoint exported to {out}")
+    group.barrier()
     return out
+
+
+def resume_options(config: FinetuneConfig, data_fingerprint: dict, group: Group) -> dict:
+    """train()'s resume_from (the saved state, with `config.resume`) and on_epoch_end (saving the state, with
+    `config.save_state`, on rank 0 only), for a run writing `config.out`.
+
+    Raises training.resume.ResumeError when the saved state is of other arguments or data.
+    """
+    directory = state_dir(config.out)
+    record = {"arguments": compared_arguments(config), "data": data_fingerprint}
+    resume_from: TrainState | None = None
+    if config.resume:
+        resume_from = load_state(directory, record)
+        if group.is_main:
+            print(
+                f"resuming after epoch {resume_from.epoch} from {directory}"
+                if resume_from is not None
+                else f"no saved state at {directory}; training from the start"
+            )
+    elif group.is_main and (directory / STATE_FILE).is_file():
+        print(f"note: {directory} holds an interrupted run's state; starting over (--resume continues it)")
+    save = config.save_state and group.is_main
+    return {
+        "resume_from": resume_from,
+        "on_epoch_end": (lambda state: save_state(directory, state, record)) if save else None,
+        "group": group,
+    }
+
+
+def compared_arguments(config: FinetuneConfig) -> dict:
+    """The run's arguments, flat, without those that change where or how fast it runs (NOT_COMPARED)."""
+    return {k: v for k, v in flatten(config).items() if k not in NOT_COMPARED}
 
 
 def base_model(base: BaseModelConfig, config: GPTConfig, seed: int) -> GPTClassifier:
@@ -125,10 +174,8 @@ def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dic
     except CheckpointError as exc:
         print(f"{out} holds no usable checkpoint ({exc}); training a new one")
         return False
-    wanted = {k: v for k, v in flatten(config).items() if k not in NOT_COMPARED}
-    recorded = {} if card.training is None else flatten(card.training)
-    recorded = {k: v for k, v in recorded.items() if k not in NOT_COMPARED}
-    changed = sorted(k for k in wanted.keys() | recorded.keys() if wanted.get(k) != recorded.get(k))
+    recorded = {} if card.training is None else compared_arguments(card.training)
+    changed = changed_options(compared_arguments(config), recorded)
     if changed:
         print(f"{out} was trained with other arguments ({', '.join(changed)}); training a new one")
         return False

@@ -4,8 +4,13 @@ Fixtures live in tests/conftest.py; test modules import helpers from here, never
 
 import csv
 import json
+import os
 import pickle
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -76,6 +81,58 @@ def finetune_argv(csv_data: Path, bpe_dir: Path, out: Path, *extra: str) -> list
         "finetune", "--preset", "tiny", "--init", "random", "--data", str(csv_data), "--tokenizer-dir", str(bpe_dir),
         "--out", str(out), "--epochs", "2", "--max-tokens", "48", "--lr", "1e-3", "--device", "cpu", *extra,
     ]  # fmt: skip
+
+
+# One thread per process: training processes on a shared machine do not fight over cores, and every run of a test
+# does its arithmetic alike (a thread count splits matrix products differently)
+TRAINING_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_training(argv: list[str], processes: int = 1) -> str:
+    """Run `python -m training *argv` in a new process, or under torchrun with that many local `processes`;
+    returns its stdout. Fails the test (showing stderr) when it exits non-zero."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else []
+    done = subprocess.run(
+        [sys.executable, *launcher, "-m", "training", *argv], env=TRAINING_ENV, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+# `python -m training`, paused for good after PAUSE_AFTER_STEPS optimizer steps (writing PAUSE_MARKER first)
+PAUSING_CLI = """
+import os, sys, time
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from training.cli import main
+steps = 0
+def pause(optimizer, args, kwargs):
+    global steps
+    steps += 1
+    if steps == int(os.environ["PAUSE_AFTER_STEPS"]):
+        open(os.environ["PAUSE_MARKER"], "w").close()
+        time.sleep(600)
+register_optimizer_step_post_hook(pause)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def kill_after_steps(argv: list[str], steps: int, log: Path, timeout_s: float = 300) -> None:
+    """Run `python -m training *argv` in a new process and SIGKILL it right after its `steps`-th optimizer step:
+    a known place, however fast or slow the machine. Its output goes to `log`."""
+    marker = log.with_suffix(".paused")
+    env = {**TRAINING_ENV, "PAUSE_AFTER_STEPS": str(steps), "PAUSE_MARKER": str(marker)}
+    with open(log, "wb") as output:
+        child = subprocess.Popen([sys.executable, "-c", PAUSING_CLI, *argv], env=env, stdout=output, stderr=output)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not marker.exists():
+            assert child.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"no optimizer step {steps} within {timeout_s} s"
+            time.sleep(0.1)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
 
 
 def synthetic(n: int, seed: int, flip: bool = False) -> Examples:

@@ -86,7 +86,7 @@ class Group:
 SINGLE = Group()
 
 
-def _allreduce_sum(process_group, bucket: dist.GradBucket) -> torch.futures.Future:
+def _allreduce_sum(process_group, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: sum a bucket of gradients over ranks (DDP's default divides by world_size)."""
     work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
@@ -98,7 +98,8 @@ def process_group(device: str) -> Iterator[Group]:
     MASTER_PORT): the process group is joined on entry (NCCL when `device` resolves to CUDA, else gloo) and left
     on exit. Without WORLD_SIZE, or with WORLD_SIZE=1, SINGLE and nothing to join.
 
-    Raises ValueError for an MPS device, which torch.distributed does not support.
+    Raises ValueError for an MPS device, which torch.distributed does not support, or a CUDA device with an index
+    (every process would take the same GPU).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
@@ -107,6 +108,10 @@ def process_group(device: str) -> Iterator[Group]:
     resolved = resolve_device(device)
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"distributed training runs on cpu or cuda, not {resolved.type!r}")
+    if resolved.index is not None:
+        raise ValueError(
+            f"--device {device!r} under torchrun: use cuda (or auto); each process takes its local rank's GPU"
+        )
     group = Group(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if resolved.type == "cuda":
         torch.cuda.set_device(group.place(resolved))

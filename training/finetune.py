@@ -146,7 +146,7 @@ def tail_forward(
     return RowLogits(model, rows, n_frozen, cache, device)
 
 
-def validation_share(data: "Examples", group: Group) -> list[int]:
+def validation_share(data: Examples, group: Group) -> list[int]:
     """The validation rows this rank evaluates: its share of the rows in length order."""
     return group.share(sorted(range(len(data.rows)), key=lambda i: len(data.rows[i])))
 

@@ -3,17 +3,13 @@ and back unchanged (safetensors + JSON), a state of other arguments or data is r
 process killed with SIGKILL mid-epoch, then resumed, ends with the uninterrupted run's weights exactly."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import finetune_argv, synthetic, write_messages_csv
+import training.pipeline
+from tests.helpers import finetune_argv, kill_after_steps, run_training, synthetic, write_messages_csv
 from training.cli import main
 from training.config import TrainConfig
 from training.finetune import TrainState, train
@@ -93,46 +89,11 @@ def test_state_of_another_run_is_refused(tmp_path, record, message):
 
 # --- A real process, killed ---------------------------------------------------------------------------------
 
-# Runs the CLI, but pauses for good after `steps` optimizer steps (writing `marker` first), so that the test kills
-# it at a known place in the middle of an epoch, however fast or slow the machine is.
-PAUSING_CLI = """
-import os, sys, time
-from torch.optim.optimizer import register_optimizer_step_post_hook
-from training.cli import main
-steps = 0
-def pause(optimizer, args, kwargs):
-    global steps
-    steps += 1
-    if steps == int(os.environ["PAUSE_AFTER_STEPS"]):
-        open(os.environ["PAUSE_MARKER"], "w").close()
-        time.sleep(600)
-register_optimizer_step_post_hook(pause)
-sys.exit(main(sys.argv[1:]))
-"""
-
 
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, bpe_dir, capsys):
     data = write_messages_csv(tmp_path / "messages.csv")  # 42 training rows: 6 batches of 8 an epoch
     argv = finetune_argv(data, bpe_dir, tmp_path / "out", "--epochs", "4", "--batch-size", "8")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PAUSE_AFTER_STEPS": str(2 * 6 + 3),
-        "PAUSE_MARKER": str(tmp_path / "paused"),
-    }
-    log = tmp_path / "killed.log"
-    with open(log, "wb") as output:
-        child = subprocess.Popen([sys.executable, "-c", PAUSING_CLI, *argv], env=env, stdout=output, stderr=output)
-    try:
-        deadline = time.monotonic() + 300
-        while not (tmp_path / "paused").exists():
-            assert child.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the run never reached epoch 3"
-            time.sleep(0.1)
-    finally:
-        child.send_signal(signal.SIGKILL)  # halfway through epoch 3
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
+    kill_after_steps(argv, 2 * 6 + 3, tmp_path / "killed.log")  # halfway through epoch 3
     state = state_dir(tmp_path / "out")
     assert json.loads((state / "state.json").read_text())["epoch"] == 2
     assert not (tmp_path / "out").exists(), "a killed run left something where the checkpoint goes"
@@ -141,17 +102,12 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, bpe_dir, caps
     assert main([*argv, "--resume", "--lr", "2e-3"]) == 1
     assert "other arguments (lr 0.001 -> 0.002)" in capsys.readouterr().err
     # The resumed and the reference run in processes like the killed one's (same threads, same arithmetic)
-    resumed = subprocess.run(
-        [sys.executable, "-m", "training", *argv, "--resume"], env=env, capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming after epoch 2 from {state}" in resumed.stdout
-    assert "epoch 1:" not in resumed.stdout and "epoch 4:" in resumed.stdout
+    resumed = run_training([*argv, "--resume"])
+    assert f"resuming after epoch 2 from {state}" in resumed
+    assert "epoch 1:" not in resumed and "epoch 4:" in resumed
     assert not state.exists(), "the state of a finished run was kept"
     reference = tmp_path / "reference"
-    argv = finetune_argv(data, bpe_dir, reference, "--epochs", "4", "--batch-size", "8")
-    done = subprocess.run([sys.executable, "-m", "training", *argv], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    run_training(finetune_argv(data, bpe_dir, reference, "--epochs", "4", "--batch-size", "8"))
     # The same arithmetic in the same order: equal to the last bit
     torch.testing.assert_close(
         load_file(tmp_path / "out" / "model.safetensors"), load_file(reference / "model.safetensors"), rtol=0, atol=0
@@ -160,3 +116,14 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, bpe_dir, caps
         json.loads((d / "report" / "metrics.json").read_text())["history"] for d in (tmp_path / "out", reference)
     ]
     assert history[0] == history[1]
+
+
+def test_resume_without_state_trains_from_the_start_and_no_save_state_saves_nothing(
+    tmp_path, bpe_dir, monkeypatch, capsys
+):
+    monkeypatch.setattr(training.pipeline, "save_state", lambda *args: pytest.fail("state saved"))
+    data = write_messages_csv(tmp_path / "messages.csv")
+    out = tmp_path / "out"
+    assert main(finetune_argv(data, bpe_dir, out, "--epochs", "1", "--resume", "--no-save-state")) == 0
+    assert f"no saved state at {state_dir(out)}; training from the start" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file() and not state_dir(out).exists()

@@ -7,6 +7,9 @@ share of every global batch (`Group.share`), so a run over N processes follows t
 loss is the sum of its rows' losses divided by the rows of the global batch, and the gradients are summed across
 ranks (not averaged), which gives the global batch's mean-loss gradient whatever the shares' sizes.
 One process is `Group()` (SINGLE): every method is then a no-op and nothing here touches torch.distributed.
+
+Sources: PyTorch's "Getting Started with Distributed Data Parallel" and "DDP Communication Hooks" (the hook below
+is default_hooks.allreduce_hook without its division by world_size); torchrun's environment variables.
 """
 
 import os

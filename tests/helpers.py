@@ -2,8 +2,15 @@
 checkpoint, a live server (from benchmarks.server, which the benchmarks use too) and ways to break a checkpoint.
 Fixtures live in tests/conftest.py; test modules import helpers from here, never from each other."""
 
+import csv
 import json
+import os
 import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -14,6 +21,7 @@ from app.settings import Settings
 from benchmarks.server import free_port as free_port
 from benchmarks.server import live_server as live_server
 from training.checkpoint import ModelCard
+from training.finetune import Examples
 
 # A few merges in GPT-2's data-gym notation ("Ġ" is a space), enough for multi-byte tokens.
 MERGES = ["Ġ t", "h e", "i n", "e r", "Ġ a", "o n", "Ġt he", "Ġ w", "r e", "Ġ s", "Ġ f", "Ġ c", "a t", "o u"]
@@ -45,6 +53,97 @@ def tiny_card(**overrides) -> ModelCard:
 
 def tiny_settings(checkpoint_dir: Path, **overrides) -> Settings:
     return Settings(**{"checkpoint_dir": checkpoint_dir, "device": "cpu", **overrides})
+
+
+# --- Training data and runs ------------------------------------------------------------------------
+
+SPAM_WORDS = ["win", "prize", "cash", "claim", "free", "urgent", "call", "now", "offer", "txt", "bonus", "reply"]
+HAM_WORDS = ["see", "you", "at", "lunch", "home", "later", "mum", "thanks", "ok", "tonight", "dinner", "soon"]
+
+
+def write_messages_csv(path: Path, n: int = 60, seed: int = 0) -> Path:
+    """`n` short texts (header text,label), spam and ham alternating, from different words; each unique, so
+    deduplication keeps them all."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            label, words = ("spam", SPAM_WORDS) if i % 2 else ("ham", HAM_WORDS)
+            writer.writerow([" ".join(rng.sample(words, 4)) + f" {i}", label])
+    return path
+
+
+def finetune_argv(csv_data: Path, bpe_dir: Path, out: Path, *extra: str) -> list[str]:
+    """`python -m training finetune` arguments for a tiny random model, 2 epochs on CPU (extra ones win)."""
+    return [
+        "finetune", "--preset", "tiny", "--init", "random", "--data", str(csv_data), "--tokenizer-dir", str(bpe_dir),
+        "--out", str(out), "--epochs", "2", "--max-tokens", "48", "--lr", "1e-3", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+# One thread per process: training processes on a shared machine do not fight over cores, and every run of a test
+# does its arithmetic alike (a thread count splits matrix products differently)
+TRAINING_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_training(argv: list[str], processes: int = 1) -> str:
+    """Run `python -m training *argv` in a new process, or under torchrun with that many local `processes`;
+    returns its stdout. Fails the test (showing stderr) when it exits non-zero."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else []
+    done = subprocess.run(
+        [sys.executable, *launcher, "-m", "training", *argv], env=TRAINING_ENV, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+# `python -m training`, paused for good after PAUSE_AFTER_STEPS optimizer steps (writing PAUSE_MARKER first)
+PAUSING_CLI = """
+import os, sys, time
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from training.cli import main
+steps = 0
+def pause(optimizer, args, kwargs):
+    global steps
+    steps += 1
+    if steps == int(os.environ["PAUSE_AFTER_STEPS"]):
+        open(os.environ["PAUSE_MARKER"], "w").close()
+        time.sleep(600)
+register_optimizer_step_post_hook(pause)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def kill_after_steps(argv: list[str], steps: int, log: Path, timeout_s: float = 300) -> None:
+    """Run `python -m training *argv` in a new process and SIGKILL it right after its `steps`-th optimizer step:
+    a known place, however fast or slow the machine. Its output goes to `log`."""
+    marker = log.with_suffix(".paused")
+    env = {**TRAINING_ENV, "PAUSE_AFTER_STEPS": str(steps), "PAUSE_MARKER": str(marker)}
+    with open(log, "wb") as output:
+        child = subprocess.Popen([sys.executable, "-c", PAUSING_CLI, *argv], env=env, stdout=output, stderr=output)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not marker.exists():
+            assert child.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"no optimizer step {steps} within {timeout_s} s"
+            time.sleep(0.1)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+
+def synthetic(n: int, seed: int, flip: bool = False) -> Examples:
+    """Rows of 3..12 tokens; class 0 draws from tokens 0..49, class 1 from 50..99 (flip swaps the targets)."""
+    rng = random.Random(seed)
+    rows, targets = [], []
+    for i in range(n):
+        label = i % 2
+        rows.append([rng.randrange(50 * label, 50 * label + 50) for _ in range(rng.randint(3, 12))])
+        targets.append(1 - label if flip else label)
+    return Examples(rows, targets)
 
 
 # --- Broken checkpoints ---------------------------------------------------------------------------

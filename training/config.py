@@ -103,6 +103,12 @@ class FinetuneConfig:
     cache_dir: str = opt(str(DEFAULT_CACHE), "where downloads are kept (env SPAMGPT_CACHE)")
     out: str = opt("checkpoints/spamgpt", "checkpoint directory to write (replaced whole at the end)")
     skip_existing: bool = opt(False, "exit at once when --out holds a checkpoint of these arguments and data")
+    resume: bool = opt(
+        False, "continue an interrupted run from the state saved beside --out after its last completed epoch"
+    )
+    save_state: bool = opt(
+        True, "after each epoch, save what --resume needs beside --out (.<out>.resume/; removed after the export)"
+    )
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,11 @@ def flatten(config: Any) -> dict[str, Any]:
         value = getattr(config, f.name)
         out.update(flatten(value) if f.metadata.get("group") else {f.name: value})
     return out
+
+
+def changed_options(wanted: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
+    """The names, sorted, of the options whose values differ between two flat dicts (missing counts as None)."""
+    return sorted(k for k in wanted.keys() | recorded.keys() if wanted.get(k) != recorded.get(k))
 
 
 def from_flat(cls: type, values: dict[str, Any]) -> Any:

@@ -7,6 +7,7 @@ exported checkpoint. The command line (training.cli) only maps options to these 
 """
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from training.checkpoint import (
     save_checkpoint,
     staged,
 )
-from training.config import BaseModelConfig, EvaluateConfig, FinetuneConfig, flatten
+from training.config import BaseModelConfig, EvaluateConfig, FinetuneConfig, changed_options, flatten
 from training.data import (
     SPLITS,
     Dataset,
@@ -37,15 +38,17 @@ from training.data import (
     write_split,
 )
 from training.device import resolve_device
+from training.distributed import Group, process_group
 from training.evaluate import evaluation_report, predict, split_metrics, summary, write_report
-from training.finetune import Examples, train
+from training.finetune import Examples, TrainState, train
 from training.inference import Threshold
 from training.model import GPTClassifier, GPTConfig, pretrained_classifier
+from training.resume import STATE_FILE, load_state, save_state, state_dir
 from training.tokenizer import encode_batch, fetch_gpt2_bpe, load_tokenizer
 
-# Arguments that change where or how fast a run happens, not what it produces: skip_existing ignores them. The data
-# is compared by content (its fingerprint), not by the path or name that found it.
-NOT_COMPARED = ("out", "device", "skip_existing", "cache_dir", "cache_prefix", "data")
+# Arguments that change where or how fast a run happens, not what it produces: skip_existing and resume ignore them.
+# The data is compared by content (its fingerprint), not by the path or name that found it.
+NOT_COMPARED = ("out", "device", "skip_existing", "cache_dir", "cache_prefix", "resume", "save_state", "data")
 PATHS = ("weights", "tokenizer_dir")  # compared as the files they name, wherever the run started
 
 
@@ -55,9 +58,18 @@ def finetune(config: FinetuneConfig) -> Path:
 
     Returns the directory written (`config.out`).
 
+    Under torchrun, every process runs this: each trains on its share of every batch (training.distributed),
+    rank 0 evaluates, exports and keeps the resume state, the others wait for it at a barrier.
+
     Raises ValueError for an `out` that holds files but no checkpoint, or data that cannot be split;
+    training.resume.ResumeError (a ValueError) for `resume` with state saved by other arguments or data;
     training.model.WeightsError when the base weights cannot be had; DownloadError, TokenizerError, OSError.
     """
+    with process_group(config.train.device) as group:
+        return _finetune(config, group)
+
+
+def _finetune(config: FinetuneConfig, group: Group) -> Path:
     out = Path(config.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / CONFIG_FILE).is_file():
         raise ValueError(f"--out {str(out)!r} holds files but no checkpoint; refusing to replace it")
@@ -77,7 +89,10 @@ def finetune(config: FinetuneConfig) -> Path:
     train_data, val_data, test_data = (
         encode(enc, getattr(split, name), label_names, base.max_tokens) for name in SPLITS
     )
-    history = train(model, train_data, val_data, config.train)
+    history = train(model, train_data, val_data, config.train, **resume_options(config, fingerprint(source), group))
+    if not group.is_main:
+        group.barrier()  # rank 0 evaluates and exports
+        return out
 
     validation, test = (
         predict(model, ds.rows, [label_names[t] for t in ds.targets], label_names) for ds in (val_data, test_data)
@@ -101,8 +116,45 @@ def finetune(config: FinetuneConfig) -> Path:
         save_checkpoint(staging, model, tokenizer_dir, card)
         write_report(staging / REPORT_DIR, report, test, history.to_dict())
         write_split(staging / SPLIT_FILE, split)
+    shutil.rmtree(state_dir(out), ignore_errors=True)  # the run is complete: nothing left to resume
     print(f"{headline(card.metrics, card.threshold)}; checkpoint exported to {out}")
+    group.barrier()
     return out
+
+
+def resume_options(config: FinetuneConfig, data_fingerprint: dict, group: Group) -> dict:
+    """train()'s resume_from (the saved state, with `config.resume`) and on_epoch_end (saving the state, with
+    `config.save_state`, on rank 0 only), for a run writing `config.out`.
+
+    Raises training.resume.ResumeError when the saved state is of other arguments or data.
+    """
+    directory = state_dir(config.out)
+    record = {"arguments": compared_arguments(config), "data": data_fingerprint}
+    resume_from: TrainState | None = None
+    if config.resume:
+        resume_from = load_state(directory, record)
+        if group.is_main:
+            print(
+                f"resuming after epoch {resume_from.epoch} from {directory}"
+                if resume_from is not None
+                else f"no saved state at {directory}; training from the start"
+            )
+    elif group.is_main and (directory / STATE_FILE).is_file():
+        print(f"note: {directory} holds an interrupted run's state; starting over (--resume continues it)")
+    save = config.save_state and group.is_main
+    return {
+        "resume_from": resume_from,
+        "on_epoch_end": (lambda state: save_state(directory, state, record)) if save else None,
+        "group": group,
+    }
+
+
+def compared_arguments(config: FinetuneConfig) -> dict:
+    """The run's arguments, flat, without those that change where or how fast it runs (NOT_COMPARED), with PATHS
+    made absolute."""
+    arguments = flatten(config)
+    resolved = {name: str(Path(arguments[name]).resolve()) for name in PATHS if arguments[name] is not None}
+    return {k: v for k, v in (arguments | resolved).items() if k not in NOT_COMPARED}
 
 
 def base_model(base: BaseModelConfig, config: GPTConfig, seed: int) -> GPTClassifier:
@@ -129,9 +181,8 @@ def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dic
     except CheckpointError as exc:
         print(f"{out} holds no usable checkpoint ({exc}); training a new one")
         return False
-    wanted = comparable(flatten(config))
-    recorded = {} if card.training is None else comparable(flatten(card.training))
-    changed = sorted(k for k in wanted.keys() | recorded.keys() if wanted.get(k) != recorded.get(k))
+    recorded = {} if card.training is None else compared_arguments(card.training)
+    changed = changed_options(compared_arguments(config), recorded)
     if changed:
         print(f"{out} was trained with other arguments ({', '.join(changed)}); training a new one")
         return False
@@ -139,12 +190,6 @@ def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dic
         print(f"{out} was trained on other data; training a new one")
         return False
     return True
-
-
-def comparable(arguments: dict) -> dict:
-    """A run's flat arguments without NOT_COMPARED, with PATHS made absolute."""
-    resolved = {name: str(Path(arguments[name]).resolve()) for name in PATHS if arguments.get(name) is not None}
-    return {k: v for k, v in (arguments | resolved).items() if k not in NOT_COMPARED}
 
 
 def headline(metrics: dict, threshold: Threshold | None) -> str:

@@ -1,4 +1,3 @@
-import csv
 import json
 import os
 import random
@@ -11,35 +10,17 @@ from pathlib import Path
 import pytest
 
 import training.pipeline
+from tests.helpers import HAM_WORDS, SPAM_WORDS, finetune_argv, write_messages_csv
 from training.checkpoint import load_checkpoint
 from training.cli import main
 from training.config import BaseModelConfig, DataConfig, FinetuneConfig, TrainConfig
 from training.inference import Threshold
 from training.pipeline import finetune
 
-SPAM_WORDS = ["win", "prize", "cash", "claim", "free", "urgent", "call", "now", "offer", "txt", "bonus", "reply"]
-HAM_WORDS = ["see", "you", "at", "lunch", "home", "later", "mum", "thanks", "ok", "tonight", "dinner", "soon"]
-
 
 @pytest.fixture(scope="module")
 def csv_data(tmp_path_factory) -> Path:
-    """60 short texts, spam and ham from different words; each unique, so deduplication keeps them all."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "messages.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        for i in range(60):
-            label, words = ("spam", SPAM_WORDS) if i % 2 else ("ham", HAM_WORDS)
-            writer.writerow([" ".join(rng.sample(words, 4)) + f" {i}", label])
-    return path
-
-
-def finetune_argv(csv_data: Path, bpe_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "finetune", "--preset", "tiny", "--init", "random", "--data", str(csv_data), "--tokenizer-dir", str(bpe_dir),
-        "--out", str(out), "--epochs", "2", "--max-tokens", "48", "--lr", "1e-3", "--device", "cpu", *extra,
-    ]  # fmt: skip
+    return write_messages_csv(tmp_path_factory.mktemp("data") / "messages.csv")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +69,7 @@ def test_skip_existing(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys
     shutil.copytree(trained, out)
     calls = []
     real_train = training.pipeline.train
-    monkeypatch.setattr(training.pipeline, "train", lambda *a: calls.append(a) or real_train(*a))
+    monkeypatch.setattr(training.pipeline, "train", lambda *a, **k: calls.append(a) or real_train(*a, **k))
     assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing")) == 0
     assert calls == [] and "skip" in capsys.readouterr().out
     assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing", "--epochs", "1")) == 0
@@ -102,7 +83,7 @@ def test_skip_existing_retrains_on_other_data(trained, csv_data, bpe_dir, tmp_pa
     card = json.loads((out / "config.json").read_text())
     card["data"]["fingerprint"]["sha256"] = "0" * 64  # as if the file at the same path had changed
     (out / "config.json").write_text(json.dumps(card))
-    monkeypatch.setattr(training.pipeline, "train", lambda *a: pytest.fail("retrains"))
+    monkeypatch.setattr(training.pipeline, "train", lambda *a, **k: pytest.fail("retrains"))
     with pytest.raises(pytest.fail.Exception, match="retrains"):
         main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing"))
     assert "trained on other data" in capsys.readouterr().out
@@ -119,7 +100,8 @@ def test_crash_keeps_the_old_checkpoint(trained, csv_data, bpe_dir, tmp_path, mo
     monkeypatch.setattr(training.pipeline, "write_report", crash)
     assert main(finetune_argv(csv_data, bpe_dir, out, "--seed", "7")) == 1
     assert (out / "model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+    # no staging directory left; the resume state stays, for --resume
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".copy.resume", "copy"]
 
 
 def test_missing_weights_say_the_two_ways_out(csv_data, bpe_dir, tmp_path, monkeypatch, capsys):

@@ -1,8 +1,7 @@
-import random
-
 import pytest
 import torch
 
+from tests.helpers import synthetic
 from training.finetune import Examples, TrainConfig, evaluate_loss, prepare_trainable, tail_forward, train
 from training.inference import pad_right, probabilities
 from training.lora import merge_lora
@@ -10,17 +9,6 @@ from training.model import GPTClassifier, GPTConfig
 
 CONFIG = GPTConfig.from_preset("tiny", vocab_size=100)
 CPU = torch.device("cpu")
-
-
-def synthetic(n: int, seed: int, flip: bool = False) -> Examples:
-    """Rows of 3..12 tokens; class 0 draws from tokens 0..49, class 1 from 50..99 (flip swaps the targets)."""
-    rng = random.Random(seed)
-    rows, targets = [], []
-    for i in range(n):
-        label = i % 2
-        rows.append([rng.randrange(50 * label, 50 * label + 50) for _ in range(rng.randint(3, 12))])
-        targets.append(1 - label if flip else label)
-    return Examples(rows, targets)
 
 
 def fresh_model() -> GPTClassifier:

@@ -7,6 +7,7 @@ exported checkpoint. The command line (training.cli) only maps options to these 
 """
 
 import json
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,8 +29,11 @@ from training.config import BaseModelConfig, EvaluateConfig, FinetuneConfig, fla
 from training.data import (
     SPLITS,
     Dataset,
+    Duplicates,
+    Split,
     balance,
     deduplicate,
+    deduplicate_counted,
     fingerprint,
     load_dataset,
     select_split,
@@ -65,9 +69,11 @@ def finetune(config: FinetuneConfig) -> Path:
     base = config.base
     tokenizer_dir = Path(base.tokenizer_dir) if base.tokenizer_dir else fetch_gpt2_bpe(config.cache_dir)
     enc = load_tokenizer(tokenizer_dir)
-    prepared = balance(deduplicate(source), config.train.seed) if config.balance else deduplicate(source)
+    unique, dropped = deduplicate_counted(source)
+    prepared = balance(unique, config.train.seed) if config.balance else unique
     split = stratified_split(prepared, config.train.seed)
     label_names = prepared.label_names()
+    print(data_summary_line(data.data, source, dropped, prepared, split, config.balance))
     model_config = GPTConfig.from_preset(base.preset, vocab_size=enc.n_vocab, n_labels=len(label_names))
     model = base_model(base, model_config, config.train.seed)
     train_data, val_data, test_data = (
@@ -91,6 +97,7 @@ def finetune(config: FinetuneConfig) -> Path:
             fingerprint=fingerprint(source),
             rows_after_dedup_and_balance=len(prepared.texts),
             split={name: len(getattr(split, name).texts) for name in SPLITS},
+            duplicates_dropped=asdict(dropped),
         ),
     )
     with staged(out) as staging:
@@ -99,6 +106,23 @@ def finetune(config: FinetuneConfig) -> Path:
         write_split(staging / SPLIT_FILE, split)
     print(f"{headline(card.metrics, card.threshold)}; checkpoint exported to {out}")
     return out
+
+
+def data_summary_line(
+    source_name: str, source: Dataset, dropped: Duplicates, prepared: Dataset, split: Split, balanced: bool
+) -> str:
+    """What training is about to learn from, printed before it starts: the labels and their counts as read, the
+    duplicates dropped, the rows kept and the split sizes."""
+
+    def counts(ds: Dataset) -> str:
+        return ", ".join(f"{label!r} {n}" for label, n in sorted(Counter(ds.labels).items()))
+
+    sizes = ", ".join(f"{name} {len(getattr(split, name).texts)}" for name in SPLITS)
+    kept = f"{'balanced' if balanced else 'kept'}: {len(prepared.texts)} rows ({counts(prepared)})"
+    return (
+        f"data {source_name}: {len(source.texts)} rows, {len(source.label_names())} labels ({counts(source)}); "
+        f"dropped {dropped.exact} exact and {dropped.near} near duplicates; {kept}; split: {sizes}"
+    )
 
 
 def base_model(base: BaseModelConfig, config: GPTConfig, seed: int) -> GPTClassifier:

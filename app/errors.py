@@ -114,7 +114,7 @@ def validation_details(exc: RequestValidationError) -> list[ErrorDetail]:
             message = f"{len(err['input'])} characters, at most {err['ctx']['max_length']}"
         elif err["type"] == "string_too_short":  # min_length 1
             message = "must not be empty"
-        elif err["type"] not in ("missing", "extra_forbidden", "too_short"):
+        elif err["type"] not in ("missing", "extra_forbidden", "too_short", "no_visible_characters"):
             message = f"{message}, got {type(err['input']).__name__}"
         details.append(ErrorDetail(field=_field(err["loc"]), message=message))
     return details

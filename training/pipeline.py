@@ -63,13 +63,13 @@ def finetune(config: FinetuneConfig) -> Path:
         raise ValueError(f"--out {str(out)!r} holds files but no checkpoint; refusing to replace it")
     data = config.data
     source = load_dataset(data.data, config.cache_dir, data.text_column, data.label_column)
-    if config.skip_existing and matching_checkpoint(out, config, fingerprint(source)):
+    unique, dropped = deduplicate_counted(source)
+    if config.skip_existing and matching_checkpoint(out, config, fingerprint(source), dropped):
         print(f"skip: {out} already holds a checkpoint trained with these arguments on this data")
         return out
     base = config.base
     tokenizer_dir = Path(base.tokenizer_dir) if base.tokenizer_dir else fetch_gpt2_bpe(config.cache_dir)
     enc = load_tokenizer(tokenizer_dir)
-    unique, dropped = deduplicate_counted(source)
     prepared = balance(unique, config.train.seed) if config.balance else unique
     split = stratified_split(prepared, config.train.seed)
     label_names = prepared.label_names()
@@ -139,8 +139,9 @@ def encode(enc: tiktoken.Encoding, ds: Dataset, label_names: list[str], max_toke
     return Examples(rows, [label_names.index(label) for label in ds.labels])
 
 
-def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dict) -> bool:
-    """Whether `out` holds a valid checkpoint whose arguments and data are this run's; prints why not."""
+def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dict, dropped: Duplicates) -> bool:
+    """Whether `out` holds a valid checkpoint whose arguments and data are this run's, deduplicated the same way
+    (one written before near duplicates were dropped is retrained); prints why not."""
     if not (out / CONFIG_FILE).is_file():
         print(f"no checkpoint at {out} yet; training one")
         return False
@@ -158,6 +159,9 @@ def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dic
         return False
     if card.data is None or card.data.fingerprint != data_fingerprint:
         print(f"{out} was trained on other data; training a new one")
+        return False
+    if card.data.duplicates_dropped != asdict(dropped):
+        print(f"{out} was trained on data deduplicated another way; training a new one")
         return False
     return True
 

@@ -96,16 +96,27 @@ def test_skip_existing(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys
     assert load_checkpoint(out).card.training.train.epochs == 1
 
 
-def test_skip_existing_retrains_on_other_data(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        # as if the file at the same path had changed
+        pytest.param("fingerprint", {"sha256": "0" * 64, "rows": 60}, "trained on other data", id="other-data"),
+        # as written before near duplicates were dropped and counted
+        pytest.param("duplicates_dropped", {}, "deduplicated another way", id="older-deduplication"),
+    ],
+)
+def test_skip_existing_retrains_on_other_data(
+    trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys, field, value, message
+):
     out = tmp_path / "copy"
     shutil.copytree(trained, out)
     card = json.loads((out / "config.json").read_text())
-    card["data"]["fingerprint"]["sha256"] = "0" * 64  # as if the file at the same path had changed
+    card["data"][field] = value
     (out / "config.json").write_text(json.dumps(card))
     monkeypatch.setattr(training.pipeline, "train", lambda *a: pytest.fail("retrains"))
     with pytest.raises(pytest.fail.Exception, match="retrains"):
         main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing"))
-    assert "trained on other data" in capsys.readouterr().out
+    assert message in capsys.readouterr().out
 
 
 def test_crash_keeps_the_old_checkpoint(trained, csv_data, bpe_dir, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """CI checks that need Python: `compose` (docker-compose*.yml read statically, no Docker daemon needed) and
-`serve CHECKPOINT` (the Dockerfile's own CMD over real HTTP, then SIGTERM). Run from the repository root."""
+`serve CHECKPOINT` (the Dockerfile's own CMD over real HTTP, then SIGTERM). Files are read from the repository
+this script sits in, so `serve` also runs from elsewhere, against an installed spamgpt."""
 
 import json
 import os
@@ -14,18 +15,17 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import yaml
-
 from app.settings import Settings
 from training.cli import build_parser
 from training.config import FinetuneConfig, from_flat
 
 GRACE_OPTION = "--timeout-graceful-shutdown"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def dockerfile_cmd() -> list[str]:
     """The JSON array of the Dockerfile's (last) CMD line: the command the image serves with."""
-    lines = re.findall(r"^CMD (\[.*\])$", Path("Dockerfile").read_text(), re.MULTILINE)
+    lines = re.findall(r"^CMD (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
     assert lines, "Dockerfile: no CMD line in JSON form"
     return json.loads(lines[-1])
 
@@ -55,8 +55,10 @@ def with_defaults(value: str) -> str:
 
 
 def check_compose() -> None:
-    base = yaml.safe_load(Path("docker-compose.yml").read_text())
-    gpu = yaml.safe_load(Path("docker-compose.gpu.yml").read_text())
+    import yaml  # a test dependency: `serve` also runs in a venv holding only the project's own requirements
+
+    base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
     services = base["services"]
     for name, service in services.items():
         assert "restart" in service, f"service {name}: no restart policy"

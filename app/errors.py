@@ -110,7 +110,14 @@ def validation_details(exc: RequestValidationError) -> list[ErrorDetail]:
             continue
         if err["type"] == "too_long":  # more items than the request model allows, e.g. "300 texts, at most 256"
             message = f"{err['ctx']['actual_length']} {err['loc'][-1]}, at most {err['ctx']['max_length']}"
-        elif err["type"] not in ("missing", "extra_forbidden", "too_short", "empty_text", "text_too_long"):
+        elif err["type"] not in (
+            "missing",
+            "extra_forbidden",
+            "too_short",
+            "empty_text",
+            "text_too_long",
+            "no_visible_characters",
+        ):
             message = f"{message}, got {type(err['input']).__name__}"
         details.append(ErrorDetail(field=_field(err["loc"]), message=message))
     return details

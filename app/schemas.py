@@ -7,11 +7,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 from pydantic_core import PydanticCustomError
 
 from app.settings import Settings
+from training.data import NO_VISIBLE_CHARACTERS, has_visible_characters, visible_character_pattern
 from training.inference import Threshold
 
 
 def bounded_text(max_chars: int) -> type:
-    """A str of 1..max_chars characters, checked in Python: pydantic's own length check reads the string as
+    """A str of 1..max_chars characters with at least one visible (training.data.has_visible_characters, the
+    rule training applies to its rows), checked in Python: pydantic's own length check reads the string as
     UTF-8 and refuses a lone surrogate (valid JSON, and classified like any other text); the same bounds go into
     the JSON schema beside the check."""
 
@@ -21,9 +23,12 @@ def bounded_text(max_chars: int) -> type:
         if len(text) > max_chars:
             context = {"length": len(text), "max_chars": max_chars}
             raise PydanticCustomError("text_too_long", "{length} characters, at most {max_chars}", context)
+        if not has_visible_characters(text):
+            raise PydanticCustomError("no_visible_characters", NO_VISIBLE_CHARACTERS)
         return text
 
-    return Annotated[str, AfterValidator(check), Field(json_schema_extra={"minLength": 1, "maxLength": max_chars})]
+    schema = {"minLength": 1, "maxLength": max_chars, "pattern": visible_character_pattern()}
+    return Annotated[str, AfterValidator(check), Field(json_schema_extra=schema)]
 
 
 def classify_request_model(settings: Settings) -> type[BaseModel]:
@@ -31,7 +36,10 @@ def classify_request_model(settings: Settings) -> type[BaseModel]:
     texts = Field(
         min_length=1,
         max_length=settings.max_texts_per_request,
-        description="Messages to classify; each non-empty, at most max_text_chars characters (see /info)",
+        description=(
+            "Messages to classify; each with a visible character (not only whitespace or invisible format "
+            "characters), at most max_text_chars characters (see /info)"
+        ),
         examples=[["WINNER!! Claim your free prize now", "See you at 5?"]],
     )
     text = bounded_text(settings.max_text_chars)

@@ -2,6 +2,8 @@
 advisories), no multipart parser is installed: the API takes JSON only, so a form parser is attack surface
 that nothing uses, and the app does not load the train extra."""
 
+import ast
+import importlib.metadata
 import importlib.util
 import subprocess
 import sys
@@ -58,3 +60,64 @@ def test_the_app_does_not_import_the_train_extra():
     code = "import sys, app.main; print(sorted({'torchmetrics', 'matplotlib'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+# Imports an extra satisfies, each imported where used and guarded: the code runs without it.
+OPTIONAL_IMPORTS = {"matplotlib": "plots"}
+
+
+def runtime_closure() -> set[str]:
+    """Every distribution a plain install (no extras) brings: the runtime requirements and theirs, transitively."""
+    seen, todo = set(), list(RUNTIME)
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        if (name, frozenset(requirement.extras)) in seen:
+            continue
+        seen.add((name, frozenset(requirement.extras)))
+        extras = requirement.extras or {""}
+        for line in distribution(requirement.name).requires or []:
+            pulled = Requirement(line)
+            if pulled.marker is None or any(pulled.marker.evaluate({"extra": extra}) for extra in extras):
+                todo.append(pulled)
+    return {name for name, _ in seen}
+
+
+def imported_modules(package: Path) -> dict[str, str]:
+    """Top-level names of every absolute import in the package's modules (at any depth), with one place each."""
+    found = {}
+    for file in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.partition(".")[0], f"{file.name}:{node.lineno}")
+    return found
+
+
+@pytest.mark.parametrize("package", ["training", "app"])
+def test_every_import_is_a_runtime_dependency(package):
+    """A plain install can run the package: no module of it imports what only an extra or a test dependency
+    installs (the kind of matplotlib or yaml imported where a plain install runs)."""
+    root = Path(__file__).resolve().parents[1]
+    installs = importlib.metadata.packages_distributions()
+    closure = runtime_closure()
+    missing = {
+        module: place
+        for module, place in imported_modules(root / package).items()
+        if module not in sys.stdlib_module_names
+        and module not in ("training", "app", *OPTIONAL_IMPORTS)
+        and not {canonicalize_name(d) for d in installs.get(module, [])} & closure
+    }
+    assert missing == {}, f"imported, but not installed by `pip install .`: {missing}"
+
+
+def test_optional_imports_come_from_their_extra():
+    closure = runtime_closure()
+    for module, extra in OPTIONAL_IMPORTS.items():
+        assert canonicalize_name(module) not in closure, f"{module} is a runtime dependency now: drop it here"
+        assert module in {canonicalize_name(Requirement(line).name) for line in PROJECT["optional-dependencies"][extra]}

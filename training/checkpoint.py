@@ -50,6 +50,8 @@ class DataSummary:
     fingerprint: dict  # training.data.fingerprint of the source before deduplication: sha256, rows, labels
     rows_after_dedup_and_balance: int
     split: dict[str, int]  # rows per split: train, validation, test
+    # rows deduplication dropped: {"exact": n, "near": n} (training.data.Duplicates); {} in older checkpoints
+    duplicates_dropped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,15 @@ Loaders check every row at the boundary and name the file, the line and the offe
 """
 
 import csv
+import functools
 import hashlib
 import io
 import json
 import os
 import random
 import shutil
+import sys
+import unicodedata
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
@@ -72,15 +75,13 @@ def load_sms_spam(path: str | Path | None = None, cache_dir: str | Path = DEFAUL
     lines = _read_text(path).split("\n")
     if lines[-1] == "":  # the file's final newline
         lines.pop()
-    texts, labels = [], []
+    rows = []
     for number, line in enumerate(lines, start=1):
         label, tab, text = line.removesuffix("\r").partition("\t")
         if not tab:
             raise ValueError(f"{path}, line {number}: expected 'label<TAB>text', got {_clip(line)!r}")
-        _check_row(path, number, text, label)
-        texts.append(text)
-        labels.append(label)
-    return _dataset(path, texts, labels)
+        rows.append(_row(path, number, text, label))
+    return _dataset(path, rows)
 
 
 def _fetch_sms(cache_dir: Path) -> Path:
@@ -107,31 +108,49 @@ def _fetch_sms(cache_dir: Path) -> Path:
 
 
 def load_table(path: str | Path, text_column: str = "text", label_column: str = "label") -> Dataset:
-    """A .csv, .tsv (header row, csv quoting) or .jsonl (one JSON object a line) table of texts and labels."""
+    """A .csv, .tsv (header row, csv quoting) or .jsonl (one JSON object a line) table of texts and labels.
+
+    Raises ValueError naming the file, the line and the value for: an unknown suffix, text that is not UTF-8, a
+    CSV / TSV record whose field count differs from the header's, a JSONL line that is not a JSON object, a row
+    without the text or label column, a label that is empty or not a string, a text with no visible characters
+    (has_visible_characters), labels that differ only by case, or fewer than 2 labels.
+    """
     path = Path(path)
     readers = {".csv": _csv_rows, ".tsv": _csv_rows, ".jsonl": _jsonl_rows}
     suffix = path.suffix.lower()
     if suffix not in readers:
         raise ValueError(f"{path}: unknown table format {suffix!r}; use one of {sorted(readers)}")
-    texts, labels = [], []
+    rows = []
     for number, row in readers[suffix](path):
         for column in (text_column, label_column):
             if column not in row:
-                columns = [name for name in row if isinstance(name, str)]  # csv files key surplus fields by None
-                raise ValueError(f"{path}, line {number}: no column {column!r}; the row has {columns!r}")
-        _check_row(path, number, row[text_column], row[label_column])
-        texts.append(row[text_column])
-        labels.append(row[label_column])
-    return _dataset(path, texts, labels)
+                raise ValueError(f"{path}, line {number}: no column {column!r}; the row has {list(row)!r}")
+        rows.append(_row(path, number, row[text_column], row[label_column]))
+    return _dataset(path, rows)
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line where the record starts, record); a quoted field may span several lines."""
+    """(line where the record starts, record); a quoted field may span several lines. A record whose field
+    count is not the header's is refused: csv would drop surplus fields or fill missing ones silently, and an
+    unquoted delimiter inside a text then turns part of the text into its label."""
     stream = io.StringIO(_read_text(path), newline="")  # newline="": quoted line breaks stay as written
-    reader = csv.DictReader(stream, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-    start = 2  # the header is line 1
-    for row in reader:  # short rows get None for the missing fields, which _check_row reports
-        yield start, row
+    reader = csv.reader(stream, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    header = next(reader, None)
+    if header is None:
+        return
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path}, line 1: the header names column {repeated[0]!r} more than once: {header!r}")
+    start = reader.line_num + 1
+    for fields in reader:
+        if fields:  # a blank line is no record
+            if len(fields) != len(header):
+                which = "too many" if len(fields) > len(header) else "too few"
+                raise ValueError(
+                    f"{path}, line {start}: {len(fields)} fields, {which} for the header's {len(header)} "
+                    f"{header!r} (quote a field that holds the delimiter): {[_clip(f, 40) for f in fields]!r}"
+                )
+            yield start, dict(zip(header, fields, strict=True))
         start = reader.line_num + 1
 
 
@@ -156,17 +175,33 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
 
 
-def _check_row(path: Path, number: int, text, label) -> None:
+def _row(path: Path, number: int, text, label) -> tuple[int, str, str]:
+    """(line, text, label stripped of surrounding whitespace), or ValueError naming the line and the value."""
     if not isinstance(label, str) or not label.strip():
         raise ValueError(f"{path}, line {number}: label must be a non-empty string, got {_clip(label)!r}")
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or not text:
         raise ValueError(f"{path}, line {number}: text must be a non-empty string, got {_clip(text)!r}")
+    if not has_visible_characters(text):
+        raise ValueError(f"{path}, line {number}: text {NO_VISIBLE_CHARACTERS}, got {_clip(text)!r}")
+    return number, text, label.strip()
 
 
-def _dataset(path: Path, texts: list[str], labels: list[str]) -> Dataset:
-    if not texts:
+def _dataset(path: Path, rows: list[tuple[int, str, str]]) -> Dataset:
+    """The rows (line, text, label) as a Dataset, once its labels are at least 2 and none differ only by case."""
+    if not rows:
         raise ValueError(f"{path}: no rows")
-    ds = Dataset(texts, labels)
+    first_line = {}  # label -> the line it first appears on
+    for number, _, label in rows:
+        first_line.setdefault(label, number)
+    by_folded = {}
+    for label, number in first_line.items():
+        other = by_folded.setdefault(label.casefold(), label)
+        if other != label:
+            raise ValueError(
+                f"{path}: labels {other!r} (line {first_line[other]}) and {label!r} (line {number}) differ only by "
+                "case; write them the same way if they are one label"
+            )
+    ds = Dataset([text for _, text, _ in rows], [label for _, _, label in rows])
     if len(ds.label_names()) < 2:
         raise ValueError(f"{path}: a classifier needs at least 2 labels, found only {ds.label_names()!r}")
     return ds
@@ -177,18 +212,97 @@ def _clip(value, limit: int = 80):
     return value[:limit] + "..." if isinstance(value, str) and len(value) > limit else value
 
 
+# --- Text rules shared with serving ---------------------------------------------------------------
+
+NO_VISIBLE_CHARACTERS = "has no visible characters (only whitespace or invisible format characters)"
+# Characters that show nothing yet are neither whitespace nor format characters: Hangul fillers, the braille
+# blank, the combining grapheme joiner. Variation selectors (which only modify the character before) are ranges.
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f")
+_VARIATION_SELECTORS = (range(0xFE00, 0xFE10), range(0xE0100, 0xE01F0))
+
+
+def _invisible(char: str) -> bool:
+    """Whitespace, a control character (Cc), a format character (Cf: zero width space and joiners, bidi marks,
+    the byte order mark, soft hyphen, tags) or one of the blanks above."""
+    return (
+        char.isspace()
+        or unicodedata.category(char) in ("Cc", "Cf")
+        or char in _BLANK
+        or any(ord(char) in selectors for selectors in _VARIATION_SELECTORS)
+    )
+
+
+def has_visible_characters(text: str) -> bool:
+    """Whether `text` has at least one character that shows: the one rule for an empty text, by which training
+    refuses a row and serving a text (e.g. " ", "\\n\\t ", "\\u200b", "\\u3000" have none)."""
+    stripped = text.strip()
+    if stripped and not _invisible(stripped[0]):  # the common case, at once
+        return True
+    return not all(map(_invisible, set(stripped)))  # distinct characters: few, however long the text
+
+
+@functools.cache
+def visible_character_pattern() -> str:
+    """A regular expression that a text contains (re.search; JSON Schema's `pattern`) exactly when
+    has_visible_characters(text): a class of every character but the invisible ones, written so that Python's
+    and ECMAScript's (with the u flag) regular expressions read it alike. Built once, by asking every code point."""
+    # every whitespace character is Cc, Zs, Zl or Zp: this cheap test finds all candidates (about 1 s)
+    kinds = ("Cc", "Cf", "Zs", "Zl", "Zp")
+    candidates = (c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in kinds)
+    invisible = sorted(
+        {*(c for c in candidates if _invisible(chr(c))), *map(ord, _BLANK)} | set().union(*_VARIATION_SELECTORS)
+    )
+    ranges = []  # [first, last] of each run of consecutive code points
+    for code in invisible:
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+
+    def char(code: int) -> str:
+        return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
+
+    return "[^" + "".join(char(a) if a == b else f"{char(a)}-{char(b)}" for a, b in ranges) + "]"
+
+
+def near_duplicate_key(text: str) -> str:
+    """What two texts that read the same share: Unicode NFKC, case folded, format characters dropped and every
+    run of whitespace one space, trimmed. "FREE  prize" and "free prize\\n" share a key."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join("".join(c for c in folded if unicodedata.category(c) != "Cf").split())
+
+
 # --- Preparing ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Duplicates:
+    """Rows deduplicate_counted dropped."""
+
+    exact: int  # the same text as an earlier row
+    near: int  # not the same text as any earlier row, but the same near_duplicate_key as one
+
+
 def deduplicate(ds: Dataset) -> Dataset:
-    """Exact duplicate texts removed, keeping the first occurrence, so that no text sits in two splits.
+    """Duplicate texts removed, exact and near (the same near_duplicate_key), keeping the first occurrence, so
+    that no text, nor a variant of it in case, width or spacing, sits in two splits.
 
     A text seen with two different labels keeps the label of its first occurrence.
     """
-    first = {}
+    return deduplicate_counted(ds)[0]
+
+
+def deduplicate_counted(ds: Dataset) -> tuple[Dataset, Duplicates]:
+    """deduplicate's result, with how many rows it dropped as exact and as near duplicates."""
+    first, seen, exact = {}, set(), 0
     for i, text in enumerate(ds.texts):
-        first.setdefault(text, i)
-    return _subset(ds, sorted(first.values()))
+        if text in seen:
+            exact += 1
+            continue
+        seen.add(text)
+        first.setdefault(near_duplicate_key(text), i)
+    kept = sorted(first.values())
+    return _subset(ds, kept), Duplicates(exact=exact, near=len(ds.texts) - len(kept) - exact)
 
 
 def balance(ds: Dataset, seed: int) -> Dataset:

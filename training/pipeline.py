@@ -8,6 +8,7 @@ exported checkpoint. The command line (training.cli) only maps options to these 
 
 import json
 import shutil
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,8 +30,11 @@ from training.config import BaseModelConfig, EvaluateConfig, FinetuneConfig, cha
 from training.data import (
     SPLITS,
     Dataset,
+    Duplicates,
+    Split,
     balance,
     deduplicate,
+    deduplicate_counted,
     fingerprint,
     load_dataset,
     select_split,
@@ -75,15 +79,17 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         raise ValueError(f"--out {str(out)!r} holds files but no checkpoint; refusing to replace it")
     data = config.data
     source = load_dataset(data.data, config.cache_dir, data.text_column, data.label_column)
-    if config.skip_existing and matching_checkpoint(out, config, fingerprint(source)):
+    unique, dropped = deduplicate_counted(source)
+    if config.skip_existing and matching_checkpoint(out, config, fingerprint(source), dropped):
         print(f"skip: {out} already holds a checkpoint trained with these arguments on this data")
         return out
     base = config.base
     tokenizer_dir = Path(base.tokenizer_dir) if base.tokenizer_dir else fetch_gpt2_bpe(config.cache_dir)
     enc = load_tokenizer(tokenizer_dir)
-    prepared = balance(deduplicate(source), config.train.seed) if config.balance else deduplicate(source)
+    prepared = balance(unique, config.train.seed) if config.balance else unique
     split = stratified_split(prepared, config.train.seed)
     label_names = prepared.label_names()
+    print(data_summary_line(data.data, source, dropped, prepared, split, config.balance))
     model_config = GPTConfig.from_preset(base.preset, vocab_size=enc.n_vocab, n_labels=len(label_names))
     model = base_model(base, model_config, config.train.seed)
     train_data, val_data, test_data = (
@@ -110,6 +116,7 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
             fingerprint=fingerprint(source),
             rows_after_dedup_and_balance=len(prepared.texts),
             split={name: len(getattr(split, name).texts) for name in SPLITS},
+            duplicates_dropped=asdict(dropped),
         ),
     )
     with staged(out) as staging:
@@ -157,6 +164,23 @@ def compared_arguments(config: FinetuneConfig) -> dict:
     return {k: v for k, v in (arguments | resolved).items() if k not in NOT_COMPARED}
 
 
+def data_summary_line(
+    source_name: str, source: Dataset, dropped: Duplicates, prepared: Dataset, split: Split, balanced: bool
+) -> str:
+    """What training is about to learn from, printed before it starts: the labels and their counts as read, the
+    duplicates dropped, the rows kept and the split sizes."""
+
+    def counts(ds: Dataset) -> str:
+        return ", ".join(f"{label!r} {n}" for label, n in sorted(Counter(ds.labels).items()))
+
+    sizes = ", ".join(f"{name} {len(getattr(split, name).texts)}" for name in SPLITS)
+    kept = f"{'balanced' if balanced else 'kept'}: {len(prepared.texts)} rows ({counts(prepared)})"
+    return (
+        f"data {source_name}: {len(source.texts)} rows, {len(source.label_names())} labels ({counts(source)}); "
+        f"dropped {dropped.exact} exact and {dropped.near} near duplicates; {kept}; split: {sizes}"
+    )
+
+
 def base_model(base: BaseModelConfig, config: GPTConfig, seed: int) -> GPTClassifier:
     """The classifier before fine-tuning: OpenAI's weights (or base.weights) with a seeded head, or all random."""
     torch.manual_seed(seed)  # the head (and everything, with init random) starts from the seed
@@ -171,8 +195,9 @@ def encode(enc: tiktoken.Encoding, ds: Dataset, label_names: list[str], max_toke
     return Examples(rows, [label_names.index(label) for label in ds.labels])
 
 
-def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dict) -> bool:
-    """Whether `out` holds a valid checkpoint whose arguments and data are this run's; prints why not."""
+def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dict, dropped: Duplicates) -> bool:
+    """Whether `out` holds a valid checkpoint whose arguments and data are this run's, deduplicated the same way
+    (one written before near duplicates were dropped is retrained); prints why not."""
     if not (out / CONFIG_FILE).is_file():
         print(f"no checkpoint at {out} yet; training one")
         return False
@@ -188,6 +213,9 @@ def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dic
         return False
     if card.data is None or card.data.fingerprint != data_fingerprint:
         print(f"{out} was trained on other data; training a new one")
+        return False
+    if card.data.duplicates_dropped != asdict(dropped):
+        print(f"{out} was trained on data deduplicated another way; training a new one")
         return False
     return True
 

@@ -10,6 +10,7 @@ from app.engine import Engine
 from app.main import create_app
 from tests.helpers import tiny_card, tiny_settings
 from training.checkpoint import save_checkpoint
+from training.data import visible_character_pattern
 from training.inference import Threshold, decide
 from training.model import GPTClassifier
 
@@ -51,7 +52,8 @@ def test_classify_returns_probabilities_in_input_order(client, tiny_checkpoint):
         pytest.param("free 🎁🎉 prize", id="emoji"),
         pytest.param("\ud800 lone surrogate", id="lone-surrogate"),
         pytest.param("bell\x07 nul\x00 esc\x1b", id="control-characters"),
-        pytest.param("   ", id="only-spaces"),
+        pytest.param("\u200b\u3000 x", id="one-visible-among-invisible"),
+        pytest.param("\u0301", id="lone-combining-mark"),
     ],
 )
 def test_odd_texts_are_classified_not_refused(client, text):
@@ -94,6 +96,29 @@ def test_bad_input_is_422_naming_the_field(tiny_checkpoint, body, field, message
     assert error["details"][0]["field"] == field
     assert message in error["details"][0]["message"]
     assert error["message"].startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(" ", id="space"),
+        pytest.param("\n\t ", id="whitespace"),
+        pytest.param("\u200b", id="zero-width-space"),
+        pytest.param("\u3000", id="ideographic-space"),
+        pytest.param("\ufeff\u2060\u00ad", id="format-characters"),
+        pytest.param("\u3164\u2800", id="blank-fillers"),
+    ],
+)
+def test_a_text_with_nothing_visible_is_422_naming_its_index(client, text):
+    response = client.post("/classify", json={"texts": ["fine", text, "also fine"]})
+    expected = "has no visible characters (only whitespace or invisible format characters)"
+    assert error_of(response, 422)["details"] == [{"field": "texts.1", "message": expected}]
+
+
+def test_the_schema_declares_the_visible_text_rule(client):
+    """So that schema-driven clients (and the fuzz test) know which texts the server takes."""
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["ClassifyRequest"]
+    assert schema["properties"]["texts"]["items"]["pattern"] == visible_character_pattern()
 
 
 def test_every_bad_text_is_named(tiny_checkpoint):

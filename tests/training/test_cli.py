@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import random
@@ -38,7 +39,7 @@ def test_finetune_exports_a_loadable_checkpoint(trained, capsys):
     assert card.threshold.label == "spam" and 0 <= card.threshold.value <= 1
     assert card.training.train.epochs == 2 and card.training.train.seed == 123 and card.training.balance is True
     assert card.data.split == {"train": 42, "validation": 6, "test": 12}
-    assert card.data.fingerprint["rows"] == 60
+    assert card.data.fingerprint["rows"] == 60 and card.data.duplicates_dropped == {"exact": 0, "near": 0}
     assert card.metrics["best_epoch"] in (1, 2) and 0 <= card.metrics["test_accuracy"] <= 1
     report = trained / "report"
     metrics = json.loads((report / "metrics.json").read_text())
@@ -77,16 +78,27 @@ def test_skip_existing(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys
     assert load_checkpoint(out).card.training.train.epochs == 1
 
 
-def test_skip_existing_retrains_on_other_data(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        # as if the file at the same path had changed
+        pytest.param("fingerprint", {"sha256": "0" * 64, "rows": 60}, "trained on other data", id="other-data"),
+        # as written before near duplicates were dropped and counted
+        pytest.param("duplicates_dropped", {}, "deduplicated another way", id="older-deduplication"),
+    ],
+)
+def test_skip_existing_retrains_on_other_data(
+    trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys, field, value, message
+):
     out = tmp_path / "copy"
     shutil.copytree(trained, out)
     card = json.loads((out / "config.json").read_text())
-    card["data"]["fingerprint"]["sha256"] = "0" * 64  # as if the file at the same path had changed
+    card["data"][field] = value
     (out / "config.json").write_text(json.dumps(card))
     monkeypatch.setattr(training.pipeline, "train", lambda *a, **k: pytest.fail("retrains"))
     with pytest.raises(pytest.fail.Exception, match="retrains"):
         main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing"))
-    assert "trained on other data" in capsys.readouterr().out
+    assert message in capsys.readouterr().out
 
 
 def test_crash_keeps_the_old_checkpoint(trained, csv_data, bpe_dir, tmp_path, monkeypatch):
@@ -199,3 +211,34 @@ def test_help_groups_the_options_and_shows_no_default_for_required_ones(capsys):
         main(["evaluate", "--help"])
     checkpoint_help = capsys.readouterr().out.split("--checkpoint CHECKPOINT")[-1].split("--")[0]
     assert "checkpoint directory written by `finetune`" in checkpoint_help and "default" not in checkpoint_help
+
+
+def test_finetune_prints_the_labels_and_duplicates_before_training(bpe_dir, tmp_path, monkeypatch, capsys):
+    """Labels stripped ('spam ' is 'spam'), exact and near duplicates dropped and counted, all said before the
+    first epoch and recorded in the card."""
+    rng = random.Random(2)
+    rows = [
+        (" ".join(rng.sample(SPAM_WORDS if i % 2 else HAM_WORDS, 4)) + f" {i}", "spam " if i % 4 == 1 else "ham")
+        for i in range(60)
+    ]
+    rows = [(text, label.replace("ham", "spam") if i % 2 else label) for i, (text, label) in enumerate(rows)]
+    rows += rows[:5] + [(text.upper() + "  ", label) for text, label in rows[10:14]]  # 5 exact, 4 near
+    data = tmp_path / "messages.csv"
+    with open(data, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    said_before_training = []
+    real_train = training.pipeline.train
+
+    def train(*args, **kwargs):
+        said_before_training.append(capsys.readouterr().out)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training.pipeline, "train", train)
+    assert main(finetune_argv(data, bpe_dir, tmp_path / "out", "--epochs", "1")) == 0
+    assert (
+        "data " + str(data) + ": 69 rows, 2 labels ('ham' 35, 'spam' 34); dropped 5 exact and 4 near duplicates; "
+        "balanced: 60 rows ('ham' 30, 'spam' 30); split: train 42, validation 6, test 12"
+    ) in said_before_training[0]
+    card = load_checkpoint(tmp_path / "out").card
+    assert card.labels == ("ham", "spam")
+    assert card.data.duplicates_dropped == {"exact": 5, "near": 4}

@@ -3,6 +3,8 @@ import hashlib
 import http.client
 import io
 import json
+import re
+import sys
 import zipfile
 from collections import Counter
 
@@ -11,14 +13,19 @@ import pytest
 from training import data, download
 from training.data import (
     Dataset,
+    Duplicates,
     balance,
     deduplicate,
+    deduplicate_counted,
     fingerprint,
+    has_visible_characters,
     load_dataset,
     load_sms_spam,
     load_table,
+    near_duplicate_key,
     stratified_split,
     text_id,
+    visible_character_pattern,
 )
 from training.download import DownloadError
 
@@ -79,6 +86,27 @@ def test_load_table_default_columns_and_dispatch(tmp_path):
     assert load_dataset(str(path)) == load_table(path) == Dataset([t for _, t in SMS_ROWS], [la for la, _ in SMS_ROWS])
 
 
+def test_labels_are_stripped_of_surrounding_whitespace(tmp_path):
+    """60 ham, 45 'spam' and 15 'spam ' are two labels, 60 and 60: not three."""
+    rows = [("ham", f"hello {i}") for i in range(60)] + [("spam", f"win {i}") for i in range(45)]
+    rows += [("spam ", f"prize {i}") for i in range(15)]
+    path = write_table(tmp_path / "data.csv", [{"text": text, "label": label} for label, text in rows])
+    ds = load_table(path)
+    assert Counter(ds.labels) == {"ham": 60, "spam": 60}
+    assert ds.label_names() == ["ham", "spam"]
+    assert Counter(balance(ds, seed=0).labels) == {"ham": 60, "spam": 60}
+
+
+def test_a_row_with_a_surplus_field_never_becomes_a_label(tmp_path):
+    """The unquoted comma that used to turn ' win a cash prize now' into a fourth label."""
+    path = tmp_path / "data.csv"
+    path.write_text("text,label\nhi,ham\nFree entry, win a cash prize now,spam\n")
+    with pytest.raises(ValueError, match=r"line 3: 3 fields, too many"):
+        load_table(path)
+    path.write_text('text,label\nhi,ham\n"Free entry, win a cash prize now",spam\n\n')  # quoted: fine
+    assert load_table(path) == Dataset(["hi", "Free entry, win a cash prize now"], ["ham", "spam"])
+
+
 def test_load_table_accepts_a_byte_order_mark(tmp_path):
     path = tmp_path / "excel.csv"
     path.write_bytes(b"\xef\xbb\xbftext,label\nhello,ham\nwin,spam\n")
@@ -137,8 +165,76 @@ def test_load_table_error_names_the_line_of_a_multiline_record(tmp_path):
         pytest.param(
             "a.csv",
             "text,label\nhi,ham\nwin\n",
-            r"a\.csv, line 3: label must be a non-empty string, got None",
+            r"a\.csv, line 3: 1 fields, too few for the header's 2 \['text', 'label'\] .*: \['win'\]",
             id="short-row",
+        ),
+        pytest.param(
+            "a.csv",
+            "text,label\nhi,ham\nFree entry, win a cash prize now,spam\n",
+            r"a\.csv, line 3: 3 fields, too many for the header's 2 \['text', 'label'\] \(quote a field that holds "
+            r"the delimiter\): \['Free entry', ' win a cash prize now', 'spam'\]",
+            id="unquoted-comma",
+        ),
+        pytest.param(
+            "a.tsv",
+            "text\tlabel\nhi\tham\nwin\tnow\tspam\n",
+            r"a\.tsv, line 3: 3 fields, too many for the header's 2",
+            id="tsv-unquoted-tab",
+        ),
+        pytest.param(
+            "a.tsv",
+            "text\tlabel\nhi\tham\nwin\n",
+            r"a\.tsv, line 3: 1 fields, too few for the header's 2",
+            id="tsv-short",
+        ),
+        pytest.param(
+            "a.csv",
+            'text,label\n"one\ntwo",ham\nthree,ham,x\n',
+            r"a\.csv, line 4: 3 fields, too many",
+            id="after-multiline-record",
+        ),
+        pytest.param(
+            "a.csv",
+            "text,text,label\nhi,yo,ham\n",
+            r"a\.csv, line 1: the header names column 'text' more than once",
+            id="repeated-column",
+        ),
+        pytest.param(
+            "a.jsonl",
+            '{"text": "hi", "label": "ham"}\n{"label": "spam"}\n',
+            r"a\.jsonl, line 2: no column 'text'; the row has \['label'\]",
+            id="jsonl-no-text",
+        ),
+        pytest.param(
+            "a.csv",
+            "text,label\nhi,ham\nyo,Ham\nwin,spam\n",
+            r"a\.csv: labels 'ham' \(line 2\) and 'Ham' \(line 3\) differ only by case",
+            id="labels-differ-by-case",
+        ),
+        pytest.param(
+            "a.csv",
+            "text,label\nhi,SPAM \nyo,ham\nwin,spam\n",
+            r"a\.csv: labels 'SPAM' \(line 2\) and 'spam' \(line 4\) differ only by case",
+            id="labels-differ-by-case-after-stripping",
+        ),
+        pytest.param(
+            "a.csv",
+            "text,label\nhi,ham\n\u200b,spam\n",
+            r"a\.csv, line 3: text has no visible characters .*'\\u200b'",
+            id="zero-width-space",
+        ),
+        pytest.param(
+            "a.jsonl",
+            '{"text": "hi", "label": "ham"}\n{"text": "\\n\\t ", "label": "spam"}\n',
+            r"a\.jsonl, line 2: text has no visible characters \(only whitespace or invisible format characters\), "
+            r"got '\\n\\t '",
+            id="whitespace",
+        ),
+        pytest.param(
+            "a.tsv",
+            "text\tlabel\nhi\tham\n\u3000\tspam\n",
+            r"a\.tsv, line 3: text has no visible",
+            id="ideographic-space",
         ),
         pytest.param(
             "a.csv", "text,label\n,ham\n", r"a\.csv, line 2: text must be a non-empty string, got ''", id="empty-text"
@@ -197,6 +293,8 @@ def test_load_dataset_sends_a_file_named_smsspamcollection_to_the_sms_parser(tmp
         pytest.param("ham\tok\n\nspam\twin\n", r"line 2: expected 'label<TAB>text', got ''", id="blank-line"),
         pytest.param("ham\tok\n\twin\n", r"line 2: label must be a non-empty string, got ''", id="no-label"),
         pytest.param("ham\tok\nspam\t\n", r"line 2: text must be a non-empty string, got ''", id="no-text"),
+        pytest.param("ham\tok\nspam\t \n", r"line 2: text has no visible characters", id="blank-text"),
+        pytest.param("ham\tok\nHam\twin\n", r"labels 'ham' \(line 1\) and 'Ham' \(line 2\) differ only", id="case"),
         pytest.param("ham\tok\nham\tfine\n", r"at least 2 labels, found only \['ham'\]", id="one-label"),
         pytest.param("", r"SMSSpamCollection: no rows", id="empty"),
     ],
@@ -256,7 +354,11 @@ def test_real_sms_spam_collection(shared_data):
     assert fingerprint(ds)["rows"] == 5574
     assert Counter(ds.labels) == {"ham": 4827, "spam": 747}
     assert ds.label_names() == ["ham", "spam"]
-    assert len(set(ds.texts)) == len(deduplicate(ds).texts) == 5171
+    assert len(set(ds.texts)) == 5171
+    unique, dropped = deduplicate_counted(ds)
+    assert dropped == Duplicates(exact=403, near=12)
+    assert len(unique.texts) == len({near_duplicate_key(text) for text in ds.texts}) == 5159
+    assert Counter(unique.labels) == {"ham": 4517, "spam": 642}
 
 
 def test_real_sms_spam_collection_through_the_download_path(tmp_path, shared_data, monkeypatch):
@@ -274,6 +376,85 @@ def test_real_sms_spam_collection_through_the_download_path(tmp_path, shared_dat
 def test_deduplicate_keeps_the_first_occurrence_and_its_label():
     ds = labelled("a:ham b:spam a:ham c:ham b:ham d:spam")
     assert deduplicate(ds) == labelled("a:ham b:spam c:ham d:spam")
+
+
+@pytest.mark.parametrize(
+    ("first", "variant"),
+    [
+        pytest.param("Free prize now", "FREE PRIZE NOW", id="case"),
+        pytest.param("Free prize now", "  Free\tprize \n now ", id="whitespace"),
+        pytest.param("Free prize now", "Ｆｒｅｅ　prize now", id="fullwidth"),
+        pytest.param("Free prize now", "Free pri\u200bze now", id="zero-width-space"),
+        pytest.param("Straße", "STRASSE", id="casefold"),
+        pytest.param("caf\u00e9", "cafe\u0301", id="composed-accent"),
+    ],
+)
+def test_near_duplicates_share_a_key(first, variant):
+    assert near_duplicate_key(first) == near_duplicate_key(variant)
+    assert deduplicate_counted(Dataset([first, variant, first], ["spam", "ham", "spam"])) == (
+        Dataset([first], ["spam"]),
+        Duplicates(exact=1, near=1),
+    )
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        pytest.param("Free prize now", "Free prize now!", id="punctuation"),
+        pytest.param("call 0800", "call 0900", id="digits"),
+        pytest.param("cafe", "café", id="accent"),
+    ],
+)
+def test_texts_that_read_differently_are_kept(one, other):
+    assert near_duplicate_key(one) != near_duplicate_key(other)
+    assert deduplicate_counted(Dataset([one, other], ["ham", "ham"]))[1] == Duplicates(exact=0, near=0)
+
+
+def test_near_duplicates_never_cross_splits():
+    """Spam variants repeated in case and spacing: after deduplication no normalised text is in two splits."""
+    texts, labels = [], []
+    for i in range(40):
+        for variant in (f"WIN a prize {i} now", f"win a PRIZE {i}  now", f" Win a prize {i} now\n"):
+            texts.append(variant)
+            labels.append("spam")
+        texts.append(f"see you at {i}")
+        labels.append("ham")
+    unique, dropped = deduplicate_counted(Dataset(texts, labels))
+    assert dropped == Duplicates(exact=0, near=80)
+    split = stratified_split(unique, seed=0)
+    keys = [{near_duplicate_key(text) for text in part.texts} for part in (split.train, split.validation, split.test)]
+    assert sum(map(len, keys)) == len(set.union(*keys)) == 80
+
+
+@pytest.mark.parametrize(
+    ("text", "visible"),
+    [
+        pytest.param(" ", False, id="space"),
+        pytest.param("\n\t ", False, id="whitespace"),
+        pytest.param("\u200b", False, id="zero-width-space"),
+        pytest.param("\u3000", False, id="ideographic-space"),
+        pytest.param("\u00a0\u2028\u202f\u205f", False, id="other-spaces"),
+        pytest.param("\ufeff\u2060\u200d\u200e\u00ad\U000e0041", False, id="format-characters"),
+        pytest.param("\x00\x07\x1b", False, id="controls"),
+        pytest.param("\u3164\u115f\uffa0\u2800\u034f\ufe0f\U000e0100", False, id="blanks-and-selectors"),
+        pytest.param("", False, id="empty"),
+        pytest.param("a", True, id="letter"),
+        pytest.param("\u200b \u3000.", True, id="a-dot-among-invisibles"),
+        pytest.param("\u0301", True, id="lone-combining-mark"),
+        pytest.param("🎁", True, id="emoji"),
+        pytest.param("\ud800", True, id="lone-surrogate"),
+        pytest.param("\ue000", True, id="private-use"),
+    ],
+)
+def test_has_visible_characters(text, visible):
+    assert has_visible_characters(text) is visible
+    assert bool(re.search(visible_character_pattern(), text)) is visible
+
+
+def test_the_visible_character_pattern_is_the_rule_for_every_code_point():
+    pattern = re.compile(visible_character_pattern())
+    disagree = [c for c in range(sys.maxunicode + 1) if bool(pattern.search(chr(c))) != has_visible_characters(chr(c))]
+    assert disagree == []
 
 
 def many(n_ham: int, n_spam: int) -> Dataset:

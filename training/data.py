@@ -269,7 +269,9 @@ def near_duplicate_key(text: str) -> str:
     """What two texts that read the same share: Unicode NFKC, case folded, format characters dropped and every
     run of whitespace one space, trimmed. "FREE  prize" and "free prize\\n" share a key."""
     folded = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join("".join(c for c in folded if unicodedata.category(c) != "Cf").split())
+    if not folded.isascii():  # ASCII has no format characters: most texts skip the walk
+        folded = "".join(c for c in folded if unicodedata.category(c) != "Cf")
+    return " ".join(folded.split())
 
 
 # --- Preparing ------------------------------------------------------------------------------------

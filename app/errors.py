@@ -86,6 +86,15 @@ class ClientClosedRequest(APIError):
     description = "The client disconnected before its result was ready"
 
 
+class ModelError(APIError):
+    """The model failed on some of the request's texts (non-finite logits: weights that overflow on some tokens,
+    float16 overflow): a fault of the server's model, not of the request. The details name each text's index;
+    no probability is made up for them, and no other text or request is affected."""
+
+    status_code, type = 500, "model_error"
+    description = "The model gave non-finite logits (NaN or inf) for the texts named in details; nothing is reported"
+
+
 class InternalError(APIError):
     status_code, type = 500, "internal_error"
 

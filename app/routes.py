@@ -57,7 +57,9 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 
 
 async def ready_service(service: ServiceDep) -> Service:
-    if service.status != "ok":
+    # While draining, requests are still served (the drain delay after SIGTERM); the batcher refuses them once the
+    # lifespan shutdown stops it.
+    if service.status not in ("ok", "draining") or service.batcher is None:
         raise NotReady(f"model not ready ({service.status}): {service.detail}")
     return service
 

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     # Request body bytes, counted as they arrive before any parsing: bounds memory per request.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
 
+    # Seconds after SIGTERM during which the server still accepts and serves while /health answers 503 "draining",
+    # before it stops accepting and finishes what is in flight: long enough for load balancers to see the 503 and
+    # for Kubernetes to take the pod out of its Services (a few seconds), short enough that this plus uvicorn's
+    # --timeout-graceful-shutdown (20 s in the image) fits the orchestrator's grace period (Kubernetes: 30 s).
+    drain_delay_s: float = Field(5.0, ge=0)
+
     # When set, /classify and /info need "Authorization: Bearer <key>" or "X-API-Key: <key>".
     # /health and /metrics stay open for load balancers and scrapers; /docs shows no data.
     api_key: SecretStr | None = None

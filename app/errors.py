@@ -52,6 +52,14 @@ class PayloadTooLarge(APIError):
     description = "The body is over max_body_bytes (counted as it arrives, before parsing)"
 
 
+class RequestTimeout(APIError):
+    status_code, type = 408, "request_timeout"
+    description = (
+        "The request (headers and body) did not arrive whole within request_arrival_timeout_s of its first byte; "
+        "the connection is closed"
+    )
+
+
 class Unauthorized(APIError):
     status_code, type = 401, "unauthorized"
     description = "An API key is configured and the request's is missing or wrong"

@@ -24,6 +24,7 @@ from app.errors import (
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
     error_responses,
 )
@@ -45,6 +46,10 @@ LIMITS = (
     "max_texts_per_request",
     "max_text_chars",
     "max_body_bytes",
+    # slow and stalled clients (issue 10 item 2)
+    "request_arrival_timeout_s",
+    "max_body_bytes_in_flight",
+    "max_connections",
 )
 
 
@@ -97,7 +102,14 @@ def classify_router(settings: Settings) -> APIRouter:
         response_model=ClassifyResponse,  # validates and serializes the plain dicts built below in one pass
         dependencies=[Depends(require_api_key)],
         responses=error_responses(
-            Unauthorized, PayloadTooLarge, InvalidInput, Overloaded, NotReady, DeadlineExceeded, ModelError
+            Unauthorized,
+            RequestTimeout,
+            PayloadTooLarge,
+            InvalidInput,
+            Overloaded,
+            NotReady,
+            DeadlineExceeded,
+            ModelError,
         ),
     )
     async def classify(body: classify_request, service: ReadyService, request: Request) -> dict:

@@ -48,6 +48,18 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(20_000, ge=1)
     # Request body bytes, counted as they arrive before any parsing: bounds memory per request.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    # Slow and stalled clients (issue 10 item 2). Seconds a request may take to arrive whole, headers and body, from
+    # its first byte (and a new connection to send a whole first request): a slower one is answered 408 and closed.
+    # Longer lets slow links send large bodies (4 MiB in 10 s needs about 3.4 Mbit/s); shorter frees the memory
+    # and connection slots of stalled clients sooner.
+    request_arrival_timeout_s: float = Field(10.0, gt=0)
+    # Body bytes held at once by all requests, from their first byte until they are answered: a request whose body
+    # would pass it is refused at once with 429. Bounds the memory that many slow or stalled uploads can pin (at
+    # most this plus uvicorn's 64 KiB read buffer per connection); larger admits more large requests at once.
+    max_body_bytes_in_flight: int = Field(32 * 1024 * 1024, ge=1)
+    # Open connections (and running requests) beyond which `python -m app` has uvicorn answer 503 to new requests
+    # (its --limit-concurrency): bounds sockets and per-connection memory; larger admits more concurrent clients.
+    max_connections: int = Field(512, ge=1)
 
     # Seconds after SIGTERM during which the server still accepts and serves while /health answers 503 "draining",
     # before it stops accepting and finishes what is in flight: long enough for load balancers to see the 503 and
@@ -74,6 +86,15 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value():
             raise ValueError("api_key must not be empty (leave it unset to disable authentication)")
         return value
+
+    @model_validator(mode="after")
+    def _one_body_fits_in_flight(self) -> "Settings":
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) must be at least max_body_bytes "
+                f"({self.max_body_bytes}), or a request of the allowed size could never be received"
+            )
+        return self
 
     @model_validator(mode="after")
     def _device_supports_dtype(self) -> "Settings":

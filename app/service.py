@@ -123,3 +123,5 @@ def draining_on_sigterm(service: Service, delay_s: float) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if delay is not None:  # the server stopped first (SIGINT during the delay): nothing left to start
+            delay.cancel()

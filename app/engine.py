@@ -12,7 +12,7 @@ from torch import nn
 
 from app.settings import Settings
 from training.checkpoint import Checkpoint, ModelCard, load_checkpoint
-from training.inference import predict_probabilities
+from training.inference import nonfinite_rows, predict_probabilities
 from training.tokenizer import encode_batch
 
 
@@ -64,7 +64,7 @@ class Engine:
 
         The model computes on real tokens only (training.model.Packing), so a batch in arrival order, its
         lengths mixed, costs about what the same rows sorted by length would, and each row's result is the
-        same whatever it is batched with.
+        same whatever it is batched with. A row whose logits are not finite is NaN (the caller refuses it).
         """
         return predict_probabilities(self.checkpoint.model, rows, max_batch_size, max_batch_tokens)
 
@@ -73,8 +73,8 @@ class Engine:
         model that cannot run on this device fails at startup rather than on a request."""
         longest = [[self.checkpoint.tokenizer.eot_token] * self.card.max_tokens]
         probs = predict_probabilities(self.checkpoint.model, longest)  # not self.predict: that is the batches' seam
-        if not torch.isfinite(probs).all():
-            raise RuntimeError(f"warm-up forward on {self.device} ({self.dtype}) gave non-finite probabilities")
+        if nonfinite_rows(probs):
+            raise RuntimeError(f"warm-up forward on {self.device} ({self.dtype}) gave non-finite logits")
 
 
 def model_name(base_model: str, parameter_count: int) -> str:

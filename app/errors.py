@@ -52,6 +52,14 @@ class PayloadTooLarge(APIError):
     description = "The body is over max_body_bytes (counted as it arrives, before parsing)"
 
 
+class RequestTimeout(APIError):
+    status_code, type = 408, "request_timeout"
+    description = (
+        "The request (headers and body) did not arrive whole within request_arrival_timeout_s of its first byte; "
+        "the connection is closed"
+    )
+
+
 class Unauthorized(APIError):
     status_code, type = 401, "unauthorized"
     description = "An API key is configured and the request's is missing or wrong"
@@ -84,6 +92,15 @@ class ClientClosedRequest(APIError):
 
     status_code, type = 499, "client_closed_request"
     description = "The client disconnected before its result was ready"
+
+
+class ModelError(APIError):
+    """The model failed on some of the request's texts (non-finite logits: weights that overflow on some tokens,
+    float16 overflow): a fault of the server's model, not of the request. The details name each text's index;
+    no probability is made up for them, and no other text or request is affected."""
+
+    status_code, type = 500, "model_error"
+    description = "The model gave non-finite logits (NaN or inf) for the texts named in details; nothing is reported"
 
 
 class InternalError(APIError):

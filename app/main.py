@@ -14,7 +14,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="spamgpt", summary="GPT-2 spam classifier", lifespan=lifespan)
     app.state.service = service = Service(settings or Settings())
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_body_bytes=service.settings.max_body_bytes)
+    s = service.settings
+    app.add_middleware(
+        BodySizeLimit,
+        max_body_bytes=s.max_body_bytes,
+        max_body_bytes_in_flight=s.max_body_bytes_in_flight,
+        arrival_timeout_s=s.request_arrival_timeout_s,
+    )
     routers = (router, classify_router(service.settings))
     for api in routers:
         app.include_router(api)

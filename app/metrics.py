@@ -27,6 +27,8 @@ class Metrics:
         # reason "deadline": request_timeout_s passed before any of the request's texts ran (a 504);
         # "cancelled": the request stopped waiting, because its client disconnected (a 499) or the server gave up
         self.dropped_texts = Counter("spamgpt_dropped_texts", "Texts taken off the queue unrun", ["reason"], registry=r)
+        # Texts answered with a model_error (500) instead of probabilities, by cause ("non_finite_logits")
+        self.model_errors = Counter("spamgpt_model_errors", "Texts the model failed on", ["cause"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,17 +18,20 @@ from starlette.types import Receive
 from app.errors import (
     ClientClosedRequest,
     DeadlineExceeded,
+    ErrorDetail,
     InvalidInput,
+    ModelError,
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
     error_responses,
 )
 from app.schemas import ClassifyResponse, Health, Info, classify_request_model
 from app.service import Service
 from app.settings import Settings
-from training.inference import decide
+from training.inference import decide, nonfinite_rows
 
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>, when an API key is configured")
@@ -43,6 +46,10 @@ LIMITS = (
     "max_texts_per_request",
     "max_text_chars",
     "max_body_bytes",
+    # slow and stalled clients (issue 10 item 2)
+    "request_arrival_timeout_s",
+    "max_body_bytes_in_flight",
+    "max_connections",
 )
 
 
@@ -55,7 +62,9 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 
 
 async def ready_service(service: ServiceDep) -> Service:
-    if service.status != "ok":
+    # While draining, requests are still served (the drain delay after SIGTERM); the batcher refuses them once the
+    # lifespan shutdown stops it.
+    if service.status not in ("ok", "draining") or service.batcher is None:
         raise NotReady(f"model not ready ({service.status}): {service.detail}")
     return service
 
@@ -92,7 +101,16 @@ def classify_router(settings: Settings) -> APIRouter:
         "/classify",
         response_model=ClassifyResponse,  # validates and serializes the plain dicts built below in one pass
         dependencies=[Depends(require_api_key)],
-        responses=error_responses(Unauthorized, PayloadTooLarge, InvalidInput, Overloaded, NotReady, DeadlineExceeded),
+        responses=error_responses(
+            Unauthorized,
+            RequestTimeout,
+            PayloadTooLarge,
+            InvalidInput,
+            Overloaded,
+            NotReady,
+            DeadlineExceeded,
+            ModelError,
+        ),
     )
     async def classify(body: classify_request, service: ReadyService, request: Request) -> dict:
         """Probabilities and a label for each text, in input order. Texts longer than the model's context are
@@ -108,6 +126,7 @@ async def classify_texts(texts: list[str], service: Service, request: Request) -
     # model runs, and the batcher needs token counts to keep batches within max_batch_tokens.
     rows, truncated = await asyncio.to_thread(service.tokenize, texts)
     probs = torch.stack(await unless_client_leaves(request.receive, service.batcher.submit(rows)))
+    refuse_nonfinite(probs, service)
     card = service.engine.card
     labels = decide(probs, card.labels, card.threshold)
     results = [
@@ -115,6 +134,18 @@ async def classify_texts(texts: list[str], service: Service, request: Request) -
         for label, p, ids, cut in zip(labels, probs.tolist(), rows, truncated, strict=True)
     ]
     return {"model": service.model_name, "results": results}
+
+
+def refuse_nonfinite(probs: torch.Tensor, service: Service) -> None:
+    """Raises ModelError naming each text whose (N, n_labels) probabilities are NaN (its logits were not finite),
+    and counts those texts in spamgpt_model_errors_total; the request's other texts are not answered either."""
+    bad = nonfinite_rows(probs)
+    if not bad:
+        return
+    service.metrics.model_errors.labels(cause="non_finite_logits").inc(len(bad))
+    cause = "the model gave non-finite logits (NaN or inf): a fault of the model, not of the text"
+    details = [ErrorDetail(field=f"texts.{i}", message=cause) for i in bad]
+    raise ModelError(f"texts {', '.join(map(str, bad))}: {cause}", details)
 
 
 T = TypeVar("T")

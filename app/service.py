@@ -56,7 +56,7 @@ class Service:
         self.status, self.detail = "ok", None
 
     def drain(self) -> None:
-        """Readiness goes 503 and new requests are refused; requests already in the queue still finish."""
+        """Readiness goes 503 ("draining"); requests are still served until the batcher stops (Service.stop)."""
         self.status, self.detail = "draining", "shutting down"
 
     async def stop(self) -> None:
@@ -75,28 +75,53 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Startup raises when the checkpoint cannot be served: uvicorn then exits non-zero with the message."""
     service: Service = app.state.service
     await service.start()
-    with draining_on_sigterm(service):
+    with draining_on_sigterm(service, service.settings.drain_delay_s):
         yield
     await service.stop()
 
 
 @contextmanager
-def draining_on_sigterm(service: Service) -> Iterator[None]:
-    """Readiness 503 from the moment SIGTERM arrives: uvicorn runs the lifespan shutdown only after its in-flight
-    requests are done, so without this /health would answer 200 until then. Our handler goes in front of the
-    server's own, which still shuts down as it would. Where only the default handles SIGTERM (no server that
-    drains), or off the main thread (signal handlers are set there only), signals are left alone."""
+def draining_on_sigterm(service: Service, delay_s: float) -> Iterator[None]:
+    """A drain that clients can see. When SIGTERM arrives, readiness goes 503 (/health "draining") at once, while
+    for `delay_s` seconds the server still accepts connections and serves /classify: load balancers that poll
+    readiness, and a Kubernetes Service whose endpoint removal takes a moment to reach every node, stop sending
+    requests here before the port closes, so none meets a refused connection. Then the server's own handler runs:
+    uvicorn stops accepting, finishes in-flight requests (within its --timeout-graceful-shutdown), and the
+    lifespan shutdown drains the queue. A second SIGTERM during the delay ends it at once; delay_s 0 stops at
+    once. SIGINT (Ctrl+C) is left to the server: no delay.
+
+    Our handler goes in front of the server's own. Where only the default handles SIGTERM (no server that drains),
+    or off the main thread (signal handlers are set there only), signals are left alone."""
     previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if not callable(previous):
         yield
         return
+    loop = asyncio.get_running_loop()
+    delay: asyncio.TimerHandle | None = None
+
+    def stop_accepting(signum, frame) -> None:
+        if delay is not None:
+            delay.cancel()
+        previous(signum, frame)
+
+    def start_delay(signum, frame) -> None:  # on the event loop
+        nonlocal delay
+        if delay is None:
+            delay = loop.call_later(delay_s, stop_accepting, signum, frame)
 
     def on_sigterm(signum, frame) -> None:
+        if delay_s == 0 or service.status == "draining":  # no delay asked, or a second SIGTERM: stop now
+            service.drain()
+            loop.call_soon_threadsafe(stop_accepting, signum, frame)
+            return
         service.drain()
-        previous(signum, frame)
+        # a signal handler may interrupt the event loop anywhere: only call_soon_threadsafe is safe to call here
+        loop.call_soon_threadsafe(start_delay, signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if delay is not None:  # the server stopped first (SIGINT during the delay): nothing left to start
+            delay.cancel()

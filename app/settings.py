@@ -18,7 +18,8 @@ class Settings(BaseSettings):
     checkpoint_dir: Path = Path("checkpoints/spamgpt")
     # "auto": cuda when available, else cpu.
     device: str = "auto"
-    # "auto": float32 on CPU (half types are slow or unsupported there), float16 on CUDA.
+    # "auto": float32 on CPU (half types are slow or unsupported there); on CUDA bfloat16 where the GPU computes it
+    # natively (float32's range: GPT-2's large activations cannot overflow it), else float16.
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # CPU only: int8 weights for every nn.Linear. Faster and 4x smaller; probabilities move by ~1e-2.
     quantize_int8: bool = False
@@ -47,6 +48,24 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(20_000, ge=1)
     # Request body bytes, counted as they arrive before any parsing: bounds memory per request.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    # Slow and stalled clients (issue 10 item 2). Seconds a request may take to arrive whole, headers and body, from
+    # its first byte (and a new connection to send a whole first request): a slower one is answered 408 and closed.
+    # Longer lets slow links send large bodies (4 MiB in 10 s needs about 3.4 Mbit/s); shorter frees the memory
+    # and connection slots of stalled clients sooner.
+    request_arrival_timeout_s: float = Field(10.0, gt=0)
+    # Body bytes held at once by all requests, from their first byte until they are answered: a request whose body
+    # would pass it is refused at once with 429. Bounds the memory that many slow or stalled uploads can pin (at
+    # most this plus uvicorn's 64 KiB read buffer per connection); larger admits more large requests at once.
+    max_body_bytes_in_flight: int = Field(32 * 1024 * 1024, ge=1)
+    # Open connections (and running requests) beyond which `python -m app` has uvicorn answer 503 to new requests
+    # (its --limit-concurrency): bounds sockets and per-connection memory; larger admits more concurrent clients.
+    max_connections: int = Field(512, ge=1)
+
+    # Seconds after SIGTERM during which the server still accepts and serves while /health answers 503 "draining",
+    # before it stops accepting and finishes what is in flight: long enough for load balancers to see the 503 and
+    # for Kubernetes to take the pod out of its Services (a few seconds), short enough that this plus uvicorn's
+    # --timeout-graceful-shutdown (20 s in the image) fits the orchestrator's grace period (Kubernetes: 30 s).
+    drain_delay_s: float = Field(5.0, ge=0)
 
     # When set, /classify and /info need "Authorization: Bearer <key>" or "X-API-Key: <key>".
     # /health and /metrics stay open for load balancers and scrapers; /docs shows no data.
@@ -69,6 +88,15 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _one_body_fits_in_flight(self) -> "Settings":
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) must be at least max_body_bytes "
+                f"({self.max_body_bytes}), or a request of the allowed size could never be received"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _device_supports_dtype(self) -> "Settings":
         on_cpu = self.torch_device.type == "cpu"
         if on_cpu and self.dtype in HALF_DTYPES:
@@ -86,5 +114,13 @@ class Settings(BaseSettings):
     @property
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.float32 if self.torch_device.type == "cpu" else torch.float16
+            if self.torch_device.type == "cpu":
+                return torch.float32
+            return torch.bfloat16 if cuda_supports_bfloat16(self.torch_device) else torch.float16
         return getattr(torch, self.dtype)
+
+
+def cuda_supports_bfloat16(device: torch.device) -> bool:
+    """Whether the CUDA `device` computes bfloat16 natively (Ampere and later); emulated bfloat16 is slow."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)

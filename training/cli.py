@@ -12,6 +12,7 @@ from dataclasses import MISSING
 from training.checkpoint import CheckpointError
 from training.config import EvaluateConfig, FinetuneConfig, from_flat, option_fields
 from training.download import DownloadError
+from training.inference import NonFiniteLogits
 from training.model import WeightsError
 from training.pipeline import evaluate, finetune
 from training.tokenizer import TokenizerError
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except WeightsError as exc:
         print(f"error: could not get the base GPT-2 weights: {exc}\n{WEIGHTS_HELP}", file=sys.stderr)
         return 2
-    except (CheckpointError, DownloadError, TokenizerError, ValueError, OSError) as exc:
+    except (CheckpointError, DownloadError, NonFiniteLogits, TokenizerError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

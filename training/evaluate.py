@@ -24,7 +24,7 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from training.inference import Threshold, decide, predict_probabilities
+from training.inference import Threshold, decide, predict_probabilities, require_finite
 from training.model import GPTClassifier
 
 EVAL_BATCH_SIZE = 32  # rows per forward pass: no gradients, so larger than training's batches
@@ -41,13 +41,14 @@ class Predictions:
 def predict(model: GPTClassifier, rows: list[list[int]], labels: list[str], label_names: list[str]) -> Predictions:
     """The model's probabilities for token id `rows` (truncated to its max_tokens) beside their true `labels`.
 
-    Raises ValueError naming labels the model does not know.
+    Raises ValueError naming labels the model does not know, and training.inference.NonFiniteLogits naming the
+    rows (indices into `rows`) whose logits are not finite: no metric is computed from a made-up probability.
     """
     unknown = sorted(set(labels) - set(label_names))
     if unknown:
         raise ValueError(f"labels {unknown!r} are not among the model's labels {label_names!r}")
     targets = torch.tensor([label_names.index(label) for label in labels], dtype=torch.long)
-    return Predictions(predict_probabilities(model, rows, EVAL_BATCH_SIZE), targets)
+    return Predictions(require_finite(predict_probabilities(model, rows, EVAL_BATCH_SIZE)), targets)
 
 
 def positive_label(label_names: list[str]) -> str | None:

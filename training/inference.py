@@ -53,12 +53,38 @@ def length_sorted_batches(
     return batches
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model gave non-finite logits (NaN or +-inf) for some rows: a fault of the model (weights that overflow
+    on some tokens, float16 overflow), not of the input. `rows` are the rows' indices in the caller's input."""
+
+    def __init__(self, rows: list[int]):
+        self.rows = rows
+        shown = ", ".join(map(str, rows[:20])) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
+        super().__init__(
+            f"the model gave non-finite logits (NaN or inf) for {len(rows)} of the rows: {shown}; "
+            "no probability is reported for them (a fault of the model, e.g. overflow, not of the data)"
+        )
+
+
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """(B, n_labels) logits of any float dtype -> float32 softmax that stays finite even when low-precision
-    logits overflowed to +-inf."""
+    """(B, n_labels) logits of any float dtype -> (B, n_labels) float32 softmax. A row whose logits are not all
+    finite (NaN, or +-inf from overflow) is NaN throughout: no probability is made up for it (see nonfinite_rows)."""
     logits = logits.float()
-    finfo = torch.finfo(torch.float32)
-    return torch.softmax(logits.nan_to_num(nan=0.0, posinf=finfo.max, neginf=finfo.min), dim=-1)
+    finite = torch.isfinite(logits).all(dim=-1, keepdim=True)
+    return torch.softmax(logits, dim=-1).masked_fill(~finite, float("nan"))
+
+
+def nonfinite_rows(probs: torch.Tensor) -> list[int]:
+    """Indices of the rows of (N, n_labels) probabilities that are not all finite: the model failed on them."""
+    return (~torch.isfinite(probs).all(dim=1)).nonzero().flatten().tolist()
+
+
+def require_finite(probs: torch.Tensor) -> torch.Tensor:
+    """`probs` unchanged when every row is finite; raises NonFiniteLogits naming the rows that are not."""
+    bad = nonfinite_rows(probs)
+    if bad:
+        raise NonFiniteLogits(bad)
+    return probs
 
 
 @torch.inference_mode()
@@ -73,7 +99,8 @@ def predict_probabilities(
 
     Rows run in length-sorted batches of at most max_batch_size rows and max_batch_tokens padded tokens (None: no
     limit, so a batch the caller already bounded runs as one forward pass). A row's result does not depend on
-    its batch-mates: right padding with causal attention, pooled at each row's last real token.
+    its batch-mates: right padding with causal attention, pooled at each row's last real token. A row whose
+    logits are not finite comes back NaN (probabilities); callers refuse it with require_finite or nonfinite_rows.
     """
     device = model.transformer.wte.weight.device
     out = torch.empty(len(rows), model.config.n_labels)

@@ -98,12 +98,16 @@ class Packing:
         self.positions = real.nonzero()[:, 1].to(device)  # (N,) each token's position in its row
         self.last = (starts + lengths - 1).to(device)  # (B,) each row's last token in the stream
         groups = padding_groups(rows) if device.type == "cpu" else [list(range(len(rows)))]
-        self.groups = []  # per group: (b, T_g) stream index of each padded place (padding reads token 0), and
-        grouped = []  # the places of its real tokens in the flattened (b*T_g); then the stream indices, in order
+        # Per group: (b, T_g) stream index of each padded place, and the places of its real tokens in the flattened
+        # (b*T_g); then the stream indices, in order. A row's padding reads the row's own last token: causal
+        # attention gives padding zero weight, but 0 x NaN is NaN, so padding that read another row's token
+        # would carry that row's overflow into this one. The row's own last token is read by the row anyway.
+        self.groups, grouped = [], []
         for group in groups:
-            index = torch.zeros(len(group), max(rows[i] for i in group), dtype=torch.long)
+            index = torch.empty(len(group), max(rows[i] for i in group), dtype=torch.long)
             for j, i in enumerate(group):
                 index[j, : rows[i]] = torch.arange(starts[i], starts[i] + rows[i])
+                index[j, rows[i] :] = starts[i] + rows[i] - 1
             places = (torch.arange(index.size(1)) < lengths[group][:, None]).view(-1).nonzero().squeeze(1)
             self.groups.append((index.to(device), places.to(device)))
             grouped.append(index.view(-1)[places])
@@ -202,7 +206,8 @@ class GPTClassifier(nn.Module):
         return x
 
     def suffix(self, x: torch.Tensor, packing: Packing, n_blocks: int) -> torch.Tensor:
-        """(N, C) packed residual stream after the first n_blocks -> (B, n_labels) logits at each row's last token.
+        """(N, C) packed residual stream after the first n_blocks -> (B, n_labels) logits at each row's last token;
+        NaN throughout for a row whose final hidden state is not finite.
 
         Only the last token is read, so the final block computes only there (its attention still reads every
         token): the same logits for about a twelfth less work in GPT-2 124M.
@@ -211,7 +216,10 @@ class GPTClassifier(nn.Module):
         for block in blocks[:-1]:
             x = block(x, packing)
         x = blocks[-1](x, packing, keep=packing.last) if len(blocks) else x[packing.last]  # (B, C)
-        return self.score(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        # A row whose final hidden state overflowed gets NaN logits: an int8-quantized head would turn NaN or inf
+        # into finite numbers, a made-up answer nobody could tell from a real one.
+        return self.score(x).masked_fill(~torch.isfinite(x).all(dim=1, keepdim=True), float("nan"))
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T) right-padded token ids and (B,) real lengths -> (B, n_labels) logits."""

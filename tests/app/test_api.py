@@ -1,5 +1,6 @@
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch.testing import assert_close
 
 from app.engine import Engine
 from app.main import create_app
-from tests.helpers import tiny_card, tiny_settings
+from tests.helpers import edit_tensors, tiny_card, tiny_settings
 from training.checkpoint import save_checkpoint
 from training.data import visible_character_pattern
 from training.inference import Threshold, decide
@@ -199,7 +200,8 @@ def test_metrics_count_requests_and_batches(client):
 def test_openapi_declares_every_error_of_classify(client):
     spec = client.get("/openapi.json").json()
     responses = spec["paths"]["/classify"]["post"]["responses"]
-    assert {"200", "401", "413", "422", "429", "503", "504"} <= set(responses)
+    assert {"200", "401", "413", "422", "429", "500", "503", "504"} <= set(responses)
+    assert "model_error" not in responses["500"]["description"] and "non-finite" in responses["500"]["description"]
     assert responses["429"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert "503" in spec["paths"]["/health"]["get"]["responses"]
     assert client.get("/docs").status_code == 200
@@ -214,3 +216,36 @@ def test_openapi_declares_the_limits_that_validation_enforces(tiny_checkpoint):
         at_limits = client.post("/classify", json={"texts": ["x" * 40] * 3})
         over = client.post("/classify", json={"texts": ["x" * 41]})
     assert at_limits.status_code == 200 and over.status_code == 422
+
+
+def test_a_text_the_model_overflows_on_is_a_model_error_that_changes_no_other_text(tiny_checkpoint, tokenizer):
+    """Issue 10's recipe: one token's embedding set to 3e38 (finite, so the checkpoint loads and warms up). Before:
+    200 for all, the poisoned text at P = 0.5 exactly, and batch-mates whose padding read it also at 0.5."""
+    (z,) = tokenizer.encode_ordinary("z")
+    edit_tensors(lambda state: state["transformer.wte.weight"][z].fill_(3e38))(tiny_checkpoint)
+    recipe = ["a zebra", "hello there", "see you at six"]
+    # three clients' texts in one batch, the first row of the batch poisoned; the third client's are all clean
+    clients = [["zebra first", "hello there", "ok"], recipe, ["see you at six", "ok"]]
+    with TestClient(create_app(tiny_settings(tiny_checkpoint, max_wait_ms=500))) as client:
+        with ThreadPoolExecutor(len(clients)) as pool:
+            together = list(pool.map(lambda texts: client.post("/classify", json={"texts": texts}), clients))
+        metrics = client.get("/metrics").text
+        alone = {
+            t: client.post("/classify", json={"texts": [t]}).json()["results"][0] for t in ["hello there", *clients[2]]
+        }
+        poisoned = client.post("/classify", json={"texts": recipe})
+        after = client.post("/classify", json={"texts": recipe[1:]})
+    assert "spamgpt_batch_size_count 1.0" in metrics and "spamgpt_batch_size_sum 8.0" in metrics  # one batch
+    for response in [together[0], together[1], poisoned]:
+        error = error_of(response, 500)
+        assert error["type"] == "model_error"
+        assert error["message"].startswith("texts 0: the model gave non-finite logits (NaN or inf)")
+        assert [d["field"] for d in error["details"]] == ["texts.0"]
+    assert 'spamgpt_model_errors_total{cause="non_finite_logits"} 2.0' in metrics
+    assert 'spamgpt_requests_total{route="/classify",status="500"} 2.0' in metrics
+    # the clean client in the same batch, and the server afterwards, get each text's own value
+    for response, texts in [(together[2], clients[2]), (after, recipe[1:])]:
+        assert response.status_code == 200, response.text
+        for result, text in zip(response.json()["results"], texts, strict=True):
+            assert result["label"] == alone[text]["label"]
+            assert_close(result["probabilities"], alone[text]["probabilities"])

@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import threading
+import time
 from contextlib import asynccontextmanager
 
 import httpx
@@ -272,28 +273,55 @@ def test_shutdown_does_not_wait_for_a_batch_to_fill(tiny_checkpoint):
     assert asyncio.run(main()).status_code == 200
 
 
-def test_sigterm_turns_readiness_503_at_once_and_reaches_the_servers_handler(tiny_checkpoint):
+def sigterm_during(app, *, signals: int, wait_s: float):
+    """Serve `app` in this process with a stand-in for the server's SIGTERM handler; send SIGTERM `signals` times,
+    then probe /health and /classify, then wait `wait_s`. Returns the probes, the stand-in's calls (seconds after
+    the first SIGTERM), what it had received at the time of the probes, and the handler restored afterwards."""
     received = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))  # the "server's"
-    app = create_app(tiny_settings(tiny_checkpoint))
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(time.monotonic()))
 
     async def main():
         async with serve_app(app) as client:
             before = await client.get("/health")
-            os.kill(os.getpid(), signal.SIGTERM)
-            await asyncio.sleep(0)  # Python runs signal handlers between bytecodes of the main thread
+            sent = time.monotonic()
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGTERM)
+                await asyncio.sleep(0)  # Python runs signal handlers between bytecodes of the main thread
             after = await client.get("/health")
-        return before, after
+            served = await client.post("/classify", json={"texts": ["still served"]})
+            at_probes = len(received)
+            await asyncio.sleep(wait_s)
+        return before, after, served, [t - sent for t in received], at_probes
 
     try:
-        before, after = asyncio.run(main())
-        restored = signal.getsignal(signal.SIGTERM)
+        return *asyncio.run(main()), signal.getsignal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_turns_readiness_503_at_once_serves_through_the_drain_delay_then_reaches_the_servers_handler(
+    tiny_checkpoint,
+):
+    app = create_app(tiny_settings(tiny_checkpoint, drain_delay_s=0.5))
+    before, after, served, received, at_probes, restored = sigterm_during(app, signals=1, wait_s=1.5)
     assert (before.status_code, after.status_code) == (200, 503)
     assert after.json()["status"] == "draining"
-    assert received == [signal.SIGTERM]
+    assert served.status_code == 200, served.text  # still served during the delay
+    assert at_probes == 0  # the server's handler (stop accepting) had not run yet
+    assert len(received) == 1 and 0.5 <= received[0] < 1.5, received
     assert restored is not None and restored.__name__ == "<lambda>"  # the server's handler is back after shutdown
+
+
+@pytest.mark.parametrize(
+    ("delay_s", "signals"), [pytest.param(0, 1, id="no-delay"), pytest.param(60, 2, id="second-sigterm-ends-it")]
+)
+def test_sigterm_reaches_the_servers_handler_at_once_without_a_delay_or_when_sent_twice(
+    tiny_checkpoint, delay_s, signals
+):
+    app = create_app(tiny_settings(tiny_checkpoint, drain_delay_s=delay_s))
+    _, after, _, received, _, _ = sigterm_during(app, signals=signals, wait_s=0.2)
+    assert after.json()["status"] == "draining"
+    assert len(received) == 1 and received[0] < 0.5, received
 
 
 def test_a_request_not_started_within_its_deadline_is_504_and_never_runs(tiny_checkpoint, monkeypatch, tokenizer):

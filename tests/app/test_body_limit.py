@@ -82,3 +82,114 @@ def test_reading_stops_at_the_limit_whatever_the_headers_say(tiny_checkpoint, he
     status, body, reads = call_raw(app, [(b"content-type", b"application/json"), *headers], b"x" * 30)
     assert_413(status, json.loads(body))
     assert reads == 4  # 120 bytes: the first read past the limit is the last
+
+
+# --- Slow and stalled clients (issue 10 item 2) --------------------------------------------------------------
+
+
+async def stalled_receive():
+    """A client that sent its headers and then nothing: the server's receive never returns a message."""
+    await asyncio.Event().wait()
+
+
+async def call_stalled(app, headers, receive=stalled_receive) -> tuple[int, dict, dict]:
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/classify", "headers": headers, "query_string": b""}
+    await app(scope, receive, send)
+    start = sent[0]
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), json.loads(body)
+
+
+def test_a_body_that_stops_arriving_is_408_at_the_arrival_deadline_and_the_connection_closes(tiny_checkpoint):
+    """Before: a POST declaring Content-Length 100 that sent 20 bytes held its connection for minutes."""
+    app = create_app(tiny_settings(tiny_checkpoint, request_arrival_timeout_s=0.3))
+    sent_20 = iter([{"type": "http.request", "body": b"x" * 20, "more_body": True}])
+
+    async def receive():
+        return next(sent_20, None) or await stalled_receive()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        result = await call_stalled(app, [(b"content-length", b"100")], receive)
+        return result, loop.time() - start
+
+    (status, headers, body), took = asyncio.run(main())
+    assert (status, body["error"]["type"]) == (408, "request_timeout")
+    assert body["error"]["message"] == "the request did not arrive whole within 0.3 s (20 body bytes received)"
+    assert headers[b"connection"] == b"close"
+    assert 0.3 <= took < 2
+
+
+def test_the_arrival_deadline_counts_from_the_requests_first_byte_when_the_server_gives_it(tiny_checkpoint):
+    """app.protocol puts the request's first byte's time in scope["extensions"]: headers and body share one deadline."""
+    app = create_app(tiny_settings(tiny_checkpoint, request_arrival_timeout_s=5))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        extensions = {"spamgpt.request_began": loop.time() - 5}  # the headers took the whole allowance already
+        start = loop.time()
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/classify", "headers": [], "query_string": b""}
+        await asyncio.wait_for(app({**scope, "extensions": extensions}, stalled_receive, send), 2)
+        return sent[0]["status"], loop.time() - start
+
+    status, took = asyncio.run(main())
+    assert status == 408 and took < 1  # not after another 5 s
+
+
+def test_bodies_in_flight_share_one_budget_and_a_request_past_it_is_429_at_once(tiny_checkpoint):
+    """Before: 50 connections each sending just under max_body_bytes and stopping held ~230 MB until they left."""
+    settings = tiny_settings(
+        tiny_checkpoint, max_body_bytes=LIMIT, max_body_bytes_in_flight=2 * LIMIT, request_arrival_timeout_s=60
+    )
+    app = create_app(settings)
+
+    async def main():
+        length = [(b"content-length", str(LIMIT).encode())]
+        stalled = [asyncio.create_task(call_stalled(app, length)) for _ in range(2)]  # hold the whole budget
+        await asyncio.sleep(0.05)
+        refused = await asyncio.wait_for(call_stalled(app, [(b"content-length", b"1")]), 1)
+        chunked = await asyncio.wait_for(call_stalled(app, [], receive=one_byte_then_stall()), 1)
+        for task in stalled:
+            task.cancel()
+        await asyncio.gather(*stalled, return_exceptions=True)
+        whole = iter([{"type": "http.request", "body": b"x" * LIMIT, "more_body": False}])
+
+        async def receive_whole():
+            return next(whole, None) or await stalled_receive()
+
+        after = await asyncio.wait_for(call_stalled(app, length, receive=receive_whole), 5)
+        return refused, chunked, after
+
+    def one_byte_then_stall():
+        chunks = iter([{"type": "http.request", "body": b"x", "more_body": True}])
+
+        async def receive():
+            return next(chunks, None) or await stalled_receive()
+
+        return receive
+
+    (status, headers, body), (chunked_status, _, _), after = asyncio.run(main())
+    assert (status, body["error"]["type"], headers[b"connection"]) == (429, "overloaded", b"close")
+    assert body["error"]["message"] == (
+        f"too many request bodies in flight: 1 more bytes do not fit, 0 of {2 * LIMIT} bytes free "
+        "(max_body_bytes_in_flight)"
+    )
+    assert chunked_status == 429  # no Content-Length: counted as the bytes arrive
+    # the stalled requests gave their share back when they ended: a whole body of the limit's size is admitted
+    assert after[0] == 503, after  # past the body limits, to the route (no lifespan here: not ready)
+
+
+def test_max_body_bytes_in_flight_must_admit_one_body_of_the_allowed_size(tiny_checkpoint):
+    with pytest.raises(ValueError, match=r"max_body_bytes_in_flight \(99\) must be at least max_body_bytes \(100\)"):
+        tiny_settings(tiny_checkpoint, max_body_bytes=100, max_body_bytes_in_flight=99)

@@ -28,6 +28,10 @@ from tests.helpers import (
 
 ROOT = Path(__file__).resolve().parents[2]
 GRACE_S = 5  # --timeout-graceful-shutdown, as in the Dockerfile's command (which gives 20)
+# After uvicorn's "Finished server process", the interpreter's own teardown: up to ~8 s seen on 2 cores shared by
+# several test runs (load average 8), before and after issue 10's changes alike; an orchestrator's grace period
+# needs this margin too.
+EXIT_SLACK_S = 10
 
 
 def uvicorn(checkpoint_dir: Path, port: int = 0, *options: str, **settings: str) -> subprocess.Popen:
@@ -155,26 +159,31 @@ def queue_depth(url: str) -> float:
     return float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("spamgpt_queue_depth ")))
 
 
-def probe_until_refused(url: str) -> list[int | str]:
+def probe_until_refused(url: str, sent: float, limit_s: float) -> list[tuple[float, str, int | str]]:
     """Health and classify probes on fresh connections from the moment SIGTERM was sent, until the server
-    stops accepting: each answer's status, then "refused". A connection the kernel accepted into the backlog
-    just before uvicorn closed its socket is reset, not answered: a refusal too."""
-    seen: list[int | str] = []
-    deadline = time.monotonic() + GRACE_S
+    stops accepting: (seconds since SIGTERM at the answer, route, status), then (seconds, "connect", "refused").
+    A connection the kernel accepted into the backlog just before uvicorn closed its socket is reset, not
+    answered: a refusal too."""
+    seen = []
+    deadline = time.monotonic() + limit_s
     with httpx.Client(trust_env=False, timeout=5, limits=httpx.Limits(max_keepalive_connections=0)) as http:
         while time.monotonic() < deadline:
             try:
-                seen.append(http.get(f"{url}/health").status_code)
-                seen.append(http.post(f"{url}/classify", json={"texts": ["new"]}).status_code)
+                seen.append((time.monotonic() - sent, "/health", http.get(f"{url}/health").status_code))
+                answer = http.post(f"{url}/classify", json={"texts": ["new"]}).status_code
+                seen.append((time.monotonic() - sent, "/classify", answer))
             except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
-                return [*seen, "refused"]
+                return [*seen, (time.monotonic() - sent, "connect", "refused")]
     return seen
 
 
-def test_sigterm_under_load_finishes_in_flight_requests_refuses_new_ones_and_exits(tiny_checkpoint):
-    port, n_in_flight = free_port(), 4
+def sigterm_under_load(checkpoint: Path, drain_delay_s: float, n_in_flight: int = 4):
+    """A real server with `n_in_flight` requests queued when SIGTERM arrives: (their responses, the probes of
+    probe_until_refused, seconds from SIGTERM to exit, exit code, stderr)."""
+    port = free_port()
     # Batches leave max_wait after their oldest text: with 1 s, requests stay in flight long enough to be caught
-    server = uvicorn(tiny_checkpoint, port, "--timeout-graceful-shutdown", str(GRACE_S), max_wait_ms="1000")
+    options = ("--timeout-graceful-shutdown", str(GRACE_S))
+    server = uvicorn(checkpoint, port, *options, max_wait_ms="1000", drain_delay_s=str(drain_delay_s))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(server, url)
@@ -184,19 +193,43 @@ def test_sigterm_under_load_finishes_in_flight_requests_refuses_new_ones_and_exi
                 time.sleep(0.01)
             sent = time.monotonic()
             server.send_signal(signal.SIGTERM)
-            probes = probe_until_refused(url)
+            probes = probe_until_refused(url, sent, drain_delay_s + GRACE_S)
             responses = [f.result() for f in in_flight]
-        stderr = server.communicate(timeout=GRACE_S + 5)[1]
-        took = time.monotonic() - sent
+        stderr = server.communicate(timeout=drain_delay_s + GRACE_S + EXIT_SLACK_S)[1]
+        return responses, probes, time.monotonic() - sent, server.returncode, stderr
     finally:
         if server.poll() is None:
             server.kill()
             server.communicate()
-    assert [r.status_code for r in responses] == [200] * n_in_flight, [r.text for r in responses]
-    assert probes[-1] == "refused" and set(probes[:-1]) <= {503}, probes
+
+
+def assert_clean_exit(code: int, stderr: str) -> None:
     # app/__main__.py absorbs the SIGTERM uvicorn re-raises after a clean shutdown: a drained stop exits 0
-    assert server.returncode == 0, stderr
+    assert code == 0, stderr
     assert "Application shutdown complete." in stderr and "Finished server process" in stderr
     assert "ERROR" not in stderr and "Traceback" not in stderr, stderr
-    assert took < GRACE_S
-    print(f"SIGTERM -> exit {took:.2f} s with {n_in_flight} requests in flight; probes {probes}")
+
+
+def test_sigterm_without_a_drain_delay_finishes_in_flight_requests_refuses_new_ones_and_exits(tiny_checkpoint):
+    responses, probes, took, code, stderr = sigterm_under_load(tiny_checkpoint, drain_delay_s=0)
+    assert [r.status_code for r in responses] == [200] * len(responses), [r.text for r in responses]
+    assert probes[-1][2] == "refused" and {status for _, route, status in probes if route == "/health"} <= {503}
+    assert probes[-1][0] < 1, probes  # the port closes at once
+    assert_clean_exit(code, stderr)
+    assert took < GRACE_S + EXIT_SLACK_S
+    print(f"SIGTERM -> exit {took:.2f} s with {len(responses)} requests in flight; probes {probes}")
+
+
+def test_sigterm_with_a_drain_delay_keeps_serving_with_health_503_then_stops_accepting_and_exits_0(tiny_checkpoint):
+    """Issue 10 item 7. Before: the port closed the moment SIGTERM arrived, so no client ever saw /health 503."""
+    delay_s = 2.0
+    responses, probes, took, code, stderr = sigterm_under_load(tiny_checkpoint, drain_delay_s=delay_s)
+    assert [r.status_code for r in responses] == [200] * len(responses), [r.text for r in responses]
+    during = [(route, status) for t, route, status in probes if route != "connect"]
+    assert {status for route, status in during if route == "/health"} == {503}, probes
+    assert {status for route, status in during if route == "/classify"} == {200}, probes  # answered, even if sent
+    # just before the port closed: in-flight work finishes
+    assert probes[-1][2] == "refused" and delay_s <= probes[-1][0] < delay_s + 2, probes
+    assert_clean_exit(code, stderr)
+    assert took < delay_s + GRACE_S + EXIT_SLACK_S
+    print(f"SIGTERM -> refused at {probes[-1][0]:.2f} s, exit at {took:.2f} s; probes {probes}")

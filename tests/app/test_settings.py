@@ -4,6 +4,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+import app.settings
 from app.engine import model_name
 from app.settings import Settings
 
@@ -26,8 +27,19 @@ def test_cpu_defaults_to_float32():
     assert (settings.torch_device, settings.torch_dtype) == (torch.device("cpu"), torch.float32)
 
 
-def test_cuda_defaults_to_float16():
-    assert Settings(device="cuda:1").torch_dtype == torch.float16
+@pytest.mark.parametrize(("bfloat16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_cuda_defaults_to_bfloat16_where_the_gpu_has_it_else_float16(monkeypatch, bfloat16, expected):
+    asked = []
+    monkeypatch.setattr(app.settings, "cuda_supports_bfloat16", lambda device: asked.append(device) or bfloat16)
+    assert Settings(device="cuda:1").torch_dtype == expected
+    assert asked == [torch.device("cuda:1")]
+    assert Settings(device="cuda:1", dtype="float16").torch_dtype == torch.float16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_auto_dtype_follows_the_device():
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    assert Settings(device="cuda").torch_dtype == expected
 
 
 @pytest.mark.parametrize(

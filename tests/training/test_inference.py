@@ -5,7 +5,16 @@ import random
 import pytest
 import torch
 
-from training.inference import Threshold, decide, length_sorted_batches, pad_right
+from training.inference import (
+    NonFiniteLogits,
+    Threshold,
+    decide,
+    length_sorted_batches,
+    nonfinite_rows,
+    pad_right,
+    probabilities,
+    require_finite,
+)
 
 
 @pytest.mark.parametrize(
@@ -58,3 +67,18 @@ def test_decide_by_argmax_or_threshold():
     assert decide(probs, ["ham", "spam"], None) == ["ham", "spam", "spam"]
     assert decide(probs, ["ham", "spam"], Threshold("spam", 0.7)) == ["ham", "ham", "spam"]
     assert decide(probs, ["ham", "spam"], Threshold("ham", 0.3)) == ["ham", "ham", "spam"]
+
+
+def test_non_finite_logits_give_a_nan_row_never_a_made_up_distribution():
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([[2.0, 0.0], [nan, 1.0], [inf, 3.0], [0.0, -inf], [-1.0, 1.0]], dtype=torch.float16)
+    probs = probabilities(logits)
+    assert probs.dtype == torch.float32
+    assert torch.isnan(probs[1:4]).all()  # before: [0.5, 0.5] for NaN (0 for NaN), [1, 0] for inf
+    torch.testing.assert_close(probs[[0, 4]], torch.softmax(logits[[0, 4]].float(), dim=1))
+    assert nonfinite_rows(probs) == [1, 2, 3]
+    message = r"non-finite logits \(NaN or inf\) for 3 of the rows: 1, 2, 3;"
+    with pytest.raises(NonFiniteLogits, match=message) as caught:
+        require_finite(probs)
+    assert caught.value.rows == [1, 2, 3]
+    assert require_finite(probs[[0, 4]]) is not None

@@ -61,6 +61,34 @@ def test_rows_of_very_different_lengths_attend_in_several_groups_and_score_as_al
     assert_close(run(model, rows, pad_id=0), alone)
 
 
+OVERFLOW = 42  # a token id whose embedding is set to 3e38 in every element: finite, so a checkpoint loads (issue 10)
+
+
+@pytest.mark.parametrize("position", range(len(ROWS) + 1))
+@pytest.mark.parametrize("where", ["first-token", "last-token"])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_a_row_that_overflows_is_nan_and_never_changes_another_row(model, position, where, device):
+    """Before the fix, padding read the stream's token 0, so a poisoned first row made every padded row NaN."""
+    model.to(device)
+    with torch.no_grad():
+        model.transformer.wte.weight[OVERFLOW] = 3e38
+
+    def run_on_device(rows):
+        with torch.no_grad():
+            return probabilities(model(*pad_right(rows, 0, device))).cpu()
+
+    poisoned = [OVERFLOW, 5, 6] if where == "first-token" else [5, 6, OVERFLOW]
+    rows = [*ROWS[:position], poisoned, *ROWS[position:]]
+    together = run_on_device(rows)
+    assert torch.isnan(together[position]).all()  # never a made-up probability
+    assert torch.isnan(run_on_device([poisoned])).all()
+    others = [i for i in range(len(rows)) if i != position]
+    assert_close(together[others], torch.cat([run_on_device([rows[i]]) for i in others]))
+
+
 def test_a_block_given_keep_computes_only_those_tokens(model):
     idx, lengths = pad_right(ROWS, pad_id=0)
     packing = Packing(lengths, "cpu")

@@ -8,8 +8,9 @@ import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training.precision import check_precision, resolve_dtype
+
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-HALF_DTYPES = ("float16", "bfloat16")
 
 
 class Settings(BaseSettings):
@@ -70,11 +71,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _device_supports_dtype(self) -> "Settings":
-        on_cpu = self.torch_device.type == "cpu"
-        if on_cpu and self.dtype in HALF_DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not supported on CPU; use float32, or quantize_int8 for speed")
-        if self.quantize_int8 and not on_cpu:
-            raise ValueError(f"quantize_int8 runs on CPU only, got device {self.device!r}; use dtype float16 on CUDA")
+        check_precision(self.torch_device, self.dtype, self.quantize_int8)  # the rule file scoring follows too
         return self
 
     @property
@@ -85,6 +82,4 @@ class Settings(BaseSettings):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.float32 if self.torch_device.type == "cpu" else torch.float16
-        return getattr(torch, self.dtype)
+        return resolve_dtype(self.dtype, self.torch_device)

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     # The name in responses; default derived from the checkpoint, e.g. "spamgpt-gpt2-124m".
     model_name: str | None = None
 
+    # Log lines: "text" (uvicorn's own) or "json", one JSON object a line for cluster log collectors, with one
+    # line per request carrying its id (app.request_log). Every response carries X-Request-ID either way.
+    log_format: Literal["text", "json"] = "text"
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:

@@ -30,7 +30,7 @@ from typing import IO
 from tqdm import tqdm
 
 from training.config import INPUT_FORMATS, OUTPUT_FORMATS, PredictConfig, file_format
-from training.scoring import Scorer
+from training.scoring import Scorer, usable_text
 
 BAD_ROWS_SUFFIX, SUMMARY_SUFFIX = ".bad-rows.jsonl", ".summary.json"
 MAX_PRINTED_BAD_ROWS = 20  # on stderr; all of them go to the bad-rows file
@@ -100,10 +100,8 @@ def _csv_rows(reader, header: list[str], text_column: str) -> Iterator[Row | Bad
 
 
 def _jsonl_rows(file: IO[bytes], text_column: str) -> Iterator[Row | BadRow]:
-    for line, raw in _numbered_lines(file):
-        try:
-            source = raw.decode("utf-8")
-        except UnicodeDecodeError:
+    for line, source in _numbered_lines(file):
+        if source is None:
             yield BadRow(line, "not UTF-8 text")
             continue
         if not source.strip():
@@ -122,30 +120,31 @@ def _jsonl_rows(file: IO[bytes], text_column: str) -> Iterator[Row | BadRow]:
 
 
 def _plain_rows(file: IO[bytes]) -> Iterator[Row | BadRow]:
-    for line, raw in _numbered_lines(file):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
+    for line, text in _numbered_lines(file):
+        if text is None:
             yield BadRow(line, "not UTF-8 text")
-            continue
-        yield _checked(line, {LINES_COLUMN: text}, text, LINES_COLUMN)
+        else:
+            yield _checked(line, {LINES_COLUMN: text}, text, LINES_COLUMN)
 
 
-def _numbered_lines(file: IO[bytes]) -> Iterator[tuple[int, bytes]]:
-    """(1-based number, the line without "\\n" or "\\r\\n"); bytes, so that a bad byte costs only its line."""
+def _numbered_lines(file: IO[bytes]) -> Iterator[tuple[int, str | None]]:
+    """(1-based number, the line without "\n" or "\r\n", or None where it is not UTF-8); decoded line by line, so
+    that a bad byte costs only its own line."""
     for number, raw in enumerate(file, start=1):
         if number == 1:
             raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
-        yield number, raw.removesuffix(b"\n").removesuffix(b"\r")
+        try:
+            yield number, raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError:
+            yield number, None
 
 
 def _checked(line: int, fields: dict, text, column: str) -> Row | BadRow:
-    # The rule training applies to its rows (training.data): a text must be a string with something besides spaces.
+    if usable_text(text):
+        return Row(line, fields, text)
     if not isinstance(text, str):
         return BadRow(line, f"{column!r} must be a string, got {type(text).__name__}")
-    if not text.strip():
-        return BadRow(line, f"{column!r} is empty")
-    return Row(line, fields, text)
+    return BadRow(line, f"{column!r} is empty")
 
 
 def _undecodable(value: str) -> bool:

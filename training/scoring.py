@@ -13,6 +13,11 @@ from training.inference import decide, predict_probabilities
 from training.tokenizer import encode_batch
 
 
+def usable_text(value) -> bool:
+    """Whether a value can be scored: a string with something besides whitespace (training's rule for its rows)."""
+    return isinstance(value, str) and bool(value.strip())
+
+
 class Scorer:
     """A loaded checkpoint that turns texts into result records, one per text, in order."""
 

@@ -320,11 +320,16 @@ def predict(config: PredictConfig) -> dict:
                              "e.g. --output-prefix predicted_")  # fmt: skip
         if point.rows:
             print(f"resuming: {point.rows} rows already in {out}; scoring the input after line {point.last_line}")
-        run = _Run(scorer, Output(out, out_fmt, point.header), added, columns, bad_path, config)
-        start = time.perf_counter()
+        output = Output(out, out_fmt, point.header)
         try:
             if columns is not None:  # known before any row: the header goes out (or is checked) even with no rows
-                run.output.start([*columns, *added])
+                output.start([*columns, *added])
+        except ValueError:
+            output.close()
+            raise
+        run = _Run(scorer, output, added, columns, bad_path, config)
+        start = time.perf_counter()
+        try:
             run.score(rows, point.last_line)
         finally:
             run.close()

@@ -215,6 +215,17 @@ def test_resume_refuses_a_file_it_did_not_write_and_leaves_it_alone(tmp_path, ti
     assert out.read_text() == content
 
 
+def test_resume_refuses_results_with_other_columns_and_keeps_their_bad_rows(tmp_path, tiny_checkpoint, capsys):
+    first, out = tmp_path / "first.csv", tmp_path / "out.csv"
+    first.write_text("id,text\n1,hello\n2,   \n")
+    assert predict("--checkpoint", tiny_checkpoint, "--data", first, "--out", out) == 0
+    before = {path: path.read_text() for path in (out, Path(f"{out}.bad-rows.jsonl"))}
+    other = write_input(tmp_path / "other.txt", ["a plain line"])  # columns: text only
+    assert predict("--checkpoint", tiny_checkpoint, "--data", other, "--out", out) == 1
+    assert "pass --no-resume" in capsys.readouterr().err
+    assert {path: path.read_text() for path in before} == before
+
+
 def test_result_columns_that_clash_with_the_input_need_a_prefix(tmp_path, tiny_checkpoint, capsys):
     data, out = tmp_path / "in.csv", tmp_path / "out.csv"
     data.write_text("text,label\nwin a prize,spam\nsee you,ham\n")

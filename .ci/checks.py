@@ -1,6 +1,7 @@
-"""CI checks that need Python: `compose` (docker-compose*.yml read statically, no Docker daemon needed) and
-`serve CHECKPOINT` (the Dockerfile's own CMD over real HTTP, then SIGTERM). Files are read from the repository
-this script sits in, so `serve` also runs from elsewhere, against an installed spamgpt."""
+"""CI checks that need Python: `compose` (docker-compose*.yml read statically, no Docker daemon needed),
+`serve CHECKPOINT` (the Dockerfile's own CMD over real HTTP, then SIGTERM) and `deploy` (every kustomize overlay
+rendered and validated offline). Files are read from the repository this script sits in, so `serve` also runs
+from elsewhere, against an installed spamgpt."""
 
 import json
 import os
@@ -105,6 +106,71 @@ def check_settings(environment: dict[str, str | None]) -> None:
         os.environ.update(saved)
 
 
+# --- deploy/: Kubernetes manifests ---------------------------------------------------------------------------
+
+KUBERNETES_VERSION = "1.32.0"  # the schemas kubernetes-validate checks against (bundled with it: offline)
+
+
+def check_deploy() -> None:
+    """Each overlay under deploy/overlays rendered by `kubectl kustomize`, each object validated against the
+    Kubernetes schemas (kubernetes-validate --strict: unknown fields are errors too), then what schemas cannot
+    check: non-root, read-only root filesystem, no privilege escalation and CPU and memory limits for every
+    container; the API's SPAMGPT_* variables are settings and SPAMGPT_TORCH_THREADS is its CPU limit; its grace
+    period outlasts preStop, the server's drain delay and its graceful shutdown; the training Job's options are
+    the CLI's."""
+    import yaml  # a test dependency, like check_compose's
+
+    overlays = sorted(p for p in (ROOT / "deploy" / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+    assert overlays, "deploy/overlays: no overlay"
+    for overlay in overlays:
+        rendered = subprocess.run(["kubectl", "kustomize", str(overlay)], check=True, capture_output=True, text=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+            file.write(rendered.stdout)
+            file.flush()
+            argv = ["kubernetes-validate", "--strict", "--quiet", "-k", KUBERNETES_VERSION, file.name]
+            subprocess.run(argv, check=True)
+        objects = list(yaml.safe_load_all(rendered.stdout))
+        for obj in objects:
+            if obj["kind"] in ("Deployment", "Job"):
+                check_pod(obj)
+        kinds = ", ".join(sorted(obj["kind"] for obj in objects))
+        print(f"deploy: {overlay}: {len(objects)} objects, valid for Kubernetes {KUBERNETES_VERSION} ({kinds})")
+
+
+def check_pod(workload: dict) -> None:
+    name = f"{workload['kind']} {workload['metadata']['name']}"
+    pod = workload["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True, f"{name}: not runAsNonRoot"
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        where = f"{name}, container {container['name']}"
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, f"{where}: root filesystem not read-only"
+        assert security["allowPrivilegeEscalation"] is False, f"{where}: privilege escalation allowed"
+        assert {"cpu", "memory"} <= set(container["resources"]["limits"]), f"{where}: no CPU or memory limit"
+        command = container.get("command", [])
+        if command[:3] == ["python", "-m", "app"]:
+            check_api_container(name, pod, container)
+        elif command[:3] == ["python", "-m", "training"]:
+            namespace = vars(build_parser().parse_args(command[3:]))
+            del namespace["command"], namespace["subparser"]
+            from_flat(FinetuneConfig, namespace)
+
+
+def check_api_container(name: str, pod: dict, container: dict) -> None:
+    env = {var["name"]: var["value"] for var in container["env"]}
+    check_settings(env)
+    threads, cpu_limit = env.get("SPAMGPT_TORCH_THREADS"), container["resources"]["limits"]["cpu"]
+    assert threads == str(cpu_limit), f"{name}: SPAMGPT_TORCH_THREADS {threads!r} is not the CPU limit {cpu_limit!r}"
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep", f"{name}: preStop is not a sleep: {pre_stop}"
+    delay = float(env.get("SPAMGPT_DRAIN_DELAY_S", Settings.model_fields["drain_delay_s"].default))
+    drain = float(pre_stop[1]) + delay + float(option(container["command"], GRACE_OPTION))
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace > drain, (
+        f"{name}: terminationGracePeriodSeconds {grace} is not above preStop + drain + shutdown {drain}"
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -174,5 +240,7 @@ if __name__ == "__main__":
             check_compose()
         case ["serve", checkpoint]:
             check_serve(checkpoint)
+        case ["deploy"]:
+            check_deploy()
         case _:
-            sys.exit(f"usage: {sys.argv[0]} compose | serve CHECKPOINT")
+            sys.exit(f"usage: {sys.argv[0]} compose | serve CHECKPOINT | deploy")

@@ -5,12 +5,11 @@ cannot drift from evaluation. The engine is synchronous: callers run it on the s
 """
 
 import re
-import warnings
 
 import torch
-from torch import nn
 
 from app.settings import Settings
+from training import precision
 from training.checkpoint import Checkpoint, ModelCard, load_checkpoint
 from training.inference import nonfinite_rows, predict_probabilities
 from training.tokenizer import encode_batch
@@ -26,10 +25,7 @@ class Engine:
         self.device, self.dtype = first.device, first.dtype
         self.quantization = "int8-dynamic" if quantize_int8 else None
         if quantize_int8:
-            with warnings.catch_warnings():
-                # torch marks its eager quantization deprecated in favour of torchao, which we do not depend on
-                warnings.filterwarnings("ignore", message=r"(?s).*deprecated")
-                torch.ao.quantization.quantize_dynamic(checkpoint.model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+            precision.quantize_int8(checkpoint.model)
 
     @property
     def card(self) -> ModelCard:

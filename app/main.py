@@ -5,6 +5,7 @@ from fastapi import FastAPI
 from app.body_limit import BodySizeLimit
 from app.errors import install_error_handlers
 from app.metrics import RequestCounter
+from app.request_log import RequestId, use_json_logs
 from app.routes import classify_router, router
 from app.service import Service, lifespan
 from app.settings import Settings
@@ -25,5 +26,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for api in routers:
         app.include_router(api)
     paths = frozenset(route.path for api in routers for route in api.routes)  # the API's, not /docs' own
-    app.add_middleware(RequestCounter, metrics=service.metrics, paths=paths)  # outermost: counts the 413s too
+    app.add_middleware(RequestCounter, metrics=service.metrics, paths=paths)  # counts the 413s too
+    app.add_middleware(RequestId)  # outermost: every response gets an id, and the request's log line its status
+    if service.settings.log_format == "json":
+        use_json_logs()
     return app

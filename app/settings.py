@@ -8,8 +8,9 @@ import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training.precision import check_precision, resolve_dtype
+
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-HALF_DTYPES = ("float16", "bfloat16")
 
 
 class Settings(BaseSettings):
@@ -73,6 +74,10 @@ class Settings(BaseSettings):
     # The name in responses; default derived from the checkpoint, e.g. "spamgpt-gpt2-124m".
     model_name: str | None = None
 
+    # Log lines: "text" (uvicorn's own) or "json", one JSON object a line for cluster log collectors, with one
+    # line per request carrying its id (app.request_log). Every response carries X-Request-ID either way.
+    log_format: Literal["text", "json"] = "text"
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
@@ -98,11 +103,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _device_supports_dtype(self) -> "Settings":
-        on_cpu = self.torch_device.type == "cpu"
-        if on_cpu and self.dtype in HALF_DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not supported on CPU; use float32, or quantize_int8 for speed")
-        if self.quantize_int8 and not on_cpu:
-            raise ValueError(f"quantize_int8 runs on CPU only, got device {self.device!r}; use dtype float16 on CUDA")
+        check_precision(self.torch_device, self.dtype, self.quantize_int8)  # the rule file scoring follows too
         return self
 
     @property
@@ -113,14 +114,4 @@ class Settings(BaseSettings):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            if self.torch_device.type == "cpu":
-                return torch.float32
-            return torch.bfloat16 if cuda_supports_bfloat16(self.torch_device) else torch.float16
-        return getattr(torch, self.dtype)
-
-
-def cuda_supports_bfloat16(device: torch.device) -> bool:
-    """Whether the CUDA `device` computes bfloat16 natively (Ampere and later); emulated bfloat16 is slow."""
-    with torch.cuda.device(device):
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        return resolve_dtype(self.dtype, self.torch_device)

@@ -1,4 +1,4 @@
-"""`python -m training finetune | evaluate`: options in, a call to training.pipeline out.
+"""`python -m training finetune | evaluate | predict`: options in, a call to training.pipeline out.
 
 Each command is one function taking one config (training.config); the config's fields, its argument groups
 flattened, are the options with their defaults, help text and choices.
@@ -10,14 +10,19 @@ import typing
 from dataclasses import MISSING
 
 from training.checkpoint import CheckpointError
-from training.config import EvaluateConfig, FinetuneConfig, from_flat, option_fields
+from training.config import EvaluateConfig, FinetuneConfig, PredictConfig, from_flat, option_fields
 from training.download import DownloadError
 from training.inference import NonFiniteLogits
 from training.model import WeightsError
 from training.pipeline import evaluate, finetune
+from training.score_file import predict
 from training.tokenizer import TokenizerError
 
-COMMANDS = {"finetune": (finetune, FinetuneConfig), "evaluate": (evaluate, EvaluateConfig)}
+COMMANDS = {
+    "finetune": (finetune, FinetuneConfig),
+    "evaluate": (evaluate, EvaluateConfig),
+    "predict": (predict, PredictConfig),
+}
 WEIGHTS_HELP = (
     "Ways out: pass --weights PATH (a local GPT-2 model.safetensors, or a directory holding one), "
     "or --init random to train from random weights on purpose."

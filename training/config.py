@@ -6,11 +6,13 @@ its data, base model and training configs. Each field's default and help text ar
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from training.data import DEFAULT_CACHE, SPLITS
 from training.device import DEVICE_HELP, resolve_device
 from training.model import PRESETS, GPTConfig
+from training.precision import DTYPE_HELP, DTYPES, check_precision
 
 TRAINABLE = ("last-blocks", "all", "lora")
 
@@ -128,6 +130,76 @@ class EvaluateConfig:
         resolve_device(self.device)
         if self.split not in ("all", *SPLITS):
             raise ValueError(f"split must be one of {('all', *SPLITS)}, got {self.split!r}")
+
+
+INPUT_FORMATS = ("csv", "tsv", "jsonl", "lines")
+OUTPUT_FORMATS = ("csv", "tsv", "jsonl")
+
+
+def file_format(path: str, given: str, formats: tuple[str, ...], default: str | None = None) -> str:
+    """`given`, or for "auto" the one of `formats` that the path's suffix names (else `default`).
+
+    Raises ValueError for a format not in `formats`, or "auto" on a suffix that names none and no default.
+    """
+    if given != "auto":
+        if given not in formats:
+            raise ValueError(f"format must be one of {('auto', *formats)}, got {given!r}")
+        return given
+    suffix = Path(path).suffix.lower().removeprefix(".")
+    if suffix in formats:
+        return suffix
+    if default is None:
+        raise ValueError(f"{path}: cannot tell the format from the suffix {suffix!r}; name one of {formats}")
+    return default
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How a checkpoint is loaded and run outside the server: the server's SPAMGPT_DEVICE, _DTYPE,
+    _QUANTIZE_INT8, _TORCH_THREADS, _MAX_BATCH_SIZE and _MAX_BATCH_TOKENS, with the same rules
+    (training.precision) and defaults."""
+
+    device: str = opt("auto", DEVICE_HELP)
+    dtype: str = opt("auto", DTYPE_HELP, DTYPES)
+    quantize_int8: bool = opt(False, "CPU only: int8 weights for every linear layer, about 2x faster")
+    threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default (all cores)")
+    batch_size: int = opt(32, "texts per forward pass: larger raises throughput until the device saturates")
+    max_batch_tokens: int = opt(16384, "padded tokens (rows x longest row) per forward pass: bounds activation memory")
+
+    def __post_init__(self):
+        check_precision(resolve_device(self.device), self.dtype, self.quantize_int8)
+        for name in ("batch_size", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must not be negative, got {self.threads!r}")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Everything `predict` needs: the checkpoint, the file to score and where the results go."""
+
+    checkpoint: str = opt(help="checkpoint directory written by `finetune`")
+    data: str = opt(help="file to score: .csv / .tsv with a header row, .jsonl, or anything else: one text a line")
+    out: str = opt(help="results file, .csv, .tsv or .jsonl: the input's columns, then line, label, probabilities")
+    text_column: str = opt("text", "column of the texts in a .csv / .tsv / .jsonl")
+    input_format: str = opt(
+        "auto", "auto: from --data's suffix (csv, tsv, jsonl; any other: lines)", ("auto", *INPUT_FORMATS)
+    )
+    output_format: str = opt("auto", "auto: from --out's suffix", ("auto", *OUTPUT_FORMATS))
+    output_prefix: str = opt("", "prefix of the added columns, when the input has columns of those names")
+    scoring: ScoringConfig = field(default_factory=ScoringConfig, metadata=group("scoring"))
+    chunk_rows: int = opt(1024, "rows read, scored and written at a time: memory stays bounded by one chunk")
+    resume: bool = opt(True, "when --out exists, keep its rows and score only the input rows after them")
+    progress: bool = opt(True, "show a progress bar (rows and rows per second) on stderr")
+
+    def __post_init__(self):
+        file_format(self.data, self.input_format, INPUT_FORMATS, default="lines")
+        file_format(self.out, self.output_format, OUTPUT_FORMATS)
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be at least 1, got {self.chunk_rows!r}")
+        if Path(self.out).resolve() == Path(self.data).resolve():
+            raise ValueError(f"--out {self.out!r} is the input file; write the results elsewhere")
 
 
 def flatten(config: Any) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from training.model import PRESETS, GPTConfig
 TRAINABLE = ("last-blocks", "all", "lora")
 
 
-def opt(default=MISSING, help: str = "", choices: tuple | None = None):
-    """A dataclass field whose help text and choices the command line shows."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default=MISSING, help: str = "", choices: tuple | None = None, positional: bool = False):
+    """A dataclass field whose help text and choices the command line shows; positional: an argument, not --name."""
+    return field(default=default, metadata={"help": help, "choices": choices, "positional": positional})
 
 
 GROUP = {"group": True}  # the metadata of a field that holds an argument group
@@ -113,6 +113,22 @@ class EvaluateConfig:
         resolve_device(self.device)
         if self.split not in ("all", *SPLITS):
             raise ValueError(f"split must be one of {('all', *SPLITS)}, got {self.split!r}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything `export` needs: the checkpoint, the layout to write and where."""
+
+    checkpoint: str = opt(help="checkpoint directory written by `finetune`", positional=True)
+    format: str = opt(
+        help="hf: transformers' GPT2ForSequenceClassification layout; onnx: model.onnx (needs the onnx extra)",
+        choices=("hf", "onnx"),
+    )
+    out: str = opt(help="directory to write; must be new or empty")
+
+    def __post_init__(self):
+        if self.format not in ("hf", "onnx"):
+            raise ValueError(f"format must be 'hf' or 'onnx', got {self.format!r}")
 
 
 def flatten(config: Any) -> dict[str, Any]:

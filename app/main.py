@@ -5,7 +5,7 @@ from fastapi import FastAPI
 from app.body_limit import BodySizeLimit
 from app.errors import install_error_handlers
 from app.metrics import RequestCounter
-from app.routes import classify_router, router
+from app.routes import classify_router, router, tei_router
 from app.service import Service, lifespan
 from app.settings import Settings
 
@@ -15,7 +15,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service = Service(settings or Settings())
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=service.settings.max_body_bytes)
-    routers = (router, classify_router(service.settings))
+    routers = (router, classify_router(service.settings), tei_router(service.settings))
     for api in routers:
         app.include_router(api)
     paths = frozenset(route.path for api in routers for route in api.routes)  # the API's, not /docs' own

@@ -53,23 +53,28 @@ def length_sorted_batches(
     return batches
 
 
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(B, n_labels) logits of any float dtype -> float32, +-inf (low-precision overflow) clamped to float32's
+    range and NaN read as 0, so that what is computed from them stays finite."""
+    finfo = torch.finfo(torch.float32)
+    return logits.float().nan_to_num(nan=0.0, posinf=finfo.max, neginf=finfo.min)
+
+
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """(B, n_labels) logits of any float dtype -> float32 softmax that stays finite even when low-precision
     logits overflowed to +-inf."""
-    logits = logits.float()
-    finfo = torch.finfo(torch.float32)
-    return torch.softmax(logits.nan_to_num(nan=0.0, posinf=finfo.max, neginf=finfo.min), dim=-1)
+    return torch.softmax(finite_logits(logits), dim=-1)
 
 
 @torch.inference_mode()
-def predict_probabilities(
+def predict_logits(
     model: GPTClassifier,
     rows: list[list[int]],
     max_batch_size: int | None = None,
     max_batch_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Rows of token ids (already truncated to the model's max_tokens) -> (N, n_labels) float32 probabilities on
-    the CPU, in input order.
+    """Rows of token ids (already truncated to the model's max_tokens) -> (N, n_labels) float32 logits on the
+    CPU, in input order (the model's own, maybe +-inf in a low-precision dtype: see probabilities).
 
     Rows run in length-sorted batches of at most max_batch_size rows and max_batch_tokens padded tokens (None: no
     limit, so a batch the caller already bounded runs as one forward pass). A row's result does not depend on
@@ -79,8 +84,18 @@ def predict_probabilities(
     out = torch.empty(len(rows), model.config.n_labels)
     for batch in length_sorted_batches([len(r) for r in rows], max_batch_size, max_batch_tokens):
         idx, lengths = pad_right([rows[i] for i in batch], PAD_ID, device)
-        out[batch] = probabilities(model(idx, lengths)).cpu()
+        out[batch] = model(idx, lengths).float().cpu()
     return out
+
+
+def predict_probabilities(
+    model: GPTClassifier,
+    rows: list[list[int]],
+    max_batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
+) -> torch.Tensor:
+    """predict_logits' rows -> (N, n_labels) float32 probabilities on the CPU, in input order."""
+    return probabilities(predict_logits(model, rows, max_batch_size, max_batch_tokens))
 
 
 def decide(probs: torch.Tensor, labels: list[str] | tuple[str, ...], threshold: Threshold | None) -> list[str]:

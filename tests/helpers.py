@@ -2,8 +2,10 @@
 checkpoint, a live server (from benchmarks.server, which the benchmarks use too) and ways to break a checkpoint.
 Fixtures live in tests/conftest.py; test modules import helpers from here, never from each other."""
 
+import csv
 import json
 import pickle
+import random
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -36,6 +38,23 @@ def make_bpe_files(directory: Path, merges: list[str] = MERGES) -> Path:
     (directory / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     (directory / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
     return directory
+
+
+SPAM_WORDS = ["win", "prize", "cash", "claim", "free", "urgent", "call", "now", "offer", "txt", "bonus", "reply"]
+HAM_WORDS = ["see", "you", "at", "lunch", "home", "later", "mum", "thanks", "ok", "tonight", "dinner", "soon"]
+
+
+def write_messages_csv(path: Path, rows: int = 60) -> Path:
+    """`rows` short texts with a header (text, label), spam and ham alternating and made of different words; each
+    unique, so deduplication keeps them all."""
+    rng = random.Random(0)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(rows):
+            label, words = ("spam", SPAM_WORDS) if i % 2 else ("ham", HAM_WORDS)
+            writer.writerow([" ".join(rng.sample(words, 4)) + f" {i}", label])
+    return path
 
 
 def tiny_card(**overrides) -> ModelCard:

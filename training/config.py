@@ -32,6 +32,12 @@ class DataConfig:
 @dataclass(frozen=True)
 class BaseModelConfig:
     preset: str = opt("gpt2", "model size", tuple(PRESETS))
+    base: str | None = opt(
+        None,
+        "any GPT-2-family base instead of --preset: a Hugging Face repo id (or gpt2, gpt2-medium, gpt2-large, "
+        "gpt2-xl, distilgpt2) or a local directory with config.json and model.safetensors (or a sharded "
+        "model.safetensors.index.json); its config.json gives the sizes",
+    )
     init: str = opt("pretrained", "start from OpenAI's GPT-2 weights, or from random weights", ("pretrained", "random"))
     weights: str | None = opt(None, "local GPT-2 model.safetensors (or its directory) instead of downloading")
     tokenizer_dir: str | None = opt(None, "directory with GPT-2's vocab.bpe and encoder.json instead of downloading")
@@ -44,6 +50,12 @@ class BaseModelConfig:
             raise ValueError(f"init must be 'pretrained' or 'random', got {self.init!r}")
         if self.weights is not None and self.init == "random":
             raise ValueError(f"--weights {self.weights!r} has no use with --init random")
+        if self.base is not None:
+            if self.weights is not None:
+                raise ValueError(f"--weights {self.weights!r} and --base {self.base!r}: give one")
+            if self.max_tokens < 1:  # the base's n_positions bounds it once its config.json is read
+                raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
+            return
         block_size = GPTConfig.from_preset(self.preset).block_size
         if not 1 <= self.max_tokens <= block_size:
             raise ValueError(

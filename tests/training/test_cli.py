@@ -1,4 +1,3 @@
-import csv
 import json
 import os
 import random
@@ -11,28 +10,18 @@ from pathlib import Path
 import pytest
 
 import training.pipeline
+from tests.helpers import HAM_WORDS, SPAM_WORDS, write_messages_csv
 from training.checkpoint import load_checkpoint
 from training.cli import main
 from training.config import BaseModelConfig, DataConfig, FinetuneConfig, TrainConfig
 from training.inference import Threshold
 from training.pipeline import finetune
 
-SPAM_WORDS = ["win", "prize", "cash", "claim", "free", "urgent", "call", "now", "offer", "txt", "bonus", "reply"]
-HAM_WORDS = ["see", "you", "at", "lunch", "home", "later", "mum", "thanks", "ok", "tonight", "dinner", "soon"]
-
 
 @pytest.fixture(scope="module")
 def csv_data(tmp_path_factory) -> Path:
     """60 short texts, spam and ham from different words; each unique, so deduplication keeps them all."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "messages.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        for i in range(60):
-            label, words = ("spam", SPAM_WORDS) if i % 2 else ("ham", HAM_WORDS)
-            writer.writerow([" ".join(rng.sample(words, 4)) + f" {i}", label])
-    return path
+    return write_messages_csv(tmp_path_factory.mktemp("data") / "messages.csv")
 
 
 def finetune_argv(csv_data: Path, bpe_dir: Path, out: Path, *extra: str) -> list[str]:

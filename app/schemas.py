@@ -57,12 +57,13 @@ def predict_request_model(settings: Settings) -> type[BaseModel]:
         "PredictRequest",
         __config__=ConfigDict(extra="forbid"),
         inputs=_inputs_field(settings),
-        truncate=(bool, Field(False, description="Truncate texts over max_tokens; false: such a text is a 422")),
+        # strict: 0 or "false" is not a boolean (schemathesis found 0 read as false)
+        truncate=(bool, Field(False, strict=True, description="Truncate texts over max_tokens; false: a 422")),
         truncation_direction=(
             Literal["Right", "right"],
             Field("Right", description="Only Right: the model reads a text's first max_tokens tokens"),
         ),
-        raw_scores=(bool, Field(False, description="Scores are the logits instead of probabilities")),
+        raw_scores=(bool, Field(False, strict=True, description="Scores are the logits instead of probabilities")),
     )
 
 

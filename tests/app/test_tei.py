@@ -142,3 +142,12 @@ def test_huggingface_hub_inference_client_against_a_live_server(tiny_checkpoint,
     assert [(item.label, item.score) for item in top] == [
         (engine.card.labels[best], pytest.approx(float(logits[best])))
     ]
+
+
+@pytest.mark.parametrize("field", ["raw_scores", "truncate"])
+@pytest.mark.parametrize("value", [0, 1, "true", None])
+def test_predict_booleans_are_strict(client, field, value):
+    # schemathesis found {"raw_scores": 0} accepted as false
+    response = client.post("/predict", json={"inputs": "ok", field: value})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["field"] == field

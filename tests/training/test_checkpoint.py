@@ -191,7 +191,8 @@ def test_loads_a_config_json_in_the_format_written_by_spamgpt_0_1_0(tiny_checkpo
     assert card.training.out == "/models/spamgpt" and card.training.skip_existing is True
     assert card.data.rows_after_dedup_and_balance == 1306 and card.data.fingerprint["labels"]["spam"] == 747
     assert (card.metrics, card.created, card.version) == (metrics, "2026-11-20T10:00:00+00:00", "0.1.0")
-    assert card.to_json() | {k: raw[k] for k in ("format_version", "model", "pooling", "tokenizer")} == raw
+    written = card.to_json() | {k: raw[k] for k in ("format_version", "model", "pooling", "tokenizer")}
+    assert written == raw | {"training": training | {"base": None}}  # options added since 0.1.0 at their defaults
 
 
 @pytest.mark.parametrize(

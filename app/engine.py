@@ -1,6 +1,6 @@
 """The inference engine: owns the checkpoint's model on its device; loads, warms up and predicts.
 
-Every step is the training package's own code (tokenizer, training.inference.predict_probabilities), so serving
+Every step is the training package's own code (tokenizer, training.inference.predict_logits), so serving
 cannot drift from evaluation. The engine is synchronous: callers run it on the service's model thread.
 """
 
@@ -11,7 +11,7 @@ import torch
 from app.settings import Settings
 from training import precision
 from training.checkpoint import Checkpoint, ModelCard, load_checkpoint
-from training.inference import nonfinite_rows, predict_probabilities
+from training.inference import nonfinite_rows, predict_logits, probabilities
 from training.tokenizer import encode_batch
 
 
@@ -62,13 +62,21 @@ class Engine:
         lengths mixed, costs about what the same rows sorted by length would, and each row's result is the
         same whatever it is batched with. A row whose logits are not finite is NaN (the caller refuses it).
         """
-        return predict_probabilities(self.checkpoint.model, rows, max_batch_size, max_batch_tokens)
+        return probabilities(self.predict_logits(rows, max_batch_size, max_batch_tokens))
+
+    def predict_logits(
+        self, rows: list[list[int]], max_batch_size: int | None = None, max_batch_tokens: int | None = None
+    ) -> torch.Tensor:
+        """predict's rows -> (N, n_labels) float32 logits on the CPU: what the micro-batcher runs, so that the
+        routes can give probabilities (training.inference.probabilities) or, as TEI's raw_scores, the logits."""
+        return predict_logits(self.checkpoint.model, rows, max_batch_size, max_batch_tokens)
 
     def warm_up(self) -> None:
         """One forward at the longest length, so the first request pays no lazy initialisation and a
         model that cannot run on this device fails at startup rather than on a request."""
         longest = [[self.checkpoint.tokenizer.eot_token] * self.card.max_tokens]
-        probs = predict_probabilities(self.checkpoint.model, longest)  # not self.predict: that is the batches' seam
+        # not self.predict_logits: that is the batches' seam
+        probs = probabilities(predict_logits(self.checkpoint.model, longest))
         if nonfinite_rows(probs):
             raise RuntimeError(f"warm-up forward on {self.device} ({self.dtype}) gave non-finite logits")
 

@@ -6,7 +6,7 @@ from app.body_limit import BodySizeLimit
 from app.errors import install_error_handlers
 from app.metrics import RequestCounter
 from app.request_log import RequestId, use_json_logs
-from app.routes import classify_router, router
+from app.routes import classify_router, router, tei_router
 from app.service import Service, lifespan
 from app.settings import Settings
 
@@ -22,7 +22,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes_in_flight=s.max_body_bytes_in_flight,
         arrival_timeout_s=s.request_arrival_timeout_s,
     )
-    routers = (router, classify_router(service.settings))
+    routers = (router, classify_router(service.settings), tei_router(service.settings))
     for api in routers:
         app.include_router(api)
     paths = frozenset(route.path for api in routers for route in api.routes)  # the API's, not /docs' own

@@ -1,7 +1,8 @@
-"""The HTTP API: /classify, /health, /info, /metrics. Each route declares the errors it can answer with.
+"""The HTTP API: /classify, /health, /info, /metrics, and text-embeddings-inference's /predict with the Hugging
+Face Inference API's root path. Each route declares the errors it can answer with.
 
-`router` holds the routes every app shares; classify_router(settings) the ones whose request model carries
-the app's limits."""
+`router` holds the routes every app shares; classify_router(settings) and tei_router(settings) the ones whose
+request model carries the app's limits."""
 
 import asyncio
 import hmac
@@ -28,10 +29,18 @@ from app.errors import (
     Unauthorized,
     error_responses,
 )
-from app.schemas import ClassifyResponse, Health, Info, classify_request_model
+from app.schemas import (
+    ClassifyResponse,
+    Health,
+    Info,
+    LabelScore,
+    classify_request_model,
+    hf_request_model,
+    predict_request_model,
+)
 from app.service import Service
 from app.settings import Settings
-from training.inference import decide, nonfinite_rows
+from training.inference import decide, nonfinite_rows, probabilities
 
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>, when an API key is configured")
@@ -92,6 +101,19 @@ async def require_api_key(
         raise Unauthorized("API key wrong")
 
 
+# What every route that scores texts can answer besides 200 (all through score_texts)
+SCORING_ERRORS = (
+    Unauthorized,
+    RequestTimeout,
+    PayloadTooLarge,
+    InvalidInput,
+    Overloaded,
+    NotReady,
+    DeadlineExceeded,
+    ModelError,
+)
+
+
 def classify_router(settings: Settings) -> APIRouter:
     """/classify, whose request model carries this app's limits (app.schemas.classify_request_model)."""
     classify_request = classify_request_model(settings)
@@ -101,16 +123,7 @@ def classify_router(settings: Settings) -> APIRouter:
         "/classify",
         response_model=ClassifyResponse,  # validates and serializes the plain dicts built below in one pass
         dependencies=[Depends(require_api_key)],
-        responses=error_responses(
-            Unauthorized,
-            RequestTimeout,
-            PayloadTooLarge,
-            InvalidInput,
-            Overloaded,
-            NotReady,
-            DeadlineExceeded,
-            ModelError,
-        ),
+        responses=error_responses(*SCORING_ERRORS),
     )
     async def classify(body: classify_request, service: ReadyService, request: Request) -> dict:
         """Probabilities and a label for each text, in input order. Texts longer than the model's context are
@@ -120,13 +133,37 @@ def classify_router(settings: Settings) -> APIRouter:
     return routes
 
 
-async def classify_texts(texts: list[str], service: Service, request: Request) -> dict:
-    """The /classify response for validated `texts`: tokenize, queue for the model, decide labels."""
+async def score_texts(
+    texts: list[str], service: Service, request: Request, field: str = "texts", refuse_truncation: bool = False
+) -> tuple[list[list[int]], list[bool], torch.Tensor]:
+    """Validated `texts` -> their token ids, whether each was truncated, and (N, n_labels) float32 logits: the
+    one path from a request's texts to the model, shared by /classify and the TEI-compatible routes.
+
+    Errors name texts as `field`.index. Raises InvalidInput naming each text over max_tokens when
+    refuse_truncation (TEI's `truncate: false`); ModelError naming each text the model gave non-finite logits
+    for; the batcher's Overloaded and DeadlineExceeded; ClientClosedRequest when the client leaves while waiting.
+    """
     # Tokenized here, once, in a thread (tiktoken releases the GIL): requests tokenize in parallel while the
     # model runs, and the batcher needs token counts to keep batches within max_batch_tokens.
     rows, truncated = await asyncio.to_thread(service.tokenize, texts)
-    probs = torch.stack(await unless_client_leaves(request.receive, service.batcher.submit(rows)))
-    refuse_nonfinite(probs, service)
+    if refuse_truncation and any(truncated):
+        limit = service.engine.card.max_tokens
+        raise InvalidInput.of(
+            [
+                ErrorDetail(field=f"{field}.{i}", message=f"longer than max_tokens {limit}; send truncate: true")
+                for i, cut in enumerate(truncated)
+                if cut
+            ]
+        )
+    logits = torch.stack(await unless_client_leaves(request.receive, service.batcher.submit(rows)))
+    refuse_nonfinite(logits, service, field)
+    return rows, truncated, logits
+
+
+async def classify_texts(texts: list[str], service: Service, request: Request) -> dict:
+    """The /classify response for validated `texts`: tokenize, queue for the model, decide labels."""
+    rows, truncated, logits = await score_texts(texts, service, request)
+    probs = probabilities(logits)
     card = service.engine.card
     labels = decide(probs, card.labels, card.threshold)
     results = [
@@ -136,16 +173,77 @@ async def classify_texts(texts: list[str], service: Service, request: Request) -
     return {"model": service.model_name, "results": results}
 
 
-def refuse_nonfinite(probs: torch.Tensor, service: Service) -> None:
-    """Raises ModelError naming each text whose (N, n_labels) probabilities are NaN (its logits were not finite),
-    and counts those texts in spamgpt_model_errors_total; the request's other texts are not answered either."""
-    bad = nonfinite_rows(probs)
+def refuse_nonfinite(logits: torch.Tensor, service: Service, field: str) -> None:
+    """Raises ModelError naming each text (`field`.index) whose row of (N, n_labels) logits is not finite, and
+    counts those texts in spamgpt_model_errors_total; the request's other texts are not answered either."""
+    bad = nonfinite_rows(logits)
     if not bad:
         return
     service.metrics.model_errors.labels(cause="non_finite_logits").inc(len(bad))
     cause = "the model gave non-finite logits (NaN or inf): a fault of the model, not of the text"
-    details = [ErrorDetail(field=f"texts.{i}", message=cause) for i in bad]
-    raise ModelError(f"texts {', '.join(map(str, bad))}: {cause}", details)
+    details = [ErrorDetail(field=f"{field}.{i}", message=cause) for i in bad]
+    raise ModelError(f"{field} {', '.join(map(str, bad))}: {cause}", details)
+
+
+# --- text-embeddings-inference and the Hugging Face Inference API ---------------------------------------
+
+
+def tei_router(settings: Settings) -> APIRouter:
+    """POST /predict in text-embeddings-inference's shapes, and POST / in the shape huggingface_hub's
+    InferenceClient.text_classification speaks; both through score_texts, with /classify's limits, batching,
+    errors and API key."""
+    predict_request, hf_request = predict_request_model(settings), hf_request_model(settings)
+    routes = APIRouter()
+    errors = error_responses(*SCORING_ERRORS)
+
+    @routes.post(
+        "/predict",
+        response_model=list[LabelScore] | list[list[LabelScore]],
+        dependencies=[Depends(require_api_key)],
+        responses=errors,
+    )
+    async def predict(body: predict_request, service: ReadyService, request: Request) -> list:
+        """text-embeddings-inference's /predict: every label with its score, highest first; for one string a
+        list of them, for a list of strings a list of such lists, in input order. Scores are probabilities, or
+        the logits with raw_scores. A text over max_tokens is refused (422) unless truncate is true."""
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        _, _, logits = await score_texts(texts, service, request, "inputs", refuse_truncation=not body.truncate)
+        scores = logits if body.raw_scores else probabilities(logits)
+        ranked = ranked_labels(scores, service.engine.card.labels)
+        return ranked[0] if isinstance(body.inputs, str) else ranked
+
+    @routes.post(
+        "/",
+        response_model=list[list[LabelScore]],
+        dependencies=[Depends(require_api_key)],
+        responses=errors,
+    )
+    async def inference_api(body: hf_request, service: ReadyService, request: Request) -> list:
+        """The Hugging Face Inference API's text-classification shape, as huggingface_hub's InferenceClient
+        posts it to a server's root: `{"inputs": text or texts, "parameters": {"top_k", "function_to_apply"}}`
+        -> one list of `{label, score}` per text, highest first (a list holding one list for one string: the
+        client reads the first list). Texts over max_tokens are truncated, as /classify does."""
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        _, _, logits = await score_texts(texts, service, request, "inputs")
+        parameters = body.parameters
+        scores = {
+            "softmax": probabilities,
+            "sigmoid": torch.sigmoid,
+            "none": lambda z: z,
+        }[parameters.function_to_apply or "softmax"](logits)
+        return ranked_labels(scores, service.engine.card.labels, parameters.top_k)
+
+    return routes
+
+
+def ranked_labels(scores: torch.Tensor, labels: tuple[str, ...], top_k: int | None = None) -> list[list[dict]]:
+    """(N, n_labels) scores -> per row, `{"label", "score"}` for its top_k labels (None: all), highest first;
+    equal scores keep the labels' order."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_k].tolist()
+    return [
+        [{"label": labels[j], "score": row[j]} for j in ranks]
+        for ranks, row in zip(order, scores.tolist(), strict=True)
+    ]
 
 
 T = TypeVar("T")

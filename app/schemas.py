@@ -3,7 +3,7 @@ constraints on its model, built per app from its settings, so validation and the
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 from pydantic_core import PydanticCustomError
 
 from app.settings import Settings
@@ -45,6 +45,61 @@ def classify_request_model(settings: Settings) -> type[BaseModel]:
     text = bounded_text(settings.max_text_chars)
     # extra="forbid": a misspelt field ("text") is an error, not silently ignored
     return create_model("ClassifyRequest", __config__=ConfigDict(extra="forbid"), texts=(list[text], texts))
+
+
+def _inputs_field(settings: Settings) -> tuple:
+    """`inputs`: one text, or a list of 1..max_texts_per_request texts, each bounded as /classify's are."""
+    text = bounded_text(settings.max_text_chars)
+    texts = Annotated[list[text], Field(min_length=1, max_length=settings.max_texts_per_request)]
+    # Chosen by the JSON type, so an error names one reading ("inputs.texts.2"), not both union members
+    one_or_many = Discriminator(lambda value: "text" if isinstance(value, str) else "texts")
+    return (
+        Annotated[Annotated[text, Tag("text")] | Annotated[texts, Tag("texts")], one_or_many],
+        Field(description="One text, or a list of texts (see /info for the limits)", examples=["See you at 5?"]),
+    )
+
+
+def predict_request_model(settings: Settings) -> type[BaseModel]:
+    """text-embeddings-inference's /predict body, with this app's limits on `inputs`. Pairs of texts (TEI's
+    cross-encoder input) are refused: the classifier reads one text."""
+    return create_model(
+        "PredictRequest",
+        __config__=ConfigDict(extra="forbid"),
+        inputs=_inputs_field(settings),
+        # strict: 0 or "false" is not a boolean (schemathesis found 0 read as false)
+        truncate=(bool, Field(False, strict=True, description="Truncate texts over max_tokens; false: a 422")),
+        truncation_direction=(
+            Literal["Right", "right"],
+            Field("Right", description="Only Right: the model reads a text's first max_tokens tokens"),
+        ),
+        raw_scores=(bool, Field(False, strict=True, description="Scores are the logits instead of probabilities")),
+    )
+
+
+class InferenceParameters(BaseModel):
+    """The Hugging Face Inference API's text-classification parameters, as InferenceClient sends them."""
+
+    model_config = ConfigDict(extra="forbid")
+    top_k: int | None = Field(None, ge=1, description="Only the top_k labels; more than there are means all")
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
+        None, description="softmax (the default): probabilities; sigmoid of each logit; none: the logits"
+    )
+
+
+def hf_request_model(settings: Settings) -> type[BaseModel]:
+    """The Hugging Face Inference API's text-classification body, `{"inputs", "parameters"}`, with this app's
+    limits on `inputs`."""
+    return create_model(
+        "InferenceRequest",
+        __config__=ConfigDict(extra="forbid"),
+        inputs=_inputs_field(settings),
+        parameters=(InferenceParameters, Field(default_factory=InferenceParameters)),
+    )
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
 
 
 class Result(BaseModel):

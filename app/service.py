@@ -41,7 +41,7 @@ class Service:
             raise
         s = self.settings
         self.batcher = Batcher(
-            self.engine.predict,  # one batch the batcher formed -> (B, n_labels) probabilities, one row per text
+            self.engine.predict_logits,  # one batch the batcher formed -> (B, n_labels) logits, one row per text
             self.metrics,
             max_batch_size=s.max_batch_size,
             max_batch_tokens=s.max_batch_tokens,

@@ -47,8 +47,9 @@ from training.checkpoint import REPORT_DIR, ModelCard, load_checkpoint, save_che
 from training.config import BaseModelConfig
 from training.data import deduplicate, load_sms_spam, text_id
 from training.evaluate import EVAL_BATCH_SIZE
+from training.export import hf_state_dict
 from training.inference import decide, length_sorted_batches, pad_right, probabilities
-from training.model import GPTClassifier, GPTConfig, hf_key_map, padding_groups
+from training.model import GPTClassifier, GPTConfig, padding_groups
 from training.tokenizer import load_tokenizer
 
 TRAINED_CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "random-init-all"
@@ -66,7 +67,7 @@ TARGETS = {
 }
 NOTES = [
     "weights: GPT-2 124M architecture, random (seeded) weights; OpenAI's weights are not available here, same compute",
-    "transformers' score layer has no bias: ours is copied without its bias, which is zero at init (checked)",
+    "transformers' score layer has no bias: ours is folded into ln_f's bias and the head (training.export), exactly",
     "messages_per_second counts forward time only (pad, forward, softmax); tokenizing is the same for all and untimed",
     "same batches: length_sorted_batches at the app's default limits for ours and transformers; same_forwards: each"
     " of those split by training.model.padding_groups(overhead 64) for both",
@@ -104,7 +105,8 @@ def load_engine(checkpoint: Path, quantize_int8: bool = False, device: str = "cp
 
 
 def transformers_classifier(model: GPTClassifier, pad_id: int):
-    """GPT2ForSequenceClassification holding `model`'s weights (Conv1D weights transposed back)."""
+    """GPT2ForSequenceClassification holding `model`'s weights, as `python -m training export --format hf` writes
+    them (training.export.hf_state_dict: Conv1D weights transposed back, the score bias folded in exactly)."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     c = model.config
@@ -118,14 +120,7 @@ def transformers_classifier(model: GPTClassifier, pad_id: int):
         pad_token_id=pad_id,  # how it finds each row's last real token
     )
     hf = GPT2ForSequenceClassification(config).eval()
-    ours = model.state_dict()
-    assert not ours["score.bias"].any(), "transformers' score has no bias: ours must be zero to compare"
-    source = {
-        f"transformer.{hf_key}": (ours[key].t() if transposed else ours[key])
-        for hf_key, (key, transposed) in hf_key_map(c.n_layer).items()
-    }
-    source["score.weight"] = ours["score.weight"]
-    missing, unexpected = hf.load_state_dict(source, strict=False)
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     assert not unexpected and all(k.endswith(".attn.bias") for k in missing), (missing, unexpected)
     return hf
 

@@ -1,4 +1,4 @@
-"""`python -m training finetune | evaluate | predict`: options in, a call to training.pipeline out.
+"""`python -m training finetune | evaluate | predict | export`: options in, a call to training.pipeline out.
 
 Each command is one function taking one config (training.config); the config's fields, its argument groups
 flattened, are the options with their defaults, help text and choices.
@@ -10,8 +10,9 @@ import typing
 from dataclasses import MISSING
 
 from training.checkpoint import CheckpointError
-from training.config import EvaluateConfig, FinetuneConfig, PredictConfig, from_flat, option_fields
+from training.config import EvaluateConfig, ExportConfig, FinetuneConfig, PredictConfig, from_flat, option_fields
 from training.download import DownloadError
+from training.export import export
 from training.inference import NonFiniteLogits
 from training.model import WeightsError
 from training.pipeline import evaluate, finetune
@@ -22,6 +23,7 @@ COMMANDS = {
     "finetune": (finetune, FinetuneConfig),
     "evaluate": (evaluate, EvaluateConfig),
     "predict": (predict, PredictConfig),
+    "export": (export, ExportConfig),
 }
 WEIGHTS_HELP = (
     "Ways out: pass --weights PATH (a local GPT-2 model.safetensors, or a directory holding one), "
@@ -38,6 +40,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             groups[group] = parser.add_argument_group(f"{group} options")
         target = parser if group is None else groups[group]
         kwargs = dict(dest=f.name, help=f.metadata.get("help"))
+        if f.metadata.get("positional"):
+            target.add_argument(f.name, help=kwargs["help"], type=kind)
+            continue
         if f.default is MISSING:
             kwargs |= dict(required=True, default=argparse.SUPPRESS)  # no "(default: None)" in the help
         else:
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except WeightsError as exc:
         print(f"error: could not get the base GPT-2 weights: {exc}\n{WEIGHTS_HELP}", file=sys.stderr)
         return 2
-    except (CheckpointError, DownloadError, NonFiniteLogits, TokenizerError, ValueError, OSError) as exc:
+    except (CheckpointError, DownloadError, NonFiniteLogits, TokenizerError, ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

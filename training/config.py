@@ -17,9 +17,9 @@ from training.precision import DTYPE_HELP, DTYPES, check_precision
 TRAINABLE = ("last-blocks", "all", "lora")
 
 
-def opt(default=MISSING, help: str = "", choices: tuple | None = None):
-    """A dataclass field whose help text and choices the command line shows."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default=MISSING, help: str = "", choices: tuple | None = None, positional: bool = False):
+    """A dataclass field whose help text and choices the command line shows; positional: an argument, not --name."""
+    return field(default=default, metadata={"help": help, "choices": choices, "positional": positional})
 
 
 def group(title: str) -> dict:
@@ -41,6 +41,12 @@ class BaseModelConfig:
     """The model fine-tuning starts from, and the token budget of a text in training and serving."""
 
     preset: str = opt("gpt2", "model size", tuple(PRESETS))
+    base: str | None = opt(
+        None,
+        "any GPT-2-family base instead of --preset: a Hugging Face repo id (or gpt2, gpt2-medium, gpt2-large, "
+        "gpt2-xl, distilgpt2) or a local directory with config.json and model.safetensors (or a sharded "
+        "model.safetensors.index.json); its config.json gives the sizes",
+    )
     init: str = opt("pretrained", "start from OpenAI's GPT-2 weights, or from random weights", ("pretrained", "random"))
     weights: str | None = opt(None, "local GPT-2 model.safetensors (or its directory) instead of downloading")
     tokenizer_dir: str | None = opt(None, "directory with GPT-2's vocab.bpe and encoder.json instead of downloading")
@@ -53,6 +59,12 @@ class BaseModelConfig:
             raise ValueError(f"init must be 'pretrained' or 'random', got {self.init!r}")
         if self.weights is not None and self.init == "random":
             raise ValueError(f"--weights {self.weights!r} has no use with --init random")
+        if self.base is not None:
+            if self.weights is not None:
+                raise ValueError(f"--weights {self.weights!r} and --base {self.base!r}: give one")
+            if self.max_tokens < 1:  # the base's n_positions bounds it once its config.json is read
+                raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
+            return
         block_size = GPTConfig.from_preset(self.preset).block_size
         if not 1 <= self.max_tokens <= block_size:
             raise ValueError(
@@ -200,6 +212,22 @@ class PredictConfig:
             raise ValueError(f"chunk_rows must be at least 1, got {self.chunk_rows!r}")
         if Path(self.out).resolve() == Path(self.data).resolve():
             raise ValueError(f"--out {self.out!r} is the input file; write the results elsewhere")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything `export` needs: the checkpoint, the layout to write and where."""
+
+    checkpoint: str = opt(help="checkpoint directory written by `finetune`", positional=True)
+    format: str = opt(
+        help="hf: transformers' GPT2ForSequenceClassification layout; onnx: model.onnx (needs the onnx extra)",
+        choices=("hf", "onnx"),
+    )
+    out: str = opt(help="directory to write; must be new or empty")
+
+    def __post_init__(self):
+        if self.format not in ("hf", "onnx"):
+            raise ValueError(f"format must be 'hf' or 'onnx', got {self.format!r}")
 
 
 def flatten(config: Any) -> dict[str, Any]:

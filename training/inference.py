@@ -75,7 +75,8 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 def nonfinite_rows(probs: torch.Tensor) -> list[int]:
-    """Indices of the rows of (N, n_labels) probabilities that are not all finite: the model failed on them."""
+    """Indices of the rows of (N, n_labels) logits or probabilities that are not all finite: the model failed on
+    them."""
     return (~torch.isfinite(probs).all(dim=1)).nonzero().flatten().tolist()
 
 
@@ -88,26 +89,36 @@ def require_finite(probs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def predict_logits(
+    model: GPTClassifier,
+    rows: list[list[int]],
+    max_batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
+) -> torch.Tensor:
+    """Rows of token ids (already truncated to the model's max_tokens) -> (N, n_labels) float32 logits on the
+    CPU, in input order (the model's own, maybe +-inf in a low-precision dtype: see probabilities).
+
+    Rows run in length-sorted batches of at most max_batch_size rows and max_batch_tokens padded tokens (None: no
+    limit, so a batch the caller already bounded runs as one forward pass). A row's result does not depend on
+    its batch-mates: right padding with causal attention, pooled at each row's last real token. A row whose
+    logits are not finite is refused by callers with nonfinite_rows or require_finite (probabilities makes it NaN).
+    """
+    device = model.transformer.wte.weight.device
+    out = torch.empty(len(rows), model.config.n_labels)
+    for batch in length_sorted_batches([len(r) for r in rows], max_batch_size, max_batch_tokens):
+        idx, lengths = pad_right([rows[i] for i in batch], PAD_ID, device)
+        out[batch] = model(idx, lengths).float().cpu()
+    return out
+
+
 def predict_probabilities(
     model: GPTClassifier,
     rows: list[list[int]],
     max_batch_size: int | None = None,
     max_batch_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Rows of token ids (already truncated to the model's max_tokens) -> (N, n_labels) float32 probabilities on
-    the CPU, in input order.
-
-    Rows run in length-sorted batches of at most max_batch_size rows and max_batch_tokens padded tokens (None: no
-    limit, so a batch the caller already bounded runs as one forward pass). A row's result does not depend on
-    its batch-mates: right padding with causal attention, pooled at each row's last real token. A row whose
-    logits are not finite comes back NaN (probabilities); callers refuse it with require_finite or nonfinite_rows.
-    """
-    device = model.transformer.wte.weight.device
-    out = torch.empty(len(rows), model.config.n_labels)
-    for batch in length_sorted_batches([len(r) for r in rows], max_batch_size, max_batch_tokens):
-        idx, lengths = pad_right([rows[i] for i in batch], PAD_ID, device)
-        out[batch] = probabilities(model(idx, lengths)).cpu()
-    return out
+    """predict_logits' rows -> (N, n_labels) float32 probabilities on the CPU, in input order."""
+    return probabilities(predict_logits(model, rows, max_batch_size, max_batch_tokens))
 
 
 def decide(probs: torch.Tensor, labels: list[str] | tuple[str, ...], threshold: Threshold | None) -> list[str]:

@@ -122,18 +122,25 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v fused, as GPT-2 stores them
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor, packing: Packing, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, C) packed tokens -> (N, C); given keep, only the output of those tokens: (len(keep), C)."""
+    def forward(self, x: torch.Tensor, packing: Packing | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C) packed tokens -> (N, C); given keep, only the output of those tokens: (len(keep), C).
+        Without a packing, x is a whole (B, T, C) right-padded batch -> (B, T, C) (GPTClassifier.forward_padded)."""
         qkv = self.c_attn(x)  # (N, 3C)
-        C, hs = x.size(1), x.size(1) // self.n_head
+        if packing is None:
+            return self.c_proj(self.attend(qkv))
         outputs = []
         for index, places in packing.groups:
             b, T = index.shape
-            q, k, v = qkv[index].view(b, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)  # each (b, nh, T, hs)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, nh, T, hs)
-            outputs.append(y.transpose(1, 2).reshape(b * T, C)[places])
+            outputs.append(self.attend(qkv[index]).view(b * T, -1)[places])
         y = torch.cat(outputs)[packing.ungroup if keep is None else packing.ungroup[keep]]
         return self.c_proj(y)
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(b, T, 3C) fused q, k, v of right-padded rows -> (b, T, C) causal attention output."""
+        b, T, C = qkv.size(0), qkv.size(1), qkv.size(2) // 3
+        q, k, v = qkv.view(b, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # each (b, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, nh, T, hs)
+        return y.transpose(1, 2).reshape(b, T, C)
 
 
 class MLP(nn.Module):
@@ -154,8 +161,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, packing: Packing, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, C) packed tokens -> (N, C); given keep, only those tokens' outputs: (len(keep), C)."""
+    def forward(self, x: torch.Tensor, packing: Packing | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C) packed tokens -> (N, C); given keep, only those tokens' outputs: (len(keep), C). Without a
+        packing, a whole (B, T, C) right-padded batch -> (B, T, C)."""
         residual = x if keep is None else x[keep]
         x = residual + self.attn(self.ln_1(x), packing, keep)
         return x + self.mlp(self.ln_2(x))
@@ -225,6 +233,18 @@ class GPTClassifier(nn.Module):
         """(B, T) right-padded token ids and (B,) real lengths -> (B, n_labels) logits."""
         packing = Packing(lengths, idx.device)
         return self.suffix(self.prefix(idx, packing, 0), packing, 0)
+
+    def forward_padded(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """forward's logits computed on the whole padded batch: (B, T) right-padded token ids and (B,) real
+        lengths -> (B, n_labels). More work than forward (the padding is computed, then never read: attention is
+        causal), but no shape depends on the data, so torch.export traces it with dynamic batch and sequence
+        axes (the ONNX export, training.export)."""
+        T = idx.size(1)
+        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, None)
+        last = x[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, C)
+        return self.score(self.transformer.ln_f(last))
 
 
 # --- Importing OpenAI's GPT-2 weights in the Hugging Face layout ---------------------------------

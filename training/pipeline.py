@@ -45,6 +45,7 @@ from training.device import resolve_device
 from training.distributed import Group, process_group
 from training.evaluate import evaluation_report, predict, split_metrics, summary, write_report
 from training.finetune import Examples, TrainState, train
+from training.hf_base import base_classifier
 from training.inference import Threshold
 from training.model import GPTClassifier, GPTConfig, pretrained_classifier
 from training.resume import STATE_FILE, load_state, save_state, state_dir
@@ -90,8 +91,7 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     split = stratified_split(prepared, config.train.seed)
     label_names = prepared.label_names()
     print(data_summary_line(data.data, source, dropped, prepared, split, config.balance))
-    model_config = GPTConfig.from_preset(base.preset, vocab_size=enc.n_vocab, n_labels=len(label_names))
-    model = base_model(base, model_config, config.train.seed)
+    model = base_model(base, len(label_names), enc.n_vocab, config.train.seed)
     train_data, val_data, test_data = (
         encode(enc, getattr(split, name), label_names, base.max_tokens) for name in SPLITS
     )
@@ -108,7 +108,7 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         labels=tuple(label_names),
         max_tokens=base.max_tokens,
         threshold=report["threshold"],
-        base_model=base.preset if base.init == "pretrained" else f"{base.preset} (random init)",
+        base_model=(base.base or base.preset) + ("" if base.init == "pretrained" else " (random init)"),
         metrics={**summary(report), "best_epoch": history.best_epoch},
         training=config,
         data=DataSummary(
@@ -181,9 +181,22 @@ def data_summary_line(
     )
 
 
-def base_model(base: BaseModelConfig, config: GPTConfig, seed: int) -> GPTClassifier:
-    """The classifier before fine-tuning: OpenAI's weights (or base.weights) with a seeded head, or all random."""
+def base_model(base: BaseModelConfig, n_labels: int, vocab_size: int, seed: int) -> GPTClassifier:
+    """The classifier before fine-tuning, sized by base.base's config.json or by the preset: its base's weights
+    (OpenAI's, base.weights or base.base's) with a seeded head, or all random.
+
+    Raises training.model.WeightsError when the base cannot be had or does not fit; ValueError for a max_tokens
+    beyond the base's positions.
+    """
     torch.manual_seed(seed)  # the head (and everything, with init random) starts from the seed
+    if base.base is not None:
+        model = base_classifier(base.base, n_labels, vocab_size, pretrained=base.init == "pretrained")
+        if base.max_tokens > model.config.block_size:
+            raise ValueError(
+                f"max_tokens must lie in 1..{model.config.block_size} for base {base.base!r}, got {base.max_tokens!r}"
+            )
+        return model
+    config = GPTConfig.from_preset(base.preset, vocab_size=vocab_size, n_labels=n_labels)
     if base.init == "random":
         return GPTClassifier(config)
     return pretrained_classifier(config, base.preset, source=base.weights)

@@ -38,7 +38,14 @@ def load_tokenizer(directory: str | Path, expected_sha256: dict[str, str] | None
         if hashes.get(name) != expected:
             raise TokenizerError(f"{directory / name}: sha256 {hashes.get(name)} does not match expected {expected}")
     try:
-        ranks = data_gym_to_mergeable_bpe_ranks(str(directory / "vocab.bpe"), str(directory / "encoder.json"))
+        # tiktoken caches what it reads under a key made from the path alone (in $TMPDIR/data-gym-cache): without
+        # the hashes, files replaced at a path it read before would be served from the stale copy
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            str(directory / "vocab.bpe"),
+            str(directory / "encoder.json"),
+            vocab_bpe_hash=hashes["vocab.bpe"],
+            encoder_json_hash=hashes["encoder.json"],
+        )
     except Exception as exc:
         raise TokenizerError(f"{directory}: not a GPT-2 BPE vocabulary ({type(exc).__name__}: {exc})") from exc
     return tiktoken.Encoding(

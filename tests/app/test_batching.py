@@ -41,11 +41,11 @@ async def serve_app(app):
 
 
 class BlockedEngine:
-    """Engine.predict held until released, recording every batch of token ids it was given."""
+    """Engine.predict_logits (the batcher's seam) held until released, recording every batch of token ids."""
 
     def __init__(self, monkeypatch):
         self.entered, self.release, self.batches = threading.Event(), threading.Event(), []
-        predict = Engine.predict
+        predict = Engine.predict_logits
 
         def blocked_predict(engine, rows):
             self.batches.append(rows)
@@ -53,7 +53,7 @@ class BlockedEngine:
             assert self.release.wait(timeout=10), "test never released the engine"
             return predict(engine, rows)
 
-        monkeypatch.setattr(Engine, "predict", blocked_predict)
+        monkeypatch.setattr(Engine, "predict_logits", blocked_predict)
 
     async def wait_entered(self):
         assert await asyncio.to_thread(self.entered.wait, 10)
@@ -107,13 +107,13 @@ def test_batched_results_equal_each_text_alone(tiny_checkpoint):
 
 
 def test_the_model_runs_on_one_thread_from_warm_up_to_every_batch(tiny_checkpoint, monkeypatch):
-    threads, predict = [], app.engine.predict_probabilities
+    threads, predict = [], app.engine.predict_logits
 
     def recording_predict(*args):
         threads.append(threading.current_thread().name)
         return predict(*args)
 
-    monkeypatch.setattr(app.engine, "predict_probabilities", recording_predict)
+    monkeypatch.setattr(app.engine, "predict_logits", recording_predict)
     settings = tiny_settings(tiny_checkpoint, max_batch_size=2, max_wait_ms=0)
 
     async def main():
@@ -414,7 +414,7 @@ def test_a_client_that_disconnects_while_waiting_has_its_texts_dropped(tiny_chec
 
 
 def test_a_failing_model_is_a_500_for_its_batch_only(tiny_checkpoint, monkeypatch):
-    predict = Engine.predict
+    predict = Engine.predict_logits
     failures = iter([True])
 
     def flaky_predict(engine, rows):
@@ -422,7 +422,7 @@ def test_a_failing_model_is_a_500_for_its_batch_only(tiny_checkpoint, monkeypatc
             raise RuntimeError("CUDA out of memory (simulated)")
         return predict(engine, rows)
 
-    monkeypatch.setattr(Engine, "predict", flaky_predict)
+    monkeypatch.setattr(Engine, "predict_logits", flaky_predict)
     with TestClient(create_app(tiny_settings(tiny_checkpoint)), raise_server_exceptions=False) as client:
         failed = client.post("/classify", json={"texts": ["a"]})
         served = client.post("/classify", json={"texts": ["a"]})

@@ -108,6 +108,14 @@ def test_prefix_then_suffix_equals_forward_at_every_split(model, tiny_config):
             assert_close(model.suffix(model.prefix(idx, packing, k), packing, k), full)
 
 
+def test_forward_padded_computes_the_padding_and_gives_the_same_logits(model):
+    rows = [[3] * 40, [9], [4, 5], [6] * 41, [7] * 60, [8, 8, 8]]
+    for pad_id in (0, 7):  # the padding is computed, so its values must not matter either
+        idx, lengths = pad_right(rows, pad_id)
+        with torch.no_grad():
+            assert_close(model.forward_padded(idx, lengths), model(idx, lengths))
+
+
 def test_forward_refuses_sequences_longer_than_the_block(model, tiny_config):
     idx = torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long)
     with pytest.raises(ValueError, match=rf"sequence of {tiny_config.block_size + 1} tokens exceeds block_size"):

@@ -2,6 +2,7 @@ import shutil
 
 import pytest
 
+from tests.helpers import make_bpe_files
 from training.data import load_sms_spam
 from training.tokenizer import (
     ENDOFTEXT,
@@ -94,3 +95,17 @@ def test_real_gpt2_matches_an_independent_bpe(gpt2, shared_data):
     texts = load_sms_spam(shared_data / "sms-spam-collection" / "SMSSpamCollection").texts
     texts += [ENDOFTEXT, "a  b   c\n\n d  ", "I'm here, you'll see it's OK", "tab\there", "   ", "\n", "😀"]
     assert [gpt2.encode_ordinary(text) for text in texts] == [e.ids for e in reference.encode_batch(texts)]
+
+
+def test_files_replaced_at_the_same_path_are_read_again(tmp_path, monkeypatch):
+    # tiktoken caches local files by path; the second load must see the new merges, not the first load's copy
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
+    directory = make_bpe_files(tmp_path / "bpe", merges=["h e"])
+    assert load_tokenizer(directory).n_vocab == 256 + 1 + 1
+    make_bpe_files(directory, merges=["h e", "l l", "o n"])
+    reloaded = load_tokenizer(directory)
+    assert reloaded.n_vocab == 256 + 3 + 1
+    assert reloaded.encode_ordinary("hell") == [
+        reloaded.encode_single_token(b"he"),
+        reloaded.encode_single_token(b"ll"),
+    ]

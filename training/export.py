@@ -279,4 +279,6 @@ def export(config: ExportConfig) -> Path:
     out = Path(config.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {str(out)!r} is not an empty directory; refusing to write into it")
-    return FORMATS[config.format](config.checkpoint, out)
+    written = FORMATS[config.format](config.checkpoint, out)
+    print(f"{config.checkpoint} exported as {config.format} to {written}")
+    return written

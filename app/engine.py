@@ -76,8 +76,7 @@ class Engine:
         model that cannot run on this device fails at startup rather than on a request."""
         longest = [[self.checkpoint.tokenizer.eot_token] * self.card.max_tokens]
         # not self.predict_logits: that is the batches' seam
-        probs = probabilities(predict_logits(self.checkpoint.model, longest))
-        if nonfinite_rows(probs):
+        if nonfinite_rows(predict_logits(self.checkpoint.model, longest)):
             raise RuntimeError(f"warm-up forward on {self.device} ({self.dtype}) gave non-finite logits")
 
 

@@ -81,7 +81,8 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     data = config.data
     source = load_dataset(data.data, config.cache_dir, data.text_column, data.label_column)
     unique, dropped = deduplicate_counted(source)
-    if config.skip_existing and matching_checkpoint(out, config, fingerprint(source), dropped):
+    source_fingerprint = fingerprint(source)  # a sha256 over every row: computed once, compared and recorded
+    if config.skip_existing and matching_checkpoint(out, config, source_fingerprint, dropped):
         print(f"skip: {out} already holds a checkpoint trained with these arguments on this data")
         return out
     base = config.base
@@ -95,7 +96,7 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     train_data, val_data, test_data = (
         encode(enc, getattr(split, name), label_names, base.max_tokens) for name in SPLITS
     )
-    history = train(model, train_data, val_data, config.train, **resume_options(config, fingerprint(source), group))
+    history = train(model, train_data, val_data, config.train, **resume_options(config, source_fingerprint, group))
     if not group.is_main:
         group.barrier()  # rank 0 evaluates and exports
         return out
@@ -113,7 +114,7 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         training=config,
         data=DataSummary(
             source=data.data,
-            fingerprint=fingerprint(source),
+            fingerprint=source_fingerprint,
             rows_after_dedup_and_balance=len(prepared.texts),
             split={name: len(getattr(split, name).texts) for name in SPLITS},
             duplicates_dropped=asdict(dropped),

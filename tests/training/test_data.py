@@ -311,9 +311,10 @@ def test_sms_comes_from_the_package_without_the_network(no_network):
 
 
 def test_the_packaged_sms_is_the_shared_file(shared_data):
-    assert gzip.decompress(data.PACKAGED_SMS.read_bytes()) == (
-        shared_data / "sms-spam-collection" / "SMSSpamCollection"
-    ).read_bytes()
+    assert (
+        gzip.decompress(data.PACKAGED_SMS.read_bytes())
+        == (shared_data / "sms-spam-collection" / "SMSSpamCollection").read_bytes()
+    )
 
 
 @pytest.mark.parametrize(

@@ -29,11 +29,11 @@ FROM python:${PYTHON_VERSION}-slim-bookworm
 RUN useradd --create-home --uid 10001 spamgpt \
     && mkdir -p /models /cache && chown spamgpt:spamgpt /models /cache
 COPY --from=build /opt/venv /opt/venv
-# The API reads its checkpoint from the models volume; the trainer caches downloads in the cache volume.
+# The API reads its checkpoint from the models volume; the trainer caches GPT-2's weights in the cache volume (the
+# SMS data and the tokenizer are inside the training package).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     SPAMGPT_CHECKPOINT_DIR=/models/spamgpt \
-    SPAMGPT_CACHE=/cache \
     HF_HOME=/cache/huggingface
 USER spamgpt
 WORKDIR /home/spamgpt

@@ -4,7 +4,8 @@
 #
 #   ./run.sh                                   fine-tune pretrained GPT-2 (downloaded once), then serve
 #   SPAMGPT_INIT=random ./run.sh               random initial weights, where GPT-2's cannot be downloaded
-#                                              (add SPAMGPT_TRAINABLE=all: random blocks are poor frozen features)
+#                                              (add SPAMGPT_TRAINABLE=all: random blocks are poor frozen features);
+#                                              no network needed once .venv is installed: the data is packaged
 #   ./run.sh --data my.csv --trainable all     extra arguments go to `python -m training finetune`
 #
 # Environment, as in docker-compose.yml: SPAMGPT_INIT (pretrained | random), SPAMGPT_TRAINABLE (last-blocks | all

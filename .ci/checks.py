@@ -1,7 +1,8 @@
 """CI checks that need Python: `compose` (docker-compose*.yml read statically, no Docker daemon needed),
-`serve CHECKPOINT` (the Dockerfile's own CMD over real HTTP, then SIGTERM) and `deploy` (every kustomize overlay
-rendered and validated offline). Files are read from the repository this script sits in, so `serve` also runs
-from elsewhere, against an installed spamgpt."""
+`serve CHECKPOINT` (the Dockerfile's own CMD over real HTTP, then SIGTERM), `run-sh CHECKPOINT` (./run.sh trains
+the tiny preset on the packaged data and serves, over real HTTP, then SIGTERM) and `deploy` (every kustomize
+overlay rendered and validated offline). Files are read from the repository this script sits in, so `serve` also
+runs from elsewhere, against an installed spamgpt."""
 
 import json
 import os
@@ -187,7 +188,7 @@ def request(url: str, body: dict | None = None) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
+def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert server.poll() is None, f"server exited with {server.returncode} before /health answered 200"
@@ -204,11 +205,34 @@ def check_serve(checkpoint: str) -> None:
     cmd = dockerfile_cmd()
     port = free_port()
     argv = with_option(with_option(cmd, "--host", "127.0.0.1"), "--port", str(port))
-    env = {**os.environ, "SPAMGPT_CHECKPOINT_DIR": checkpoint}
+    serve_and_classify(argv, {"SPAMGPT_CHECKPOINT_DIR": checkpoint}, port, ready_s=120)
+    print(f"serve: ok ({' '.join(cmd[:3])}... on 127.0.0.1:{port}: /health 200, /classify 200, clean exit on SIGTERM)")
+
+
+def check_run_sh(checkpoint: str) -> None:
+    """./run.sh as a user starts it, from random weights with every parameter trained (the tiny preset, one epoch,
+    the packaged SMS data), then serving what it trained with the Dockerfile's CMD."""
+    port = free_port()
+    env = {
+        "SPAMGPT_INIT": "random",
+        "SPAMGPT_TRAINABLE": "all",
+        "SPAMGPT_PRESET": "tiny",
+        "SPAMGPT_EPOCHS": "1",
+        "SPAMGPT_CHECKPOINT_DIR": checkpoint,
+        "SPAMGPT_PORT": str(port),
+    }
+    serve_and_classify([str(ROOT / "run.sh"), "--max-tokens", "64"], env, port, ready_s=900)  # training included
+    print(f"run.sh: ok (tiny preset trained on the packaged data into {checkpoint}, served on 127.0.0.1:{port})")
+
+
+def serve_and_classify(argv: list[str], env: dict[str, str], port: int, ready_s: float) -> None:
+    """Start `argv` (a server on 127.0.0.1:`port`, with `env` added to this environment), wait up to `ready_s` for
+    /health 200, classify, stop it with SIGTERM; on failure print its output."""
     with tempfile.TemporaryFile("w+") as log:
-        server = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+        server = subprocess.Popen(argv, env=os.environ | env, stdout=log, stderr=log)
         try:
-            classify_then_stop(f"http://127.0.0.1:{port}", server, grace=float(option(cmd, GRACE_OPTION)), log=log)
+            wait_healthy(f"http://127.0.0.1:{port}", server, ready_s)
+            classify_then_stop(f"http://127.0.0.1:{port}", server, float(option(dockerfile_cmd(), GRACE_OPTION)), log)
         except BaseException:
             log.seek(0)
             print(log.read(), file=sys.stderr)  # the server's own account of what went wrong
@@ -216,11 +240,9 @@ def check_serve(checkpoint: str) -> None:
         finally:
             if server.poll() is None:
                 server.kill()
-    print(f"serve: ok ({' '.join(cmd[:3])}... on 127.0.0.1:{port}: /health 200, /classify 200, clean exit on SIGTERM)")
 
 
 def classify_then_stop(url: str, server: subprocess.Popen, grace: float, log) -> None:
-    wait_healthy(url, server)
     texts = ["WINNER!! Claim your free prize now", "See you at 5?", "<|endoftext|>"]
     status, body = request(url + "/classify", {"texts": texts})
     assert status == 200, (status, body)
@@ -240,7 +262,9 @@ if __name__ == "__main__":
             check_compose()
         case ["serve", checkpoint]:
             check_serve(checkpoint)
+        case ["run-sh", checkpoint]:
+            check_run_sh(checkpoint)
         case ["deploy"]:
             check_deploy()
         case _:
-            sys.exit(f"usage: {sys.argv[0]} compose | serve CHECKPOINT | deploy")
+            sys.exit(f"usage: {sys.argv[0]} compose | serve CHECKPOINT | run-sh CHECKPOINT | deploy")

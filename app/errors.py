@@ -8,6 +8,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from app.schemas import UNION_TAGS
+
 
 class ErrorDetail(BaseModel):
     field: str  # dotted path into the request, e.g. "texts.2"; "body" for the request as a whole
@@ -113,8 +115,17 @@ def error_responses(*errors: type[APIError]) -> dict[int, dict]:
 
 
 def _field(loc: tuple) -> str:
+    """The dotted path of an error's location in the user's JSON: "inputs.2", not pydantic's
+    ("body", "inputs", "texts", 2), whose union tag (app.schemas.UNION_TAGS) no JSON key matches."""
     parts = loc[1:] if loc and loc[0] == "body" else loc
-    return ".".join(str(p) for p in parts) or "body"
+    user_path = [p for i, p in enumerate(parts) if not (i and p in UNION_TAGS.get(parts[i - 1], ()))]
+    return ".".join(str(p) for p in user_path) or "body"
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A value as an error message quotes it, shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def validation_details(exc: RequestValidationError) -> list[ErrorDetail]:
@@ -126,7 +137,9 @@ def validation_details(exc: RequestValidationError) -> list[ErrorDetail]:
             details.append(ErrorDetail(field="body", message=message))
             continue
         if err["type"] == "too_long":  # more items than the request model allows, e.g. "300 texts, at most 256"
-            message = f"{err['ctx']['actual_length']} {err['loc'][-1]}, at most {err['ctx']['max_length']}"
+            message = f"{err['ctx']['actual_length']} {_field(err['loc'])}, at most {err['ctx']['max_length']}"
+        elif err["type"] == "literal_error":  # the values allowed and the one given: "must be 'Right', got 'Left'"
+            message = f"must be {err['ctx']['expected']}, got {_shown(err['input'])}"
         elif err["type"] not in (
             "missing",
             "extra_forbidden",

@@ -1,6 +1,7 @@
 """The app factory: `uvicorn app.main:create_app --factory`. Settings come from SPAMGPT_* unless given."""
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app.body_limit import BodySizeLimit
 from app.errors import install_error_handlers
@@ -12,7 +13,9 @@ from app.settings import Settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    app = FastAPI(title="spamgpt", summary="GPT-2 spam classifier", lifespan=lifespan)
+    # /docs (Swagger UI) and /redoc load their scripts, styles and icon from this app (fastapi-offline's copies,
+    # under /static-offline-docs), not from a CDN: the pages work with no network
+    app = FastAPIOffline(title="spamgpt", summary="GPT-2 spam classifier", lifespan=lifespan)
     app.state.service = service = Service(settings or Settings())
     install_error_handlers(app)
     s = service.settings

@@ -133,16 +133,24 @@ def classify_router(settings: Settings) -> APIRouter:
     return routes
 
 
-async def score_texts(
-    texts: list[str], service: Service, request: Request, field: str = "texts", refuse_truncation: bool = False
-) -> tuple[list[list[int]], list[bool], torch.Tensor]:
-    """Validated `texts` -> their token ids, whether each was truncated, and (N, n_labels) float32 logits: the
-    one path from a request's texts to the model, shared by /classify and the TEI-compatible routes.
+def text_paths(field: str, inputs: str | list[str]) -> list[str]:
+    """Where each text sits in the request, as errors name it: `field` for one string, `field`.index in a list."""
+    return [field] if isinstance(inputs, str) else [f"{field}.{i}" for i in range(len(inputs))]
 
-    Errors name texts as `field`.index. Raises InvalidInput naming each text over max_tokens when
-    refuse_truncation (TEI's `truncate: false`); ModelError naming each text the model gave non-finite logits
-    for; the batcher's Overloaded and DeadlineExceeded; ClientClosedRequest when the client leaves while waiting.
+
+async def score_texts(
+    inputs: str | list[str], service: Service, request: Request, field: str = "texts", refuse_truncation: bool = False
+) -> tuple[list[list[int]], list[bool], torch.Tensor]:
+    """Validated `inputs` (one text or a list) -> each text's token ids, whether it was truncated, and
+    (N, n_labels) float32 logits: the one path from a request's texts to the model, shared by /classify and the
+    TEI-compatible routes.
+
+    Errors name texts by their place in the request's `field` (text_paths). Raises InvalidInput naming each text
+    over max_tokens when refuse_truncation (TEI's `truncate: false`); ModelError naming each text the model gave
+    non-finite logits for; the batcher's Overloaded and DeadlineExceeded; ClientClosedRequest when the client
+    leaves while waiting.
     """
+    texts, paths = [inputs] if isinstance(inputs, str) else inputs, text_paths(field, inputs)
     # Tokenized here, once, in a thread (tiktoken releases the GIL): requests tokenize in parallel while the
     # model runs, and the batcher needs token counts to keep batches within max_batch_tokens.
     rows, truncated = await asyncio.to_thread(service.tokenize, texts)
@@ -150,13 +158,13 @@ async def score_texts(
         limit = service.engine.card.max_tokens
         raise InvalidInput.of(
             [
-                ErrorDetail(field=f"{field}.{i}", message=f"longer than max_tokens {limit}; send truncate: true")
-                for i, cut in enumerate(truncated)
+                ErrorDetail(field=path, message=f"longer than max_tokens {limit}; send truncate: true")
+                for path, cut in zip(paths, truncated, strict=True)
                 if cut
             ]
         )
     logits = torch.stack(await unless_client_leaves(request.receive, service.batcher.submit(rows)))
-    refuse_nonfinite(logits, service, field)
+    refuse_nonfinite(logits, service, paths)
     return rows, truncated, logits
 
 
@@ -173,16 +181,17 @@ async def classify_texts(texts: list[str], service: Service, request: Request) -
     return {"model": service.model_name, "results": results}
 
 
-def refuse_nonfinite(logits: torch.Tensor, service: Service, field: str) -> None:
-    """Raises ModelError naming each text (`field`.index) whose row of (N, n_labels) logits is not finite, and
-    counts those texts in spamgpt_model_errors_total; the request's other texts are not answered either."""
+def refuse_nonfinite(logits: torch.Tensor, service: Service, paths: list[str]) -> None:
+    """Raises ModelError naming each text (by its path in the request, one per row) whose row of (N, n_labels)
+    logits is not finite, and counts those texts in spamgpt_model_errors_total; the request's other texts are not
+    answered either."""
     bad = nonfinite_rows(logits)
     if not bad:
         return
     service.metrics.model_errors.labels(cause="non_finite_logits").inc(len(bad))
     cause = "the model gave non-finite logits (NaN or inf): a fault of the model, not of the text"
-    details = [ErrorDetail(field=f"{field}.{i}", message=cause) for i in bad]
-    raise ModelError(f"{field} {', '.join(map(str, bad))}: {cause}", details)
+    details = [ErrorDetail(field=paths[i], message=cause) for i in bad]
+    raise ModelError(f"{', '.join(paths[i] for i in bad)}: {cause}", details)
 
 
 # --- text-embeddings-inference and the Hugging Face Inference API ---------------------------------------
@@ -206,8 +215,7 @@ def tei_router(settings: Settings) -> APIRouter:
         """text-embeddings-inference's /predict: every label with its score, highest first; for one string a
         list of them, for a list of strings a list of such lists, in input order. Scores are probabilities, or
         the logits with raw_scores. A text over max_tokens is refused (422) unless truncate is true."""
-        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-        _, _, logits = await score_texts(texts, service, request, "inputs", refuse_truncation=not body.truncate)
+        _, _, logits = await score_texts(body.inputs, service, request, "inputs", refuse_truncation=not body.truncate)
         scores = logits if body.raw_scores else probabilities(logits)
         ranked = ranked_labels(scores, service.engine.card.labels)
         return ranked[0] if isinstance(body.inputs, str) else ranked
@@ -223,8 +231,7 @@ def tei_router(settings: Settings) -> APIRouter:
         posts it to a server's root: `{"inputs": text or texts, "parameters": {"top_k", "function_to_apply"}}`
         -> one list of `{label, score}` per text, highest first (a list holding one list for one string: the
         client reads the first list). Texts over max_tokens are truncated, as /classify does."""
-        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-        _, _, logits = await score_texts(texts, service, request, "inputs")
+        _, _, logits = await score_texts(body.inputs, service, request, "inputs")
         parameters = body.parameters
         scores = {
             "softmax": probabilities,

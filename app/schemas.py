@@ -47,14 +47,26 @@ def classify_request_model(settings: Settings) -> type[BaseModel]:
     return create_model("ClassifyRequest", __config__=ConfigDict(extra="forbid"), texts=(list[text], texts))
 
 
+# The tags of each tagged union in a request body, by the field that holds it: pydantic writes the member it chose
+# into an error's location ("inputs", "texts", 2) where the user's JSON has no such key; app.errors leaves it out.
+UNION_TAGS = {"inputs": ("text", "texts")}
+
+
+def _one_or_many(value) -> str | None:
+    """The member of `inputs` that a JSON value is read as: its type decides, so an error names one reading."""
+    return "text" if isinstance(value, str) else "texts" if isinstance(value, list) else None
+
+
 def _inputs_field(settings: Settings) -> tuple:
     """`inputs`: one text, or a list of 1..max_texts_per_request texts, each bounded as /classify's are."""
     text = bounded_text(settings.max_text_chars)
     texts = Annotated[list[text], Field(min_length=1, max_length=settings.max_texts_per_request)]
-    # Chosen by the JSON type, so an error names one reading ("inputs.texts.2"), not both union members
-    one_or_many = Discriminator(lambda value: "text" if isinstance(value, str) else "texts")
+    one_or_many = Discriminator(
+        _one_or_many, custom_error_type="text_or_texts", custom_error_message="must be a string or a list of strings"
+    )
+    text_tag, texts_tag = UNION_TAGS["inputs"]
     return (
-        Annotated[Annotated[text, Tag("text")] | Annotated[texts, Tag("texts")], one_or_many],
+        Annotated[Annotated[text, Tag(text_tag)] | Annotated[texts, Tag(texts_tag)], one_or_many],
         Field(description="One text, or a list of texts (see /info for the limits)", examples=["See you at 5?"]),
     )
 

@@ -1,5 +1,6 @@
 """Shared fixtures: a GPT-2-format BPE tokenizer and a tiny random checkpoint, both made here, offline."""
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,16 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "sms-spam-collection" / "SMSSpamCollection").is_file():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to resolve a name or open a connection fails, as on a machine with no network."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted in a test that must run offline")
+
+    for name in ("getaddrinfo", "create_connection"):
+        monkeypatch.setattr(socket, name, refuse)
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refuse)

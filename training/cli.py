@@ -11,7 +11,6 @@ from dataclasses import MISSING
 
 from training.checkpoint import CheckpointError
 from training.config import EvaluateConfig, ExportConfig, FinetuneConfig, PredictConfig, from_flat, option_fields
-from training.download import DownloadError
 from training.export import export
 from training.inference import NonFiniteLogits
 from training.model import WeightsError
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except WeightsError as exc:
         print(f"error: could not get the base GPT-2 weights: {exc}\n{WEIGHTS_HELP}", file=sys.stderr)
         return 2
-    except (CheckpointError, DownloadError, NonFiniteLogits, TokenizerError, ValueError, OSError, ImportError) as exc:
+    except (CheckpointError, NonFiniteLogits, TokenizerError, ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

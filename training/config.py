@@ -9,7 +9,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from training.data import DEFAULT_CACHE, SPLITS
+from training.data import SPLITS
 from training.device import DEVICE_HELP, resolve_device
 from training.model import PRESETS, GPTConfig
 from training.precision import DTYPE_HELP, DTYPES, check_precision
@@ -31,7 +31,9 @@ def group(title: str) -> dict:
 class DataConfig:
     """Which labelled texts: "sms" or a file, and the columns of a table."""
 
-    data: str = opt("sms", '"sms" (the UCI SMS Spam Collection, downloaded) or a SMSSpamCollection, .csv, .tsv, .jsonl')
+    data: str = opt(
+        "sms", '"sms" (the UCI SMS Spam Collection, packaged with spamgpt) or a SMSSpamCollection, .csv, .tsv, .jsonl'
+    )
     text_column: str = opt("text", "column of the texts in a .csv / .tsv / .jsonl")
     label_column: str = opt("label", "column of the labels in a .csv / .tsv / .jsonl")
 
@@ -49,7 +51,9 @@ class BaseModelConfig:
     )
     init: str = opt("pretrained", "start from OpenAI's GPT-2 weights, or from random weights", ("pretrained", "random"))
     weights: str | None = opt(None, "local GPT-2 model.safetensors (or its directory) instead of downloading")
-    tokenizer_dir: str | None = opt(None, "directory with GPT-2's vocab.bpe and encoder.json instead of downloading")
+    tokenizer_dir: str | None = opt(
+        None, "directory with GPT-2's vocab.bpe and encoder.json instead of the copy packaged with spamgpt"
+    )
     max_tokens: int = opt(256, "texts are truncated to this many tokens, in training and in serving")
 
     def __post_init__(self):
@@ -114,7 +118,6 @@ class FinetuneConfig:
     base: BaseModelConfig = field(default_factory=BaseModelConfig, metadata=group("base model"))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=group("training"))
     balance: bool = opt(True, "undersample every label to the rarest label's count, as the reference does")
-    cache_dir: str = opt(str(DEFAULT_CACHE), "where downloads are kept (env SPAMGPT_CACHE)")
     out: str = opt("checkpoints/spamgpt", "checkpoint directory to write (replaced whole at the end)")
     skip_existing: bool = opt(False, "exit at once when --out holds a checkpoint of these arguments and data")
     resume: bool = opt(
@@ -134,7 +137,6 @@ class EvaluateConfig:
     split: str = opt(
         "all", "all rows, or only those of one of the checkpoint's splits (report/split.json)", ("all", *SPLITS)
     )
-    cache_dir: str = opt(str(DEFAULT_CACHE), "where downloads are kept (env SPAMGPT_CACHE)")
     device: str = opt("auto", DEVICE_HELP)
     out: str | None = opt(None, "also write the metrics to this JSON file")
 

@@ -49,11 +49,11 @@ from training.hf_base import base_classifier
 from training.inference import Threshold
 from training.model import GPTClassifier, GPTConfig, pretrained_classifier
 from training.resume import STATE_FILE, load_state, save_state, state_dir
-from training.tokenizer import encode_batch, fetch_gpt2_bpe, load_tokenizer
+from training.tokenizer import encode_batch, load_gpt2_bpe
 
 # Arguments that change where or how fast a run happens, not what it produces: skip_existing and resume ignore them.
 # The data is compared by content (its fingerprint), not by the path or name that found it.
-NOT_COMPARED = ("out", "device", "skip_existing", "cache_dir", "cache_prefix", "resume", "save_state", "data")
+NOT_COMPARED = ("out", "device", "skip_existing", "cache_prefix", "resume", "save_state", "data")
 PATHS = ("weights", "tokenizer_dir")  # compared as the files they name, wherever the run started
 
 
@@ -68,7 +68,7 @@ def finetune(config: FinetuneConfig) -> Path:
 
     Raises ValueError for an `out` that holds files but no checkpoint, or data that cannot be split;
     training.resume.ResumeError (a ValueError) for `resume` with state saved by other arguments or data;
-    training.model.WeightsError when the base weights cannot be had; DownloadError, TokenizerError, OSError.
+    training.model.WeightsError when the base weights cannot be had; TokenizerError, OSError.
     """
     with process_group(config.train.device) as group:
         return _finetune(config, group)
@@ -79,15 +79,14 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / CONFIG_FILE).is_file():
         raise ValueError(f"--out {str(out)!r} holds files but no checkpoint; refusing to replace it")
     data = config.data
-    source = load_dataset(data.data, config.cache_dir, data.text_column, data.label_column)
+    source = load_dataset(data.data, data.text_column, data.label_column)
     unique, dropped = deduplicate_counted(source)
     source_fingerprint = fingerprint(source)  # a sha256 over every row: computed once, compared and recorded
     if config.skip_existing and matching_checkpoint(out, config, source_fingerprint, dropped):
         print(f"skip: {out} already holds a checkpoint trained with these arguments on this data")
         return out
     base = config.base
-    tokenizer_dir = Path(base.tokenizer_dir) if base.tokenizer_dir else fetch_gpt2_bpe(config.cache_dir)
-    enc = load_tokenizer(tokenizer_dir)
+    tokenizer_dir, enc = load_gpt2_bpe(base.tokenizer_dir)
     prepared = balance(unique, config.train.seed) if config.balance else unique
     split = stratified_split(prepared, config.train.seed)
     label_names = prepared.label_names()
@@ -262,7 +261,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     """
     checkpoint = load_checkpoint(config.checkpoint, device=resolve_device(config.device))
     card, data = checkpoint.card, config.data
-    ds = deduplicate(load_dataset(data.data, config.cache_dir, data.text_column, data.label_column))
+    ds = deduplicate(load_dataset(data.data, data.text_column, data.label_column))
     if config.split != "all":
         rows_given = len(ds.texts)
         ds = select_split(ds, checkpoint.path / SPLIT_FILE, config.split)

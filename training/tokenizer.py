@@ -1,15 +1,16 @@
-"""GPT-2's byte-pair encoding through tiktoken, loaded from local files so serving never needs a network."""
+"""GPT-2's byte-pair encoding through tiktoken, loaded from local files (a checkpoint's, or the copy packaged with
+spamgpt) so neither training nor serving needs a network."""
 
+import hashlib
 from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-from training.download import download, sha256_file
-
 BPE_FILES = ("vocab.bpe", "encoder.json")
-# The files OpenAI published with GPT-2, as tiktoken's own "gpt2" encoding checks them.
-GPT2_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{}"
+# The files OpenAI published with GPT-2 (MIT; credits in training/assets/README.md), packaged with spamgpt, and
+# their hashes as tiktoken's own "gpt2" encoding checks them.
+PACKAGED_BPE_DIR = Path(__file__).parent / "assets" / "gpt2-bpe"
 GPT2_BPE_SHA256 = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
@@ -23,7 +24,17 @@ class TokenizerError(RuntimeError):
     """Tokenizer files missing, altered or malformed."""
 
 
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def bpe_hashes(directory: Path) -> dict[str, str]:
+    """{file name: sha256} of `directory`'s BPE_FILES; TokenizerError naming the first one missing."""
     missing = [name for name in BPE_FILES if not (directory / name).is_file()]
     if missing:
         raise TokenizerError(f"{directory / missing[0]}: tokenizer file missing")
@@ -53,12 +64,13 @@ def load_tokenizer(directory: str | Path, expected_sha256: dict[str, str] | None
     )
 
 
-def fetch_gpt2_bpe(cache_dir: str | Path) -> Path:
-    """GPT-2's BPE files in `cache_dir`/gpt2-bpe, downloaded (sha256 checked) unless already there."""
-    directory = Path(cache_dir) / "gpt2-bpe"
-    for name in BPE_FILES:
-        download(GPT2_BPE_URL.format(name), directory / name, GPT2_BPE_SHA256[name])
-    return directory
+def load_gpt2_bpe(directory: str | Path | None = None) -> tuple[Path, tiktoken.Encoding]:
+    """The directory of GPT-2's BPE files and their encoding: `directory` as given, or by default the copy
+    packaged with spamgpt (PACKAGED_BPE_DIR), whose files must have GPT2_BPE_SHA256: TokenizerError names the
+    file and both hashes otherwise."""
+    if directory is not None:
+        return Path(directory), load_tokenizer(directory)
+    return PACKAGED_BPE_DIR, load_tokenizer(PACKAGED_BPE_DIR, GPT2_BPE_SHA256)
 
 
 def encode_batch(enc: tiktoken.Encoding, texts: list[str], max_tokens: int) -> tuple[list[list[int]], list[bool]]:

@@ -239,7 +239,7 @@ def test_a_text_the_model_overflows_on_is_a_model_error_that_changes_no_other_te
     for response in [together[0], together[1], poisoned]:
         error = error_of(response, 500)
         assert error["type"] == "model_error"
-        assert error["message"].startswith("texts 0: the model gave non-finite logits (NaN or inf)")
+        assert error["message"].startswith("texts.0: the model gave non-finite logits (NaN or inf)")
         assert [d["field"] for d in error["details"]] == ["texts.0"]
     assert 'spamgpt_model_errors_total{cause="non_finite_logits"} 2.0' in metrics
     assert 'spamgpt_requests_total{route="/classify",status="500"} 2.0' in metrics

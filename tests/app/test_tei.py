@@ -80,24 +80,48 @@ def test_predict_refuses_a_long_text_unless_truncate(client, engine):
 
 
 @pytest.mark.parametrize(
-    "path, body, field",
+    "path, body, field, message",
     [
-        pytest.param("/predict", {"inputs": []}, "inputs.texts", id="no-texts"),
-        pytest.param("/predict", {"inputs": ""}, "inputs.text", id="empty-string"),
-        pytest.param("/predict", {"inputs": ["a", ""]}, "inputs.texts.1", id="an-empty-text"),
-        pytest.param("/predict", {"inputs": ["a"] * 9}, "inputs.texts", id="too-many-texts"),
-        pytest.param("/predict", {"inputs": [["a", "b"]]}, "inputs.texts.0", id="a-text-pair"),
-        pytest.param("/predict", {"inputs": "a", "truncation_direction": "Left"}, "truncation_direction", id="left"),
-        pytest.param("/predict", {"input": "a"}, "inputs", id="misspelt-field"),
-        pytest.param("/", {"inputs": "a", "parameters": {"top_k": 0}}, "parameters.top_k", id="top-k-0"),
-        pytest.param("/", {"inputs": "a", "parameters": {"function_to_apply": "relu"}}, "parameters.function_to_apply"),
-        pytest.param("/", {"inputs": "x" * 20001}, "inputs.text", id="too-many-characters"),
+        pytest.param("/predict", {"inputs": []}, "inputs", "at least 1 item", id="no-texts"),
+        pytest.param("/predict", {"inputs": ""}, "inputs", "must not be empty", id="empty-string"),
+        pytest.param("/predict", {"inputs": ["a", ""]}, "inputs.1", "must not be empty", id="an-empty-text"),
+        pytest.param("/predict", {"inputs": ["a"] * 9}, "inputs", "9 inputs, at most 8", id="too-many-texts"),
+        pytest.param("/predict", {"inputs": [["a", "b"]]}, "inputs.0", "valid string, got list", id="a-text-pair"),
+        pytest.param(
+            "/predict", {"inputs": 5}, "inputs", "must be a string or a list of strings, got int", id="a-number"
+        ),
+        pytest.param(
+            "/predict",
+            {"inputs": "a", "truncation_direction": "Left"},
+            "truncation_direction",
+            "must be 'Right' or 'right', got 'Left'",
+            id="left",
+        ),
+        pytest.param("/predict", {"input": "a"}, "inputs", "Field required", id="misspelt-field"),
+        pytest.param("/", {"inputs": "a", "parameters": {"top_k": 0}}, "parameters.top_k", "greater than or equal"),
+        pytest.param(
+            "/",
+            {"inputs": "a", "parameters": {"function_to_apply": "relu"}},
+            "parameters.function_to_apply",
+            "must be 'softmax', 'sigmoid' or 'none', got 'relu'",
+        ),
+        pytest.param("/", {"inputs": "x" * 20001}, "inputs", "20001 characters, at most 20000", id="too-many-chars"),
+        pytest.param("/", {"inputs": ["a", "x" * 20001]}, "inputs.1", "20001 characters", id="too-many-chars-in-list"),
     ],
 )
-def test_bad_requests_are_422_naming_the_field(client, path, body, field):
+def test_bad_requests_are_422_naming_the_field_as_the_user_wrote_it(client, path, body, field, message):
+    """Fields are the user's JSON paths ("inputs.1"), never the union member pydantic chose ("inputs.texts.1")."""
     response = client.post(path, json=body)
     assert response.status_code == 422, response.text
-    assert field in [d["field"] for d in response.json()["error"]["details"]]
+    details = response.json()["error"]["details"]
+    assert details[0]["field"] == field and message in details[0]["message"], details
+    assert not any(tag in d["field"].split(".") for d in details for tag in ("text", "texts")), details
+
+
+def test_predict_names_a_single_long_string_as_inputs(client):
+    refused = client.post("/predict", json={"inputs": LONG})
+    assert refused.status_code == 422, refused.text
+    assert [d["field"] for d in refused.json()["error"]["details"]] == ["inputs"]
 
 
 def test_root_speaks_the_inference_api_shape(client, engine):

@@ -1,16 +1,14 @@
 import csv
+import gzip
 import hashlib
-import http.client
-import io
 import json
 import re
 import sys
-import zipfile
 from collections import Counter
 
 import pytest
 
-from training import data, download
+from training import data
 from training.data import (
     Dataset,
     Duplicates,
@@ -27,7 +25,6 @@ from training.data import (
     text_id,
     visible_character_pattern,
 )
-from training.download import DownloadError
 
 # Messages that CSV quoting or a naive split would mangle: quotes, commas, tabs, a lone quote.
 SMS_ROWS = [
@@ -306,47 +303,39 @@ def test_load_sms_spam_refuses_malformed_lines(tmp_path, content, match):
         load_sms_spam(path)
 
 
-@pytest.fixture
-def sms_zip_url(tmp_path, monkeypatch):
-    """Point the downloader at a local zip (file:// URL, no network) holding `content` as SMSSpamCollection."""
-
-    def serve(content: bytes, member: str = "SMSSpamCollection", sha256: str | None = None) -> str:
-        archive = tmp_path / "served" / "sms+spam+collection.zip"
-        archive.parent.mkdir(exist_ok=True)
-        with zipfile.ZipFile(archive, "w") as zf:
-            zf.writestr(member, content)
-            zf.writestr("readme", "the UCI archive also holds a readme")
-        monkeypatch.setattr(data, "SMS_URL", archive.as_uri())
-        monkeypatch.setattr(data, "SMS_SHA256", sha256 or hashlib.sha256(content).hexdigest())
-        return archive
-
-    return serve
+def test_sms_comes_from_the_package_without_the_network(no_network):
+    ds = load_dataset("sms")
+    assert fingerprint(ds)["rows"] == 5574
+    assert Counter(ds.labels) == {"ham": 4827, "spam": 747}
+    assert deduplicate_counted(ds)[1] == Duplicates(exact=403, near=12)
 
 
-def test_load_sms_spam_downloads_extracts_and_caches(tmp_path, sms_zip_url):
-    content = write_sms(tmp_path / "source").read_bytes()
-    archive = sms_zip_url(content)
-    cache = tmp_path / "cache"
-    ds = load_dataset("sms", cache_dir=cache)
-    assert ds.texts == [text for _, text in SMS_ROWS]
-    cached = cache / "sms-spam-collection" / "SMSSpamCollection"
-    assert cached.read_bytes() == content
-    assert sorted(p.name for p in cached.parent.iterdir()) == ["SMSSpamCollection"]  # no zip, no .part left
-    archive.unlink()  # a second load must come from the cache
-    assert load_sms_spam(None, cache) == ds
+def test_the_packaged_sms_is_the_shared_file(shared_data):
+    assert (
+        gzip.decompress(data.PACKAGED_SMS.read_bytes())
+        == (shared_data / "sms-spam-collection" / "SMSSpamCollection").read_bytes()
+    )
 
 
-def test_load_sms_spam_refuses_an_extracted_file_with_the_wrong_hash(tmp_path, sms_zip_url):
-    sms_zip_url(b"ham\tok\nspam\twin\n", sha256="0" * 64)
-    with pytest.raises(DownloadError, match=r"extracted SMSSpamCollection has sha256 [0-9a-f]{64}, expected 0{64}"):
-        load_sms_spam(None, tmp_path / "cache")
-    assert not any((tmp_path / "cache" / "sms-spam-collection").iterdir())
-
-
-def test_load_sms_spam_refuses_an_archive_without_the_file(tmp_path, sms_zip_url):
-    sms_zip_url(b"ham\tok\n", member="other.txt")
-    with pytest.raises(DownloadError, match=r"no readable SMSSpamCollection in the downloaded archive"):
-        load_sms_spam(None, tmp_path / "cache")
+@pytest.mark.parametrize(
+    ("packaged", "match"),
+    [
+        pytest.param(
+            gzip.compress(b"ham\tok\nspam\twin\n"),
+            r"SMSSpamCollection\.gz: decompressed, its sha256 is 7fdfcfe9e52d[0-9a-f]{52}, "
+            r"expected 7d039a24a6083ed9ef0f[0-9a-f]{44}",
+            id="other-content",
+        ),
+        pytest.param(b"ham\tok\n", r"SMSSpamCollection\.gz: not a readable gzip file", id="not-gzip"),
+        pytest.param(gzip.compress(b"ham\tok\n" * 100)[:-30], r"not a readable gzip file", id="truncated"),
+    ],
+)
+def test_a_changed_packaged_sms_is_refused_naming_the_file_and_both_hashes(tmp_path, monkeypatch, packaged, match):
+    path = tmp_path / "SMSSpamCollection.gz"
+    path.write_bytes(packaged)
+    monkeypatch.setattr(data, "PACKAGED_SMS", path)
+    with pytest.raises(ValueError, match=match):
+        load_dataset("sms")
 
 
 def test_real_sms_spam_collection(shared_data):
@@ -359,15 +348,6 @@ def test_real_sms_spam_collection(shared_data):
     assert dropped == Duplicates(exact=403, near=12)
     assert len(unique.texts) == len({near_duplicate_key(text) for text in ds.texts}) == 5159
     assert Counter(unique.labels) == {"ham": 4517, "spam": 642}
-
-
-def test_real_sms_spam_collection_through_the_download_path(tmp_path, shared_data, monkeypatch):
-    """The real file zipped as UCI ships it passes the real SMS_SHA256 check."""
-    archive = tmp_path / "sms+spam+collection.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        zf.write(shared_data / "sms-spam-collection" / "SMSSpamCollection", "SMSSpamCollection")
-    monkeypatch.setattr(data, "SMS_URL", archive.as_uri())
-    assert Counter(load_dataset("sms", cache_dir=tmp_path / "cache").labels) == {"ham": 4827, "spam": 747}
 
 
 # --- Preparing ------------------------------------------------------------------------------------
@@ -530,22 +510,3 @@ def test_text_id():
 def test_dataset_refuses_unequal_lengths():
     with pytest.raises(ValueError, match=r"2 texts but 1 labels"):
         Dataset(["a", "b"], ["ham"])
-
-
-def test_an_interrupted_download_is_a_download_error_and_leaves_no_partial_file(tmp_path, monkeypatch):
-    class CutOff(io.BytesIO):
-        """A response whose connection drops after the first 100 of 1000 bytes."""
-
-        def __init__(self):
-            super().__init__(b"x" * 1000)
-            self.headers = {"Content-Length": "1000"}
-
-        def read(self, size=-1):
-            if self.tell():
-                raise http.client.IncompleteRead(b"", 900)
-            return super().read(100)
-
-    monkeypatch.setattr(download.urllib.request, "urlopen", lambda url, timeout: CutOff())
-    with pytest.raises(DownloadError, match=r"could not download https://archive\.ics\.uci\.edu/.*IncompleteRead"):
-        load_sms_spam(None, tmp_path / "cache")
-    assert not any((tmp_path / "cache" / "sms-spam-collection").iterdir())

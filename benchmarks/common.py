@@ -1,6 +1,5 @@
 """What every benchmark shares: the real data beside the project, the machine it ran on, JSON and a table."""
 
-import contextlib
 import json
 import os
 import platform
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 
 from training.inference import pad_right
 from training.model import GPTClassifier, Packing
+from training.precision import cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPAMGPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -27,11 +27,13 @@ def require_shared_data() -> None:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as cpuinfo:
-        cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    """The machine a benchmark ran on: CPU model and vector flags (training.precision.cpu_info, the detection the
+    dtype rule uses), cores, torch and its threads, the GPU if any, Python."""
+    cpu = cpu_info()
     return {
-        "cpu": cpu,
+        "cpu": cpu.model,
+        "cpu_vector_flags": cpu.vector_flags,
+        "cpu_native_bfloat16": cpu.native_bfloat16,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

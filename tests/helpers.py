@@ -15,6 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+import training.precision
 from app.settings import Settings
 
 # re-exported (`x as x`) for the tests that start a server
@@ -133,6 +134,11 @@ def kill_after_steps(argv: list[str], steps: int, log: Path, timeout_s: float = 
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert child.returncode == -signal.SIGKILL
+
+
+def pretend_cpu(monkeypatch, *flags: str) -> None:
+    """Make training.precision see a CPU named "Test CPU" with exactly these /proc/cpuinfo flags."""
+    monkeypatch.setattr(training.precision, "cpu_info", lambda: training.precision.CPU("Test CPU", frozenset(flags)))
 
 
 def synthetic(n: int, seed: int, flip: bool = False) -> Examples:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from training import precision
 from training.config import TrainConfig
 from training.device import resolve_device
 from training.distributed import SINGLE, Group
@@ -93,20 +94,23 @@ def prefix_cache(
     progress: bool = True,
 ) -> list[torch.Tensor]:
     """Each row's (T_i, C) float32 residual stream after the first n_blocks, in row order; with `only`, just
-    those rows' (the others hold empty tensors)."""
+    those rows' (the others hold empty tensors). Computed under precision.training_autocast (bfloat16 where the
+    device has it natively), stored in float32."""
     cache: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     wanted = list(range(len(rows))) if only is None else only
     batches = length_sorted_batches([len(rows[i]) for i in wanted], PREFIX_BATCH_SIZE)
     for batch in tqdm([[wanted[j] for j in b] for b in batches], desc=desc, unit="batch", disable=not progress):
         idx, lengths = pad_right([rows[i] for i in batch], PAD_ID, device)
-        x = model.prefix(idx, Packing(lengths, device), n_blocks).float()  # (N, C)
+        with precision.training_autocast(device):
+            x = model.prefix(idx, Packing(lengths, device), n_blocks).float()  # (N, C)
         for i, row in zip(batch, x.split([len(rows[i]) for i in batch]), strict=True):
             cache[i] = row.clone()  # clone: keep the row, not the whole batch
     return cache
 
 
 class RowLogits(nn.Module):
-    """Row indices -> (B, n_labels) logits of those rows, through the frozen-prefix cache when there is one.
+    """Row indices -> (B, n_labels) float32 logits of those rows, through the frozen-prefix cache when there is
+    one; computed under precision.training_autocast (bfloat16 where the device has it natively).
 
     An nn.Module (holding the model) so that DistributedDataParallel can wrap the forward pass training runs.
     """
@@ -124,6 +128,10 @@ class RowLogits(nn.Module):
         self.lengths = torch.tensor([len(r) for r in rows])  # on the CPU, where Packing reads them
 
     def forward(self, batch: list[int]) -> torch.Tensor:
+        with precision.training_autocast(self.run_device):
+            return self.logits(batch).float()  # the loss and its gradient start in float32
+
+    def logits(self, batch: list[int]) -> torch.Tensor:
         if self.cache is None:
             return self.model(*pad_right([self.rows[i] for i in batch], PAD_ID, self.run_device))
         x = torch.cat([self.cache[i] for i in batch])  # (N, C) the batch's real tokens, row after row

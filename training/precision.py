@@ -1,8 +1,13 @@
 """Which precision a loaded classifier runs in: the dtype "auto" means, which dtypes and int8 each device takes,
-and int8 dynamic quantization. One rule for the server (app.settings, app.engine) and for file scoring
-(training.scoring), so that the same options mean the same thing in both."""
+what the CPU computes natively, and int8 dynamic quantization. One rule for the server (app.settings, app.engine),
+file scoring (training.scoring) and fine-tuning's autocast (training.finetune), so that the same options mean the
+same thing in all of them."""
 
+import contextlib
+import functools
+import platform
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -11,28 +16,84 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 HALF_DTYPES = ("float16", "bfloat16")
 DTYPE_HELP = (
     "auto (float32 on CPU; on CUDA bfloat16 where the GPU has it natively, else float16), float32, float16 or "
-    "bfloat16; half types only on CUDA"
+    "bfloat16; float16 only on CUDA, bfloat16 on CUDA and on CPUs that compute it natively (avx512_bf16 or amx_bf16)"
 )
+# x86 CPU flags (Linux /proc/cpuinfo names) under which oneDNN multiplies bfloat16 natively; without one of them
+# torch emulates bfloat16 through float32, slower than float32 itself.
+NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
+# The flags that say which vector units a CPU has, for benchmark records: SIMD widths, FMA, int8 dot products (VNNI),
+# bfloat16 and float16 instructions, AMX tiles.
+VECTOR_FLAG_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx", "asimd", "sve", "bf16", "i8mm")
+
+
+@dataclass(frozen=True)
+class CPU:
+    """The host CPU as Linux describes it: `model` its name, `flags` its feature flags (x86 `flags`, Arm
+    `Features`). Without /proc/cpuinfo the flags are empty (nothing is taken to be native) and the model is
+    platform's name for the processor."""
+
+    model: str
+    flags: frozenset[str]
+
+    @property
+    def vector_flags(self) -> list[str]:
+        """The flags naming vector units (VECTOR_FLAG_PREFIXES), sorted."""
+        return sorted(f for f in self.flags if f.startswith(VECTOR_FLAG_PREFIXES))
+
+    @property
+    def native_bfloat16(self) -> bool:
+        """Whether this CPU multiplies bfloat16 natively (one of NATIVE_BFLOAT16_FLAGS)."""
+        return any(flag in self.flags for flag in NATIVE_BFLOAT16_FLAGS)
+
+
+@functools.cache
+def cpu_info() -> CPU:
+    """The host CPU, read once from /proc/cpuinfo (its first processor: a machine's cores are alike)."""
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = value.strip()
+                elif key in ("flags", "Features"):
+                    flags = frozenset(value.split())
+                elif not line.strip() and flags:
+                    break  # end of the first processor
+    except OSError:
+        pass
+    return CPU(model, flags)
 
 
 def check_precision(device: torch.device, dtype: str, quantize_int8: bool) -> None:
-    """Refuse what a device cannot run well: half types on CPU (slow or unsupported there), int8 off the CPU
-    (torch's dynamic quantization has CPU kernels only).
+    """Refuse what a device cannot run well: float16 on CPU (slow or unsupported there), bfloat16 on a CPU that
+    would emulate it (no NATIVE_BFLOAT16_FLAGS: slower than float32), int8 off the CPU (torch's dynamic
+    quantization has CPU kernels only) or on a half-precision model (it quantizes float32 weights).
 
-    Raises ValueError naming the dtype or device.
+    Raises ValueError naming the dtype, device or missing CPU feature.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if device.type == "cpu" and dtype in HALF_DTYPES:
+    if device.type == "cpu" and dtype == "float16":
         raise ValueError(f"dtype {dtype!r} is not supported on CPU; use float32, or quantize_int8 for speed")
+    if device.type == "cpu" and dtype == "bfloat16" and not native_bfloat16(device):
+        raise ValueError(
+            f"dtype 'bfloat16' on CPU needs native bfloat16 (CPU flag {' or '.join(NATIVE_BFLOAT16_FLAGS)}), which"
+            f" this CPU ({cpu_info().model}) lacks: torch would emulate it, slower than float32; use float32, or"
+            " quantize_int8 for speed"
+        )
     if quantize_int8 and device.type != "cpu":
         raise ValueError(f"quantize_int8 runs on CPU only, got device {str(device)!r}; use dtype float16 on CUDA")
+    if quantize_int8 and dtype in HALF_DTYPES:
+        raise ValueError(f"quantize_int8 quantizes a float32 model, got dtype {dtype!r}; use dtype auto or float32")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The torch dtype: "auto" -> on CUDA bfloat16 where the GPU computes it natively (float32's range: GPT-2's
-    activations are known to overflow float16), else float16; float32 elsewhere. Any other name of DTYPES -> that
-    torch dtype."""
+    activations are known to overflow float16), else float16; float32 elsewhere, even on a CPU with native
+    bfloat16 (its speed on such a CPU is not measured yet, and its probabilities differ from float32's by up to
+    about 1e-2: ask for it with dtype bfloat16). Any other name of DTYPES -> that torch dtype."""
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type != "cuda":
@@ -44,6 +105,22 @@ def cuda_supports_bfloat16(device: torch.device) -> bool:
     """Whether the CUDA `device` computes bfloat16 natively (Ampere and later); emulated bfloat16 is slow."""
     with torch.cuda.device(device):
         return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: a CUDA GPU from Ampere on, a CPU with NATIVE_BFLOAT16_FLAGS."""
+    if device.type == "cuda":
+        return cuda_supports_bfloat16(device)
+    return device.type == "cpu" and cpu_info().native_bfloat16
+
+
+def training_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast fine-tuning's forward passes run under on `device`: bfloat16 where the device computes it
+    natively (native_bfloat16; float32's range, so no loss scaling), none (float32) elsewhere, where emulated
+    bfloat16 would be slower than float32."""
+    if native_bfloat16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

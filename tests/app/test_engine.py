@@ -3,7 +3,7 @@ import torch
 from torch.testing import assert_close
 
 from app.engine import Engine
-from tests.helpers import tiny_settings
+from tests.helpers import pretend_cpu, tiny_settings
 from training.checkpoint import load_checkpoint
 from training.inference import predict_probabilities
 
@@ -47,6 +47,18 @@ def test_int8_quantization_stays_close_to_float32(tiny_checkpoint):
     assert int8.parameter_count == float32.parameter_count
     rows, _ = float32.tokenize(TEXTS)
     assert_close(int8.predict(rows), float32.predict(rows), rtol=0, atol=2e-2)
+
+
+def test_bfloat16_on_a_cpu_with_native_bfloat16_runs_the_model_in_bfloat16(monkeypatch, tiny_checkpoint):
+    pretend_cpu(monkeypatch, "avx512_bf16")  # the path runs on any CPU; only its speed needs the real feature
+    bf16 = Engine.load(tiny_settings(tiny_checkpoint, dtype="bfloat16"))
+    float32 = Engine.load(tiny_settings(tiny_checkpoint))
+    assert {p.dtype for p in bf16.checkpoint.model.parameters()} == {torch.bfloat16}
+    rows, _ = float32.tokenize(TEXTS)
+    probs = bf16.predict(rows)
+    assert probs.dtype == torch.float32  # softmax in float32 whatever the model's dtype
+    assert not torch.equal(probs, float32.predict(rows))  # computed in bfloat16, not float32
+    assert_close(probs, float32.predict(rows), rtol=0, atol=2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 import training.precision
 from app.engine import model_name
 from app.settings import Settings
+from tests.helpers import pretend_cpu
 
 
 def test_settings_are_read_from_the_environment(monkeypatch):
@@ -47,7 +48,6 @@ def test_cuda_auto_dtype_follows_the_device():
     [
         pytest.param({"device": "gpu"}, "'gpu'", id="unknown-device"),
         pytest.param({"device": "cpu", "dtype": "float16"}, "not supported on CPU", id="half-on-cpu"),
-        pytest.param({"device": "cpu", "dtype": "bfloat16"}, "not supported on CPU", id="bfloat16-on-cpu"),
         pytest.param({"device": "cuda", "quantize_int8": True}, "CPU only", id="int8-on-cuda"),
         pytest.param({"max_batch_size": 0}, "max_batch_size", id="zero-batch"),
         pytest.param({"api_key": ""}, "must not be empty", id="empty-key"),
@@ -56,6 +56,21 @@ def test_cuda_auto_dtype_follows_the_device():
 def test_bad_settings_are_refused_with_the_value(overrides, message):
     with pytest.raises(ValidationError, match=message):
         Settings(**overrides)
+
+
+def test_bfloat16_on_a_cpu_that_would_emulate_it_is_refused_naming_the_missing_feature(monkeypatch):
+    pretend_cpu(monkeypatch, "avx2", "fma", "avx512f", "avx512_vnni")
+    with pytest.raises(ValidationError, match=r"needs native bfloat16 \(CPU flag avx512_bf16 or amx_bf16\).*Test CPU"):
+        Settings(device="cpu", dtype="bfloat16")
+
+
+@pytest.mark.parametrize("flag", ["avx512_bf16", "amx_bf16"])
+def test_bfloat16_on_a_cpu_that_has_it_natively_is_taken_and_auto_stays_float32(monkeypatch, flag):
+    pretend_cpu(monkeypatch, "avx2", flag)
+    assert Settings(device="cpu", dtype="bfloat16").torch_dtype == torch.bfloat16
+    assert Settings(device="cpu").torch_dtype == torch.float32
+    with pytest.raises(ValidationError, match="quantize_int8 quantizes a float32 model, got dtype 'bfloat16'"):
+        Settings(device="cpu", dtype="bfloat16", quantize_int8=True)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.helpers import synthetic
+from tests.helpers import pretend_cpu, synthetic
 from training.finetune import Examples, TrainConfig, evaluate_loss, prepare_trainable, tail_forward, train
 from training.inference import pad_right, probabilities
 from training.lora import merge_lora
@@ -125,3 +125,26 @@ def test_config_rejects_bad_values(overrides, message):
 def test_too_many_trainable_blocks():
     with pytest.raises(ValueError, match="trainable_blocks 3 exceeds the model's 2 blocks"):
         prepare_trainable(fresh_model(), TrainConfig(trainable_blocks=3))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(TrainConfig(trainable="all", epochs=4, lr=1e-3, device="cpu"), id="all"),
+        pytest.param(TrainConfig(trainable_blocks=1, epochs=4, lr=3e-3, device="cpu"), id="cached-prefix-and-tail"),
+    ],
+)
+def test_bfloat16_autocast_where_the_cpu_has_it_natively_keeps_validation_accuracy(monkeypatch, config):
+    data, val = synthetic(40, seed=1), synthetic(20, seed=2)
+    runs = {}
+    for flags, dtype in ((("avx2",), torch.float32), (("avx512_bf16",), torch.bfloat16)):
+        pretend_cpu(monkeypatch, *flags)
+        model, seen = fresh_model(), {0: set(), 1: set()}
+        for i, block in enumerate(model.transformer.h):  # block 0: the frozen prefix where one is cached
+            block.mlp.c_fc.register_forward_hook(lambda m, args, out, dtypes=seen[i]: dtypes.add(out.dtype))
+        history = train(model, data, val, config)
+        assert seen == {0: {dtype}, 1: {dtype}}
+        losses = [e["train_loss"] for e in history.epochs]
+        assert losses[-1] < 0.7 * losses[0], losses
+        runs[dtype] = history.epochs[-1]["val_accuracy"]
+    assert abs(runs[torch.bfloat16] - runs[torch.float32]) <= 0.1, runs

@@ -110,7 +110,8 @@ def choose_threshold(
         negatives = max(1, len(positives) - int(positives.sum()))
         allowed = fps / negatives <= target_fpr + 1e-12  # a count exactly at the target is allowed
         if not allowed.any():
-            return min(1.0, math.nextafter(float(thresholds[0]), math.inf))
+            above = torch.nextafter(thresholds[0].float(), torch.tensor(math.inf))  # the next float32 up
+            return min(1.0, float(above))
         goal = torch.where(allowed, tps, -1.0)
     else:
         raise ValueError(f"objective must be 'f1' or 'fpr', got {objective!r}")

@@ -52,6 +52,7 @@ def option_result(checkpoint: Path, argv: list[str], wall_seconds: float) -> dic
     report = json.loads((checkpoint / REPORT_DIR / "metrics.json").read_text())
     return {
         "command": shlex.join(argv),
+        "checkpoint": str(checkpoint),
         "wall_seconds": wall_seconds,
         "split": card.data.split,
         "threshold": report["threshold"],
@@ -93,33 +94,33 @@ def main(argv: list[str] | None = None) -> None:
     base_dir = CHECKPOINTS / "balance-small-base"  # the small model's config.json, for --base
     base_dir.mkdir(parents=True, exist_ok=True)
     (base_dir / "config.json").write_text(json.dumps(SMALL) + "\n")
+    name = f"balance_{args.size}_{args.epochs}epochs"
     for option in args.options:
-        out = CHECKPOINTS / f"balance-{args.size}-{option}"
+        out = CHECKPOINTS / f"balance-{args.size}-{args.epochs}epochs-{option}"
         argv_ = command(args.size, option, args.epochs, out, base_dir)
         start = time.perf_counter()
         subprocess.run([sys.executable, *argv_[1:]], check=True, cwd=ROOT)
         results[option] = option_result(out, argv_, time.perf_counter() - start)
-    evaluation_ids = {
-        option: json.loads((CHECKPOINTS / f"balance-{args.size}-{option}" / SPLIT_FILE).read_text())["evaluation"]
-        for option in args.options
-    }
-    same_rows = len({tuple(sorted(ids)) for ids in evaluation_ids.values()}) == 1
-    table = [row(option, result) for option, result in results.items()]
-    print_table(table)
-    print(f"same evaluation rows for every option: {same_rows}")
-    name = "balance" if args.size == "small" else f"balance_{args.size}"
-    path = write_result(
-        name,
-        {
-            "model": "small GPT-2 (config below), random init" if args.size == "small" else "gpt2 124M, random init",
-            "small_config": SMALL if args.size == "small" else None,
-            "epochs": args.epochs,
-            "same_evaluation_rows": same_rows,
-            "options": results,
-            "table": table,
-        },
-    )
+        path = write_result(name, summarise(args, results))  # after each option: a long run keeps what it has
+    print_table(summarise(args, results)["table"])
+    print(f"same evaluation rows for every option: {summarise(args, results)['same_evaluation_rows']}")
     print(f"written to {path}")
+
+
+def summarise(args: argparse.Namespace, results: dict) -> dict:
+    """The JSON of the options run so far, with their table and whether their evaluation rows are the same."""
+    evaluation_ids = {
+        json.dumps(sorted(json.loads((Path(r["checkpoint"]) / SPLIT_FILE).read_text())["evaluation"]))
+        for r in results.values()
+    }
+    return {
+        "model": "small GPT-2 (small_config), random init" if args.size == "small" else "gpt2 124M, random init",
+        "small_config": SMALL if args.size == "small" else None,
+        "epochs": args.epochs,
+        "same_evaluation_rows": len(evaluation_ids) == 1,
+        "options": results,
+        "table": [row(option, result) for option, result in results.items()],
+    }
 
 
 if __name__ == "__main__":

@@ -550,7 +550,8 @@ def test_split_file_selects_each_role(tmp_path):
     write_split(tmp_path / "split.json", parts)
     for role in ("train", "validation", "test", "selection", "evaluation"):
         selected, expected = select_split(ds, tmp_path / "split.json", role), getattr(parts, role)
-        assert sorted(zip(selected.texts, selected.labels)) == sorted(zip(expected.texts, expected.labels))
+        pairs = [sorted(zip(d.texts, d.labels, strict=True)) for d in (selected, expected)]
+        assert pairs[0] == pairs[1]
     (tmp_path / "old.json").write_text(json.dumps({"train": [], "validation": [], "test": []}))
     with pytest.raises(ValueError, match=r"records no 'evaluation' rows"):
         select_split(ds, tmp_path / "old.json", "evaluation")

@@ -6,10 +6,9 @@ import math
 import pytest
 import torch
 
-from tests.helpers import tiny_card
-from training.checkpoint import load_checkpoint, save_checkpoint
+from tests.helpers import calibrated_checkpoint
+from training.checkpoint import load_checkpoint
 from training.inference import (
-    Calibration,
     Threshold,
     binary_prior,
     calibrate_logits,
@@ -27,18 +26,6 @@ from training.tokenizer import encode_batch
 LABELS = ("ham", "spam")
 TEXTS = ["WINNER!! Claim your free prize now", "See you at 5?", "the cat sat on the mat " * 5, "ok"]
 UNIFORM = {"ham": 0.5, "spam": 0.5}
-
-
-def calibrated_checkpoint(directory, config, bpe_dir, temperature=2.0, prior=None):
-    """A tiny random model with a sharp head, its calibration folded in as finetune folds it."""
-    torch.manual_seed(0)
-    model = GPTClassifier(config)
-    with torch.no_grad():
-        model.score.weight.normal_(0.0, 3.0)
-    prior = prior or {"ham": 0.87, "spam": 0.13}
-    fold_calibration(model, temperature, prior_shift(UNIFORM, prior, LABELS))
-    card = tiny_card(threshold=Threshold("spam", 0.3), calibration=Calibration(temperature, UNIFORM, prior))
-    return save_checkpoint(directory, model, bpe_dir, card)
 
 
 def test_fold_gives_the_calibrated_logits(tiny_config, tokenizer):

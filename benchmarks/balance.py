@@ -23,6 +23,7 @@ from pathlib import Path
 from benchmarks.common import BPE_DIR, ROOT, SMS_FILE, print_table, require_shared_data, write_result
 from training.checkpoint import REPORT_DIR, SPLIT_FILE, load_checkpoint
 from training.data import BALANCING
+from training.pipeline import describe_rate
 
 CHECKPOINTS = ROOT / "benchmarks" / "checkpoints"
 # A GPT-2 small enough to train three times on a shared 2-core machine within the hour: GPT-2's tokenizer,
@@ -68,16 +69,12 @@ def option_result(checkpoint: Path, argv: list[str], wall_seconds: float) -> dic
 
 
 def row(option: str, result: dict) -> dict:
-    def pct(r: dict) -> str:
-        low, high = r["ci95"]
-        return f"{100 * r['value']:.2f}% [{100 * low:.2f}, {100 * high:.2f}] ({r['count']}/{r['of']})"
-
     ev = result["evaluation"]
     return {
         "balance": option,
-        "FPR argmax": pct(ev["argmax"]["false_positive_rate"]),
-        "FPR threshold": pct(ev["threshold"]["false_positive_rate"]),
-        "recall threshold": pct(ev["threshold"]["recall"]),
+        "FPR argmax": describe_rate(ev["argmax"]["false_positive_rate"]),
+        "FPR threshold": describe_rate(ev["threshold"]["false_positive_rate"]),
+        "recall threshold": describe_rate(ev["threshold"]["recall"]),
         "ECE before/after": f"{result['calibration']['ece_before']:.4f}/{result['calibration']['ece_after']:.4f}",
         "minutes": f"{result['wall_seconds'] / 60:.1f}",
     }

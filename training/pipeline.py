@@ -341,6 +341,14 @@ def headline(metrics: dict, threshold: Threshold | None) -> str:
     return line
 
 
+def describe_rate(rate: dict) -> str:
+    """A rate() as "2.30% [1.87, 2.83] (89 / 3,865)", or "n/a (0 / 0)"."""
+    if rate["value"] is None:
+        return "n/a (0 / 0)"
+    low, high = rate["ci95"]
+    return f"{100 * rate['value']:.2f}% [{100 * low:.2f}, {100 * high:.2f}] ({rate['count']:,} / {rate['of']:,})"
+
+
 def evaluate(config: EvaluateConfig) -> dict:
     """Re-evaluate an exported checkpoint on a dataset, at argmax and at the checkpoint's threshold.
 
@@ -372,6 +380,8 @@ def evaluate(config: EvaluateConfig) -> dict:
             auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
             print(f"{decision}: n {m['n']}, accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f}, ROC-AUC {auc}")
             print(f"  confusion matrix (rows true, columns predicted; {list(card.labels)}): {m['confusion_matrix']}")
+            for label, c in m["per_class"].items():
+                print(f"  {label}: " + ", ".join(f"{name} {describe_rate(r)}" for name, r in c["rates"].items()))
     if config.out:
         Path(config.out).write_text(json.dumps(result, indent=2, default=asdict) + "\n")
         print(f"metrics written to {config.out}")

@@ -68,7 +68,10 @@ def test_evaluate_command(trained, csv_data, tmp_path, capsys):
     assert result["argmax"]["confusion_matrix"] == recorded["argmax"]["confusion_matrix"]
     assert result["threshold"]["accuracy"] == recorded["threshold"]["accuracy"]
     assert result["decision_threshold"] == json.loads((trained / "config.json").read_text())["threshold"]
-    assert "accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed
+    spam = result["threshold"]["per_class"]["spam"]["rates"]["false_positive_rate"]
+    assert f"({spam['count']:,} / {spam['of']:,})" in printed.split("spam: ")[-1]  # ham flagged, as counted
 
 
 def test_skip_existing(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys):

@@ -58,7 +58,7 @@ class DataSummary:
     source: str  # the --data argument: "sms" or a path
     fingerprint: dict  # training.data.fingerprint of the source before deduplication: sha256, rows, labels
     rows_after_dedup_and_balance: int
-    split: dict[str, int]  # rows per split: train, validation, test
+    split: dict[str, int]  # rows per role (training.data.ROLES); older checkpoints: train, validation, test
     # rows deduplication dropped: {"exact": n, "near": n} (training.data.Duplicates); {} in older checkpoints
     duplicates_dropped: dict[str, int] = field(default_factory=dict)
     # {label: rows} after deduplication, before balancing: the default deployment prior; {} in older checkpoints

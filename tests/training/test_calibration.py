@@ -1,6 +1,7 @@
 """Calibration: temperature scaling and prior correction, folded into the head; a checkpoint served at another prior;
 the exports giving the calibrated probabilities."""
 
+import json
 import math
 
 import pytest
@@ -125,3 +126,5 @@ def test_exports_give_the_calibrated_probabilities(tmp_path, tiny_config, bpe_di
     got = torch.cat([torch.softmax(model(**tokenizer([t], return_tensors="pt")).logits, -1) for t in TEXTS])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert not math.isclose(expected[0, 1].item(), 0.5)  # the head is not flat: the comparison says something
+    recorded = json.loads((hf / "config.json").read_text())["spamgpt"]["calibration"]
+    assert recorded == {"temperature": 0.5, "training_prior": UNIFORM, "prior": {"ham": 0.87, "spam": 0.13}}

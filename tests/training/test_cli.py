@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import training.pipeline
-from tests.helpers import HAM_WORDS, SPAM_WORDS, finetune_argv, write_messages_csv
+from tests.helpers import DELETE, HAM_WORDS, SPAM_WORDS, edit_card, finetune_argv, write_messages_csv
 from training.checkpoint import load_checkpoint
 from training.cli import main
 from training.config import BaseModelConfig, DataConfig, FinetuneConfig, TrainConfig
@@ -108,6 +108,15 @@ def test_skip_existing_retrains_on_other_data(
     with pytest.raises(pytest.fail.Exception, match="retrains"):
         main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing"))
     assert message in capsys.readouterr().out
+
+
+def test_skip_existing_retrains_a_checkpoint_from_before_calibration(trained, csv_data, bpe_dir, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    edit_card(calibration=DELETE)(out)
+    assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing")) == 0
+    assert "trained before probabilities were calibrated" in capsys.readouterr().out
+    assert load_checkpoint(out).card.calibration is not None
 
 
 def test_crash_keeps_the_old_checkpoint(trained, csv_data, bpe_dir, tmp_path, monkeypatch):

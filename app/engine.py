@@ -36,15 +36,16 @@ class Engine:
     def load(cls, settings: Settings) -> "Engine":
         """Load the checkpoint onto the configured device and dtype, quantize if asked, and warm up.
 
-        Raises training.checkpoint.CheckpointError for a checkpoint that cannot be served, RuntimeError for a
-        device that is not there or a warm-up that fails.
+        Raises training.checkpoint.CheckpointError for a checkpoint that cannot be served, ValueError for a prior
+        it cannot take (load_checkpoint), RuntimeError for a device that is not there or a warm-up that fails.
         """
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         device = settings.torch_device
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {settings.device!r} requested but CUDA is not available")
-        engine = cls(load_checkpoint(settings.checkpoint_dir, device, settings.torch_dtype), settings.quantize_int8)
+        checkpoint = load_checkpoint(settings.checkpoint_dir, device, settings.torch_dtype, settings.prior)
+        engine = cls(checkpoint, settings.quantize_int8)
         engine.warm_up()
         return engine
 

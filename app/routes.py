@@ -7,6 +7,7 @@ request model carries the app's limits."""
 import asyncio
 import hmac
 from collections.abc import Awaitable
+from dataclasses import asdict
 from typing import Annotated, TypeVar
 
 import torch
@@ -303,6 +304,8 @@ async def info(service: ReadyService) -> Info:
         parameters=engine.parameter_count,
         max_tokens=card.max_tokens,
         threshold=card.threshold,
+        prior=None if card.calibration is None else card.calibration.prior,
+        calibration=None if card.calibration is None else asdict(card.calibration),
         metrics=card.metrics,
         created=card.created,
         version=card.version,

@@ -139,7 +139,14 @@ class Info(BaseModel):
     parameters: int
     max_tokens: int = Field(description="Longer texts are truncated to this many tokens")
     threshold: Threshold | None = Field(
-        description="The positive label's threshold, chosen on validation; null: argmax"
+        description="The positive label's threshold on the served probabilities, chosen on held-out rows; null: argmax"
+    )
+    prior: dict[str, float] | None = Field(
+        description="The label distribution the probabilities are calibrated to (the checkpoint's, or SPAMGPT_PRIOR); "
+        "null: a checkpoint without calibration, served at its training data's distribution"
+    )
+    calibration: dict | None = Field(
+        description="Temperature and training prior (folded into the weights) and the prior in force; null: none"
     )
     metrics: dict = Field(description="The checkpoint's evaluation summary, as training recorded it")
     created: str | None

@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # CPU only: int8 weights for every nn.Linear. Faster and 4x smaller; probabilities move by ~1e-2.
     quantize_int8: bool = False
+    # Binary models: the share of spam (the threshold's label) this deployment expects; probabilities are corrected
+    # from the checkpoint's prior to it (Bayes' rule on the logits) and decisions stay as chosen. Unset: the
+    # checkpoint's prior, the source data's rate. /info states the prior in force.
+    prior: float | None = Field(None, gt=0, lt=1)
     # torch intra-op threads; 0 keeps torch's default (all cores). Fewer leaves cores for tokenizing and HTTP.
     torch_threads: int = Field(0, ge=0)
 

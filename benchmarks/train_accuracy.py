@@ -50,7 +50,7 @@ def accuracy_result(checkpoint_dir, wall_seconds: float, wall_source: str) -> di
         "best_epoch": report["history"]["best_epoch"],
         "history": report["history"]["epochs"],
         "threshold": report["threshold"],
-        "validation_accuracy": report["validation"]["argmax"]["accuracy"],
+        "selection_accuracy": report["selection"]["argmax"]["accuracy"],
         "test": {decision: _headline(metrics) for decision, metrics in test.items()},
         "reference": REFERENCE,
         "difference_vs_reference_random_init": test["argmax"]["accuracy"]

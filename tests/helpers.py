@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 import training.precision
@@ -21,8 +22,10 @@ from app.settings import Settings
 # re-exported (`x as x`) for the tests that start a server
 from benchmarks.server import free_port as free_port
 from benchmarks.server import live_server as live_server
-from training.checkpoint import ModelCard
+from training.checkpoint import ModelCard, save_checkpoint
 from training.finetune import Examples
+from training.inference import Calibration, Threshold, fold_calibration, prior_shift
+from training.model import GPTClassifier
 
 # A few merges in GPT-2's data-gym notation ("Ġ" is a space), enough for multi-byte tokens.
 MERGES = ["Ġ t", "h e", "i n", "e r", "Ġ a", "o n", "Ġt he", "Ġ w", "r e", "Ġ s", "Ġ f", "Ġ c", "a t", "o u"]
@@ -205,3 +208,16 @@ def plant_pickle(ckpt: Path):
 
 
 DELETE = object()
+
+
+def calibrated_checkpoint(directory: Path, config, bpe_dir: Path, temperature: float = 2.0) -> Path:
+    """A tiny random ham / spam model with a sharp head, calibrated as finetune calibrates: trained at a uniform
+    prior, `temperature` and the shift to a 13% spam prior folded into the head; threshold spam >= 0.3."""
+    torch.manual_seed(0)
+    model = GPTClassifier(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 3.0)
+    uniform, prior = {"ham": 0.5, "spam": 0.5}, {"ham": 0.87, "spam": 0.13}
+    fold_calibration(model, temperature, prior_shift(uniform, prior, ("ham", "spam")))
+    card = tiny_card(threshold=Threshold("spam", 0.3), calibration=Calibration(temperature, uniform, prior))
+    return save_checkpoint(directory, model, bpe_dir, card)

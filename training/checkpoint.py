@@ -21,7 +21,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training.config import FinetuneConfig, flatten, from_flat
-from training.inference import Threshold
+from training.inference import (
+    Calibration,
+    Threshold,
+    binary_prior,
+    check_prior,
+    fold_calibration,
+    prior_shift,
+    shift_threshold,
+)
 from training.model import GPTClassifier, GPTConfig
 from training.tokenizer import BPE_FILES, TokenizerError, bpe_hashes, load_tokenizer
 
@@ -36,6 +44,7 @@ SPLIT_FILE = f"{REPORT_DIR}/split.json"
 POOLING = "last_token"
 # config.json fields written by save_checkpoint around the card's own
 REQUIRED_FIELDS = ("format_version", "model", "pooling", "tokenizer")
+OPTIONAL_FIELDS = ("calibration",)  # card fields older checkpoints lack; absent means the default
 
 
 class CheckpointError(RuntimeError):
@@ -49,9 +58,11 @@ class DataSummary:
     source: str  # the --data argument: "sms" or a path
     fingerprint: dict  # training.data.fingerprint of the source before deduplication: sha256, rows, labels
     rows_after_dedup_and_balance: int
-    split: dict[str, int]  # rows per split: train, validation, test
+    split: dict[str, int]  # rows per role (training.data.ROLES); older checkpoints: train, validation, test
     # rows deduplication dropped: {"exact": n, "near": n} (training.data.Duplicates); {} in older checkpoints
     duplicates_dropped: dict[str, int] = field(default_factory=dict)
+    # {label: rows} after deduplication, before balancing: the default deployment prior; {} in older checkpoints
+    labels_before_balancing: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,11 +75,13 @@ class ModelCard:
 
     labels: tuple[str, ...]  # in the head's index order
     max_tokens: int  # texts are truncated to this many tokens, in training and serving
-    threshold: Threshold | None  # a binary model's decision rule chosen on validation; None: argmax
+    threshold: Threshold | None  # a binary model's decision rule, on the served (calibrated) scale; None: argmax
     base_model: str  # e.g. "gpt2", or "gpt2 (random init)"
     metrics: dict[str, Any] = field(default_factory=dict)  # the evaluation summary, as training recorded it
     training: FinetuneConfig | None = None
     data: DataSummary | None = None
+    # folded into the weights; None in older checkpoints: temperature 1, served at the training prior
+    calibration: Calibration | None = None
     created: str | None = None  # ISO 8601, UTC
     version: str | None = None  # of the spamgpt package that wrote it
 
@@ -82,6 +95,7 @@ class ModelCard:
             "metrics": self.metrics,
             "training": {} if self.training is None else flatten(self.training),
             "data": {} if self.data is None else asdict(self.data),
+            "calibration": None if self.calibration is None else asdict(self.calibration),
             "created": self.created,
             "version": self.version,
         }
@@ -129,11 +143,22 @@ def save_checkpoint(directory: str | Path, model: GPTClassifier, tokenizer_dir: 
 
 
 def load_checkpoint(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prior: float | None = None,
 ) -> Checkpoint:
     """Rebuild the classifier from the directory alone, after checking every part of it.
 
-    Raises CheckpointError naming the file and what is wrong with it.
+    prior: for a binary model, the rate of its positive label (training.inference.positive_label: spam) expected
+    where it serves, instead of the card's deployment prior (training.inference.Calibration): the head's bias
+    moves by log(prior / card prior), and the returned card states the prior in force and a threshold moved to
+    the new scale, so that probabilities change and decisions do not (a false-positive rate does not depend on
+    the spam rate).
+
+    Raises CheckpointError naming the file and what is wrong with it; ValueError for a prior outside (0, 1), a
+    model that is not binary, or a checkpoint without a calibration record (written before priors were
+    recorded, so its training prior is unknown).
     """
     path = Path(path)
     if not path.is_dir():
@@ -153,8 +178,24 @@ def load_checkpoint(
     with torch.device("meta"):  # no random init: every parameter comes from the file
         model = GPTClassifier(config)
     model.load_state_dict(state, strict=True, assign=True)
+    if prior is not None:
+        card = _serve_at(model, card, prior)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Checkpoint(path=path, model=model, tokenizer=tokenizer, card=card)
+
+
+def _serve_at(model: GPTClassifier, card: ModelCard, rate: float) -> ModelCard:
+    """Shift the float32 model's head from the card's deployment prior to `rate`; the card saying so."""
+    prior = binary_prior(rate, card.labels)
+    if card.calibration is None:
+        raise ValueError(
+            "this checkpoint records no calibration (it predates them), so its training prior is unknown and no "
+            "deployment prior can be applied; serve it without one"
+        )
+    shift = prior_shift(card.calibration.prior, prior, card.labels)
+    fold_calibration(model, 1.0, shift)
+    threshold = None if card.threshold is None else shift_threshold(card.threshold, shift, card.labels)
+    return replace(card, calibration=card.calibration.with_prior(prior), threshold=threshold)
 
 
 def _read_json(file: Path) -> dict:
@@ -166,7 +207,8 @@ def _read_json(file: Path) -> dict:
         raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
-    missing = [name for name in (*REQUIRED_FIELDS, *(f.name for f in fields(ModelCard))) if name not in raw]
+    wanted = (*REQUIRED_FIELDS, *(f.name for f in fields(ModelCard) if f.name not in OPTIONAL_FIELDS))
+    missing = [name for name in wanted if name not in raw]
     if missing:
         raise CheckpointError(f"{file}: missing field {missing[0]!r}")
     if isinstance(raw["format_version"], bool) or raw["format_version"] != FORMAT_VERSION:
@@ -219,8 +261,9 @@ def _card(file: Path, raw: dict, config: GPTConfig) -> ModelCard:
         threshold=_threshold(file, raw["threshold"], labels),
         base_model=raw["base_model"],
         metrics=_record(file, raw, "metrics", dict),
-        training=_record(file, raw, "training", FinetuneConfig),
+        training=_record(file, _legacy_balance(raw), "training", FinetuneConfig),
         data=_record(file, raw, "data", DataSummary),
+        calibration=_calibration(file, raw.get("calibration"), labels),
         created=raw["created"],
         version=raw["version"],
     )
@@ -237,6 +280,31 @@ def _record(file: Path, raw: dict, name: str, cls: type) -> Any:
         return from_flat(cls, record) if record else None
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{file}: invalid {name!r} record ({exc})") from exc
+
+
+def _legacy_balance(raw: dict) -> dict:
+    """config.json with a `balance` of older checkpoints (true / false) read as today's choice of balancing."""
+    training = raw["training"]
+    if isinstance(training, dict) and isinstance(training.get("balance"), bool):
+        return raw | {"training": training | {"balance": "undersample" if training["balance"] else "none"}}
+    return raw
+
+
+def _calibration(file: Path, record: object, labels: list[str]) -> Calibration | None:
+    if record is None:
+        return None
+    shape = "null or {'temperature': > 0, 'training_prior': {label: rate}, 'prior': {label: rate}}"
+    if not isinstance(record, dict) or set(record) != {"temperature", "training_prior", "prior"}:
+        raise CheckpointError(f"{file}: 'calibration' must be {shape}, got {record!r}")
+    temperature = record["temperature"]
+    if not isinstance(temperature, int | float) or isinstance(temperature, bool) or not temperature > 0:
+        raise CheckpointError(f"{file}: 'calibration' temperature must be a positive number, got {temperature!r}")
+    for name in ("training_prior", "prior"):
+        try:
+            check_prior(record[name] if isinstance(record[name], dict) else {}, labels)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{file}: 'calibration' {name}: {exc}") from exc
+    return Calibration(float(temperature), record["training_prior"], record["prior"])
 
 
 def _threshold(file: Path, threshold: object, labels: list[str]) -> Threshold | None:

@@ -9,12 +9,13 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from training.data import SPLITS
+from training.data import BALANCING, ROLES
 from training.device import DEVICE_HELP, resolve_device
 from training.model import PRESETS, GPTConfig
 from training.precision import DTYPE_HELP, DTYPES, check_precision
 
 TRAINABLE = ("last-blocks", "all", "lora")
+THRESHOLD_OBJECTIVES = ("fpr", "f1")
 
 
 def opt(default=MISSING, help: str = "", choices: tuple | None = None, positional: bool = False):
@@ -117,7 +118,20 @@ class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata=group("data"))
     base: BaseModelConfig = field(default_factory=BaseModelConfig, metadata=group("base model"))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=group("training"))
-    balance: bool = opt(True, "undersample every label to the rarest label's count, as the reference does")
+    balance: str = opt(
+        "undersample",
+        "undersample: every label to the rarest label's count, as the reference does (the rows left out are "
+        "held out for threshold selection and evaluation); class-weighted: all rows, each label's loss weighed "
+        "inversely to its count; none: all rows, unweighted",
+        BALANCING,
+    )
+    threshold_objective: str = opt(
+        "fpr",
+        "fpr: the threshold with the highest recall of the positive label (spam) whose false-positive rate on the "
+        "selection rows is at most --target-fpr; f1: the threshold with the best F1 there",
+        THRESHOLD_OBJECTIVES,
+    )
+    target_fpr: float = opt(0.01, "the false-positive rate (share of ham flagged) --threshold-objective fpr allows")
     out: str = opt("checkpoints/spamgpt", "checkpoint directory to write (replaced whole at the end)")
     skip_existing: bool = opt(False, "exit at once when --out holds a checkpoint of these arguments and data")
     resume: bool = opt(
@@ -127,6 +141,16 @@ class FinetuneConfig:
         True, "after each epoch, save what --resume needs beside --out (.<out>.resume/; removed after the export)"
     )
 
+    def __post_init__(self):
+        if self.balance not in BALANCING:
+            raise ValueError(f"balance must be one of {BALANCING}, got {self.balance!r}")
+        if self.threshold_objective not in THRESHOLD_OBJECTIVES:
+            raise ValueError(
+                f"threshold_objective must be one of {THRESHOLD_OBJECTIVES}, got {self.threshold_objective!r}"
+            )
+        if not 0 <= self.target_fpr < 1:
+            raise ValueError(f"target_fpr must lie in [0, 1), got {self.target_fpr!r}")
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -135,15 +159,18 @@ class EvaluateConfig:
     checkpoint: str = opt(help="checkpoint directory written by `finetune`")
     data: DataConfig = field(default_factory=DataConfig, metadata=group("data"))
     split: str = opt(
-        "all", "all rows, or only those of one of the checkpoint's splits (report/split.json)", ("all", *SPLITS)
+        "all",
+        "all rows, or only those the checkpoint used in one role (report/split.json): evaluation is the test split "
+        "and the held-out rows neither training nor threshold selection saw",
+        ("all", *ROLES),
     )
     device: str = opt("auto", DEVICE_HELP)
     out: str | None = opt(None, "also write the metrics to this JSON file")
 
     def __post_init__(self):
         resolve_device(self.device)
-        if self.split not in ("all", *SPLITS):
-            raise ValueError(f"split must be one of {('all', *SPLITS)}, got {self.split!r}")
+        if self.split not in ("all", *ROLES):
+            raise ValueError(f"split must be one of {('all', *ROLES)}, got {self.split!r}")
 
 
 INPUT_FORMATS = ("csv", "tsv", "jsonl", "lines")
@@ -170,7 +197,7 @@ def file_format(path: str, given: str, formats: tuple[str, ...], default: str | 
 @dataclass(frozen=True)
 class ScoringConfig:
     """How a checkpoint is loaded and run outside the server: the server's SPAMGPT_DEVICE, _DTYPE,
-    _QUANTIZE_INT8, _TORCH_THREADS, _MAX_BATCH_SIZE and _MAX_BATCH_TOKENS, with the same rules
+    _QUANTIZE_INT8, _TORCH_THREADS, _MAX_BATCH_SIZE, _MAX_BATCH_TOKENS and _PRIOR, with the same rules
     (training.precision) and defaults."""
 
     device: str = opt("auto", DEVICE_HELP)
@@ -179,9 +206,16 @@ class ScoringConfig:
     threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default (all cores)")
     batch_size: int = opt(32, "texts per forward pass: larger raises throughput until the device saturates")
     max_batch_tokens: int = opt(16384, "padded tokens (rows x longest row) per forward pass: bounds activation memory")
+    prior: float | None = opt(
+        None,
+        "binary models: the share of the threshold's label (spam) expected in this traffic; probabilities are "
+        "corrected to it (default: the checkpoint's prior, the source data's rate)",
+    )
 
     def __post_init__(self):
         check_precision(resolve_device(self.device), self.dtype, self.quantize_int8)
+        if self.prior is not None and not 0 < self.prior < 1:
+            raise ValueError(f"prior must lie in (0, 1), got {self.prior!r}")
         for name in ("batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")

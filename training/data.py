@@ -41,6 +41,10 @@ class Dataset:
 
 
 SPLITS = ("train", "validation", "test")
+# Every row's role in a run: trained on, early stopping and calibration, the balanced test split, threshold
+# selection (validation plus held-out rows), evaluation (test plus held-out rows). split.json records each.
+ROLES = (*SPLITS, "selection", "evaluation")
+BALANCING = ("undersample", "class-weighted", "none")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,20 @@ class Split:
     train: Dataset
     validation: Dataset
     test: Dataset
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Which rows play which part (ROLES); see partition."""
+
+    train: Dataset  # trained on
+    validation: Dataset  # picks the best epoch and fits the temperature
+    test: Dataset  # the balanced test split: rows of `evaluation`, every label undersampled to the rarest's count
+    selection: Dataset  # the threshold is chosen here: validation and held-out rows, never trained on
+    evaluation: Dataset  # metrics: test and the held-out rows that neither training nor selection saw
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(getattr(self, name).texts) for name in ROLES}
 
 
 # --- Loading --------------------------------------------------------------------------------------
@@ -312,11 +330,26 @@ def balance(ds: Dataset, seed: int) -> Dataset:
     return _subset(ds, sorted(kept))
 
 
-def stratified_split(ds: Dataset, seed: int, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> Split:
+FRACTIONS = (0.7, 0.1, 0.2)  # train, validation, test
+
+
+def stratified_split(ds: Dataset, seed: int, fractions: tuple[float, float, float] = FRACTIONS) -> Split:
     """Train / validation / test, each label shuffled (seeded) and cut by the fractions, so every split keeps
-    the label proportions. Rows keep their order within a split."""
+    the label proportions. Rows keep their order within a split.
+
+    Raises ValueError for fractions that are not three positive numbers summing to 1, or a split left empty.
+    """
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
         raise ValueError(f"fractions must be three positive numbers that sum to 1, got {fractions!r}")
+    split = _stratified(ds, seed, fractions)
+    if not all(part.texts for part in (split.train, split.validation, split.test)):
+        sizes = [len(part.texts) for part in (split.train, split.validation, split.test)]
+        raise ValueError(f"{len(ds.texts)} rows are too few to split by {fractions!r}: split sizes {sizes}")
+    return split
+
+
+def _stratified(ds: Dataset, seed: int, fractions: tuple[float, float, float]) -> Split:
+    """stratified_split without its checks: a split may be empty."""
     rng = random.Random(seed)
     parts = ([], [], [])
     by_label = _indices_by_label(ds)
@@ -328,10 +361,37 @@ def stratified_split(ds: Dataset, seed: int, fractions: tuple[float, float, floa
         parts[0].extend(indices[:cut_train])
         parts[1].extend(indices[cut_train:cut_validation])
         parts[2].extend(indices[cut_validation:])
-    if not all(parts):
-        sizes = [len(part) for part in parts]
-        raise ValueError(f"{len(ds.texts)} rows are too few to split by {fractions!r}: split sizes {sizes}")
     return Split(*(_subset(ds, sorted(part)) for part in parts))
+
+
+def partition(ds: Dataset, seed: int, balancing: str) -> Partition:
+    """Every row of `ds` (deduplicated) in its roles, seeded; the evaluation rows are the same whatever `balancing`.
+
+    The rows are undersampled (balance) and split (stratified_split): the reference's balanced train, validation
+    and test splits. The rows undersampling leaves out are split by the same fractions. With "undersample",
+    training sees the balanced train split only, and the left-out train and validation rows join threshold
+    selection; with "class-weighted" or "none" the left-out train and validation rows are trained and validated
+    on too. Either way evaluation is the balanced test split plus the left-out test rows, and `test` is the
+    balanced test split.
+
+    Raises ValueError for an unknown `balancing` or too few rows to split.
+    """
+    if balancing not in BALANCING:
+        raise ValueError(f"balancing must be one of {BALANCING}, got {balancing!r}")
+    balanced = balance(ds, seed)
+    core = stratified_split(balanced, seed)
+    kept = set(balanced.texts)  # texts are distinct after deduplication
+    left = _stratified(_subset(ds, [i for i, t in enumerate(ds.texts) if t not in kept]), seed, FRACTIONS)
+    evaluation = _concat(core.test, left.test)
+    if balancing == "undersample":
+        selection = _concat(core.validation, left.train, left.validation)
+        return Partition(core.train, core.validation, core.test, selection, evaluation)
+    validation = _concat(core.validation, left.validation)
+    return Partition(_concat(core.train, left.train), validation, core.test, validation, evaluation)
+
+
+def _concat(*parts: Dataset) -> Dataset:
+    return Dataset([t for p in parts for t in p.texts], [label for p in parts for label in p.labels])
 
 
 def _subset(ds: Dataset, indices: list[int]) -> Dataset:
@@ -364,20 +424,25 @@ def text_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def write_split(file: Path, split: Split) -> None:
-    """split.json: each split's text ids (text_id), so that evaluation can select a split's rows later."""
-    ids = {name: [text_id(text) for text in getattr(split, name).texts] for name in SPLITS}
+def write_split(file: Path, parts: Partition) -> None:
+    """split.json: the text ids (text_id) of each role's rows (ROLES; validation is within selection, test within
+    evaluation), so that evaluation can select them later."""
+    ids = {name: [text_id(text) for text in getattr(parts, name).texts] for name in ROLES}
     file.write_text(json.dumps(ids) + "\n")
 
 
 def select_split(ds: Dataset, file: Path, name: str) -> Dataset:
-    """The rows of `ds` that split.json `file` puts in split `name`.
+    """The rows of `ds` that split.json `file` puts in role `name` (one of ROLES).
 
-    Raises ValueError when the file is missing or none of the rows is in that split.
+    Raises ValueError when the file is missing, records no such role (older checkpoints record train, validation
+    and test only) or none of the rows is in it.
     """
     if not file.is_file():
         raise ValueError(f"{file}: missing, so --split {name} cannot be selected")
-    ids = set(json.loads(file.read_text())[name])
+    recorded = json.loads(file.read_text())
+    if name not in recorded:
+        raise ValueError(f"{file}: records no {name!r} rows (it has {sorted(recorded)})")
+    ids = set(recorded[name])
     keep = [i for i, text in enumerate(ds.texts) if text_id(text) in ids]
     if not keep:
         raise ValueError(f"none of these rows is in the checkpoint's {name} split")

@@ -111,6 +111,8 @@ def _card_summary(card: ModelCard) -> dict:
     return {
         "max_tokens": card.max_tokens,
         "threshold": None if card.threshold is None else asdict(card.threshold),
+        # temperature and prior shift, already folded into the weights: the probabilities are at this prior
+        "calibration": None if card.calibration is None else asdict(card.calibration),
         "base_model": card.base_model,
         "metrics": card.metrics,
         "version": card.version,
@@ -145,7 +147,7 @@ def model_card_readme(checkpoint: Checkpoint) -> str:
     else:
         rule = (
             f"spamgpt labels a text `{card.threshold.label}` where P({card.threshold.label}) >= "
-            f"{card.threshold.value:.6g} (chosen on the validation split); the pipeline below reports the "
+            f"{card.threshold.value:.6g} (chosen on held-out rows); the pipeline below reports the "
             "probabilities and sorts by them, so apply this threshold yourself to get the same labels."
         )
     labels = ", ".join(f"`{label}`" for label in card.labels)

@@ -168,6 +168,7 @@ def train(
     resume_from: TrainState | None = None,
     on_epoch_end: Callable[[TrainState], None] | None = None,
     group: Group = SINGLE,
+    class_weights: torch.Tensor | None = None,
 ) -> History:
     """Fine-tune `model` in place and leave it in eval mode with the best epoch's weights (LoRA merged).
 
@@ -175,6 +176,7 @@ def train(
     config); training continues with the next epoch and ends where that run would have, bit for bit on the
     same device and thread count. on_epoch_end: called after every epoch with the state after it (CPU copies).
     group: this process's share of a multi-process run (training.distributed); every rank calls train alike.
+    class_weights: (n_labels,) each row's loss, training and validation, is weighed by its label's weight.
 
     Raises ValueError for empty data, a batch size below the number of processes, or a resume_from whose
     parameters are not this model's trainable ones.
@@ -213,13 +215,14 @@ def train(
     group.check_same(done, "the epoch to resume after (is the saved state on a filesystem every rank shares?)")
     forward = group.wrap(run_train, device)  # the same module, under DistributedDataParallel when distributed
     targets = torch.tensor(train_data.targets, device=device)
+    weights = None if class_weights is None else class_weights.to(device, torch.float32)
     for epoch in range(done + 1, config.epochs + 1):
         order = torch.randperm(len(batches), generator=generator).tolist()
         desc = f"epoch {epoch}/{config.epochs}"
         train_loss, train_accuracy = train_epoch(
-            model, forward, [batches[i] for i in order], targets, optimizer, history, desc, group
+            model, forward, [batches[i] for i in order], targets, optimizer, history, desc, group, weights
         )
-        val_loss, val_accuracy = evaluate_loss(model, run_val, val_data, device, group)
+        val_loss, val_accuracy = evaluate_loss(model, run_val, val_data, device, group, weights)
         history.epochs.append(
             dict(
                 epoch=epoch,
@@ -317,8 +320,10 @@ def train_epoch(
     history: History,
     desc: str,
     group: Group = SINGLE,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """One optimizer step per global batch, in the given order; returns the epoch's mean loss and accuracy.
+    With class_weights, each row's loss is weighed by its label's weight (the mean stays over rows).
 
     This rank computes its share of each batch; its loss is the sum of its rows' cross-entropy over the global
     batch's rows, so the gradients summed over ranks are the global batch's mean-loss gradient. A rank whose
@@ -334,7 +339,7 @@ def train_epoch(
             rows, real = stand_in, 0.0
         weight = torch.full((len(rows),), real, device=targets.device)
         logits = run(rows)
-        losses = F.cross_entropy(logits, targets[rows], reduction="none") * weight  # (B_rank,)
+        losses = F.cross_entropy(logits, targets[rows], weight=class_weights, reduction="none") * weight  # (B_rank,)
         loss = losses.sum() / len(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -356,8 +361,10 @@ def evaluate_loss(
     data: Examples,
     device: torch.device,
     group: Group = SINGLE,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over `data`; each rank computes its validation_share, summed over ranks."""
+    """Mean cross-entropy (each row's weighed by class_weights[label] when given) and accuracy over `data`; each
+    rank computes its validation_share, summed over ranks."""
     model.eval()
     targets = torch.tensor(data.targets, device=device)
     mine = validation_share(data, group)
@@ -365,7 +372,7 @@ def evaluate_loss(
     for batch in length_sorted_batches([len(data.rows[i]) for i in mine], PREFIX_BATCH_SIZE):
         rows = [mine[j] for j in batch]
         logits = run(rows)
-        sums[0] += F.cross_entropy(logits, targets[rows], reduction="sum").double()
+        sums[0] += F.cross_entropy(logits, targets[rows], weight=class_weights, reduction="sum").double()
         sums[1] += (logits.argmax(dim=1) == targets[rows]).sum()
     loss_sum, correct = group.sum(sums).tolist()
     return loss_sum / len(data.rows), correct / len(data.rows)

@@ -1,10 +1,18 @@
 """The one path from token ids to probabilities and labels, shared by evaluation, the serving engine and the
 benchmarks: length-sorted batches, right padding, last-real-token pooling (in the model), float32 softmax; then
-the decision rule (argmax, or a binary threshold chosen on validation)."""
+the decision rule (argmax, or a binary threshold chosen on held-out rows).
 
+Calibration lives in the head: the served logits are the trained ones divided by a temperature and shifted by
+the log ratio of the deployment prior to the training prior (calibrate_logits), and fold_calibration writes that
+into the score layer's weight and bias, so every consumer of the model (evaluation, serving, file scoring, the
+Hugging Face and ONNX exports) gives the calibrated probabilities without knowing about it.
+"""
+
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from training.model import GPTClassifier
 
@@ -18,6 +26,112 @@ class Threshold:
 
     label: str
     value: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a checkpoint's head was calibrated (already folded into its weights, see fold_calibration).
+
+    Served logits = trained logits / temperature + log(prior / training_prior), per label: temperature scaling
+    (Guo et al. 2017, "On Calibration of Modern Neural Networks") fitted on validation, then Bayes' rule moving
+    the probabilities from the label distribution training saw to the one expected in deployment (Saerens et al.
+    2002, "Adjusting the Outputs of a Classifier to New a Priori Probabilities"). Priors are {label: rate}, rates
+    positive and summing to 1. In config.json: {"temperature": T, "training_prior": {...}, "prior": {...}}.
+    """
+
+    temperature: float
+    training_prior: dict[str, float]  # what the loss saw: the train split's rates, uniform when class-weighted
+    prior: dict[str, float]  # the deployment prior the weights serve at
+
+    def with_prior(self, prior: dict[str, float]) -> "Calibration":
+        """The same calibration at another deployment prior."""
+        return Calibration(self.temperature, self.training_prior, prior)
+
+
+def positive_label(label_names: list[str] | tuple[str, ...]) -> str | None:
+    """The label a binary threshold and a single prior rate apply to: "spam" if present, else the second label;
+    None beyond 2 labels."""
+    if len(label_names) != 2:
+        return None
+    return "spam" if "spam" in label_names else label_names[1]
+
+
+def check_prior(prior: dict[str, float], labels: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """`prior` if it gives every label of `labels` (and no other) a rate in (0, 1), the rates summing to 1 (within
+    1e-6); else ValueError showing it."""
+    rates = list(prior.values())
+    if set(prior) != set(labels) or not all(0 < p < 1 for p in rates) or abs(sum(rates) - 1) > 1e-6:
+        raise ValueError(f"a prior must give each of {list(labels)} a rate in (0, 1), summing to 1; got {prior!r}")
+    return prior
+
+
+def binary_prior(rate: float, labels: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """{positive_label: rate, the other label: 1 - rate} for a binary model; ValueError for a rate outside
+    (0, 1) or a model that is not binary."""
+    positive = positive_label(labels)
+    if positive is None:
+        raise ValueError(f"a single prior rate needs a binary model; this one has labels {list(labels)}")
+    other = labels[1 - labels.index(positive)]
+    return check_prior({positive: rate, other: 1.0 - rate}, labels)
+
+
+def shift_threshold(threshold: Threshold, shift: torch.Tensor, labels: list[str] | tuple[str, ...]) -> Threshold:
+    """The threshold that makes, on logits + shift (prior_shift), the decisions `threshold` makes on the logits:
+    its log-odds move by the shift's difference between its label and the other. A threshold of 0 or 1 stays."""
+    positive = labels.index(threshold.label)
+    t = threshold.value
+    if t in (0.0, 1.0):
+        return threshold
+    log_odds = math.log(t / (1 - t)) + float(shift[positive] - shift[1 - positive])
+    return Threshold(threshold.label, 1 / (1 + math.exp(-log_odds)))
+
+
+def prior_shift(
+    from_prior: dict[str, float], to_prior: dict[str, float], labels: list[str] | tuple[str, ...]
+) -> torch.Tensor:
+    """(n_labels,) float64 log(to_prior / from_prior) in label order: added to logits, it moves the softmax from
+    one label distribution to another (Bayes' rule: the likelihoods stay, the priors change)."""
+    return torch.tensor([math.log(to_prior[label] / from_prior[label]) for label in labels], dtype=torch.float64)
+
+
+def calibrate_logits(logits: torch.Tensor, temperature: float, shift: torch.Tensor) -> torch.Tensor:
+    """(N, n_labels) logits -> logits / temperature + shift, float32: what fold_calibration makes the model give."""
+    return (logits.double() / temperature + shift).float()
+
+
+@torch.no_grad()
+def fold_calibration(model: GPTClassifier, temperature: float, shift: torch.Tensor) -> None:
+    """Make `model` give calibrate_logits of its logits, by rewriting its score layer in place (computed in
+    float64): weight / temperature, bias / temperature + shift. Exact up to float rounding, since the head is
+    linear; the Hugging Face export then folds that bias on as it folds any (training.export.fold_score_bias)."""
+    score = model.score
+    score.weight.copy_(score.weight.double() / temperature)
+    score.bias.copy_(score.bias.double() / temperature + shift.to(score.bias.device))
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None = None) -> float:
+    """The temperature T > 0 minimising the (class-weighted) mean negative log-likelihood of softmax(logits / T)
+    against `targets` (Guo et al. 2017): (N, n_labels) logits of validation rows, (N,) label indices.
+
+    class_weights (n_labels,): each row's NLL weighs class_weights[target], so that validation rows in other
+    proportions than training's are fitted at the training prior. Fitted over log T (so T stays positive) by
+    L-BFGS in float64; returns 1.0 when the NLL cannot be lowered (e.g. every logit zero).
+    """
+    logits, targets = logits.double(), targets.long()
+    weight = None if class_weights is None else class_weights.double()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def nll() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), targets, weight=weight)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(nll)
+    temperature = float(log_t.detach().exp())
+    return temperature if math.isfinite(temperature) else 1.0
 
 
 def pad_right(

@@ -9,7 +9,7 @@ exported checkpoint. The command line (training.cli) only maps options to these 
 import json
 import shutil
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import tiktoken
@@ -28,25 +28,43 @@ from training.checkpoint import (
 )
 from training.config import BaseModelConfig, EvaluateConfig, FinetuneConfig, changed_options, flatten
 from training.data import (
+    ROLES,
     SPLITS,
     Dataset,
     Duplicates,
-    Split,
-    balance,
+    Partition,
     deduplicate,
     deduplicate_counted,
     fingerprint,
     load_dataset,
+    partition,
     select_split,
-    stratified_split,
     write_split,
 )
 from training.device import resolve_device
 from training.distributed import Group, process_group
-from training.evaluate import evaluation_report, predict, split_metrics, summary, write_report
+from training.evaluate import (
+    EVAL_BATCH_SIZE,
+    Predictions,
+    evaluation_report,
+    predict,
+    split_metrics,
+    summary,
+    write_report,
+)
 from training.finetune import Examples, TrainState, train
 from training.hf_base import base_classifier
-from training.inference import Threshold
+from training.inference import (
+    Calibration,
+    Threshold,
+    calibrate_logits,
+    fit_temperature,
+    fold_calibration,
+    predict_logits,
+    prior_shift,
+    probabilities,
+    require_finite,
+)
 from training.model import GPTClassifier, GPTConfig, pretrained_classifier
 from training.resume import STATE_FILE, load_state, save_state, state_dir
 from training.tokenizer import encode_batch, load_gpt2_bpe
@@ -87,23 +105,36 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         return out
     base = config.base
     tokenizer_dir, enc = load_gpt2_bpe(base.tokenizer_dir)
-    prepared = balance(unique, config.train.seed) if config.balance else unique
-    split = stratified_split(prepared, config.train.seed)
-    label_names = prepared.label_names()
-    print(data_summary_line(data.data, source, dropped, prepared, split, config.balance))
+    parts = partition(unique, config.train.seed, config.balance)
+    label_names = unique.label_names()
+    print(data_summary_line(data.data, source, dropped, parts))
     model = base_model(base, len(label_names), enc.n_vocab, config.train.seed)
-    train_data, val_data, test_data = (
-        encode(enc, getattr(split, name), label_names, base.max_tokens) for name in SPLITS
-    )
-    history = train(model, train_data, val_data, config.train, **resume_options(config, source_fingerprint, group))
+    train_data, val_data = (encode(enc, ds, label_names, base.max_tokens) for ds in (parts.train, parts.validation))
+    training_prior, class_weights = loss_prior(parts.train, label_names, config.balance)
+    options = resume_options(config, source_fingerprint, group)
+    history = train(model, train_data, val_data, config.train, **options, class_weights=class_weights)
     if not group.is_main:
         group.barrier()  # rank 0 evaluates and exports
         return out
 
-    validation, test = (
-        predict(model, ds.rows, [label_names[t] for t in ds.targets], label_names) for ds in (val_data, test_data)
+    deployment_prior = label_rates(unique, label_names)
+    calibration, raw = calibrate(model, enc, parts, label_names, base.max_tokens, training_prior, deployment_prior)
+    shift = prior_shift(training_prior, deployment_prior, label_names)
+    calibrated = {
+        name: Predictions(probabilities(calibrate_logits(p.logits, calibration.temperature, shift)), p.targets)
+        for name, p in raw.items()
+    }
+    uncalibrated = Predictions(probabilities(raw["evaluation"].logits), raw["evaluation"].targets)
+    report = evaluation_report(
+        label_names,
+        calibrated["selection"],
+        calibrated["test"],
+        calibrated["evaluation"],
+        config.threshold_objective,
+        config.target_fpr,
+        uncalibrated,
     )
-    report = evaluation_report(label_names, validation, test)
+    fold_calibration(model, calibration.temperature, shift)
     card = ModelCard(
         labels=tuple(label_names),
         max_tokens=base.max_tokens,
@@ -114,19 +145,80 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         data=DataSummary(
             source=data.data,
             fingerprint=source_fingerprint,
-            rows_after_dedup_and_balance=len(prepared.texts),
-            split={name: len(getattr(split, name).texts) for name in SPLITS},
+            rows_after_dedup_and_balance=sum(len(getattr(parts, name).texts) for name in SPLITS),
+            split=parts.sizes(),
             duplicates_dropped=asdict(dropped),
+            labels_before_balancing=dict(sorted(Counter(unique.labels).items())),
         ),
+        calibration=calibration,
     )
     with staged(out) as staging:
         save_checkpoint(staging, model, tokenizer_dir, card)
-        write_report(staging / REPORT_DIR, report, test, history.to_dict())
-        write_split(staging / SPLIT_FILE, split)
+        before_after = (uncalibrated, calibrated["evaluation"])
+        write_report(staging / REPORT_DIR, report, calibrated["test"], history.to_dict(), before_after)
+        write_split(staging / SPLIT_FILE, parts)
     shutil.rmtree(state_dir(out), ignore_errors=True)  # the run is complete: nothing left to resume
     print(f"{headline(card.metrics, card.threshold)}; checkpoint exported to {out}")
     group.barrier()
     return out
+
+
+@dataclass
+class Logits:
+    """A role's raw (uncalibrated) logits beside its true label indices."""
+
+    logits: torch.Tensor  # (N, n_labels) float32
+    targets: torch.Tensor  # (N,)
+
+
+def label_rates(ds: Dataset, label_names: list[str]) -> dict[str, float]:
+    """{label: share of the rows}, in label_names' order."""
+    counts = Counter(ds.labels)
+    return {label: counts[label] / len(ds.labels) for label in label_names}
+
+
+def loss_prior(
+    train_rows: Dataset, label_names: list[str], balancing: str
+) -> tuple[dict[str, float], torch.Tensor | None]:
+    """The label distribution the loss sees, and the class weights that make it so (None: unweighted).
+
+    "class-weighted" weighs each label by rows / (labels * its rows), so every label carries the same total
+    weight and the loss sees a uniform prior; otherwise the loss sees the train rows' own rates (uniform after
+    undersampling).
+    """
+    rates = label_rates(train_rows, label_names)
+    if balancing != "class-weighted":
+        return rates, None
+    uniform = {label: 1 / len(label_names) for label in label_names}
+    return uniform, torch.tensor([uniform[label] / rates[label] for label in label_names])
+
+
+def calibrate(
+    model: GPTClassifier,
+    enc: tiktoken.Encoding,
+    parts: Partition,
+    label_names: list[str],
+    max_tokens: int,
+    training_prior: dict[str, float],
+    deployment_prior: dict[str, float],
+) -> tuple[Calibration, dict[str, Logits]]:
+    """The temperature fitted on the validation rows, weighed so that their labels count at the training prior
+    (training.inference.fit_temperature), and the raw logits of the validation, selection, test and evaluation
+    rows it was fitted from and will be judged on.
+
+    Raises training.inference.NonFiniteLogits naming rows whose logits are not finite.
+    """
+    raw = {}
+    for name in ("validation", "selection", "test", "evaluation"):
+        ds = getattr(parts, name)
+        rows = encode(enc, ds, label_names, max_tokens)
+        logits = predict_logits(model, rows.rows, EVAL_BATCH_SIZE)
+        require_finite(logits)
+        raw[name] = Logits(logits, torch.tensor(rows.targets, dtype=torch.long))
+    validation_rates = label_rates(parts.validation, label_names)
+    weights = torch.tensor([training_prior[label] / max(validation_rates[label], 1e-12) for label in label_names])
+    temperature = fit_temperature(raw["validation"].logits, raw["validation"].targets, weights)
+    return Calibration(temperature, training_prior, deployment_prior), raw
 
 
 def resume_options(config: FinetuneConfig, data_fingerprint: dict, group: Group) -> dict:
@@ -164,20 +256,17 @@ def compared_arguments(config: FinetuneConfig) -> dict:
     return {k: v for k, v in (arguments | resolved).items() if k not in NOT_COMPARED}
 
 
-def data_summary_line(
-    source_name: str, source: Dataset, dropped: Duplicates, prepared: Dataset, split: Split, balanced: bool
-) -> str:
+def data_summary_line(source_name: str, source: Dataset, dropped: Duplicates, parts: Partition) -> str:
     """What training is about to learn from, printed before it starts: the labels and their counts as read, the
-    duplicates dropped, the rows kept and the split sizes."""
+    duplicates dropped, and the rows of each role with their labels."""
 
     def counts(ds: Dataset) -> str:
         return ", ".join(f"{label!r} {n}" for label, n in sorted(Counter(ds.labels).items()))
 
-    sizes = ", ".join(f"{name} {len(getattr(split, name).texts)}" for name in SPLITS)
-    kept = f"{'balanced' if balanced else 'kept'}: {len(prepared.texts)} rows ({counts(prepared)})"
+    roles = "; ".join(f"{name} {len(getattr(parts, name).texts)} ({counts(getattr(parts, name))})" for name in ROLES)
     return (
         f"data {source_name}: {len(source.texts)} rows, {len(source.label_names())} labels ({counts(source)}); "
-        f"dropped {dropped.exact} exact and {dropped.near} near duplicates; {kept}; split: {sizes}"
+        f"dropped {dropped.exact} exact and {dropped.near} near duplicates; {roles}"
     )
 
 
@@ -210,7 +299,7 @@ def encode(enc: tiktoken.Encoding, ds: Dataset, label_names: list[str], max_toke
 
 def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dict, dropped: Duplicates) -> bool:
     """Whether `out` holds a valid checkpoint whose arguments and data are this run's, deduplicated the same way
-    (one written before near duplicates were dropped is retrained); prints why not."""
+    (one written before near duplicates were dropped, or before calibration, is retrained); prints why not."""
     if not (out / CONFIG_FILE).is_file():
         print(f"no checkpoint at {out} yet; training one")
         return False
@@ -229,6 +318,9 @@ def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dic
         return False
     if card.data.duplicates_dropped != asdict(dropped):
         print(f"{out} was trained on data deduplicated another way; training a new one")
+        return False
+    if card.calibration is None:
+        print(f"{out} was trained before probabilities were calibrated; training a new one")
         return False
     return True
 
@@ -249,6 +341,14 @@ def headline(metrics: dict, threshold: Threshold | None) -> str:
             f"{num(metrics['test_accuracy_at_threshold'])}, F1 {num(metrics['test_f1_at_threshold'])}"
         )
     return line
+
+
+def describe_rate(rate: dict) -> str:
+    """A rate() as "2.30% [1.87, 2.83] (89 / 3,865)", or "n/a (0 / 0)"."""
+    if rate["value"] is None:
+        return "n/a (0 / 0)"
+    low, high = rate["ci95"]
+    return f"{100 * rate['value']:.2f}% [{100 * low:.2f}, {100 * high:.2f}] ({rate['count']:,} / {rate['of']:,})"
 
 
 def evaluate(config: EvaluateConfig) -> dict:
@@ -282,6 +382,8 @@ def evaluate(config: EvaluateConfig) -> dict:
             auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
             print(f"{decision}: n {m['n']}, accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f}, ROC-AUC {auc}")
             print(f"  confusion matrix (rows true, columns predicted; {list(card.labels)}): {m['confusion_matrix']}")
+            for label, c in m["per_class"].items():
+                print(f"  {label}: " + ", ".join(f"{name} {describe_rate(r)}" for name, r in c["rates"].items()))
     if config.out:
         Path(config.out).write_text(json.dumps(result, indent=2, default=asdict) + "\n")
         print(f"metrics written to {config.out}")

@@ -33,12 +33,12 @@ class Scorer:
         """Load and check the checkpoint (training.checkpoint.load_checkpoint) onto the config's device and dtype.
 
         Raises CheckpointError for a checkpoint that cannot be loaded, ValueError for a device torch does not
-        know or precision options the device cannot run.
+        know, precision options the device cannot run, or a prior the checkpoint cannot take (load_checkpoint).
         """
         if config.threads:
             torch.set_num_threads(config.threads)
         device = resolve_device(config.device)
-        return cls(load_checkpoint(path, device, precision.resolve_dtype(config.dtype, device)), config)
+        return cls(load_checkpoint(path, device, precision.resolve_dtype(config.dtype, device), config.prior), config)
 
     @property
     def labels(self) -> tuple[str, ...]:

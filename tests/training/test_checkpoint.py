@@ -206,9 +206,15 @@ def test_loads_a_config_json_in_the_format_written_by_spamgpt_0_1_0(tiny_checkpo
     # written back, the card records the options added since at their defaults, drops cache_dir (removed when the
     # data moved into the package) and records no count of duplicates
     assert card.data.duplicates_dropped == {}  # not recorded before near duplicates were counted
-    added = {"resume": False, "save_state": True, "base": None}
+    # balance true is read as today's "undersample"; no calibration: served as trained (temperature 1, no shift)
+    assert card.training.balance == "undersample" and card.calibration is None
+    added = {"resume": False, "save_state": True, "base": None, "threshold_objective": "fpr", "target_fpr": 0.01}
     kept = {name: value for name, value in training.items() if name != "cache_dir"}
-    expected = raw | {"training": kept | added, "data": data | {"duplicates_dropped": {}}}
+    expected = raw | {
+        "training": kept | added | {"balance": "undersample"},
+        "data": data | {"duplicates_dropped": {}, "labels_before_balancing": {}},
+        "calibration": None,
+    }
     assert card.to_json() | {k: raw[k] for k in ("format_version", "model", "pooling", "tokenizer")} == expected
 
 
@@ -223,6 +229,25 @@ def test_loads_a_config_json_in_the_format_written_by_spamgpt_0_1_0(tiny_checkpo
         pytest.param("data", {"source": "sms"}, r"invalid 'data' record \(.*fingerprint", id="data-missing-field"),
         pytest.param("data", {"source": 3}, r"'data' record \(source must be str, got 3\)", id="data-source-int"),
         pytest.param("metrics", [1], r"'metrics' must be an object, got \[1\]", id="metrics-list"),
+        pytest.param("calibration", {"temperature": 1.0}, r"'calibration' must be null or", id="calibration-fields"),
+        pytest.param(
+            "calibration",
+            {"temperature": 0, "training_prior": {"ham": 0.5, "spam": 0.5}, "prior": {"ham": 0.5, "spam": 0.5}},
+            r"'calibration' temperature must be a positive number, got 0",
+            id="temperature-0",
+        ),
+        pytest.param(
+            "calibration",
+            {"temperature": 1.0, "training_prior": {"ham": 0.5, "spam": 0.5}, "prior": {"ham": 0.9, "spam": 0.2}},
+            r"'calibration' prior: a prior must give each of \['ham', 'spam'\] a rate in \(0, 1\), summing to 1",
+            id="prior-sum",
+        ),
+        pytest.param(
+            "calibration",
+            {"temperature": 1.0, "training_prior": {"spam": 1.0}, "prior": {"ham": 0.5, "spam": 0.5}},
+            r"'calibration' training_prior: a prior must give each of",
+            id="training-prior-labels",
+        ),
     ],
 )
 def test_load_checkpoint_refuses_a_bad_record(tiny_checkpoint, field, record, match):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import training.pipeline
-from tests.helpers import HAM_WORDS, SPAM_WORDS, finetune_argv, write_messages_csv
+from tests.helpers import DELETE, HAM_WORDS, SPAM_WORDS, edit_card, finetune_argv, write_messages_csv
 from training.checkpoint import load_checkpoint
 from training.cli import main
 from training.config import BaseModelConfig, DataConfig, FinetuneConfig, TrainConfig
@@ -37,8 +37,13 @@ def test_finetune_exports_a_loadable_checkpoint(trained, capsys):
     assert card.labels == ("ham", "spam") and card.max_tokens == 48
     assert card.base_model == "tiny (random init)"
     assert card.threshold.label == "spam" and 0 <= card.threshold.value <= 1
-    assert card.training.train.epochs == 2 and card.training.train.seed == 123 and card.training.balance is True
-    assert card.data.split == {"train": 42, "validation": 6, "test": 12}
+    assert card.training.train.epochs == 2 and card.training.train.seed == 123
+    assert card.training.balance == "undersample" and card.training.threshold_objective == "fpr"
+    # 30 ham and 30 spam: undersampling leaves nothing out, so selection is validation and evaluation is test
+    roles = {"train": 42, "validation": 6, "test": 12, "selection": 6, "evaluation": 12}
+    assert card.data.split == roles and card.data.labels_before_balancing == {"ham": 30, "spam": 30}
+    assert card.calibration.training_prior == {"ham": 0.5, "spam": 0.5} == card.calibration.prior
+    assert card.calibration.temperature > 0
     assert card.data.fingerprint["rows"] == 60 and card.data.duplicates_dropped == {"exact": 0, "near": 0}
     assert card.metrics["best_epoch"] in (1, 2) and 0 <= card.metrics["test_accuracy"] <= 1
     report = trained / "report"
@@ -48,6 +53,7 @@ def test_finetune_exports_a_loadable_checkpoint(trained, capsys):
     split = json.loads((report / "split.json").read_text())
     ids = [set(split[name]) for name in ("train", "validation", "test")]
     assert [len(s) for s in ids] == [42, 6, 12] and len(set.union(*ids)) == 60
+    assert set(split["selection"]) == ids[1] and set(split["evaluation"]) == ids[2]
     assert {p.name for p in report.glob("*.png")} >= {"loss.png", "confusion_matrix.png", "roc.png"}
     assert not list(trained.parent.glob(".ckpt.*")), "staging directory left behind"
 
@@ -62,7 +68,10 @@ def test_evaluate_command(trained, csv_data, tmp_path, capsys):
     assert result["argmax"]["confusion_matrix"] == recorded["argmax"]["confusion_matrix"]
     assert result["threshold"]["accuracy"] == recorded["threshold"]["accuracy"]
     assert result["decision_threshold"] == json.loads((trained / "config.json").read_text())["threshold"]
-    assert "accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed
+    spam = result["threshold"]["per_class"]["spam"]["rates"]["false_positive_rate"]
+    assert f"({spam['count']:,} / {spam['of']:,})" in printed.split("spam: ")[-1]  # ham flagged, as counted
 
 
 def test_skip_existing(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys):
@@ -99,6 +108,15 @@ def test_skip_existing_retrains_on_other_data(
     with pytest.raises(pytest.fail.Exception, match="retrains"):
         main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing"))
     assert message in capsys.readouterr().out
+
+
+def test_skip_existing_retrains_a_checkpoint_from_before_calibration(trained, csv_data, bpe_dir, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    edit_card(calibration=DELETE)(out)
+    assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing")) == 0
+    assert "trained before probabilities were calibrated" in capsys.readouterr().out
+    assert load_checkpoint(out).card.calibration is not None
 
 
 def test_crash_keeps_the_old_checkpoint(trained, csv_data, bpe_dir, tmp_path, monkeypatch):
@@ -138,6 +156,8 @@ def test_missing_weights_say_the_two_ways_out(csv_data, bpe_dir, tmp_path, monke
         pytest.param(["--max-tokens", "65"], "max_tokens must lie in 1..64 for preset 'tiny', got 65", id="max-tokens"),
         pytest.param(["--weights", "w.safetensors"], "'w.safetensors' has no use with --init random", id="weights"),
         pytest.param(["--trainable", "some"], "invalid choice: 'some'", id="choice"),
+        pytest.param(["--balance", "oversample"], "invalid choice: 'oversample'", id="balance"),
+        pytest.param(["--target-fpr", "1.5"], "target_fpr must lie in [0, 1), got 1.5", id="target-fpr"),
     ],
 )
 def test_bad_arguments(csv_data, bpe_dir, tmp_path, capsys, extra, message):
@@ -172,11 +192,38 @@ def test_three_labels_from_jsonl_with_lora(bpe_dir, tmp_path, capsys):
     lines = [{"body": " ".join(rng.sample(words[k], 3)) + f" {i}", "kind": k} for i in range(20) for k in words]
     data.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     argv = finetune_argv(data, bpe_dir, tmp_path / "out", "--text-column", "body", "--label-column", "kind")
-    assert main([*argv, "--trainable", "lora", "--no-balance"]) == 0
+    assert main([*argv, "--trainable", "lora", "--balance", "none"]) == 0
     checkpoint = load_checkpoint(tmp_path / "out")
     assert checkpoint.card.labels == ("ham", "spam", "work") and checkpoint.card.threshold is None
     assert checkpoint.card.metrics["f1_label"] == "macro"
     assert "F1 (macro)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("balancing", ["undersample", "class-weighted"])
+def test_unbalanced_data_is_held_out_calibrated_and_thresholded(bpe_dir, tmp_path, balancing):
+    """80 ham and 20 spam: the ham undersampling leaves out is held out; the card serves at the data's 80 / 20."""
+    data = tmp_path / "messages.csv"
+    rng = random.Random(2)
+    rows = [(" ".join(rng.sample(HAM_WORDS, 4)) + f" {i}", "ham") for i in range(80)]
+    rows += [(" ".join(rng.sample(SPAM_WORDS, 4)) + f" {i}", "spam") for i in range(20)]
+    with open(data, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    out = tmp_path / "out"
+    argv = finetune_argv(data, bpe_dir, out, "--balance", balancing, "--target-fpr", "0.05")
+    assert main(argv) == 0
+    card = load_checkpoint(out).card
+    assert card.data.labels_before_balancing == {"ham": 80, "spam": 20}
+    assert card.calibration.prior == {"ham": 0.8, "spam": 0.2}
+    assert card.calibration.training_prior == {"ham": 0.5, "spam": 0.5}  # undersampled, or weighed to it
+    # balanced 20 + 20 split 14 / 2 / 4 each; the 60 ham left out 42 / 6 / 12
+    assert card.data.split["evaluation"] == 8 + 12 and card.data.split["test"] == 8
+    assert card.data.split["train"] == (28 if balancing == "undersample" else 28 + 42)
+    report = json.loads((out / "report" / "metrics.json").read_text())
+    assert report["threshold_rule"] == {"objective": "fpr", "target_fpr": 0.05}
+    # the threshold's FPR on the selection rows meets the target
+    assert report["selection"]["threshold"]["per_class"]["spam"]["rates"]["false_positive_rate"]["value"] <= 0.05
+    assert report["evaluation"]["argmax"]["n"] == 20 and set(report["calibration"]) == {"ece_before", "ece_after", "n"}
+    assert (out / "report" / "reliability.png").is_file()
 
 
 def test_finetune_from_python_with_typed_configs(trained, csv_data, bpe_dir, tmp_path):
@@ -237,7 +284,8 @@ def test_finetune_prints_the_labels_and_duplicates_before_training(bpe_dir, tmp_
     assert main(finetune_argv(data, bpe_dir, tmp_path / "out", "--epochs", "1")) == 0
     assert (
         "data " + str(data) + ": 69 rows, 2 labels ('ham' 35, 'spam' 34); dropped 5 exact and 4 near duplicates; "
-        "balanced: 60 rows ('ham' 30, 'spam' 30); split: train 42, validation 6, test 12"
+        "train 42 ('ham' 21, 'spam' 21); validation 6 ('ham' 3, 'spam' 3); test 12 ('ham' 6, 'spam' 6); "
+        "selection 6 ('ham' 3, 'spam' 3); evaluation 12 ('ham' 6, 'spam' 6)"
     ) in said_before_training[0]
     card = load_checkpoint(tmp_path / "out").card
     assert card.labels == ("ham", "spam")

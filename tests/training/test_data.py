@@ -21,9 +21,12 @@ from training.data import (
     load_sms_spam,
     load_table,
     near_duplicate_key,
+    partition,
+    select_split,
     stratified_split,
     text_id,
     visible_character_pattern,
+    write_split,
 )
 
 # Messages that CSV quoting or a naive split would mangle: quotes, commas, tabs, a lone quote.
@@ -487,6 +490,51 @@ def test_balance_undersamples_to_the_smallest_label():
     assert all(ds.labels[p] == label for p, label in zip(positions, balanced.labels, strict=True))
     assert balance(ds, seed=0) == balanced
     assert balance(ds, seed=1) != balanced
+
+
+def test_partition_by_undersampling_holds_out_the_rows_it_leaves():
+    ds = many(1000, 100)
+    parts = partition(ds, seed=0, balancing="undersample")
+    # the balanced 100 + 100 split 70 / 10 / 20; the 900 ham left out split 630 / 90 / 180 the same way
+    assert Counter(parts.train.labels) == {"ham": 70, "spam": 70}
+    assert Counter(parts.validation.labels) == {"ham": 10, "spam": 10}
+    assert Counter(parts.test.labels) == {"ham": 20, "spam": 20}
+    assert Counter(parts.selection.labels) == {"ham": 10 + 630 + 90, "spam": 10}
+    assert Counter(parts.evaluation.labels) == {"ham": 20 + 180, "spam": 20}
+    train, selection, evaluation = (set(getattr(parts, n).texts) for n in ("train", "selection", "evaluation"))
+    assert not (train & selection or train & evaluation or selection & evaluation)
+    assert train | selection | evaluation == set(ds.texts)  # every row has a role
+    assert set(parts.validation.texts) <= selection and set(parts.test.texts) <= evaluation
+
+
+@pytest.mark.parametrize("balancing", ["class-weighted", "none"])
+def test_partition_of_all_rows_trains_on_the_left_out_rows_and_evaluates_on_the_same_rows(balancing):
+    ds = many(1000, 100)
+    parts, undersampled = partition(ds, 0, balancing), partition(ds, 0, "undersample")
+    assert Counter(parts.train.labels) == {"ham": 70 + 630, "spam": 70}
+    assert parts.selection == parts.validation and Counter(parts.validation.labels) == {"ham": 100, "spam": 10}
+    assert parts.evaluation == undersampled.evaluation and parts.test == undersampled.test
+    train, selection, evaluation = (set(getattr(parts, n).texts) for n in ("train", "selection", "evaluation"))
+    assert not (train & selection or train & evaluation or selection & evaluation)
+    assert train | selection | evaluation == set(ds.texts)
+
+
+def test_partition_refuses_an_unknown_balancing():
+    with pytest.raises(ValueError, match=r"balancing must be one of .*got 'oversample'"):
+        partition(many(100, 10), 0, "oversample")
+
+
+def test_split_file_selects_each_role(tmp_path):
+    ds = many(200, 20)
+    parts = partition(ds, 0, "undersample")
+    write_split(tmp_path / "split.json", parts)
+    for role in ("train", "validation", "test", "selection", "evaluation"):
+        selected, expected = select_split(ds, tmp_path / "split.json", role), getattr(parts, role)
+        pairs = [sorted(zip(d.texts, d.labels, strict=True)) for d in (selected, expected)]
+        assert pairs[0] == pairs[1]
+    (tmp_path / "old.json").write_text(json.dumps({"train": [], "validation": [], "test": []}))
+    with pytest.raises(ValueError, match=r"records no 'evaluation' rows"):
+        select_split(ds, tmp_path / "old.json", "evaluation")
 
 
 def test_fingerprint_covers_texts_labels_and_order():

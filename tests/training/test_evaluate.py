@@ -34,13 +34,22 @@ def binary(spam_p: list[float], truth: list[int]) -> Predictions:
     return Predictions(torch.stack([1 - p, p], dim=1), torch.tensor(truth))
 
 
+def without_rates(per_class: dict) -> dict:
+    return {k: v for k, v in per_class.items() if k != "rates"}
+
+
 def test_metrics_by_hand():
     pred = binary(SPAM_P, TRUTH)
     m = classification_metrics(pred.probs, pred.targets, pred.probs.argmax(dim=1), LABELS)
     # argmax says spam for the first four: ham row [3 right, 1 wrong], spam row [1 missed, 3 right]
     assert m["confusion_matrix"] == [[3, 1], [1, 3]]
     assert m["accuracy"] == 0.75 and m["n"] == 8
-    assert m["per_class"]["spam"] == {"precision": 0.75, "recall": 0.75, "f1": 0.75, "support": 4}
+    spam = m["per_class"]["spam"]
+    assert without_rates(spam) == {"precision": 0.75, "recall": 0.75, "f1": 0.75, "support": 4}
+    # 3 of 4 flagged are spam, 3 of 4 spam flagged, 1 of 4 ham flagged: counts behind the rates and intervals
+    assert spam["rates"]["precision"] | {"ci95": None} == {"value": 0.75, "count": 3, "of": 4, "ci95": None}
+    assert spam["rates"]["false_positive_rate"]["count"] == 1 and spam["rates"]["false_positive_rate"]["of"] == 4
+    assert spam["rates"]["false_positive_rate"]["ci95"] == pytest.approx(evaluate.wilson_interval(1, 4))
     assert m["per_class"]["ham"]["f1"] == 0.75
     # spam above ham in 4 + 4 + 3 + 1 of the 16 pairs
     assert m["roc_auc"] == pytest.approx(12 / 16)
@@ -92,7 +101,7 @@ def test_curves_and_metrics_with_ties_by_hand():
     m = classification_metrics(pred.probs, pred.targets, pred.probs.argmax(dim=1), LABELS)
     # argmax flags 0.9 and the three 0.6: ham row [1 right, 2 flagged], spam row [0 missed, 2 found]
     assert m["confusion_matrix"] == [[1, 2], [0, 2]]
-    assert m["per_class"] == {
+    assert {label: without_rates(c) for label, c in m["per_class"].items()} == {
         "ham": {"precision": 1.0, "recall": pytest.approx(1 / 3), "f1": pytest.approx(1 / 2), "support": 3},
         "spam": {"precision": pytest.approx(2 / 4), "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 2},
     }
@@ -139,7 +148,76 @@ def test_threshold_is_chosen_on_validation_only():
     assert report_a["threshold"].label == "spam" and report_a["threshold"].value == pytest.approx(0.6)
     # at 0.6 none of test_a is flagged: recall 0, where argmax found none either and 0.25 would find all
     assert report_a["test"]["threshold"]["per_class"]["spam"]["recall"] == 0.0
-    assert report_a["validation"]["threshold"]["per_class"]["spam"]["f1"] == pytest.approx(0.75)
+    assert report_a["selection"]["threshold"]["per_class"]["spam"]["f1"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        # negatives (ham) at 0.7, 0.4, 0.3, 0.1: flagging at 0.8 flags none of them and 2 of 4 spam; at 0.6, one
+        # ham (FPR 0.25) and 3 spam; at 0.2, 3 ham (0.75) and 4 spam
+        pytest.param(0.0, 0.8, id="no-false-positives"),
+        pytest.param(0.25, 0.6, id="one-of-four"),
+        pytest.param(0.2, 0.8, id="just-under-one"),
+        pytest.param(0.75, 0.2, id="three-of-four"),
+    ],
+)
+def test_threshold_for_a_target_false_positive_rate(target, expected):
+    assert choose_threshold(torch.tensor(SPAM_P), torch.tensor(TRUTH).bool(), "fpr", target) == pytest.approx(expected)
+
+
+def test_threshold_above_every_score_when_no_threshold_meets_the_target():
+    # the highest score is a ham's: any threshold at or below it flags a ham
+    chosen = choose_threshold(torch.tensor([0.9, 0.5]), torch.tensor([False, True]), "fpr", 0.0)
+    assert chosen > torch.tensor(0.9).item() and chosen <= 1.0  # above 0.9 as a float32 probability is
+    assert evaluate.decide(torch.tensor([[0.1, 0.9], [0.5, 0.5]]), LABELS, evaluate.Threshold("spam", chosen)) == [
+        "ham",
+        "ham",
+    ]
+
+
+def test_unknown_threshold_objective():
+    with pytest.raises(ValueError, match=r"objective must be 'f1' or 'fpr', got 'auc'"):
+        choose_threshold(torch.tensor(SPAM_P), torch.tensor(TRUTH).bool(), "auc")
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "expected"),
+    [
+        # the roots p of (successes / n - p)^2 = z^2 p (1 - p) / n, Wilson's definition, solved by hand
+        pytest.param(0, 10, (0.0, 0.2775328), id="none"),
+        pytest.param(5, 10, (0.2365931, 0.7634069), id="half"),
+        pytest.param(89, 3865, (0.01875082, 0.02825071), id="issue-14-held-out-ham"),
+        pytest.param(10, 10, (0.7224672, 1.0), id="all"),
+    ],
+)
+def test_wilson_interval(successes, n, expected):
+    assert evaluate.wilson_interval(successes, n) == pytest.approx(expected, abs=1e-7)
+
+
+def test_wilson_interval_of_nothing():
+    assert evaluate.wilson_interval(0, 0) is None
+
+
+def test_report_on_held_out_rows_and_calibration():
+    selection = binary(SPAM_P, TRUTH)
+    test = binary([0.9, 0.1], [1, 0])
+    evaluation = binary([0.9, 0.1, 0.8, 0.2, 0.7], [1, 0, 0, 0, 0])  # the test rows and three held-out ham
+    uncalibrated = binary([0.6, 0.4, 0.6, 0.4, 0.6], [1, 0, 0, 0, 0])
+    report = evaluation_report(LABELS, selection, test, evaluation, "fpr", 0.25, uncalibrated)
+    assert report["threshold"].value == pytest.approx(0.6) and report["threshold_rule"]["target_fpr"] == 0.25
+    # at 0.6: 0.8 and 0.7 are ham flagged, 2 of 4 ham
+    fpr = report["evaluation"]["threshold"]["per_class"]["spam"]["rates"]["false_positive_rate"]
+    assert (fpr["count"], fpr["of"]) == (2, 4)
+    assert report["test"]["threshold"]["per_class"]["spam"]["rates"]["false_positive_rate"]["count"] == 0
+    # top-label ECE: uncalibrated, one bin, 0.6 confident and 3 of 5 right (0.0); calibrated, three bins: 0.9
+    # (2 rows, both right), 0.8 (2 rows, 1 right), 0.7 (1 row, wrong)
+    ece_after = (2 * 0.1 + 2 * 0.3 + 1 * 0.7) / 5
+    assert report["calibration"]["ece_before"] == pytest.approx(0.0, abs=1e-6)
+    assert report["calibration"]["ece_after"] == pytest.approx(ece_after, abs=1e-6)
+    headline = summary(report)
+    assert headline["evaluation_false_positive_rate_at_threshold"] == 0.5
+    assert headline["evaluation_false_positive_rate_at_threshold_ci95"] == pytest.approx(evaluate.wilson_interval(2, 4))
 
 
 def test_positive_label_is_spam_wherever_it_sorts():
@@ -167,7 +245,9 @@ def test_multiclass_auc_averages_the_classes_present():
     m = classification_metrics(probs, targets, probs.argmax(dim=1), ["a", "b", "c"])
     # a: 0.6, 0.5 over 0.2, 0.4 (1.0); b: 0.5, 0.4 over 0.3, 0.4 with one tie (3.5 / 4)
     assert m["roc_auc"] == pytest.approx((1.0 + 0.875) / 2)
-    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    c = m["per_class"]["c"]
+    assert without_rates(c) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert c["rates"]["recall"] == {"value": None, "count": 0, "of": 0, "ci95": None}  # undefined, not 0
 
 
 def test_report_files(tmp_path):
@@ -180,6 +260,16 @@ def test_report_files(tmp_path):
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["accuracy.png", "confusion_matrix.png", "loss.png", "precision_recall.png", "roc.png"]
     assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in pngs)
+
+
+def test_reliability_diagram(tmp_path):
+    pytest.importorskip("matplotlib")
+    pred = binary(SPAM_P, TRUTH)
+    written = write_plots(tmp_path, evaluation_report(LABELS, pred, pred), pred, None, (pred, pred))
+    assert tmp_path / "reliability.png" in written
+    # top probability 0.9 / 0.8 / 0.7 / 0.6 twice each (0.1 is ham's 0.9): 2 of 2 right at 0.9, 1 of 2 at 0.7
+    bins = {round(confidence, 6): (accuracy, n) for confidence, accuracy, n in evaluate.reliability_bins(pred)}
+    assert bins[0.9] == (1.0, 2) and bins[0.7] == (0.5, 2) and sum(n for _, n in bins.values()) == 8
 
 
 def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):

@@ -28,6 +28,24 @@ def test_loss_goes_down():
     assert history.epochs[-1]["val_accuracy"] == 1.0
 
 
+def test_class_weights_weigh_each_rows_loss():
+    model, data = fresh_model(), synthetic(12, seed=3)
+    weights = torch.tensor([0.25, 3.0])
+    run = tail_forward(model, data.rows, 0, False, CPU, "val")
+    loss, _ = evaluate_loss(model, run, data, CPU, class_weights=weights)
+    logits, targets = run(list(range(len(data.rows)))), torch.tensor(data.targets)
+    each = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    assert loss == pytest.approx((each * weights[targets]).mean().item(), rel=1e-5)
+    assert loss != pytest.approx(each.mean().item(), rel=1e-3)  # the weights changed it
+
+
+def test_training_with_class_weights_learns():
+    model, data = fresh_model(), synthetic(40, seed=1)
+    config = TrainConfig(trainable="all", epochs=4, lr=1e-3, device="cpu")
+    history = train(model, data, synthetic(10, seed=2), config, class_weights=torch.tensor([0.5, 2.0]))
+    assert history.epochs[-1]["train_loss"] < 0.5 * history.epochs[0]["train_loss"]
+
+
 @pytest.mark.parametrize("blocks", [pytest.param(1, id="one-block"), pytest.param(2, id="all-blocks")])
 def test_cached_prefix_matches_whole_model(blocks):
     data, val = synthetic(24, seed=3), synthetic(8, seed=4)

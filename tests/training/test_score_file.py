@@ -10,7 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from tests.helpers import edit_tensors, tiny_card, tiny_settings
+from tests.helpers import calibrated_checkpoint, edit_tensors, tiny_card, tiny_settings
 from training.checkpoint import save_checkpoint
 from training.cli import main
 from training.inference import Threshold
@@ -297,3 +297,23 @@ def test_a_row_the_model_overflows_on_stops_the_run_naming_its_line(tmp_path, ti
     assert predict("--checkpoint", tiny_checkpoint, "--data", source, "--out", out, "--chunk-rows", "2") == 1
     assert "lines 5: the model gave non-finite logits" in capsys.readouterr().err
     assert [row["text"] for row in read_output(out)] == ["hello there", "see you at six"]
+
+
+def test_a_prior_gives_what_the_server_told_it_answers(tmp_path, tiny_config, bpe_dir):
+    """--prior and SPAMGPT_PRIOR: the same correction, stated by /info; TEI's raw scores soften to the same."""
+    ckpt = calibrated_checkpoint(tmp_path / "ckpt", tiny_config, bpe_dir)
+    data, out = write_input(tmp_path / "in.csv", TEXTS), tmp_path / "out.csv"
+    assert predict("--checkpoint", ckpt, "--data", data, "--out", out, "--prior", "0.02") == 0
+    told = classify(ckpt, TEXTS, prior=0.02)
+    assert_results_equal(read_output(out), told)
+    default = classify(ckpt, TEXTS)
+    assert all(a["probabilities"]["spam"] < b["probabilities"]["spam"] for a, b in zip(told, default, strict=True))
+    with TestClient(create_app(tiny_settings(ckpt, prior=0.02))) as client:
+        info = client.get("/info").json()
+        raw = client.post("/predict", json={"inputs": TEXTS[:2], "raw_scores": True}).json()
+    assert info["prior"] == pytest.approx({"spam": 0.02, "ham": 0.98}) and info["calibration"]["temperature"] == 2.0
+    assert info["threshold"]["value"] < 0.3  # moved with the prior: the same decisions
+    for scores, want in zip(raw, told[:2], strict=True):
+        logits = {s["label"]: s["score"] for s in scores}
+        p_spam = torch.softmax(torch.tensor([logits["ham"], logits["spam"]]), 0)[1].item()
+        assert p_spam == pytest.approx(want["probabilities"]["spam"], abs=1e-6)

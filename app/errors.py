@@ -148,7 +148,10 @@ def validation_details(exc: RequestValidationError) -> list[ErrorDetail]:
             "text_too_long",
             "no_visible_characters",
         ):
-            message = f"{message}, got {type(err['input']).__name__}"
+            # a wrong type names the type given; a wrong value of the right type ("top_k": 0) shows the value
+            wrong_type = err["type"].endswith("_type") or err["type"] == "text_or_texts"
+            given = type(err["input"]).__name__ if wrong_type else _shown(err["input"])
+            message = f"{message}, got {given}"
         details.append(ErrorDetail(field=_field(err["loc"]), message=message))
     return details
 

@@ -98,7 +98,27 @@ def test_predict_refuses_a_long_text_unless_truncate(client, engine):
             id="left",
         ),
         pytest.param("/predict", {"input": "a"}, "inputs", "Field required", id="misspelt-field"),
-        pytest.param("/", {"inputs": "a", "parameters": {"top_k": 0}}, "parameters.top_k", "greater than or equal"),
+        pytest.param(
+            "/",
+            {"inputs": "a", "parameters": {"top_k": 0}},
+            "parameters.top_k",
+            "Input should be greater than or equal to 1, got 0",
+            id="top-k-zero",
+        ),
+        pytest.param(
+            "/",
+            {"inputs": "a", "parameters": {"top_k": "x"}},
+            "parameters.top_k",
+            "unable to parse string as an integer, got 'x'",
+            id="top-k-not-a-number",
+        ),
+        pytest.param(
+            "/predict",
+            {"inputs": "a", "raw_scores": "yes"},
+            "raw_scores",
+            "valid boolean, got str",
+            id="raw-scores-str",
+        ),
         pytest.param(
             "/",
             {"inputs": "a", "parameters": {"function_to_apply": "relu"}},

@@ -58,6 +58,20 @@ def test_predict_a_list_is_one_ranked_list_per_text_in_input_order(client, engin
     assert got.tolist() == [[r["probabilities"][label] for label in engine.card.labels] for r in classify]
 
 
+def test_predict_reads_teis_own_batch_shape_a_list_of_one_text_lists(client, engine):
+    """TEI's /predict batch is `[["a"], ["b"]]` (its router reads `["a", "b"]` as one pair): a TEI client's batch
+    gets the answer a flat list gets; an error in it still names the text as `inputs.N`; a pair is refused."""
+    nested = client.post("/predict", json={"inputs": [[text] for text in TEXTS]})
+    assert nested.status_code == 200, nested.text
+    assert nested.json() == client.post("/predict", json={"inputs": TEXTS}).json()
+    bad = client.post("/predict", json={"inputs": [["a"], [""]]})
+    assert bad.status_code == 422 and bad.json()["error"]["details"] == [
+        {"field": "inputs.1", "message": "must not be empty"}
+    ]
+    pair = client.post("/predict", json={"inputs": [["a", "b"]]})
+    assert pair.status_code == 422 and pair.json()["error"]["details"][0]["field"] == "inputs.0", pair.text
+
+
 def test_predict_raw_scores_are_the_logits(client, engine):
     body = client.post("/predict", json={"inputs": TEXTS, "raw_scores": True}).json()
     got = torch.tensor([scores_by_label(ranked, engine.card.labels) for ranked in body])

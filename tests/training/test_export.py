@@ -125,6 +125,8 @@ def test_hf_config_labels_padding_and_card(hf_dir, checkpoint):
     assert (
         "P(spam) >= 0.7 " in readme and "| test_accuracy | 0.9542 |" in readme and "| test_roc_auc | 0.992 |" in readme
     )
+    # the decision rule points back at the pipeline example, which comes first
+    assert readme.index('pipeline("text-classification"') < readme.index("the pipeline above reports"), readme
 
 
 def test_hf_tokenizer_gives_our_token_ids(hf_dir, checkpoint):

@@ -128,10 +128,16 @@ def _shown(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def validation_details(exc: RequestValidationError) -> list[ErrorDetail]:
+def validation_details(exc: RequestValidationError, content_type: str | None = None) -> list[ErrorDetail]:
     details = []
     for err in exc.errors():
         message = err["msg"]
+        if isinstance(err["input"], bytes) and _field(err["loc"]) == "body":
+            # FastAPI parses a body as JSON only when its Content-Type is JSON; `curl -d` alone sends a form's
+            given = repr(content_type) if content_type else "missing"
+            message = f"not read as JSON: send 'Content-Type: application/json' (the request's was {given})"
+            details.append(ErrorDetail(field="body", message=message))
+            continue
         if err["type"] == "json_invalid":  # loc is ("body", character position)
             message = f"invalid JSON at character {err['loc'][-1]}: {err['ctx']['error']}"
             details.append(ErrorDetail(field="body", message=message))
@@ -148,7 +154,10 @@ def validation_details(exc: RequestValidationError) -> list[ErrorDetail]:
             "text_too_long",
             "no_visible_characters",
         ):
-            message = f"{message}, got {type(err['input']).__name__}"
+            # a wrong type names the type given; a wrong value of the right type ("top_k": 0) shows the value
+            wrong_type = err["type"].endswith("_type") or err["type"] == "text_or_texts"
+            given = type(err["input"]).__name__ if wrong_type else _shown(err["input"])
+            message = f"{message}, got {given}"
         details.append(ErrorDetail(field=_field(err["loc"]), message=message))
     return details
 
@@ -158,7 +167,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return InvalidInput.of(validation_details(exc)).response()
+        return InvalidInput.of(validation_details(exc, request.headers.get("content-type"))).response()
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         cause = exc.__cause__

@@ -3,7 +3,7 @@ constraints on its model, built per app from its settings, so validation and the
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, create_model
 from pydantic_core import PydanticCustomError
 
 from app.settings import Settings
@@ -57,10 +57,20 @@ def _one_or_many(value) -> str | None:
     return "text" if isinstance(value, str) else "texts" if isinstance(value, list) else None
 
 
-def _inputs_field(settings: Settings) -> tuple:
-    """`inputs`: one text, or a list of 1..max_texts_per_request texts, each bounded as /classify's are."""
+def _unwrap_tei_batch(value):
+    """TEI's own batch shape is a list of one-text lists, `[["a"], ["b"]]` (a two-text list is its cross-encoder
+    pair, refused below): each is read as its text, so `inputs.1` still names the second."""
+    if not isinstance(value, list):
+        return value
+    return [item[0] if isinstance(item, list) and len(item) == 1 else item for item in value]
+
+
+def _inputs_field(settings: Settings, tei_batches: bool = False) -> tuple:
+    """`inputs`: one text, or a list of 1..max_texts_per_request texts, each bounded as /classify's are; with
+    tei_batches, a text in the list may also come as TEI's `["text"]`."""
     text = bounded_text(settings.max_text_chars)
-    texts = Annotated[list[text], Field(min_length=1, max_length=settings.max_texts_per_request)]
+    unwrap = (BeforeValidator(_unwrap_tei_batch),) if tei_batches else ()
+    texts = Annotated[list[text], *unwrap, Field(min_length=1, max_length=settings.max_texts_per_request)]
     one_or_many = Discriminator(
         _one_or_many, custom_error_type="text_or_texts", custom_error_message="must be a string or a list of strings"
     )
@@ -77,7 +87,7 @@ def predict_request_model(settings: Settings) -> type[BaseModel]:
     return create_model(
         "PredictRequest",
         __config__=ConfigDict(extra="forbid"),
-        inputs=_inputs_field(settings),
+        inputs=_inputs_field(settings, tei_batches=True),
         # strict: 0 or "false" is not a boolean (schemathesis found 0 read as false)
         truncate=(bool, Field(False, strict=True, description="Truncate texts over max_tokens; false: a 422")),
         truncation_direction=(

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from training.model import GPTClassifier
 
 # A few merges in GPT-2's data-gym notation ("Ġ" is a space), enough for multi-byte tokens.
 MERGES = ["Ġ t", "h e", "i n", "e r", "Ġ a", "o n", "Ġt he", "Ġ w", "r e", "Ġ s", "Ġ f", "Ġ c", "a t", "o u"]
+ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -48,6 +50,14 @@ def make_bpe_files(directory: Path, merges: list[str] = MERGES) -> Path:
     (directory / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     (directory / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
     return directory
+
+
+def readme_python(containing: str) -> str:
+    """The README's one ```python block holding `containing`, so a test can run the example a user copies."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    found = [block for block in blocks if containing in block]
+    assert len(found) == 1, f"{len(found)} README python blocks hold {containing!r}"
+    return found[0]
 
 
 def tiny_card(**overrides) -> ModelCard:

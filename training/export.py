@@ -147,7 +147,7 @@ def model_card_readme(checkpoint: Checkpoint) -> str:
     else:
         rule = (
             f"spamgpt labels a text `{card.threshold.label}` where P({card.threshold.label}) >= "
-            f"{card.threshold.value:.6g} (chosen on held-out rows); the pipeline below reports the "
+            f"{card.threshold.value:.6g} (chosen on held-out rows); the pipeline above reports the "
             "probabilities and sorts by them, so apply this threshold yourself to get the same labels."
         )
     labels = ", ".join(f"`{label}`" for label in card.labels)

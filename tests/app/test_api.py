@@ -100,6 +100,31 @@ def test_bad_input_is_422_naming_the_field(tiny_checkpoint, body, field, message
 
 
 @pytest.mark.parametrize(
+    "headers, shown",
+    [
+        pytest.param(
+            {"Content-Type": "application/x-www-form-urlencoded"}, "'application/x-www-form-urlencoded'", id="curl-d"
+        ),
+        pytest.param({"Content-Type": "text/plain"}, "'text/plain'", id="text-plain"),
+        pytest.param({}, "missing", id="no-content-type"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/classify", "/predict", "/"])
+def test_a_json_body_sent_as_another_content_type_is_told_to_send_json(tiny_checkpoint, path, headers, shown):
+    """`curl -d '{...}'` without -H sends a form's Content-Type: the error says what to send, not "got bytes"."""
+    body = json.dumps({"texts": ["a"]} if path == "/classify" else {"inputs": "a"})
+    with TestClient(create_app(tiny_settings(tiny_checkpoint))) as client:
+        response = client.post(path, content=body, headers=headers)
+    error = error_of(response, 422)
+    assert error["details"] == [
+        {
+            "field": "body",
+            "message": f"not read as JSON: send 'Content-Type: application/json' (the request's was {shown})",
+        }
+    ]
+
+
+@pytest.mark.parametrize(
     "text",
     [
         pytest.param(" ", id="space"),

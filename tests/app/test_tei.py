@@ -58,6 +58,20 @@ def test_predict_a_list_is_one_ranked_list_per_text_in_input_order(client, engin
     assert got.tolist() == [[r["probabilities"][label] for label in engine.card.labels] for r in classify]
 
 
+def test_predict_reads_teis_own_batch_shape_a_list_of_one_text_lists(client, engine):
+    """TEI's /predict batch is `[["a"], ["b"]]` (its router reads `["a", "b"]` as one pair): a TEI client's batch
+    gets the answer a flat list gets; an error in it still names the text as `inputs.N`; a pair is refused."""
+    nested = client.post("/predict", json={"inputs": [[text] for text in TEXTS]})
+    assert nested.status_code == 200, nested.text
+    assert nested.json() == client.post("/predict", json={"inputs": TEXTS}).json()
+    bad = client.post("/predict", json={"inputs": [["a"], [""]]})
+    assert bad.status_code == 422 and bad.json()["error"]["details"] == [
+        {"field": "inputs.1", "message": "must not be empty"}
+    ]
+    pair = client.post("/predict", json={"inputs": [["a", "b"]]})
+    assert pair.status_code == 422 and pair.json()["error"]["details"][0]["field"] == "inputs.0", pair.text
+
+
 def test_predict_raw_scores_are_the_logits(client, engine):
     body = client.post("/predict", json={"inputs": TEXTS, "raw_scores": True}).json()
     got = torch.tensor([scores_by_label(ranked, engine.card.labels) for ranked in body])
@@ -98,7 +112,27 @@ def test_predict_refuses_a_long_text_unless_truncate(client, engine):
             id="left",
         ),
         pytest.param("/predict", {"input": "a"}, "inputs", "Field required", id="misspelt-field"),
-        pytest.param("/", {"inputs": "a", "parameters": {"top_k": 0}}, "parameters.top_k", "greater than or equal"),
+        pytest.param(
+            "/",
+            {"inputs": "a", "parameters": {"top_k": 0}},
+            "parameters.top_k",
+            "Input should be greater than or equal to 1, got 0",
+            id="top-k-zero",
+        ),
+        pytest.param(
+            "/",
+            {"inputs": "a", "parameters": {"top_k": "x"}},
+            "parameters.top_k",
+            "unable to parse string as an integer, got 'x'",
+            id="top-k-not-a-number",
+        ),
+        pytest.param(
+            "/predict",
+            {"inputs": "a", "raw_scores": "yes"},
+            "raw_scores",
+            "valid boolean, got str",
+            id="raw-scores-str",
+        ),
         pytest.param(
             "/",
             {"inputs": "a", "parameters": {"function_to_apply": "relu"}},

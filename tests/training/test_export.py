@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import tiny_card
+from tests.helpers import readme_python, tiny_card
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.cli import main
 from training.data import load_sms_spam
@@ -125,6 +125,8 @@ def test_hf_config_labels_padding_and_card(hf_dir, checkpoint):
     assert (
         "P(spam) >= 0.7 " in readme and "| test_accuracy | 0.9542 |" in readme and "| test_roc_auc | 0.992 |" in readme
     )
+    # the decision rule points back at the pipeline example, which comes first
+    assert readme.index('pipeline("text-classification"') < readme.index("the pipeline above reports"), readme
 
 
 def test_hf_tokenizer_gives_our_token_ids(hf_dir, checkpoint):
@@ -200,6 +202,18 @@ def test_onnx_runtime_gives_our_probabilities_on_mixed_length_batches(onnx_dir, 
         ours = predict_probabilities(loaded.model, rows)
         torch.testing.assert_close(torch.from_numpy(probs), ours, rtol=0, atol=1e-4)
         torch.testing.assert_close(torch.from_numpy(probs), torch.softmax(torch.from_numpy(logits), -1))
+
+
+def test_the_readme_onnx_example_truncates_to_the_checkpoints_max_tokens(onnx_dir, checkpoint):
+    """The README's ONNX example, run as a user copies it onto an export whose max_tokens (48) is not the default
+    256: a text over it must give our probabilities, not a broadcast error or another budget's answer."""
+    texts = ["See you at 5?", "free entry " * 60]
+    code = readme_python("onnxruntime.InferenceSession").replace('"exports/spamgpt-onnx"', repr(str(onnx_dir)))
+    code = code.replace('["See you at 5?"]', repr(texts))
+    namespace = {}
+    exec(code, namespace)
+    got = torch.from_numpy(namespace["probabilities"])
+    torch.testing.assert_close(got, our_probabilities(checkpoint, texts), rtol=0, atol=1e-4)
 
 
 # --- Command line ----------------------------------------------------------------------------------

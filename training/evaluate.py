@@ -218,22 +218,24 @@ def evaluation_report(
 ) -> dict:
     """Metrics on the selection rows, the test split and the evaluation rows (test and the held-out rows; None:
     the test split); the binary threshold is chosen on the selection rows alone (choose_threshold's objective
-    and target_fpr), then applied to the others. The report's "threshold" is a Threshold or None.
+    and target_fpr), then applied to the others. The report's "threshold" is a Threshold or None, and its
+    "threshold_rule" the objective and target that chose it (None with no threshold).
 
     uncalibrated: the evaluation rows' probabilities before calibration; with it, "calibration" holds the
     expected calibration error of both (after: `evaluation`'s).
     """
     evaluation = test if evaluation is None else evaluation
     positive = positive_label(label_names)
-    threshold = None
+    threshold, rule = None, None  # beyond two labels the argmax decides: no rule chooses anything
     if positive is not None:
         index = label_names.index(positive)
         value = choose_threshold(selection.probs[:, index], selection.targets == index, objective, target_fpr)
         threshold = Threshold(positive, value)
+        rule = {"objective": objective, "target_fpr": target_fpr if objective == "fpr" else None}
     report = {
         "labels": label_names,
         "threshold": threshold,
-        "threshold_rule": {"objective": objective, "target_fpr": target_fpr if objective == "fpr" else None},
+        "threshold_rule": rule,
         "selection": split_metrics(selection, label_names, threshold),
         "test": split_metrics(test, label_names, threshold),
         "evaluation": split_metrics(evaluation, label_names, threshold),

@@ -71,8 +71,8 @@ def binary_prior(rate: float, labels: list[str] | tuple[str, ...]) -> dict[str, 
     positive = positive_label(labels)
     if positive is None:
         raise ValueError(f"a single prior rate needs a binary model; this one has labels {list(labels)}")
-    other = labels[1 - labels.index(positive)]
-    return check_prior({positive: rate, other: 1.0 - rate}, labels)
+    rates = {positive: rate, labels[1 - labels.index(positive)]: 1.0 - rate}
+    return check_prior({label: rates[label] for label in labels}, labels)  # in label order, as the card's priors
 
 
 def shift_threshold(threshold: Threshold, shift: torch.Tensor, labels: list[str] | tuple[str, ...]) -> Threshold:

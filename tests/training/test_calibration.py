@@ -95,6 +95,7 @@ def test_checkpoint_served_at_another_prior(tmp_path, tiny_config, bpe_dir, toke
     assert default.card.calibration.prior == {"ham": 0.87, "spam": 0.13}
     told = load_checkpoint(ckpt, prior=0.01)
     assert told.card.calibration.prior == pytest.approx({"spam": 0.01, "ham": 0.99})
+    assert list(told.card.calibration.prior) == list(LABELS)  # in label order, as /info shows the card's own
     p, q = (predict_probabilities(c.model, rows)[:, 1].double() for c in (default, told))
     odds_ratio = (q / (1 - q)) / (p / (1 - p))
     expected = torch.full_like(odds_ratio, (0.01 / 0.99) / (0.13 / 0.87))

@@ -205,7 +205,8 @@ def test_report_on_held_out_rows_and_calibration():
     evaluation = binary([0.9, 0.1, 0.8, 0.2, 0.7], [1, 0, 0, 0, 0])  # the test rows and three held-out ham
     uncalibrated = binary([0.6, 0.4, 0.6, 0.4, 0.6], [1, 0, 0, 0, 0])
     report = evaluation_report(LABELS, selection, test, evaluation, "fpr", 0.25, uncalibrated)
-    assert report["threshold"].value == pytest.approx(0.6) and report["threshold_rule"]["target_fpr"] == 0.25
+    assert report["threshold"].value == pytest.approx(0.6)
+    assert report["threshold_rule"] == {"objective": "fpr", "target_fpr": 0.25}
     # at 0.6: 0.8 and 0.7 are ham flagged, 2 of 4 ham
     fpr = report["evaluation"]["threshold"]["per_class"]["spam"]["rates"]["false_positive_rate"]
     assert (fpr["count"], fpr["of"]) == (2, 4)
@@ -233,6 +234,7 @@ def test_multiclass_has_no_threshold():
     pred = Predictions(probs, torch.tensor([0, 1, 2, 1]))
     report = evaluation_report(["a", "b", "c"], pred, pred)
     assert report["threshold"] is None and set(report["test"]) == {"argmax"}
+    assert report["threshold_rule"] is None  # no threshold objective applies: the argmax decides
     assert report["test"]["argmax"]["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
     # one-vs-rest: a 1.0, b 1.0 (0.8, 0.4 over 0.2, 0.2), c 1.0
     assert report["test"]["argmax"]["roc_auc"] == pytest.approx(1.0)

@@ -16,16 +16,17 @@ from training.tokenizer import encode_batch
 
 
 class Engine:
-    """A loaded checkpoint on one device and dtype, optionally int8-quantized (CPU)."""
+    """A loaded checkpoint on one device and dtype, optionally int8-quantized (CPU); float32 on CPU runs on packed
+    weights (training.precision.prepare_for_inference)."""
 
     def __init__(self, checkpoint: Checkpoint, quantize_int8: bool = False):
         self.checkpoint = checkpoint
-        self.parameter_count = sum(p.numel() for p in checkpoint.model.parameters())  # before int8 packs them
+        # counted before int8 or packing replaces the linear layers, whose weights are then no parameters
+        self.parameter_count = sum(p.numel() for p in checkpoint.model.parameters())
         first = next(checkpoint.model.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.quantization = "int8-dynamic" if quantize_int8 else None
-        if quantize_int8:
-            precision.quantize_int8(checkpoint.model)
+        precision.prepare_for_inference(checkpoint.model, quantize_int8)
 
     @property
     def card(self) -> ModelCard:

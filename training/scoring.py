@@ -25,8 +25,7 @@ class Scorer:
 
     def __init__(self, checkpoint: Checkpoint, config: ScoringConfig):
         self.checkpoint, self.config = checkpoint, config
-        if config.quantize_int8:
-            precision.quantize_int8(checkpoint.model)
+        precision.prepare_for_inference(checkpoint.model, config.quantize_int8)
 
     @classmethod
     def load(cls, path: str, config: ScoringConfig) -> "Scorer":

@@ -1,10 +1,21 @@
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import pretend_cpu
-from training.precision import CPU, cpu_info, training_autocast
+from training.inference import pad_right
+from training.model import GPTClassifier
+from training.precision import (
+    CPU,
+    ONEDNN_CACHE_CAPACITY,
+    PackedLinear,
+    cpu_info,
+    pack_linears,
+    prepare_for_inference,
+    training_autocast,
+)
 
 CPU_DEVICE = torch.device("cpu")
 
@@ -31,3 +42,53 @@ def test_training_autocast_is_bfloat16_only_where_native(monkeypatch, flags, exp
         assert torch.is_autocast_enabled("cpu") == (expected is not None)
         out = torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3))
     assert out.dtype == (expected or torch.float32)
+
+
+ROWS = [[5, 17, 33, 2, 9, 100, 41], [7], [250, 3, 3, 80], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
+OVERFLOW = 42  # a token whose embedding overflows every hidden state it reaches
+
+
+@pytest.fixture
+def model(tiny_config) -> GPTClassifier:
+    torch.manual_seed(0)
+    return GPTClassifier(tiny_config).eval().requires_grad_(False)
+
+
+def logits(model, rows):
+    with torch.inference_mode():
+        return model(*pad_right(rows))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_packed_linears_give_the_plain_models_logits_and_keep_a_nan_row_to_itself(model):
+    model.transformer.wte.weight[OVERFLOW] = 3e38
+    rows = [*ROWS, [5, OVERFLOW, 6]]
+    plain = logits(model, rows)
+    packed = pack_linears(model)
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 4 * model.config.n_layer + 1  # + the head
+    together = logits(packed, rows)
+    torch.testing.assert_close(together, plain, rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert torch.isnan(together[-1]).all() and torch.isfinite(together[:-1]).all()
+    torch.testing.assert_close(together[:-1], torch.cat([logits(packed, [row]) for row in ROWS]), rtol=1e-4, atol=1e-5)
+
+
+def test_packing_bounds_onednns_kernel_caches_unless_the_environment_sets_them(monkeypatch, model):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "64")
+    pack_linears(model)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_CAPACITY)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "64"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "int8", "linear"),
+    [
+        (torch.float32, False, PackedLinear),
+        (torch.float32, True, torch.ao.nn.quantized.dynamic.Linear),
+        (torch.bfloat16, False, torch.nn.Linear),  # bfloat16 matrix products already run on oneDNN
+    ],
+)
+def test_prepare_for_inference_packs_float32_on_cpu_and_quantizes_when_asked(model, dtype, int8, linear):
+    prepare_for_inference(model.to(dtype), int8)
+    assert type(model.transformer.h[0].mlp.c_fc) is linear

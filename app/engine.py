@@ -38,7 +38,8 @@ class Engine:
         """Load the checkpoint onto the configured device and dtype, quantize if asked, and warm up.
 
         Raises training.checkpoint.CheckpointError for a checkpoint that cannot be served, ValueError for a prior
-        it cannot take (load_checkpoint), RuntimeError for a device that is not there or a warm-up that fails.
+        it cannot take (load_checkpoint) or an LRU_CACHE_CAPACITY oneDNN would crash on
+        (precision.bound_onednn_cache), RuntimeError for a device that is not there or a warm-up that fails.
         """
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)

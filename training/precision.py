@@ -1,7 +1,7 @@
 """Which precision a loaded classifier runs in: the dtype "auto" means, which dtypes and int8 each device takes,
-what the CPU computes natively, int8 dynamic quantization, and float32 weights packed for the CPU. One rule for the server (app.settings, app.engine),
-file scoring (training.scoring) and fine-tuning's autocast (training.finetune), so that the same options mean the
-same thing in all of them."""
+what the CPU computes natively, int8 dynamic quantization, and float32 weights packed for the CPU. One rule for the
+server (app.settings, app.engine), file scoring (training.scoring) and fine-tuning's autocast (training.finetune), so
+that the same options mean the same thing in all of them."""
 
 import contextlib
 import functools
@@ -134,13 +134,15 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-# oneDNN compiles a kernel per input shape and keeps it in two caches (oneDNN's primitive cache and ideep's, which
-# torch wraps it in), 1024 entries each by default; a packed batch's token count differs from batch to batch, so a
-# server would add a few MB per new count until both are full (measured: 760 MB after some 400 shapes). One forward
-# pass uses 4 linear shapes at its token count and up to 4 at its row count (the last block): 16 entries keep a
-# pass's kernels, and memory stays flat.
+# oneDNN compiles a kernel per input shape and caches it, in oneDNN's primitive cache and in the cache of torch's
+# bindings (ideep), 1024 entries each by default; a packed batch's token count differs from batch to batch, so a
+# server would add a few MB per new count until both are full (measured: 760 MB after some 400 shapes; bounding only
+# oneDNN's still grew 290 MB in 300 batches). One forward pass uses 4 linear shapes at its token count and up to 5
+# at its row count (the last block and the head): 16 entries keep a pass's kernels, and memory stays flat.
 ONEDNN_CACHE_CAPACITY = 16
-ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+# Each cache's size as read from the environment: oneDNN's under either name (the first set wins), then ideep's.
+ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
+IDEEP_CACHE_VARIABLE = "LRU_CACHE_CAPACITY"
 # The row count oneDNN picks the packed weight layout for: about a default batch's packed tokens (32 SMS texts of
 # some 20 tokens); any row count runs on it, and 64 to 4096 measured alike.
 PACKING_ROWS_HINT = 512
@@ -170,17 +172,14 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 def pack_linears(model: nn.Module) -> nn.Module:
     """Every nn.Linear of a float32 CPU `model` (can_pack) replaced in place by a PackedLinear; returns `model`.
-    Measured on 2 cores of an AMD EPYC (AVX2): float32 serving about 1.15x faster than plain nn.Linear (MKL)
-    (benchmarks/README.md, Serving).
+    Measured on 2 cores of an AVX2 AMD EPYC (benchmarks/README.md, "ONNX Runtime and bfloat16"): the engine 1.27x ONNX
+    Runtime's float32 on the same batches, against 1.14x unpacked. Callers bound oneDNN's kernel cache first
+    (bound_onednn_cache, as prepare_for_inference does), or memory grows with every new batch shape.
 
-    Bounds oneDNN's kernel caches to ONEDNN_CACHE_CAPACITY entries unless the environment already sets them; the
-    bound takes effect where no oneDNN kernel has run in the process yet (the server and file scoring pack before
-    their first forward). Every other tensor of the model is copied afresh, so that none still holds the
-    checkpoint file's memory map (safetensors maps the whole file, and one tensor viewing it keeps every page
-    resident): the replaced weights' memory is then returned.
+    Every other tensor of the model is copied afresh, so that none still holds the checkpoint file's memory map
+    (safetensors maps the whole file, and one tensor viewing it keeps every page resident): the replaced weights'
+    memory is then returned.
     """
-    for variable in ONEDNN_CACHE_VARIABLES:
-        os.environ.setdefault(variable, str(ONEDNN_CACHE_CAPACITY))
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
@@ -191,11 +190,33 @@ def pack_linears(model: nn.Module) -> nn.Module:
     return model
 
 
+def bound_onednn_cache() -> None:
+    """Bound oneDNN's kernel caches (oneDNN's own and ideep's) to ONEDNN_CACHE_CAPACITY entries each, unless the
+    environment sizes them (ONEDNN_CACHE_VARIABLES, IDEEP_CACHE_VARIABLE). Takes effect where no oneDNN kernel has
+    run in the process yet.
+
+    Raises ValueError for an LRU_CACHE_CAPACITY that is not a positive integer: ideep reads it on the first packed
+    product and kills the process on 0 or on text.
+    """
+    lru = os.environ.get(IDEEP_CACHE_VARIABLE)
+    if lru is not None and not (lru.strip().isdigit() and int(lru) > 0):
+        raise ValueError(f"{IDEEP_CACHE_VARIABLE} must be a positive integer (torch's oneDNN cache size), got {lru!r}")
+    if not any(variable in os.environ for variable in ONEDNN_CACHE_VARIABLES):
+        os.environ[ONEDNN_CACHE_VARIABLES[0]] = str(ONEDNN_CACHE_CAPACITY)
+    os.environ.setdefault(IDEEP_CACHE_VARIABLE, str(ONEDNN_CACHE_CAPACITY))
+
+
 def prepare_for_inference(model: nn.Module, int8: bool) -> nn.Module:
     """A loaded model made ready to serve on its device, in place: int8 dynamic quantization when `int8` (CPU;
     check_precision refuses it elsewhere), else packed linear layers for float32 on CPU (can_pack), else as it is.
-    Returns `model`."""
+    On CPU, oneDNN's kernel cache is bounded first (bound_onednn_cache): packed float32 and bfloat16 products both run
+    on oneDNN. Returns `model`.
+
+    Raises ValueError for an LRU_CACHE_CAPACITY that would crash oneDNN (bound_onednn_cache).
+    """
+    first = next(model.parameters())
+    if first.device.type == "cpu":
+        bound_onednn_cache()
     if int8:
         return quantize_int8(model)
-    first = next(model.parameters())
     return pack_linears(model) if can_pack(first.device, first.dtype) else model

@@ -32,7 +32,8 @@ class Scorer:
         """Load and check the checkpoint (training.checkpoint.load_checkpoint) onto the config's device and dtype.
 
         Raises CheckpointError for a checkpoint that cannot be loaded, ValueError for a device torch does not
-        know, precision options the device cannot run, or a prior the checkpoint cannot take (load_checkpoint).
+        know, precision options the device cannot run, a prior the checkpoint cannot take (load_checkpoint), or an
+        LRU_CACHE_CAPACITY oneDNN would crash on (precision.bound_onednn_cache).
         """
         if config.threads:
             torch.set_num_threads(config.threads)

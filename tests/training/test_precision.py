@@ -73,12 +73,34 @@ def test_packed_linears_give_the_plain_models_logits_and_keep_a_nan_row_to_itsel
     torch.testing.assert_close(together[:-1], torch.cat([logits(packed, [row]) for row in ROWS]), rtol=1e-4, atol=1e-5)
 
 
-def test_packing_bounds_onednns_kernel_caches_unless_the_environment_sets_them(monkeypatch, model):
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    monkeypatch.setenv("LRU_CACHE_CAPACITY", "64")
-    pack_linears(model)
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_CAPACITY)
-    assert os.environ["LRU_CACHE_CAPACITY"] == "64"
+@pytest.mark.parametrize(
+    ("environment", "expected"),
+    [
+        ({}, str(ONEDNN_CACHE_CAPACITY)),
+        ({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}, "64"),
+        ({"DNNL_PRIMITIVE_CACHE_CAPACITY": "64"}, None),  # oneDNN's older name, read when the newer is unset
+        ({"LRU_CACHE_CAPACITY": "64"}, str(ONEDNN_CACHE_CAPACITY)),  # ideep's own cache, sized on its own
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16 products run on oneDNN too
+def test_a_cpu_model_bounds_onednns_kernel_cache_unless_the_environment_sizes_it(
+    monkeypatch, model, environment, expected, dtype
+):
+    for variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    prepare_for_inference(model.to(dtype), int8=False)
+    assert os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == expected
+    assert os.environ["LRU_CACHE_CAPACITY"] == environment.get("LRU_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-1", ""])
+def test_an_lru_cache_capacity_that_would_crash_onednn_is_refused_by_name(monkeypatch, model, value):
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", value)
+    with pytest.raises(ValueError, match=f"LRU_CACHE_CAPACITY must be a positive integer.*got '{value}'"):
+        prepare_for_inference(model, int8=False)
+    assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # refused before anything changed
 
 
 @pytest.mark.parametrize(

@@ -176,9 +176,9 @@ def pack_linears(model: nn.Module) -> nn.Module:
     Runtime's float32 on the same batches, against 1.14x unpacked. Callers bound oneDNN's kernel cache first
     (bound_onednn_cache, as prepare_for_inference does), or memory grows with every new batch shape.
 
-    Every other tensor of the model is copied afresh, so that none still holds the checkpoint file's memory map
-    (safetensors maps the whole file, and one tensor viewing it keeps every page resident): the replaced weights'
-    memory is then returned.
+    Every other tensor of the model is copied afresh, out of the checkpoint file's memory map
+    (safetensors.torch.load_file): measured on the 124M model, without the copies the replaced weights' 330 MB stayed
+    resident beside the packed ones; with them it is returned.
     """
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

@@ -5,7 +5,7 @@ SIGTERM" (143) even when every in-flight request finished. A handler installed b
 re-raised signal: a clean shutdown exits 0, a failed start still exits 3 (uvicorn's startup failure).
 
 Stalled and slow clients are bounded by default (issue 10 item 2): uvicorn's --limit-concurrency is
-SPAMGPT_MAX_CONNECTIONS, and --http is app.protocol's, whose requests must arrive whole within
+SPAMGPT_MAX_CONNECTIONS, and --http is app.edge.protocol's, whose requests must arrive whole within
 SPAMGPT_REQUEST_ARRIVAL_TIMEOUT_S. Either option given on the command line wins.
 """
 
@@ -19,7 +19,7 @@ from app.settings import Settings
 
 def uvicorn_defaults(settings: Settings) -> list[str]:
     """The uvicorn options `python -m app` passes before the command line's own (click keeps the last value)."""
-    return ["--limit-concurrency", str(settings.max_connections), "--http", "app.protocol:ArrivalDeadlineProtocol"]
+    return ["--limit-concurrency", str(settings.max_connections), "--http", "app.edge.protocol:ArrivalDeadlineProtocol"]
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The inference engine: owns the checkpoint's model on its device; loads, warms up and predicts.
 
-Every step is the training package's own code (tokenizer, training.inference.predict_logits), so serving
+Every step is the training package's own code (tokenizer, training.runtime.inference.predict_logits), so serving
 cannot drift from evaluation. The engine is synchronous: callers run it on the service's model thread.
 """
 
@@ -9,15 +9,15 @@ import re
 import torch
 
 from app.settings import Settings
-from training import precision
-from training.checkpoint import Checkpoint, ModelCard, load_checkpoint
-from training.inference import nonfinite_rows, predict_logits, probabilities
-from training.tokenizer import encode_batch
+from training.runtime import precision
+from training.runtime.checkpoint import Checkpoint, ModelCard, load_checkpoint
+from training.runtime.inference import nonfinite_rows, predict_logits, probabilities
+from training.runtime.tokenizer import encode_batch
 
 
 class Engine:
     """A loaded checkpoint on one device and dtype, optionally int8-quantized (CPU); float32 on CPU runs on packed
-    weights (training.precision.prepare_for_inference)."""
+    weights (training.runtime.precision.prepare_for_inference)."""
 
     def __init__(self, checkpoint: Checkpoint, quantize_int8: bool = False):
         self.checkpoint = checkpoint
@@ -37,7 +37,8 @@ class Engine:
     def load(cls, settings: Settings) -> "Engine":
         """Load the checkpoint onto the configured device and dtype, quantize if asked, and warm up.
 
-        Raises training.checkpoint.CheckpointError for a checkpoint that cannot be served, ValueError for a prior
+        Raises training.runtime.checkpoint.CheckpointError for a checkpoint that cannot be served, ValueError for a
+        prior
         it cannot take (load_checkpoint) or an LRU_CACHE_CAPACITY oneDNN would crash on
         (precision.bound_onednn_cache), RuntimeError for a device that is not there or a warm-up that fails.
         """
@@ -61,7 +62,7 @@ class Engine:
         """Rows of token ids -> (N, n_labels) float32 probabilities on the CPU, in row order; run in length-sorted
         batches within the given limits (None: as one forward pass, for a batch the micro-batcher formed).
 
-        The model computes on real tokens only (training.model.Packing), so a batch in arrival order, its
+        The model computes on real tokens only (training.runtime.model.Packing), so a batch in arrival order, its
         lengths mixed, costs about what the same rows sorted by length would, and each row's result is the
         same whatever it is batched with. A row whose logits are not finite is NaN (the caller refuses it).
         """
@@ -71,7 +72,7 @@ class Engine:
         self, rows: list[list[int]], max_batch_size: int | None = None, max_batch_tokens: int | None = None
     ) -> torch.Tensor:
         """predict's rows -> (N, n_labels) float32 logits on the CPU: what the micro-batcher runs, so that the
-        routes can give probabilities (training.inference.probabilities) or, as TEI's raw_scores, the logits."""
+        routes can give probabilities (training.runtime.inference.probabilities) or, as TEI's raw_scores, the logits."""
         return predict_logits(self.checkpoint.model, rows, max_batch_size, max_batch_tokens)
 
     def warm_up(self) -> None:

@@ -3,11 +3,11 @@
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from app.body_limit import BodySizeLimit
+from app.edge.body_limit import BodySizeLimit
+from app.edge.request_log import RequestId, use_json_logs
 from app.errors import install_error_handlers
 from app.metrics import RequestCounter
-from app.request_log import RequestId, use_json_logs
-from app.routes import classify_router, router, tei_router
+from app.routes.api import classify_router, router, tei_router
 from app.service import Service, lifespan
 from app.settings import Settings
 

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training.precision import check_precision, resolve_dtype
+from training.runtime.precision import check_precision, resolve_dtype
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -19,9 +19,10 @@ class Settings(BaseSettings):
     checkpoint_dir: Path = Path("checkpoints/spamgpt")
     # "auto": cuda when available, else cpu.
     device: str = "auto"
-    # "auto": float32 on CPU (even where bfloat16 is native: see training.precision.resolve_dtype); on CUDA bfloat16
+    # "auto": float32 on CPU (even where bfloat16 is native: see training.runtime.precision.resolve_dtype); on CUDA
+    # bfloat16
     # where the GPU computes it natively (float32's range: GPT-2's large activations cannot overflow it), else
-    # float16. "bfloat16" on CPU only where the CPU computes it natively (training.precision.check_precision).
+    # float16. "bfloat16" on CPU only where the CPU computes it natively (training.runtime.precision.check_precision).
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # CPU only: int8 weights for every nn.Linear. Faster and 4x smaller; probabilities move by ~1e-2.
     quantize_int8: bool = False
@@ -80,7 +81,7 @@ class Settings(BaseSettings):
     model_name: str | None = None
 
     # Log lines: "text" (uvicorn's own) or "json", one JSON object a line for cluster log collectors, with one
-    # line per request carrying its id (app.request_log). Every response carries X-Request-ID either way.
+    # line per request carrying its id (app.edge.request_log). Every response carries X-Request-ID either way.
     log_format: Literal["text", "json"] = "text"
 
     @field_validator("device")

@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 from benchmarks.common import BPE_DIR, ROOT, SMS_FILE, print_table, require_shared_data, write_result
-from training.checkpoint import REPORT_DIR, SPLIT_FILE, load_checkpoint
-from training.data import BALANCING, deduplicate, load_sms_spam, select_split
-from training.evaluate import Predictions, choose_threshold, predict, split_metrics
-from training.inference import Threshold, prior_shift, probabilities
-from training.pipeline import describe_rate
-from training.tokenizer import encode_batch
+from training.finetune.data import BALANCING, deduplicate, load_sms_spam, select_split
+from training.finetune.evaluate import Predictions, choose_threshold, predict, split_metrics
+from training.finetune.pipeline import describe_rate
+from training.runtime.checkpoint import REPORT_DIR, SPLIT_FILE, load_checkpoint
+from training.runtime.inference import Threshold, prior_shift, probabilities
+from training.runtime.tokenizer import encode_batch
 
 CHECKPOINTS = ROOT / "benchmarks" / "checkpoints"
 # A GPT-2 small enough to train three times on a shared 2-core machine within the hour: GPT-2's tokenizer,

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.inference import pad_right
-from training.model import GPTClassifier, Packing
-from training.precision import cpu_info
+from training.runtime.inference import pad_right
+from training.runtime.model import GPTClassifier, Packing
+from training.runtime.precision import cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPAMGPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -27,7 +27,8 @@ def require_shared_data() -> None:
 
 
 def machine() -> dict:
-    """The machine a benchmark ran on: CPU model and vector flags (training.precision.cpu_info, the detection the
+    """The machine a benchmark ran on: CPU model and vector flags (training.runtime.precision.cpu_info, the detection
+    the
     dtype rule uses), cores, torch and its threads, the GPU if any, Python."""
     cpu = cpu_info()
     return {

@@ -4,7 +4,7 @@
 
 A GPT-2 classifier of the preset's size with seeded random weights (OpenAI's are not available here) and a head
 made sharp and biased (so its probabilities spread over 0..1 and the bias matters), saved with the real BPE files;
-then `training.export`'s Hugging Face layout run by transformers' own text-classification pipeline, and its ONNX
+then `training.export.formats`'s Hugging Face layout run by transformers' own text-classification pipeline, and its ONNX
 graph run by ONNX Runtime. Texts go in a seeded sample's order, unsorted, in batches of --batch-size, each padded
 to its longest row: the batch shapes vary. Reported: the largest absolute difference in any probability, and the
 seconds each export and its run took.
@@ -20,11 +20,11 @@ import torch
 
 from benchmarks.common import BPE_DIR, print_table, require_shared_data, write_result
 from benchmarks.serve_engine import sample_texts
-from training.checkpoint import ModelCard, load_checkpoint, save_checkpoint
-from training.export import ONNX_FILE, ONNX_OPSET, export_hf, export_onnx
-from training.inference import pad_right, predict_probabilities
-from training.model import GPTClassifier, GPTConfig
-from training.tokenizer import encode_batch
+from training.export.formats import ONNX_FILE, ONNX_OPSET, export_hf, export_onnx
+from training.runtime.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from training.runtime.inference import pad_right, predict_probabilities
+from training.runtime.model import GPTClassifier, GPTConfig
+from training.runtime.tokenizer import encode_batch
 
 
 def sharp_checkpoint(directory: Path, preset: str, seed: int, max_tokens: int) -> Path:

@@ -31,7 +31,7 @@ from app.main import create_app
 from app.settings import Settings
 from benchmarks import serve_engine
 from benchmarks.common import ROOT, SMS_FILE, print_table, require_shared_data, write_result
-from training.data import deduplicate, load_sms_spam
+from training.finetune.data import deduplicate, load_sms_spam
 
 CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "gpt2-random"
 MAX_TOKENS = 256  # the checkpoint's (serve_engine's card, the CLI's default)

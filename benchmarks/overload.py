@@ -34,8 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.settings import Settings
 from benchmarks.common import SMS_FILE, print_table, require_shared_data, write_result
 from benchmarks.memory import random_checkpoint
-from benchmarks.server import live_server
-from training.data import deduplicate, load_sms_spam
+from tests.live_server import live_server
+from training.finetune.data import deduplicate, load_sms_spam
 
 CLIENT_SLACK_S = 20  # past the server's own deadline, a client timeout means the server failed to answer
 # request_timeout_s bounds the queue wait only; after it come one batch's forward pass (max_batch_size texts, ~1.6 s

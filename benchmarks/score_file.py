@@ -6,7 +6,7 @@ The GPT-2 124M architecture with random (seeded) weights and the real BPE (bench
 once in benchmarks/checkpoints/gpt2-random); real SMS texts (serve_engine.sample_texts).
 
 - Throughput: the same texts through app.engine.Engine (tokenize + predict at the app's default batch limits: what
-  a server spends on them beside HTTP) and through training.score_file.predict on a CSV of them (reading, tokenizing,
+  a server spends on them beside HTTP) and through training.scoring.files.predict on a CSV of them (reading, tokenizing,
   predicting, writing the CSV; model load excluded from both). The two alternate round by round, so a load change on
   the shared machine hits both alike. Target: predict's rows/s at least 0.9x the engine's.
 - Memory: `python -m training predict` in a fresh process on a CSV of N rows and on one of 10 N (the SMS texts
@@ -30,8 +30,8 @@ from app.settings import Settings
 from benchmarks import memory, serve_engine
 from benchmarks.common import ROOT, SMS_FILE, print_table, require_shared_data, write_result
 from training.config import PredictConfig, ScoringConfig
-from training.data import deduplicate, load_sms_spam
-from training.score_file import predict
+from training.finetune.data import deduplicate, load_sms_spam
+from training.scoring.files import predict
 
 TARGET_RATIO = 0.9
 

@@ -17,8 +17,8 @@ weights are not available here, and the compute is the same):
 Two setups for ours against transformers, all contenders interleaved round by round so that a load change on the
 machine hits each alike; tokenizing is done once, outside the timing, for every contender:
 - same batches (the issue's setup): both get the engine's length-sorted batches at the app's default limits. Ours
-  computes on real tokens only (training.model.Packing); transformers pads each batch to its longest row.
-- same forward passes (stricter): each of those batches split by training.model.padding_groups (64 tokens of
+  computes on real tokens only (training.runtime.model.Packing); transformers pads each batch to its longest row.
+- same forward passes (stricter): each of those batches split by training.runtime.model.padding_groups (64 tokens of
   overhead per pass) into rows of similar length, for both: transformers is handed the padding avoidance that our
   model does inside, and the two run the same matrix products on near-equal shapes.
 
@@ -53,15 +53,15 @@ from benchmarks.common import (
     require_shared_data,
     write_result,
 )
-from training.checkpoint import REPORT_DIR, ModelCard, load_checkpoint, save_checkpoint
 from training.config import BaseModelConfig
-from training.data import deduplicate, load_sms_spam, text_id
-from training.evaluate import EVAL_BATCH_SIZE
-from training.export import ONNX_FILE, export_onnx, hf_state_dict
-from training.inference import decide, length_sorted_batches, pad_right, probabilities
-from training.model import GPTClassifier, GPTConfig, padding_groups
-from training.precision import cpu_info
-from training.tokenizer import load_tokenizer
+from training.export.formats import ONNX_FILE, export_onnx, hf_state_dict
+from training.finetune.data import deduplicate, load_sms_spam, text_id
+from training.finetune.evaluate import EVAL_BATCH_SIZE
+from training.runtime.checkpoint import REPORT_DIR, ModelCard, load_checkpoint, save_checkpoint
+from training.runtime.inference import decide, length_sorted_batches, pad_right, probabilities
+from training.runtime.model import GPTClassifier, GPTConfig, padding_groups
+from training.runtime.precision import cpu_info
+from training.runtime.tokenizer import load_tokenizer
 
 TRAINED_CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "random-init-all"
 REFERENCE_PAD_TO = 120  # the reference pads to its longest training message, 120 tokens
@@ -85,10 +85,11 @@ TARGETS = {
 }
 NOTES = [
     "weights: GPT-2 124M architecture, random (seeded) weights; OpenAI's weights are not available here, same compute",
-    "transformers' score layer has no bias: ours is folded into ln_f's bias and the head (training.export), exactly",
+    "transformers' score layer has no bias: ours is folded into ln_f's bias and the head"
+    " (training.export.formats), exactly",
     "messages_per_second counts forward time only (pad, forward, softmax); tokenizing is the same for all and untimed",
     "same batches: length_sorted_batches at the app's default limits for ours and transformers; same_forwards: each"
-    " of those split by training.model.padding_groups(overhead 64) for both",
+    " of those split by training.runtime.model.padding_groups(overhead 64) for both",
     "contenders are interleaved: round r runs the r-th share of every contender's batches",
     "onnxruntime: our ONNX export (forward_padded) of a separate load of the checkpoint; ORT_ENABLE_ALL; intra-op"
     " threads = torch's; session.intra_op.allow_spinning=0 and session.inter_op.allow_spinning=0; int8:"

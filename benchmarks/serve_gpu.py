@@ -6,7 +6,8 @@ Run on a machine with a CUDA device; no test depends on it. The model is the GPT
 (seeded) weights (OpenAI's are not available to the project's machines; the compute is the same). Per dtype, ours
 (app.engine.Engine.predict, Settings(device="cuda", dtype=...)) and transformers' GPT2ForSequenceClassification
 holding the same weights in the same dtype get the same length-sorted batches, and, stricter, the same forward
-passes (each batch split by training.model.padding_groups), as in benchmarks.serve_engine. Every contender returns
+passes (each batch split by training.runtime.model.padding_groups), as in benchmarks.serve_engine. Every contender
+returns
 probabilities on the CPU, so each timing includes the wait for the GPU. Contenders are interleaved round by round.
 """
 
@@ -27,8 +28,8 @@ from benchmarks.serve_engine import (
     transformers_classifier,
     transformers_forward,
 )
-from training.checkpoint import load_checkpoint
-from training.inference import length_sorted_batches
+from training.runtime.checkpoint import load_checkpoint
+from training.runtime.inference import length_sorted_batches
 
 DTYPES = ("float32", "float16", "bfloat16")
 

@@ -39,7 +39,7 @@ import torch
 from app.settings import Settings
 from benchmarks.common import ROOT, SMS_FILE, print_table, require_shared_data, write_result
 from benchmarks.serve_engine import load_engine, random_checkpoint, sample_texts
-from benchmarks.server import free_port
+from tests.live_server import free_port
 
 TARGETS = {
     "single_batching_vs_engine": 0.80,

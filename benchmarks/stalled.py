@@ -27,7 +27,7 @@ from app.settings import Settings
 from benchmarks.common import print_table, require_shared_data, write_result
 from benchmarks.memory import random_checkpoint
 from benchmarks.overload import rss_mib
-from benchmarks.server import live_server
+from tests.live_server import live_server
 
 HEAD = "POST /classify HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
 UNBOUNDED = dict(request_arrival_timeout_s=10**6, max_body_bytes_in_flight=10**12, max_connections=10**6)

@@ -16,7 +16,7 @@ import sys
 import time
 
 from benchmarks.common import BPE_DIR, ROOT, SMS_FILE, require_shared_data, write_result
-from training.checkpoint import REPORT_DIR, load_checkpoint
+from training.runtime.checkpoint import REPORT_DIR, load_checkpoint
 
 CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "random-init-all"
 COMMAND = [

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 
 from benchmarks.common import BPE_DIR, SMS_FILE, print_table, reference_logits, require_shared_data, write_result
 from training.config import BaseModelConfig, TrainConfig
-from training.data import balance, deduplicate, load_sms_spam, stratified_split
-from training.finetune import Examples, prepare_trainable, train
-from training.inference import PAD_ID
-from training.model import GPTClassifier, GPTConfig
-from training.pipeline import encode
-from training.tokenizer import load_tokenizer
+from training.finetune.data import balance, deduplicate, load_sms_spam, stratified_split
+from training.finetune.loop import Examples, prepare_trainable, train
+from training.finetune.pipeline import encode
+from training.runtime.inference import PAD_ID
+from training.runtime.model import GPTClassifier, GPTConfig
+from training.runtime.tokenizer import load_tokenizer
 
 TARGET_SPEEDUP = 5.0  # ours against the reference's loop, whole 5-epoch fine-tuning
 NOTES = [

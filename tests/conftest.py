@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.helpers import SHARED_DATA, make_bpe_files, tiny_card
-from training.checkpoint import save_checkpoint
-from training.model import GPTClassifier, GPTConfig
-from training.tokenizer import load_tokenizer
+from training.runtime.checkpoint import save_checkpoint
+from training.runtime.model import GPTClassifier, GPTConfig
+from training.runtime.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Plain helpers shared by the tests: a GPT-2-format BPE tokenizer's files, a model card, settings for an app on a
-checkpoint, a live server (from benchmarks.server, which the benchmarks use too) and ways to break a checkpoint.
+checkpoint, a live server (from tests.live_server, which the benchmarks use too) and ways to break a checkpoint.
 Fixtures live in tests/conftest.py; test modules import helpers from here, never from each other."""
 
 import csv
@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import training.precision
+import training.runtime.precision
 from app.settings import Settings
 
 # re-exported (`x as x`) for the tests that start a server
-from benchmarks.server import free_port as free_port
-from benchmarks.server import live_server as live_server
-from training.checkpoint import ModelCard, save_checkpoint
-from training.finetune import Examples
-from training.inference import Calibration, Threshold, fold_calibration, prior_shift
-from training.model import GPTClassifier
+from tests.live_server import free_port as free_port
+from tests.live_server import live_server as live_server
+from training.finetune.loop import Examples
+from training.runtime.checkpoint import ModelCard, save_checkpoint
+from training.runtime.inference import Calibration, Threshold, fold_calibration, prior_shift
+from training.runtime.model import GPTClassifier
 
 # A few merges in GPT-2's data-gym notation ("Ġ" is a space), enough for multi-byte tokens.
 MERGES = ["Ġ t", "h e", "i n", "e r", "Ġ a", "o n", "Ġt he", "Ġ w", "r e", "Ġ s", "Ġ f", "Ġ c", "a t", "o u"]
@@ -150,8 +150,10 @@ def kill_after_steps(argv: list[str], steps: int, log: Path, timeout_s: float = 
 
 
 def pretend_cpu(monkeypatch, *flags: str) -> None:
-    """Make training.precision see a CPU named "Test CPU" with exactly these /proc/cpuinfo flags."""
-    monkeypatch.setattr(training.precision, "cpu_info", lambda: training.precision.CPU("Test CPU", frozenset(flags)))
+    """Make training.runtime.precision see a CPU named "Test CPU" with exactly these /proc/cpuinfo flags."""
+    monkeypatch.setattr(
+        training.runtime.precision, "cpu_info", lambda: training.runtime.precision.CPU("Test CPU", frozenset(flags))
+    )
 
 
 def synthetic(n: int, seed: int, flip: bool = False) -> Examples:

@@ -1,4 +1,4 @@
-"""`python -m training finetune | evaluate | predict | export`: options in, a call to training.pipeline out.
+"""`python -m training finetune | evaluate | predict | export`: options in, a call to training.finetune.pipeline out.
 
 Each command is one function taking one config (training.config); the config's fields, its argument groups
 flattened, are the options with their defaults, help text and choices.
@@ -9,14 +9,14 @@ import sys
 import typing
 from dataclasses import MISSING
 
-from training.checkpoint import CheckpointError
 from training.config import EvaluateConfig, ExportConfig, FinetuneConfig, PredictConfig, from_flat, option_fields
-from training.export import export
-from training.inference import NonFiniteLogits
-from training.model import WeightsError
-from training.pipeline import evaluate, finetune
-from training.score_file import predict
-from training.tokenizer import TokenizerError
+from training.export.formats import export
+from training.finetune.pipeline import evaluate, finetune
+from training.runtime.checkpoint import CheckpointError
+from training.runtime.inference import NonFiniteLogits
+from training.runtime.model import WeightsError
+from training.runtime.tokenizer import TokenizerError
+from training.scoring.files import predict
 
 COMMANDS = {
     "finetune": (finetune, FinetuneConfig),

@@ -9,10 +9,10 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from training.data import BALANCING, ROLES
-from training.device import DEVICE_HELP, resolve_device
-from training.model import PRESETS, GPTConfig
-from training.precision import DTYPE_HELP, DTYPES, check_precision
+from training.finetune.data import BALANCING, ROLES
+from training.runtime.device import DEVICE_HELP, resolve_device
+from training.runtime.model import PRESETS, GPTConfig
+from training.runtime.precision import DTYPE_HELP, DTYPES, check_precision
 
 TRAINABLE = ("last-blocks", "all", "lora")
 THRESHOLD_OBJECTIVES = ("fpr", "f1")
@@ -198,7 +198,7 @@ def file_format(path: str, given: str, formats: tuple[str, ...], default: str | 
 class ScoringConfig:
     """How a checkpoint is loaded and run outside the server: the server's SPAMGPT_DEVICE, _DTYPE,
     _QUANTIZE_INT8, _TORCH_THREADS, _MAX_BATCH_SIZE, _MAX_BATCH_TOKENS and _PRIOR, with the same rules
-    (training.precision) and defaults."""
+    (training.runtime.precision) and defaults."""
 
     device: str = opt("auto", DEVICE_HELP)
     dtype: str = opt("auto", DTYPE_HELP, DTYPES)

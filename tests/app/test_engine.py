@@ -4,8 +4,8 @@ from torch.testing import assert_close
 
 from app.engine import Engine
 from tests.helpers import pretend_cpu, tiny_settings
-from training.checkpoint import load_checkpoint
-from training.inference import predict_probabilities
+from training.runtime.checkpoint import load_checkpoint
+from training.runtime.inference import predict_probabilities
 
 TEXTS = [
     "Free entry in 2 a wkly comp to win FA Cup final tkts",

@@ -140,7 +140,7 @@ def test_a_broken_checkpoint_stops_the_server_before_it_answers(tiny_checkpoint,
             time.sleep(0.05)
     stderr = server.communicate()[1]
     assert server.returncode == 3, stderr  # uvicorn's STARTUP_FAILURE
-    assert f"training.checkpoint.CheckpointError: {tiny_checkpoint / file}: {message}" in stderr
+    assert f"training.runtime.checkpoint.CheckpointError: {tiny_checkpoint / file}: {message}" in stderr
     assert "Application startup failed. Exiting." in stderr
     assert not (tiny_checkpoint.parent / "pickle-ran").exists()
 

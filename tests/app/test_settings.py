@@ -4,7 +4,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-import training.precision
+import training.runtime.precision
 from app.engine import model_name
 from app.settings import Settings
 from tests.helpers import pretend_cpu
@@ -31,7 +31,9 @@ def test_cpu_defaults_to_float32():
 @pytest.mark.parametrize(("bfloat16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
 def test_cuda_defaults_to_bfloat16_where_the_gpu_has_it_else_float16(monkeypatch, bfloat16, expected):
     asked = []
-    monkeypatch.setattr(training.precision, "cuda_supports_bfloat16", lambda device: asked.append(device) or bfloat16)
+    monkeypatch.setattr(
+        training.runtime.precision, "cuda_supports_bfloat16", lambda device: asked.append(device) or bfloat16
+    )
     assert Settings(device="cuda:1").torch_dtype == expected
     assert asked == [torch.device("cuda:1")]
     assert Settings(device="cuda:1", dtype="float16").torch_dtype == torch.float16

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-import training.pipeline
+import training.finetune.pipeline
 from tests.helpers import DELETE, HAM_WORDS, SPAM_WORDS, edit_card, finetune_argv, write_messages_csv
-from training.checkpoint import load_checkpoint
 from training.cli import main
 from training.config import BaseModelConfig, DataConfig, FinetuneConfig, TrainConfig
-from training.inference import Threshold
-from training.pipeline import finetune
+from training.finetune.pipeline import finetune
+from training.runtime.checkpoint import load_checkpoint
+from training.runtime.inference import Threshold
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,8 @@ def test_skip_existing(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys
     out = tmp_path / "copy"
     shutil.copytree(trained, out)
     calls = []
-    real_train = training.pipeline.train
-    monkeypatch.setattr(training.pipeline, "train", lambda *a, **k: calls.append(a) or real_train(*a, **k))
+    real_train = training.finetune.pipeline.train
+    monkeypatch.setattr(training.finetune.pipeline, "train", lambda *a, **k: calls.append(a) or real_train(*a, **k))
     assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing")) == 0
     assert calls == [] and "skip" in capsys.readouterr().out
     assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing", "--epochs", "1")) == 0
@@ -104,7 +104,7 @@ def test_skip_existing_retrains_on_other_data(
     card = json.loads((out / "config.json").read_text())
     card["data"][field] = value
     (out / "config.json").write_text(json.dumps(card))
-    monkeypatch.setattr(training.pipeline, "train", lambda *a, **k: pytest.fail("retrains"))
+    monkeypatch.setattr(training.finetune.pipeline, "train", lambda *a, **k: pytest.fail("retrains"))
     with pytest.raises(pytest.fail.Exception, match="retrains"):
         main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing"))
     assert message in capsys.readouterr().out
@@ -127,7 +127,7 @@ def test_crash_keeps_the_old_checkpoint(trained, csv_data, bpe_dir, tmp_path, mo
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(training.pipeline, "write_report", crash)
+    monkeypatch.setattr(training.finetune.pipeline, "write_report", crash)
     assert main(finetune_argv(csv_data, bpe_dir, out, "--seed", "7")) == 1
     assert (out / "model.safetensors").read_bytes() == before
     # no staging directory left; the resume state stays, for --resume
@@ -243,7 +243,7 @@ def test_finetune_from_python_with_typed_configs(trained, csv_data, bpe_dir, tmp
 def test_skip_existing_finds_the_same_data_by_another_path(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "copy"
     shutil.copytree(trained, out)
-    monkeypatch.setattr(training.pipeline, "train", lambda *a: pytest.fail("retrains"))
+    monkeypatch.setattr(training.finetune.pipeline, "train", lambda *a: pytest.fail("retrains"))
     monkeypatch.chdir(csv_data.parent)
     argv = finetune_argv(Path(csv_data.name), Path(os.path.relpath(bpe_dir)), out, "--skip-existing")
     assert main(argv) == 0 and "skip" in capsys.readouterr().out
@@ -274,13 +274,13 @@ def test_finetune_prints_the_labels_and_duplicates_before_training(bpe_dir, tmp_
     with open(data, "w", newline="") as f:
         csv.writer(f).writerows([("text", "label"), *rows])
     said_before_training = []
-    real_train = training.pipeline.train
+    real_train = training.finetune.pipeline.train
 
     def train(*args, **kwargs):
         said_before_training.append(capsys.readouterr().out)
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(training.pipeline, "train", train)
+    monkeypatch.setattr(training.finetune.pipeline, "train", train)
     assert main(finetune_argv(data, bpe_dir, tmp_path / "out", "--epochs", "1")) == 0
     assert (
         "data " + str(data) + ": 69 rows, 2 labels ('ham' 35, 'spam' 34); dropped 5 exact and 4 near duplicates; "

@@ -1,0 +1,252 @@
+"""Exports of a checkpoint: the Hugging Face layout gives our probabilities in transformers' own pipeline, and the
+ONNX graph gives them in ONNX Runtime, on mixed-length batches."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import readme_python, tiny_card
+from training.cli import main
+from training.export.formats import ONNX_OPSET, export_hf, export_onnx, fold_score_bias, model_card_readme
+from training.finetune.data import load_sms_spam
+from training.runtime.checkpoint import DataSummary, load_checkpoint, save_checkpoint
+from training.runtime.inference import Threshold, pad_right, predict_probabilities
+from training.runtime.model import GPTClassifier, GPTConfig
+from training.runtime.tokenizer import ENDOFTEXT, encode_batch, load_tokenizer
+
+# Mixed lengths; a trailing "!" is token 0 (a tempting pad id), and "<|endoftext|>" inside a text is plain text,
+# so neither may be read as padding.
+TEXTS = [
+    "WINNER!! Claim your free prize now",
+    "See you at 5?",
+    "ok",
+    f"the end {ENDOFTEXT}",
+    ENDOFTEXT,
+    "Call me when you get there, or text if the train is late again tonight!",
+    "!",
+    "free entry in 2 a wkly comp to win fa cup final tkts 21st may 2005",
+]
+
+
+def sharp_checkpoint(directory: Path, bpe_dir: Path, config: GPTConfig) -> Path:
+    """A random classifier whose head is large and biased, so its probabilities vary from text to text and the
+    bias moves them: an export that dropped or misplaced the bias would be far off."""
+    torch.manual_seed(1)
+    model = GPTClassifier(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 2.0)
+        model.score.bias.copy_(torch.tensor([2.5, -1.5]))
+        model.transformer.ln_f.weight.uniform_(0.5, 1.5)
+        model.transformer.ln_f.bias.normal_(0.0, 0.5)
+    card = tiny_card(threshold=Threshold("spam", 0.7), metrics={"test_accuracy": 0.9542, "test_roc_auc": 0.992})
+    return save_checkpoint(directory, model, bpe_dir, card)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, bpe_dir, tiny_config) -> Path:
+    return sharp_checkpoint(tmp_path_factory.mktemp("sharp") / "ckpt", bpe_dir, tiny_config)
+
+
+def our_probabilities(checkpoint_dir: Path, texts: list[str]) -> torch.Tensor:
+    loaded = load_checkpoint(checkpoint_dir)
+    rows, _ = encode_batch(loaded.tokenizer, texts, loaded.card.max_tokens)
+    return predict_probabilities(loaded.model, rows)
+
+
+def pipeline_probabilities(hf_dir: Path, texts: list[str], batch_size: int, labels: tuple[str, ...]) -> torch.Tensor:
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(hf_dir), top_k=None, batch_size=batch_size, device="cpu")
+    answers = classify(texts, truncation=True)
+    return torch.tensor([[{a["label"]: a["score"] for a in answer}[label] for label in labels] for answer in answers])
+
+
+# --- The score bias, folded --------------------------------------------------------------------------
+
+
+def _head_case(n_embd: int, n_labels: int, zero_weight=False, zero_gamma=False):
+    g = torch.Generator().manual_seed(n_embd + n_labels)
+    gamma = torch.rand(n_embd, generator=g, dtype=torch.float64) + 0.5
+    if zero_gamma:
+        gamma[3] = 0.0
+    beta = torch.randn(n_embd, generator=g, dtype=torch.float64)
+    weight = torch.zeros(n_labels, n_embd, dtype=torch.float64)
+    if not zero_weight:
+        weight.normal_(generator=g)
+    bias = torch.randn(n_labels, generator=g, dtype=torch.float64) * 3
+    return gamma, beta, weight, bias
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(_head_case(32, 2), id="binary"),
+        pytest.param(_head_case(48, 5), id="five-labels"),
+        pytest.param(_head_case(16, 2, zero_weight=True), id="zero-weight-head"),
+        pytest.param(_head_case(32, 3, zero_gamma=True), id="a-zero-gamma"),
+    ],
+)
+def test_folded_bias_gives_the_same_logits_for_any_hidden_state(case):
+    gamma, beta, weight, bias = case
+    new_beta, new_weight = fold_score_bias(gamma, beta, weight, bias)
+    hidden = torch.randn(256, gamma.numel(), dtype=torch.float64) * 10 + 3
+    expected = F.layer_norm(hidden, gamma.shape, gamma, beta) @ weight.T + bias
+    folded = F.layer_norm(hidden, gamma.shape, gamma, new_beta) @ new_weight.T
+    torch.testing.assert_close(folded, expected, rtol=0, atol=1e-9)
+    assert (expected - F.layer_norm(hidden, gamma.shape, gamma, beta) @ weight.T).abs().max() > 1  # bias mattered
+
+
+# --- Hugging Face layout -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_dir(checkpoint, tmp_path_factory) -> Path:
+    return export_hf(checkpoint, tmp_path_factory.mktemp("export") / "hf")
+
+
+def test_hf_config_labels_padding_and_card(hf_dir, checkpoint):
+    loaded = load_checkpoint(checkpoint)
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["architectures"] == ["GPT2ForSequenceClassification"]
+    assert config["id2label"] == {"0": "ham", "1": "spam"} and config["label2id"] == {"ham": 0, "spam": 1}
+    assert config["pad_token_id"] == loaded.tokenizer.eot_token
+    sizes = loaded.model.config
+    assert (config["n_layer"], config["n_head"], config["n_embd"], config["n_positions"], config["vocab_size"]) == (
+        sizes.n_layer,
+        sizes.n_head,
+        sizes.n_embd,
+        sizes.block_size,
+        sizes.vocab_size,
+    )
+    readme = (hf_dir / "README.md").read_text()
+    assert (
+        "P(spam) >= 0.7 " in readme and "| test_accuracy | 0.9542 |" in readme and "| test_roc_auc | 0.992 |" in readme
+    )
+    # the decision rule points back at the pipeline example, which comes first
+    assert readme.index('pipeline("text-classification"') < readme.index("the pipeline above reports"), readme
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("sms", "Almeida, José María Gómez Hidalgo and Akebo Yamakami"),
+        ("/data/SMSSpamCollection", "CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/)"),
+        ("/home/me/tickets.csv", "Fine-tuned on `tickets.csv` (120 rows)."),
+        (None, "Not recorded in the checkpoint."),
+    ],
+)
+def test_the_exported_card_credits_its_training_data(checkpoint, source, expected):
+    """CC BY 4.0 asks whoever shares a model trained on the SMS Spam Collection to credit its authors."""
+    loaded = load_checkpoint(checkpoint)
+    data = None if source is None else DataSummary(source, {"sha256": "0" * 64, "rows": 120, "labels": {}}, 100, {})
+    readme = model_card_readme(dataclasses.replace(loaded, card=dataclasses.replace(loaded.card, data=data)))
+    assert expected in readme.split("## Training data", 1)[1]
+
+
+def test_hf_tokenizer_gives_our_token_ids(hf_dir, checkpoint):
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(hf_dir)
+    ours = load_checkpoint(checkpoint).tokenizer
+    texts = [*TEXTS, "x" * 200]
+    assert theirs(texts, truncation=True)["input_ids"] == encode_batch(ours, texts, 48)[0]
+    assert theirs.pad_token_id == ours.eot_token and theirs.model_max_length == 48
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_hf_pipeline_gives_our_probabilities(hf_dir, checkpoint, batch_size):
+    ours = our_probabilities(checkpoint, TEXTS)
+    theirs = pipeline_probabilities(hf_dir, TEXTS, batch_size, ("ham", "spam"))
+    assert ours[:, 1].max() > 0.9 and ours[:, 1].min() < 0.1  # the texts really are told apart
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_hf_model_loads_every_weight_and_nothing_else(hf_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(hf_dir, output_loading_info=True)
+    assert type(model).__name__ == "GPT2ForSequenceClassification"
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+
+
+def test_hf_real_sms_texts_in_mixed_length_batches(shared_data, tmp_path):
+    """The real GPT-2 vocabulary and real messages, in input (unsorted) order and batches of 16."""
+    bpe = shared_data / "gpt2-bpe"
+    config = GPTConfig.from_preset("tiny", vocab_size=load_tokenizer(bpe).n_vocab, block_size=256)
+    ckpt = sharp_checkpoint(tmp_path / "ckpt", bpe, config)
+    texts = load_sms_spam(shared_data / "sms-spam-collection" / "SMSSpamCollection").texts[:160]
+    hf = export_hf(ckpt, tmp_path / "hf")
+    torch.testing.assert_close(
+        pipeline_probabilities(hf, texts, 16, ("ham", "spam")), our_probabilities(ckpt, texts), rtol=0, atol=1e-5
+    )
+
+
+# --- ONNX ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(checkpoint, tmp_path_factory) -> Path:
+    return export_onnx(checkpoint, tmp_path_factory.mktemp("export") / "onnx")
+
+
+def test_onnx_declares_its_opset_and_dynamic_axes(onnx_dir):
+    import onnx
+
+    model = onnx.load(onnx_dir / "model.onnx")
+    assert {o.domain: o.version for o in model.opset_import}[""] == ONNX_OPSET
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert all(isinstance(d, str) and d for shape in dims.values() for d in shape), dims  # symbolic, not fixed
+    assert dims["input_ids"][0] == dims["lengths"][0]
+    assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+    assert (onnx_dir / "tokenizer" / "vocab.bpe").is_file() and (onnx_dir / "config.json").is_file()
+
+
+def test_onnx_runtime_gives_our_probabilities_on_mixed_length_batches(onnx_dir, checkpoint):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    loaded = load_checkpoint(checkpoint)
+    g = torch.Generator().manual_seed(0)
+    for batch, longest in ((1, 1), (1, 48), (5, 17), (16, 48)):  # batch shapes the export example never had
+        lengths = torch.randint(1, longest + 1, (batch,), generator=g)
+        lengths[0] = longest
+        rows = [torch.randint(0, loaded.model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+        idx, lens = pad_right(rows, pad_id=7)
+        logits, probs = session.run(None, {"input_ids": idx.numpy(), "lengths": lens.numpy()})
+        ours = predict_probabilities(loaded.model, rows)
+        torch.testing.assert_close(torch.from_numpy(probs), ours, rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(probs), torch.softmax(torch.from_numpy(logits), -1))
+
+
+def test_the_readme_onnx_example_truncates_to_the_checkpoints_max_tokens(onnx_dir, checkpoint):
+    """The README's ONNX example, run as a user copies it onto an export whose max_tokens (48) is not the default
+    256: a text over it must give our probabilities, not a broadcast error or another budget's answer."""
+    texts = ["See you at 5?", "free entry " * 60]
+    code = readme_python("onnxruntime.InferenceSession").replace('"exports/spamgpt-onnx"', repr(str(onnx_dir)))
+    code = code.replace('["See you at 5?"]', repr(texts))
+    namespace = {}
+    exec(code, namespace)
+    got = torch.from_numpy(namespace["probabilities"])
+    torch.testing.assert_close(got, our_probabilities(checkpoint, texts), rtol=0, atol=1e-4)
+
+
+# --- Command line ----------------------------------------------------------------------------------
+
+
+def test_cli_export_hf_and_its_errors(checkpoint, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert main(["export", str(checkpoint), "--format", "hf", "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert main(["export", str(checkpoint), "--format", "hf", "--out", str(out)]) == 1
+    assert "is not an empty directory" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nothing"), "--format", "hf", "--out", str(tmp_path / "x")]) == 1
+    assert "nothing: checkpoint directory not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(checkpoint), "--format", "gguf", "--out", str(tmp_path / "y")])
+    assert exit_info.value.code == 2

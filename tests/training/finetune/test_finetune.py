@@ -1,0 +1,168 @@
+import pytest
+import torch
+
+from tests.helpers import pretend_cpu, synthetic
+from training.finetune.loop import Examples, TrainConfig, evaluate_loss, prepare_trainable, tail_forward, train
+from training.finetune.lora import merge_lora
+from training.runtime.inference import pad_right, probabilities
+from training.runtime.model import GPTClassifier, GPTConfig
+
+CONFIG = GPTConfig.from_preset("tiny", vocab_size=100)
+CPU = torch.device("cpu")
+
+
+def fresh_model() -> GPTClassifier:
+    torch.manual_seed(0)
+    return GPTClassifier(CONFIG)
+
+
+def validation_loss(model: GPTClassifier, data: Examples) -> float:
+    return evaluate_loss(model, tail_forward(model, data.rows, 0, False, CPU, "val"), data, CPU)[0]
+
+
+def test_loss_goes_down():
+    model, data = fresh_model(), synthetic(40, seed=1)
+    history = train(model, data, synthetic(10, seed=2), TrainConfig(trainable="all", epochs=4, lr=1e-3, device="cpu"))
+    losses = [e["train_loss"] for e in history.epochs]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert history.epochs[-1]["val_accuracy"] == 1.0
+
+
+def test_class_weights_weigh_each_rows_loss():
+    model, data = fresh_model(), synthetic(12, seed=3)
+    weights = torch.tensor([0.25, 3.0])
+    run = tail_forward(model, data.rows, 0, False, CPU, "val")
+    loss, _ = evaluate_loss(model, run, data, CPU, class_weights=weights)
+    logits, targets = run(list(range(len(data.rows)))), torch.tensor(data.targets)
+    each = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    assert loss == pytest.approx((each * weights[targets]).mean().item(), rel=1e-5)
+    assert loss != pytest.approx(each.mean().item(), rel=1e-3)  # the weights changed it
+
+
+def test_training_with_class_weights_learns():
+    model, data = fresh_model(), synthetic(40, seed=1)
+    config = TrainConfig(trainable="all", epochs=4, lr=1e-3, device="cpu")
+    history = train(model, data, synthetic(10, seed=2), config, class_weights=torch.tensor([0.5, 2.0]))
+    assert history.epochs[-1]["train_loss"] < 0.5 * history.epochs[0]["train_loss"]
+
+
+@pytest.mark.parametrize("blocks", [pytest.param(1, id="one-block"), pytest.param(2, id="all-blocks")])
+def test_cached_prefix_matches_whole_model(blocks):
+    data, val = synthetic(24, seed=3), synthetic(8, seed=4)
+    results = []
+    for cache in (True, False):
+        model = fresh_model()
+        config = TrainConfig(trainable_blocks=blocks, epochs=2, batch_size=4, lr=1e-3, device="cpu", cache_prefix=cache)
+        history = train(model, data, val, config)
+        results.append((history.step_losses, [e["val_loss"] for e in history.epochs], model.state_dict()))
+    (cached_steps, cached_val, cached_state), (plain_steps, plain_val, plain_state) = results
+    assert len(cached_steps) == 12
+    torch.testing.assert_close(cached_steps, plain_steps)
+    torch.testing.assert_close(cached_val, plain_val)
+    # Adam turns float rounding in near-zero gradients (the cached prefix ran in other batches) into parameter
+    # differences near 1e-5: seen on a 16-core machine, where the matrix products split differently
+    torch.testing.assert_close(cached_state, plain_state, atol=1e-4, rtol=1e-3)
+
+
+def test_last_blocks_freezes_the_rest():
+    model = fresh_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, synthetic(16, seed=5), synthetic(4, seed=6), TrainConfig(epochs=1, lr=1e-3, device="cpu"))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed, "nothing trained"
+    assert all(k.startswith(("transformer.h.1.", "transformer.ln_f.", "score.")) for k in changed), changed
+
+
+def test_lora_trains_only_adapters_norm_and_head():
+    model = fresh_model()
+    prepare_trainable(model, TrainConfig(trainable="lora", lora_rank=4))
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert names >= {"transformer.ln_f.weight", "score.weight", "transformer.h.0.attn.c_attn.lora_A"}
+    assert all("lora_" in n or n.startswith(("transformer.ln_f.", "score.")) for n in names), names
+    # every linear layer of every block carries an adapter: 4 per block, A and B each
+    assert sum("lora_" in n for n in names) == CONFIG.n_layer * 4 * 2
+
+
+def test_lora_merge_keeps_probabilities_and_plain_keys():
+    model = fresh_model()
+    batch = pad_right(synthetic(6, seed=7).rows, 0)
+    with torch.no_grad():
+        base = probabilities(model(*batch))
+    prepare_trainable(model, TrainConfig(trainable="lora", lora_rank=4))
+    with torch.no_grad():  # B starts at zero; make the adapters do something
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+        unmerged = probabilities(model(*batch))
+        merge_lora(model)
+        merged = probabilities(model(*batch))
+    assert not torch.allclose(unmerged, base, atol=1e-3)
+    torch.testing.assert_close(merged, unmerged)
+    assert set(model.state_dict()) == set(fresh_model().state_dict())
+
+
+def test_lora_training_exports_plain_classifier():
+    model = fresh_model()
+    history = train(model, synthetic(16, seed=8), synthetic(4, seed=9), TrainConfig(trainable="lora", epochs=1))
+    assert history.best_epoch == 1
+    assert set(model.state_dict()) == set(fresh_model().state_dict())
+
+
+def test_best_epoch_by_validation_loss_is_kept():
+    # Validation labels are the opposite of training's, so validation loss rises as training goes on.
+    model, val = fresh_model(), synthetic(10, seed=11, flip=True)
+    history = train(model, synthetic(40, seed=10), val, TrainConfig(trainable="all", epochs=4, lr=1e-3, device="cpu"))
+    val_losses = [e["val_loss"] for e in history.epochs]
+    assert history.best_epoch == 1 and val_losses[-1] > val_losses[0], val_losses
+    assert validation_loss(model, val) == pytest.approx(val_losses[0], rel=1e-5)
+
+
+def test_training_is_reproducible():
+    runs = []
+    for _ in range(2):
+        model = fresh_model()
+        train(model, synthetic(16, seed=12), synthetic(4, seed=13), TrainConfig(epochs=2, lr=1e-3, device="cpu"))
+        runs.append(model.state_dict())
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        pytest.param({"trainable": "some"}, "'some'", id="trainable"),
+        pytest.param({"epochs": 0}, "epochs must be at least 1, got 0", id="epochs"),
+        pytest.param({"lr": -1.0}, "-1.0", id="lr"),
+        pytest.param({"device": "gpu7"}, "'gpu7'", id="device"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**overrides)
+
+
+def test_too_many_trainable_blocks():
+    with pytest.raises(ValueError, match="trainable_blocks 3 exceeds the model's 2 blocks"):
+        prepare_trainable(fresh_model(), TrainConfig(trainable_blocks=3))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(TrainConfig(trainable="all", epochs=4, lr=1e-3, device="cpu"), id="all"),
+        pytest.param(TrainConfig(trainable_blocks=1, epochs=4, lr=3e-3, device="cpu"), id="cached-prefix-and-tail"),
+    ],
+)
+def test_bfloat16_autocast_where_the_cpu_has_it_natively_keeps_validation_accuracy(monkeypatch, config):
+    data, val = synthetic(40, seed=1), synthetic(20, seed=2)
+    runs = {}
+    for flags, dtype in ((("avx2",), torch.float32), (("avx512_bf16",), torch.bfloat16)):
+        pretend_cpu(monkeypatch, *flags)
+        model, seen = fresh_model(), {0: set(), 1: set()}
+        for i, block in enumerate(model.transformer.h):  # block 0: the frozen prefix where one is cached
+            block.mlp.c_fc.register_forward_hook(lambda m, args, out, dtypes=seen[i]: dtypes.add(out.dtype))
+        history = train(model, data, val, config)
+        assert seen == {0: {dtype}, 1: {dtype}}
+        losses = [e["train_loss"] for e in history.epochs]
+        assert losses[-1] < 0.7 * losses[0], losses
+        runs[dtype] = history.epochs[-1]["val_accuracy"]
+    assert abs(runs[torch.bfloat16] - runs[torch.float32]) <= 0.1, runs

@@ -1,0 +1,149 @@
+"""Any GPT-2-family base: sizes from its config.json, weights unsharded or sharded, checked against transformers'
+GPT2Model; other architectures refused by name; a repo id resolved through the Hugging Face cache."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tests.helpers import write_messages_csv
+from training.cli import main
+from training.finetune.base import base_classifier, base_config, resolve_base
+from training.runtime.checkpoint import load_checkpoint
+from training.runtime.model import Packing, WeightsError
+
+# Sizes no preset has: 3 layers, 4 heads, width 64, 128 positions
+ODD = dict(n_layer=3, n_head=4, n_embd=64, n_positions=128)
+
+
+def save_random_gpt2(directory: Path, vocab_size: int, shard: bool, **sizes) -> "torch.nn.Module":
+    """A transformers GPT2Model with random weights everywhere (biases and norms too), saved with save_pretrained."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=vocab_size, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **sizes)
+    torch.manual_seed(3)
+    model = transformers.GPT2Model(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "ln_" in name and name.endswith("weight") else 0.0, 0.2)
+    model.save_pretrained(directory, max_shard_size="40KB" if shard else "10GB")
+    return model
+
+
+@pytest.mark.parametrize("shard", [pytest.param(False, id="unsharded"), pytest.param(True, id="sharded")])
+def test_a_base_of_unusual_size_matches_transformers_hidden_states(tmp_path, tokenizer, shard):
+    hf = save_random_gpt2(tmp_path / "base", tokenizer.n_vocab, shard, **ODD)
+    files = {p.name for p in (tmp_path / "base").iterdir()}
+    assert ("model.safetensors.index.json" in files) == shard and ("model.safetensors" in files) != shard
+    assert (len([name for name in files if name.endswith(".safetensors")]) > 1) == shard
+    model = base_classifier(str(tmp_path / "base"), n_labels=3, vocab_size=tokenizer.n_vocab).eval()
+    c = model.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.n_labels) == (3, 4, 64, 128, 3)
+    assert c.vocab_size == tokenizer.n_vocab
+    idx = torch.randint(0, tokenizer.n_vocab, (3, 128), generator=torch.Generator().manual_seed(2))
+    lengths = torch.tensor([128, 5, 77])
+    with torch.no_grad():
+        ours = model.transformer.ln_f(model.prefix(idx, Packing(lengths, "cpu"), c.n_layer))  # (N, C)
+        theirs = torch.cat([hf(idx[i : i + 1, :n]).last_hidden_state[0] for i, n in enumerate(lengths.tolist())])
+    assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_random_init_from_a_base_takes_only_its_sizes(tmp_path, tokenizer):
+    save_random_gpt2(tmp_path / "base", tokenizer.n_vocab, False, **ODD)
+    (tmp_path / "base" / "model.safetensors").unlink()  # random init needs no weights
+    model = base_classifier(str(tmp_path / "base"), n_labels=2, vocab_size=tokenizer.n_vocab, pretrained=False)
+    assert (model.config.n_layer, model.config.n_embd, model.config.block_size) == (3, 64, 128)
+
+
+def write_config(directory: Path, **config) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        pytest.param(
+            {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
+            r"not a GPT-2-family model: model_type 'llama', architectures \['LlamaForCausalLM'\]",
+            id="llama",
+        ),
+        pytest.param({"architectures": ["BertModel"]}, r"model_type None, architectures \['BertModel'\]", id="none"),
+        pytest.param({"model_type": "gpt2", "activation_function": "relu"}, r"activation_function 'relu'", id="relu"),
+        pytest.param({"model_type": "gpt2", "n_embd": 64, "n_inner": 100}, r"n_inner 100 is not supported", id="inner"),
+        pytest.param(
+            {"model_type": "gpt2", "vocab_size": 100}, r"vocab_size 100 is smaller than the tokenizer", id="vocab"
+        ),
+        pytest.param(
+            {"model_type": "gpt2", "n_embd": 30, "n_head": 4}, r"n_embd 30 is not divisible by n_head 4", id="heads"
+        ),
+    ],
+)
+def test_configs_we_cannot_compute_are_refused_naming_what_was_found(tmp_path, tokenizer, config, match):
+    with pytest.raises(WeightsError, match=match):
+        base_config(write_config(tmp_path / "base", **config), n_labels=2, vocab_size=tokenizer.n_vocab)
+
+
+def test_missing_weights_and_missing_shards_are_named(tmp_path, tokenizer):
+    base = write_config(tmp_path / "base", model_type="gpt2", vocab_size=tokenizer.n_vocab, **ODD)
+    with pytest.raises(WeightsError, match=r"neither model\.safetensors nor model\.safetensors\.index\.json"):
+        base_classifier(str(base), n_labels=2, vocab_size=tokenizer.n_vocab)
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"h.0.ln_1.weight": "shard-1.safetensors"}})
+    )
+    with pytest.raises(WeightsError, match=r"shard-1\.safetensors: not a readable safetensors file"):
+        base_classifier(str(base), n_labels=2, vocab_size=tokenizer.n_vocab)
+
+
+def test_a_repo_id_or_alias_is_fetched_through_the_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert resolve_base("distilgpt2") == tmp_path
+    assert resolve_base("someone/my-gpt2", weights=False) == tmp_path
+    assert asked == [
+        ("distilbert/distilgpt2", ["config.json", "*.safetensors", "model.safetensors.index.json"]),
+        ("someone/my-gpt2", ["config.json"]),
+    ]
+
+
+def test_a_failed_download_is_a_weights_error_naming_the_repo(monkeypatch):
+    import huggingface_hub
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(WeightsError, match=r"could not get 'openai-community/gpt2-medium' .*: offline"):
+        resolve_base("gpt2-medium")
+
+
+def test_finetune_from_a_local_base_directory(tmp_path, tokenizer, bpe_dir, capsys):
+    save_random_gpt2(tmp_path / "base", tokenizer.n_vocab, True, **ODD)
+    data = write_messages_csv(tmp_path / "messages.csv", n=40)
+    argv = ["finetune", "--base", str(tmp_path / "base"), "--data", str(data), "--tokenizer-dir", str(bpe_dir)]
+    argv += ["--epochs", "1", "--max-tokens", "32", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "ckpt")]) == 0
+    checkpoint = load_checkpoint(tmp_path / "ckpt")
+    c = checkpoint.model.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size) == (3, 4, 64, 128)
+    assert checkpoint.card.base_model == str(tmp_path / "base") and checkpoint.card.training.base.base == str(
+        tmp_path / "base"
+    )
+    # the frozen blocks still hold the base's weights
+    hf_first = base_classifier(str(tmp_path / "base"), 2, tokenizer.n_vocab).transformer.h[0].attn.c_attn.weight
+    assert torch.equal(checkpoint.model.transformer.h[0].attn.c_attn.weight, hf_first)
+    assert main([*argv[:-2], "--max-tokens", "129", "--out", str(tmp_path / "other")]) == 1
+    assert "max_tokens must lie in 1..128 for base" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--weights", "w.safetensors", "--out", str(tmp_path / "x")])
+    assert "give one" in capsys.readouterr().err

@@ -1,0 +1,126 @@
+"""A GPT-2-family base model from a Hugging Face repo id or a local directory: its sizes from its config.json, its
+weights from model.safetensors or a sharded model.safetensors.index.json. distilgpt2, OpenAI's four sizes or a
+user's own GPT-2: one architecture, any size.
+
+    model, name = base_classifier("distilbert/distilgpt2", n_labels=2, vocab_size=50257)
+"""
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from training.runtime.model import HF_REPOS, GPTClassifier, GPTConfig, WeightsError, load_hf_gpt2
+
+CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+# Short names for the repos of the GPT-2 family's published checkpoints
+ALIASES = {**HF_REPOS, "distilgpt2": "distilbert/distilgpt2"}
+# What our GPTClassifier computes, as GPT2Config spells it: a config that asks for anything else is refused
+GPT2_CHOICES = {
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # GELU, tanh approximation
+    "layer_norm_epsilon": (1e-5,),  # torch.nn.LayerNorm's default, which our blocks use
+    "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
+}
+
+
+def resolve_base(base: str, weights: bool = True) -> Path:
+    """A local directory as given, or the snapshot of a Hugging Face repo (an alias such as "gpt2", or any repo
+    id) with only its config.json and (when `weights`) its safetensors files, downloaded into the Hugging Face
+    cache.
+
+    Raises WeightsError when a download fails (network, offline mode, an unknown repo).
+    """
+    if Path(base).is_dir():
+        return Path(base)
+    repo = ALIASES.get(base, base)
+    from huggingface_hub import snapshot_download  # honours HF_HUB_OFFLINE and HF_HOME; shows progress
+
+    try:
+        patterns = [CONFIG_FILE, "*.safetensors", INDEX_FILE] if weights else [CONFIG_FILE]
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as exc:  # network, offline mode, auth, an unknown repo: all end the same way for the user
+        raise WeightsError(
+            f"could not get {repo!r} from the Hugging Face Hub, nor is it a local directory: {exc}"
+        ) from exc
+
+
+def base_config(directory: Path, n_labels: int, vocab_size: int) -> GPTConfig:
+    """Our model config from `directory`/config.json: layers, heads, width, positions and vocabulary.
+
+    `vocab_size` is the tokenizer's; the base's own must hold it (a larger one, padded for speed, is kept).
+    Raises WeightsError naming the file and what it found: not a GPT-2 config, an option our model does not
+    compute, or a vocabulary smaller than the tokenizer's.
+    """
+    file = directory / CONFIG_FILE
+    if not file.is_file():
+        raise WeightsError(f"{file}: missing; a base model directory needs config.json and its safetensors")
+    try:
+        raw = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{file}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("model_type") != "gpt2":
+        found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+        architectures = raw.get("architectures") if isinstance(raw, dict) else None
+        raise WeightsError(
+            f"{file}: not a GPT-2-family model: model_type {found!r}, architectures {architectures!r} "
+            "(expected model_type 'gpt2')"
+        )
+    for name, allowed in GPT2_CHOICES.items():
+        if name in raw and raw[name] not in allowed:
+            raise WeightsError(f"{file}: {name} {raw[name]!r} is not supported (supported: {list(allowed)})")
+    if raw.get("n_inner") not in (None, 4 * raw.get("n_embd", 768)):
+        raise WeightsError(f"{file}: n_inner {raw['n_inner']!r} is not supported (only 4 * n_embd)")
+    # GPT2Config's defaults are GPT-2 124M's, for the keys a config leaves out
+    sizes = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}
+    sizes = {name: raw.get(name, default) for name, default in sizes.items()}
+    if sizes["vocab_size"] < vocab_size:
+        raise WeightsError(f"{file}: vocab_size {sizes['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+    try:
+        return GPTConfig(
+            block_size=sizes["n_positions"],
+            vocab_size=sizes["vocab_size"],
+            n_layer=sizes["n_layer"],
+            n_head=sizes["n_head"],
+            n_embd=sizes["n_embd"],
+            n_labels=n_labels,
+        )
+    except ValueError as exc:
+        raise WeightsError(f"{file}: {exc}") from exc
+
+
+def base_tensors(directory: Path) -> dict:
+    """Every tensor of `directory`/model.safetensors, or of the shards its model.safetensors.index.json names.
+
+    Raises WeightsError naming the file that is missing or unreadable.
+    """
+    if (directory / WEIGHTS_FILE).is_file():
+        files = [directory / WEIGHTS_FILE]
+    elif (directory / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise WeightsError(f"{directory / INDEX_FILE}: no readable weight_map ({exc!r})") from exc
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    else:
+        raise WeightsError(f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+    tensors = {}
+    for file in files:
+        try:
+            tensors.update(load_file(file))
+        except Exception as exc:  # missing shard, truncation, a header safetensors cannot read
+            raise WeightsError(f"{file}: not a readable safetensors file ({exc})") from exc
+    return tensors
+
+
+def base_classifier(base: str, n_labels: int, vocab_size: int, pretrained: bool = True) -> GPTClassifier:
+    """A classifier shaped by `base`'s config.json, holding its weights (pretrained) or random ones, with a
+    freshly initialised head. `base`: a local directory, a Hugging Face repo id, or an alias (ALIASES).
+
+    Raises WeightsError for a base that cannot be had, is not GPT-2, or whose weights do not fit its config.
+    """
+    directory = resolve_base(base, weights=pretrained)
+    model = GPTClassifier(base_config(directory, n_labels, vocab_size))
+    if pretrained:
+        load_hf_gpt2(model, base_tensors(directory))
+    return model

@@ -1,0 +1,429 @@
+"""The evaluation report: metrics on the test split and on every held-out row, the decision threshold chosen on
+the selection rows (never on evaluation rows), calibration before and after, plots.
+
+It knows nothing about training loops. Probabilities and thresholded labels come from training.runtime.inference
+(predict_probabilities, decide), the same code the server runs. Curves and metrics come from torchmetrics, the
+plots from matplotlib (the plots extra; the report is written without them when it is absent).
+"""
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+    binary_precision_recall_curve,
+    binary_roc,
+    multiclass_calibration_error,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+
+from training.runtime.inference import Threshold, decide, positive_label, predict_probabilities, require_finite
+from training.runtime.model import GPTClassifier
+
+EVAL_BATCH_SIZE = 32  # rows per forward pass: no gradients, so larger than training's batches
+
+
+@dataclass
+class Predictions:
+    """A split's probabilities beside its true labels."""
+
+    probs: torch.Tensor  # (N, n_labels) float32
+    targets: torch.Tensor  # (N,) label indices
+
+
+def predict(model: GPTClassifier, rows: list[list[int]], labels: list[str], label_names: list[str]) -> Predictions:
+    """The model's probabilities for token id `rows` (truncated to its max_tokens) beside their true `labels`.
+
+    Raises ValueError naming labels the model does not know, and training.runtime.inference.NonFiniteLogits naming the
+    rows (indices into `rows`) whose logits are not finite: no metric is computed from a made-up probability.
+    """
+    unknown = sorted(set(labels) - set(label_names))
+    if unknown:
+        raise ValueError(f"labels {unknown!r} are not among the model's labels {label_names!r}")
+    targets = torch.tensor([label_names.index(label) for label in labels], dtype=torch.long)
+    return Predictions(require_finite(predict_probabilities(model, rows, EVAL_BATCH_SIZE)), targets)
+
+
+# --- Curves and metrics ---------------------------------------------------------------------------
+# Scores are probabilities in [0, 1]: torchmetrics takes anything outside that range for logits and applies a sigmoid.
+
+
+def _cumulative_counts(scores: torch.Tensor, positives: torch.Tensor):
+    """Distinct thresholds in descending order, with the true and false positives of `score >= threshold`.
+
+    Read back from torchmetrics' ROC: its rates are counts over class totals, so rate * total rounds back to the
+    exact count (to well under half a count below 2**23 samples), and equal F1s below still tie exactly.
+    """
+    with warnings.catch_warnings():  # a class is absent: its rates are zeros, which are still the right counts
+        warnings.filterwarnings("ignore", "No (positive|negative) samples in targets", UserWarning)
+        fpr, tpr, thresholds = binary_roc(scores, positives.long())
+    n_pos = int(positives.sum())
+    tps, fps = (tpr.double() * n_pos).round(), (fpr.double() * (len(positives) - n_pos)).round()
+    return thresholds[1:], tps[1:], fps[1:]  # [0] is the (0, 0) point torchmetrics puts above every score
+
+
+def roc_curve(scores: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """False and true positive rates, from (0, 0) through every distinct threshold to (1, 1)."""
+    fpr, tpr, _ = binary_roc(scores, positives.long())
+    return fpr, tpr
+
+
+def roc_auc(scores: torch.Tensor, positives: torch.Tensor) -> float | None:
+    """Area under the ROC curve (ties count half); None when only one class is present."""
+    n_pos = int(positives.sum())
+    if n_pos in (0, len(positives)):
+        return None
+    return binary_auroc(scores, positives.long()).item()
+
+
+def precision_recall_curve(scores: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Precision and recall of `score >= threshold` at every distinct threshold, highest threshold first."""
+    precision, recall, _ = binary_precision_recall_curve(scores, positives.long())
+    # torchmetrics orders them lowest threshold first and ends with (precision 1, recall 0), above every score
+    return precision[:-1].flip(0), recall[:-1].flip(0)
+
+
+def choose_threshold(
+    scores: torch.Tensor, positives: torch.Tensor, objective: str = "f1", target_fpr: float = 0.0
+) -> float:
+    """The score threshold of the decision `score >= threshold` that is best for `objective`:
+    "f1": the highest F1 of the positive class; "fpr": the highest recall (true-positive rate) among thresholds
+    whose false-positive rate (negatives at or above it, over all negatives) is at most target_fpr.
+    Ties go to the highest threshold. When even the highest score's FPR is over the target, the threshold lies
+    just above every score (nothing is flagged; 1.0 at most).
+
+    Raises ValueError for an unknown objective.
+    """
+    thresholds, tps, fps = _cumulative_counts(scores, positives)
+    if objective == "f1":
+        goal = 2 * tps / (tps + fps + positives.sum())  # 2TP / (2TP + FP + FN), as TP + FN = all positives
+    elif objective == "fpr":
+        negatives = max(1, len(positives) - int(positives.sum()))
+        allowed = fps / negatives <= target_fpr + 1e-12  # a count exactly at the target is allowed
+        if not allowed.any():
+            above = torch.nextafter(thresholds[0].float(), torch.tensor(math.inf))  # the next float32 up
+            return min(1.0, float(above))
+        goal = torch.where(allowed, tps, -1.0)
+    else:
+        raise ValueError(f"objective must be 'f1' or 'fpr', got {objective!r}")
+    return float(thresholds[goal.argmax()])  # argmax takes the first maximum: the highest such threshold
+
+
+# --- Rates with confidence intervals ---------------------------------------------------------------
+
+Z95 = 1.959963984540054  # the standard normal's 0.975 quantile: two-sided 95%
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """The Wilson score interval of a binomial proportion `successes` / `n` (95% for the default z), or None for
+    n = 0. Wilson (1927), "Probable inference, the law of succession, and statistical inference", JASA 22; the
+    interval Brown, Cai & DasGupta (2001), "Interval Estimation for a Binomial Proportion", recommend for small n
+    and for rates near 0, where the normal approximation's interval collapses or leaves [0, 1]."""
+    if n == 0:
+        return None
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate(successes: int, n: int) -> dict:
+    """{"value": successes / n (None for n = 0), "count": successes, "of": n, "ci95": Wilson interval or None}."""
+    return {"value": successes / n if n else None, "count": successes, "of": n, "ci95": wilson_interval(successes, n)}
+
+
+def class_rates(confusion: torch.Tensor) -> dict[int, dict]:
+    """For each class c of a (k, k) confusion matrix (rows: true): precision (rows predicted c that are c),
+    recall (rows that are c predicted c) and false-positive rate (rows of other classes predicted c), each a
+    rate() with its 95% Wilson interval. For spam, the false-positive rate is the share of ham flagged as spam."""
+    out = {}
+    for c in range(len(confusion)):
+        hits, predicted, true = int(confusion[c, c]), int(confusion[:, c].sum()), int(confusion[c].sum())
+        others = int(confusion.sum()) - true
+        out[c] = {
+            "precision": rate(hits, predicted),
+            "recall": rate(hits, true),
+            "false_positive_rate": rate(predicted - hits, others),
+        }
+    return out
+
+
+def classification_metrics(
+    probs: torch.Tensor, targets: torch.Tensor, predicted: torch.Tensor, label_names: list[str]
+) -> dict:
+    """Accuracy, per-class precision / recall / F1 and rates with 95% intervals (class_rates), macro F1, ROC-AUC
+    and the confusion matrix (rows: true)."""
+    k = len(label_names)
+    confusion = multiclass_confusion_matrix(predicted, targets, num_classes=k)  # rows: true, columns: predicted
+    # per class, 0 where undefined (nothing predicted, or nothing true, as that class)
+    by_name = {"precision": multiclass_precision, "recall": multiclass_recall, "f1": multiclass_f1_score}
+    scores = {name: metric(predicted, targets, num_classes=k, average="none") for name, metric in by_name.items()}
+    rates = class_rates(confusion)
+    per_class = {
+        label: {name: values[i].item() for name, values in scores.items()}
+        | {"support": confusion[i].sum().item(), "rates": rates[i]}
+        for i, label in enumerate(label_names)
+    }
+    positive = positive_label(label_names)
+    if positive is not None:
+        auc = roc_auc(probs[:, label_names.index(positive)], targets == label_names.index(positive))
+    else:  # macro average of one-vs-rest areas over the classes where one is defined (torchmetrics counts the rest 0)
+        areas = [a for i in range(k) if (a := roc_auc(probs[:, i], targets == i)) is not None]
+        auc = sum(areas) / len(areas) if areas else None
+    return {
+        "n": len(targets),
+        "accuracy": (predicted == targets).double().mean().item(),
+        "per_class": per_class,
+        "macro_f1": sum(c["f1"] for c in per_class.values()) / k,
+        "roc_auc": auc,
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def split_metrics(predictions: Predictions, label_names: list[str], threshold: Threshold | None) -> dict:
+    """Metrics at argmax, and with a binary threshold also at that threshold."""
+    probs, targets = predictions.probs, predictions.targets
+    out = {"argmax": classification_metrics(probs, targets, probs.argmax(dim=1), label_names)}
+    if threshold is not None:
+        decided = torch.tensor([label_names.index(label) for label in decide(probs, label_names, threshold)])
+        out["threshold"] = classification_metrics(probs, targets, decided, label_names)
+    return out
+
+
+def expected_calibration_error(predictions: Predictions, n_bins: int = 15) -> float:
+    """Top-label expected calibration error (Guo et al. 2017): |accuracy - confidence| over n_bins equal-width
+    bins of the top probability, weighted by the bins' shares of rows (torchmetrics)."""
+    probs, targets = predictions.probs, predictions.targets
+    k = probs.shape[1]
+    return multiclass_calibration_error(probs, targets, num_classes=k, n_bins=n_bins, norm="l1").item()
+
+
+def evaluation_report(
+    label_names: list[str],
+    selection: Predictions,
+    test: Predictions,
+    evaluation: Predictions | None = None,
+    objective: str = "f1",
+    target_fpr: float = 0.0,
+    uncalibrated: Predictions | None = None,
+) -> dict:
+    """Metrics on the selection rows, the test split and the evaluation rows (test and the held-out rows; None:
+    the test split); the binary threshold is chosen on the selection rows alone (choose_threshold's objective
+    and target_fpr), then applied to the others. The report's "threshold" is a Threshold or None, and its
+    "threshold_rule" the objective and target that chose it (None with no threshold).
+
+    uncalibrated: the evaluation rows' probabilities before calibration; with it, "calibration" holds the
+    expected calibration error of both (after: `evaluation`'s).
+    """
+    evaluation = test if evaluation is None else evaluation
+    positive = positive_label(label_names)
+    threshold, rule = None, None  # beyond two labels the argmax decides: no rule chooses anything
+    if positive is not None:
+        index = label_names.index(positive)
+        value = choose_threshold(selection.probs[:, index], selection.targets == index, objective, target_fpr)
+        threshold = Threshold(positive, value)
+        rule = {"objective": objective, "target_fpr": target_fpr if objective == "fpr" else None}
+    report = {
+        "labels": label_names,
+        "threshold": threshold,
+        "threshold_rule": rule,
+        "selection": split_metrics(selection, label_names, threshold),
+        "test": split_metrics(test, label_names, threshold),
+        "evaluation": split_metrics(evaluation, label_names, threshold),
+    }
+    if uncalibrated is not None:
+        report["calibration"] = {
+            "ece_before": expected_calibration_error(uncalibrated),
+            "ece_after": expected_calibration_error(evaluation),
+            "n": len(evaluation.targets),
+        }
+    return report
+
+
+def summary(report: dict) -> dict:
+    """The headline numbers for the model card: test metrics at argmax and, if chosen, at the threshold; for a
+    binary model the false-positive rate and recall of the positive label on the evaluation rows, with their 95%
+    intervals; calibration errors when measured."""
+    positive = positive_label(report["labels"])
+    out = {}
+    for decision, metrics in report["test"].items():
+        suffix = "" if decision == "argmax" else "_at_threshold"
+        f1 = metrics["per_class"][positive]["f1"] if positive else metrics["macro_f1"]
+        out |= {f"test_accuracy{suffix}": metrics["accuracy"], f"test_f1{suffix}": f1}
+        if positive:
+            rates = report["evaluation"][decision]["per_class"][positive]["rates"]
+            for name in ("false_positive_rate", "recall"):
+                out[f"evaluation_{name}{suffix}"] = rates[name]["value"]
+                out[f"evaluation_{name}{suffix}_ci95"] = rates[name]["ci95"]
+    out["test_roc_auc"] = report["test"]["argmax"]["roc_auc"]
+    out["selection_accuracy"] = report["selection"]["argmax"]["accuracy"]
+    out["f1_label"] = positive or "macro"  # which F1 the test_f1 fields are
+    if "calibration" in report:
+        out |= {f"evaluation_{k}": report["calibration"][k] for k in ("ece_before", "ece_after")}
+    return out
+
+
+# --- Writing --------------------------------------------------------------------------------------
+
+
+def write_report(
+    directory: Path,
+    report: dict,
+    test: Predictions,
+    history: dict | None = None,
+    calibration: tuple[Predictions, Predictions] | None = None,
+) -> None:
+    """metrics.json (the report and the training history) and, when matplotlib is installed, PNG plots."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "metrics.json").write_text(json.dumps({**report, "history": history}, indent=2, default=asdict) + "\n")
+    write_plots(directory, report, test, history, calibration)
+
+
+def write_plots(
+    directory: Path,
+    report: dict,
+    test: Predictions,
+    history: dict | None,
+    calibration: tuple[Predictions, Predictions] | None = None,
+) -> list[Path]:
+    """PNG plots of the test split at argmax, of the training history and, given the evaluation rows' predictions
+    (before, after) calibration, their reliability diagram; none, with a note, without matplotlib."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    except ImportError:
+        print("note: matplotlib is not installed, so the report has no plots (pip install 'spamgpt[plots]')")
+        return []
+    figure = partial(Figure, layout="constrained")  # sizes titles, labels and colour bar to fit: nothing clipped
+    figures = {}
+    if history and history["epochs"]:
+        for metric in ("loss", "accuracy"):
+            figures[f"{metric}.png"] = _history_plot(figure, history, metric)
+    labels, test_metrics = report["labels"], report["test"]["argmax"]
+    figures["confusion_matrix.png"] = _confusion_plot(figure, labels, test_metrics)
+    positive = positive_label(labels)
+    if positive is not None:
+        index = labels.index(positive)
+        scores, positives = test.probs[:, index], test.targets == index
+        if test_metrics["roc_auc"] is not None:
+            figures["roc.png"] = _roc_plot(figure, scores, positives, positive, test_metrics["roc_auc"])
+        if positives.any():  # without positives, recall is undefined
+            figures["precision_recall.png"] = _precision_recall_plot(figure, scores, positives, positive)
+    if calibration is not None:
+        figures["reliability.png"] = _reliability_plot(figure, *calibration)
+    for name, fig in figures.items():
+        fig.savefig(directory / name, dpi=100)
+    return [directory / name for name in figures]
+
+
+RATE_AXIS = (-0.02, 1.02)  # 0 to 1, with a margin so that a curve along an edge is not hidden by the frame
+
+
+def _history_plot(figure, history: dict, metric: str):
+    ax = (fig := figure(figsize=(5, 3.5))).subplots()
+    epochs = [e["epoch"] for e in history["epochs"]]
+    for split in ("train", "val"):
+        ax.plot(epochs, [e[f"{split}_{metric}"] for e in history["epochs"]], marker="o", label=split)
+    ax.axvline(history["best_epoch"], color="grey", linestyle=":", label="best epoch")
+    ax.set_xticks(epochs[:: math.ceil(len(epochs) / 10)])  # whole epochs, at most about ten ticks
+    # half an epoch of margin, so that a best epoch at either end is not drawn on the frame
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch", xlim=(epochs[0] - 0.5, epochs[-1] + 0.5))
+    ax.legend()
+    return fig
+
+
+def _confusion_plot(figure, labels: list[str], metrics: dict):
+    confusion, size = metrics["confusion_matrix"], 0.6 * len(labels)  # inches for each row and column
+    ax = (fig := figure(figsize=(3.3 + size, 2.8 + size))).subplots()
+    # from zero, so that colour reads as a count; vmax at least 1 so that an all-zero matrix still has a scale
+    image = ax.imshow(confusion, cmap="Blues", vmin=0, vmax=max(1, max(map(max, confusion))))
+    for i, row in enumerate(confusion):
+        for j, count in enumerate(row):
+            colour = _text_colour_on(image.cmap(image.norm(count)))
+            ax.text(j, i, f"{count:,}", ha="center", va="center", color=colour, fontsize="large")
+    ticks = range(len(labels))
+    rotation = {} if len(labels) == 2 else {"rotation": 45, "ha": "right", "rotation_mode": "anchor"}
+    ax.set_xticks(ticks, labels, **rotation)
+    ax.set_yticks(ticks, labels)
+    ax.set(xlabel="predicted", ylabel="true")
+    fig.suptitle(f"test confusion matrix (argmax), n = {metrics['n']:,}")  # over the colour bar too
+    _integer_ticks(fig.colorbar(image, label="texts").ax.yaxis)
+    return fig
+
+
+def _integer_ticks(axis) -> None:
+    """Ticks on whole numbers only (epochs, counts)."""
+    from matplotlib.ticker import MaxNLocator  # here, as matplotlib is optional; write_plots checked it is installed
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _text_colour_on(rgba) -> str:
+    """Black or white, whichever contrasts more with `rgba` (WCAG relative luminance; they tie at 0.179)."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "white" if luminance < 0.179 else "black"
+
+
+def _roc_plot(figure, scores: torch.Tensor, positives: torch.Tensor, positive: str, auc: float):
+    ax = (fig := figure(figsize=(4.5, 4.5))).subplots()
+    ax.plot(*roc_curve(scores, positives), label=f"{positive} (AUC = {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance (AUC = 0.5)")
+    ax.set(xlim=RATE_AXIS, ylim=RATE_AXIS, aspect="equal", xlabel="false positive rate", ylabel="true positive rate")
+    ax.set_title(f"test ROC, n = {len(positives):,}")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def _precision_recall_plot(figure, scores: torch.Tensor, positives: torch.Tensor, positive: str):
+    precision, recall = precision_recall_curve(scores, positives)
+    average_precision = binary_average_precision(scores, positives.long()).item()
+    ax = (fig := figure(figsize=(4.5, 4.5))).subplots()
+    # each threshold's precision holds from the recall of the threshold above it: the area is average precision
+    ax.step(
+        [0.0, *recall.tolist()],
+        [precision[0].item(), *precision.tolist()],
+        where="pre",
+        label=f"{positive} (AP = {average_precision:.3f})",
+    )
+    share = positives.double().mean().item()
+    ax.axhline(share, color="grey", linestyle=":", label=f"chance (precision = {share:.3f})")
+    ax.set(xlim=RATE_AXIS, ylim=RATE_AXIS, aspect="equal", xlabel="recall", ylabel="precision")
+    ax.set_title(f"test precision-recall, n = {len(positives):,}")
+    ax.legend(loc="best")  # below the curve; where depends on the class balance
+    return fig
+
+
+def reliability_bins(predictions: Predictions, n_bins: int = 15) -> list[tuple[float, float, int]]:
+    """(mean top probability, accuracy, rows) of each non-empty bin of n_bins equal-width bins of the top
+    probability: the points of a reliability diagram (Guo et al. 2017), the bins expected_calibration_error uses."""
+    confidence, predicted = predictions.probs.max(dim=1)
+    correct = (predicted == predictions.targets).double()
+    bins = (confidence.double() * n_bins).ceil().clamp(1, n_bins).long() - 1  # (lo, hi] as torchmetrics bins
+    out = []
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            out.append((confidence[in_bin].double().mean().item(), correct[in_bin].mean().item(), int(in_bin.sum())))
+    return out
+
+
+def _reliability_plot(figure, before: Predictions, after: Predictions):
+    ax = (fig := figure(figsize=(4.5, 4.5))).subplots()
+    for name, predictions in (("before", before), ("after", after)):
+        points = reliability_bins(predictions)
+        ece = expected_calibration_error(predictions)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name} (ECE = {ece:.4f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    ax.set(xlim=RATE_AXIS, ylim=RATE_AXIS, aspect="equal", xlabel="top probability", ylabel="accuracy")
+    ax.set_title(f"reliability, evaluation rows, n = {len(after.targets):,}")
+    ax.legend(loc="lower right")
+    return fig

@@ -1,0 +1,378 @@
+"""The fine-tuning loop: which parameters train, the frozen-prefix cache, sorted batches, best epoch by validation.
+
+It knows nothing about files, tokenizers or checkpoints (minGPT's trainer): it takes a GPTClassifier and token id
+rows with label indices, and leaves the model holding the weights of the epoch with the lowest validation loss.
+After each epoch it can hand its whole state (TrainState) to a callback, and it can start from such a state, so
+that a caller can save it and resume an interrupted run (training.finetune.resume). Over several processes (a
+training.finetune.distributed.Group) every rank runs the same loop on its share of every global batch.
+"""
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from training.config import TrainConfig
+from training.finetune.distributed import SINGLE, Group
+from training.finetune.lora import add_lora, merge_lora
+from training.runtime import precision
+from training.runtime.device import resolve_device
+from training.runtime.inference import PAD_ID, length_sorted_batches, pad_right
+from training.runtime.model import GPTClassifier, Packing
+
+PREFIX_BATCH_SIZE = 32  # the frozen prefix and validation run without gradients, so they afford larger batches
+
+
+@dataclass
+class Examples:
+    rows: list[list[int]]  # token ids, already truncated to max_tokens
+    targets: list[int]  # label indices
+
+    def __post_init__(self):
+        assert len(self.rows) == len(self.targets), "one target per row"
+
+
+@dataclass
+class History:
+    epochs: list[dict] = field(default_factory=list)  # epoch, train_loss, train_accuracy, val_loss, val_accuracy
+    best_epoch: int = 0  # 1-based; its weights are the ones the model holds after train()
+    step_losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"epochs": self.epochs, "best_epoch": self.best_epoch}
+
+
+@dataclass
+class TrainState:
+    """Everything the loop needs to continue after a completed epoch as if it had never stopped; tensors on the CPU.
+
+    The frozen weights are not here: they come again from the same base model and seed, and the frozen-prefix
+    cache is recomputed from them. There is no learning-rate scheduler (constant AdamW rate), so no scheduler state.
+    """
+
+    epoch: int  # completed epochs, 1-based
+    weights: dict[str, torch.Tensor]  # the trainable parameters by name (LoRA adapters unmerged)
+    optimizer: dict  # torch.optim.AdamW.state_dict(): "state" by parameter index, "param_groups"
+    rng: dict[str, torch.Tensor]  # uint8 generator states: "torch" (CPU), "batch_order", "cuda" when on CUDA
+    best_loss: float  # the lowest validation loss so far
+    best_weights: dict[str, torch.Tensor]  # the trainable parameters of history.best_epoch
+    history: History
+
+
+def prepare_trainable(model: GPTClassifier, config: TrainConfig) -> int:
+    """Freeze what the config leaves frozen (adding LoRA adapters if asked); returns the frozen leading blocks."""
+    n_layer = model.config.n_layer
+    if config.trainable == "all":
+        model.requires_grad_(True)
+        return 0
+    model.requires_grad_(False)
+    if config.trainable == "lora":
+        add_lora(model, config.lora_rank, config.lora_alpha)  # new adapter parameters require grad
+        n_frozen = 0  # every block changes, so only the embeddings stay frozen: nothing worth caching
+    else:
+        if config.trainable_blocks > n_layer:
+            raise ValueError(f"trainable_blocks {config.trainable_blocks!r} exceeds the model's {n_layer} blocks")
+        n_frozen = n_layer - config.trainable_blocks
+        model.transformer.h[n_frozen:].requires_grad_(True)
+    model.transformer.ln_f.requires_grad_(True)
+    model.score.requires_grad_(True)
+    return n_frozen
+
+
+@torch.inference_mode()
+def prefix_cache(
+    model: GPTClassifier,
+    rows: list[list[int]],
+    n_blocks: int,
+    device: torch.device,
+    desc: str,
+    only: list[int] | None = None,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """Each row's (T_i, C) float32 residual stream after the first n_blocks, in row order; with `only`, just
+    those rows' (the others hold empty tensors). Computed under precision.training_autocast (bfloat16 where the
+    device has it natively), stored in float32."""
+    cache: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    wanted = list(range(len(rows))) if only is None else only
+    batches = length_sorted_batches([len(rows[i]) for i in wanted], PREFIX_BATCH_SIZE)
+    for batch in tqdm([[wanted[j] for j in b] for b in batches], desc=desc, unit="batch", disable=not progress):
+        idx, lengths = pad_right([rows[i] for i in batch], PAD_ID, device)
+        with precision.training_autocast(device):
+            x = model.prefix(idx, Packing(lengths, device), n_blocks).float()  # (N, C)
+        for i, row in zip(batch, x.split([len(rows[i]) for i in batch]), strict=True):
+            cache[i] = row.clone()  # clone: keep the row, not the whole batch
+    return cache
+
+
+class RowLogits(nn.Module):
+    """Row indices -> (B, n_labels) float32 logits of those rows, through the frozen-prefix cache when there is
+    one; computed under precision.training_autocast (bfloat16 where the device has it natively).
+
+    An nn.Module (holding the model) so that DistributedDataParallel can wrap the forward pass training runs.
+    """
+
+    def __init__(
+        self,
+        model: GPTClassifier,
+        rows: list[list[int]],
+        n_frozen: int,
+        cache: list[torch.Tensor] | None,
+        device: torch.device,
+    ):
+        super().__init__()
+        self.model, self.rows, self.n_frozen, self.cache, self.run_device = model, rows, n_frozen, cache, device
+        self.lengths = torch.tensor([len(r) for r in rows])  # on the CPU, where Packing reads them
+
+    def forward(self, batch: list[int]) -> torch.Tensor:
+        with precision.training_autocast(self.run_device):
+            return self.logits(batch).float()  # the loss and its gradient start in float32
+
+    def logits(self, batch: list[int]) -> torch.Tensor:
+        if self.cache is None:
+            return self.model(*pad_right([self.rows[i] for i in batch], PAD_ID, self.run_device))
+        x = torch.cat([self.cache[i] for i in batch])  # (N, C) the batch's real tokens, row after row
+        return self.model.suffix(x, Packing(self.lengths[batch], self.run_device), self.n_frozen)
+
+
+def tail_forward(
+    model: GPTClassifier,
+    rows: list[list[int]],
+    n_frozen: int,
+    cached: bool,
+    device: torch.device,
+    desc: str,
+    only: list[int] | None = None,
+    progress: bool = True,
+) -> RowLogits:
+    """A module from a batch of row indices to (B, n_labels) logits, through the cache when asked; with `only`,
+    the cache holds (and the module takes) just those rows."""
+    cache = prefix_cache(model, rows, n_frozen, device, desc, only, progress) if cached else None
+    return RowLogits(model, rows, n_frozen, cache, device)
+
+
+def validation_share(data: Examples, group: Group) -> list[int]:
+    """The validation rows this rank evaluates: its share of the rows in length order."""
+    return group.share(sorted(range(len(data.rows)), key=lambda i: len(data.rows[i])))
+
+
+def train(
+    model: GPTClassifier,
+    train_data: Examples,
+    val_data: Examples,
+    config: TrainConfig,
+    *,
+    resume_from: TrainState | None = None,
+    on_epoch_end: Callable[[TrainState], None] | None = None,
+    group: Group = SINGLE,
+    class_weights: torch.Tensor | None = None,
+) -> History:
+    """Fine-tune `model` in place and leave it in eval mode with the best epoch's weights (LoRA merged).
+
+    resume_from: the state after some epoch (from on_epoch_end of an earlier run with the same model, data and
+    config); training continues with the next epoch and ends where that run would have, bit for bit on the
+    same device and thread count. on_epoch_end: called after every epoch with the state after it (CPU copies).
+    group: this process's share of a multi-process run (training.finetune.distributed); every rank calls train alike.
+    class_weights: (n_labels,) each row's loss, training and validation, is weighed by its label's weight.
+
+    Raises ValueError for empty data, a batch size below the number of processes, or a resume_from whose
+    parameters are not this model's trainable ones.
+    """
+    if not train_data.rows or not val_data.rows:
+        raise ValueError(f"need training and validation examples, got {len(train_data.rows)} and {len(val_data.rows)}")
+    if config.batch_size < group.world_size:
+        raise ValueError(
+            f"batch_size {config.batch_size!r} is below the {group.world_size} processes: each needs a share of "
+            "every batch"
+        )
+    device = group.place(resolve_device(config.device))
+    torch.manual_seed(config.seed)
+    model.to(device)
+    n_frozen = prepare_trainable(model, config)
+    cached = config.cache_prefix and n_frozen > 0
+    # Batches hold rows of similar length (little padding); their order is shuffled each epoch.
+    batches = length_sorted_batches([len(r) for r in train_data.rows], config.batch_size)
+    train_rows = sorted(i for batch in batches for i in group.share(batch))
+    run_train = tail_forward(
+        model, train_data.rows, n_frozen, cached, device, "prefix (train)", train_rows, group.is_main
+    )
+    val_rows = validation_share(val_data, group)
+    run_val = tail_forward(
+        model, val_data.rows, n_frozen, cached, device, "prefix (validation)", val_rows, group.is_main
+    )
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    history, best_loss, best_state, done = History(), float("inf"), {}, 0
+    if resume_from is not None:
+        restore(resume_from, trainable, optimizer, generator, device)
+        history, best_loss = copy.deepcopy(resume_from.history), resume_from.best_loss
+        best_state = {name: t.to(device) for name, t in resume_from.best_weights.items()}
+        done = resume_from.epoch
+    group.check_same(done, "the epoch to resume after (is the saved state on a filesystem every rank shares?)")
+    forward = group.wrap(run_train, device)  # the same module, under DistributedDataParallel when distributed
+    targets = torch.tensor(train_data.targets, device=device)
+    weights = None if class_weights is None else class_weights.to(device, torch.float32)
+    for epoch in range(done + 1, config.epochs + 1):
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        desc = f"epoch {epoch}/{config.epochs}"
+        train_loss, train_accuracy = train_epoch(
+            model, forward, [batches[i] for i in order], targets, optimizer, history, desc, group, weights
+        )
+        val_loss, val_accuracy = evaluate_loss(model, run_val, val_data, device, group, weights)
+        history.epochs.append(
+            dict(
+                epoch=epoch,
+                train_loss=train_loss,
+                train_accuracy=train_accuracy,
+                val_loss=val_loss,
+                val_accuracy=val_accuracy,
+            )
+        )
+        if val_loss < best_loss:
+            best_loss, history.best_epoch = val_loss, epoch
+            best_state = {name: p.detach().clone() for name, p in trainable.items()}
+        if on_epoch_end is not None:
+            on_epoch_end(snapshot(epoch, trainable, optimizer, generator, device, best_loss, best_state, history))
+        if group.is_main:
+            print(
+                f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}, "
+                f"accuracy {val_accuracy:.4f}",
+                flush=True,
+            )
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(best_state[name])
+    merge_lora(model)
+    return history
+
+
+def snapshot(
+    epoch: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    device: torch.device,
+    best_loss: float,
+    best_state: dict[str, torch.Tensor],
+    history: History,
+) -> TrainState:
+    """CPU copies of the loop's state after `epoch` (the optimizer's state tensors too: it keeps updating its own)."""
+
+    def cpu(tensors: dict) -> dict:
+        return {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in tensors.items()}
+
+    optimizer_state = optimizer.state_dict()
+    rng = {"torch": torch.get_rng_state(), "batch_order": generator.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return TrainState(
+        epoch=epoch,
+        weights=cpu(trainable),
+        optimizer={
+            "state": {i: cpu(s) for i, s in optimizer_state["state"].items()},
+            "param_groups": copy.deepcopy(optimizer_state["param_groups"]),
+        },
+        rng=rng,
+        best_loss=best_loss,
+        best_weights=cpu(best_state),
+        history=copy.deepcopy(history),
+    )
+
+
+def restore(
+    state: TrainState,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    device: torch.device,
+) -> None:
+    """Put a TrainState back into the live parameters, optimizer and generators.
+
+    Raises ValueError when the state's parameter names or shapes are not `trainable`'s.
+    """
+    for what, tensors in (("weights", state.weights), ("best weights", state.best_weights)):
+        if set(tensors) != set(trainable):
+            differ = sorted(set(tensors) ^ set(trainable))
+            raise ValueError(f"the saved {what} are for other trainable parameters, e.g. {differ[0]!r}")
+        for name, p in trainable.items():
+            if tensors[name].shape != p.shape:
+                raise ValueError(f"saved {name!r} has shape {tuple(tensors[name].shape)}, the model's {tuple(p.shape)}")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state.weights[name])
+    optimizer.load_state_dict(state.optimizer)
+    torch.set_rng_state(state.rng["torch"])
+    generator.set_state(state.rng["batch_order"])
+    if device.type == "cuda" and "cuda" in state.rng:
+        torch.cuda.set_rng_state(state.rng["cuda"], device)
+
+
+def train_epoch(
+    model: GPTClassifier,
+    run: Callable[[list[int]], torch.Tensor],
+    batches: list[list[int]],
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    history: History,
+    desc: str,
+    group: Group = SINGLE,
+    class_weights: torch.Tensor | None = None,
+) -> tuple[float, float]:
+    """One optimizer step per global batch, in the given order; returns the epoch's mean loss and accuracy.
+    With class_weights, each row's loss is weighed by its label's weight (the mean stays over rows).
+
+    This rank computes its share of each batch; its loss is the sum of its rows' cross-entropy over the global
+    batch's rows, so the gradients summed over ranks are the global batch's mean-loss gradient. A rank whose
+    share of a batch is empty runs one of its own rows at weight 0, so that it still joins the gradient sum.
+    """
+    model.train()
+    stand_in = next(share for share in map(group.share, batches) if share)[:1]
+    loss_sum, correct, n = 0.0, 0, 0
+    bar = tqdm(batches, desc=desc, unit="batch", disable=not group.is_main)
+    for batch in bar:
+        rows, real = group.share(batch), 1.0
+        if not rows:
+            rows, real = stand_in, 0.0
+        weight = torch.full((len(rows),), real, device=targets.device)
+        logits = run(rows)
+        losses = F.cross_entropy(logits, targets[rows], weight=class_weights, reduction="none") * weight  # (B_rank,)
+        loss = losses.sum() / len(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        hits = (logits.argmax(dim=1) == targets[rows]).double() @ weight.double()
+        batch_loss, batch_correct = group.sum(torch.stack([losses.detach().double().sum(), hits])).tolist()
+        history.step_losses.append(batch_loss / len(batch))
+        loss_sum += batch_loss
+        correct += round(batch_correct)
+        n += len(batch)
+        bar.set_postfix(loss=f"{history.step_losses[-1]:.4f}", refresh=False)  # redrawn at tqdm's pace
+    return loss_sum / n, correct / n
+
+
+@torch.inference_mode()
+def evaluate_loss(
+    model: GPTClassifier,
+    run: Callable[[list[int]], torch.Tensor],
+    data: Examples,
+    device: torch.device,
+    group: Group = SINGLE,
+    class_weights: torch.Tensor | None = None,
+) -> tuple[float, float]:
+    """Mean cross-entropy (each row's weighed by class_weights[label] when given) and accuracy over `data`; each
+    rank computes its validation_share, summed over ranks."""
+    model.eval()
+    targets = torch.tensor(data.targets, device=device)
+    mine = validation_share(data, group)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct
+    for batch in length_sorted_batches([len(data.rows[i]) for i in mine], PREFIX_BATCH_SIZE):
+        rows = [mine[j] for j in batch]
+        logits = run(rows)
+        sums[0] += F.cross_entropy(logits, targets[rows], weight=class_weights, reduction="sum").double()
+        sums[1] += (logits.argmax(dim=1) == targets[rows]).sum()
+    loss_sum, correct = group.sum(sums).tolist()
+    return loss_sum / len(data.rows), correct / len(data.rows)

@@ -1,0 +1,390 @@
+"""The fine-tuning pipeline as plain functions: data, split, train, evaluate, export; and re-evaluation of an
+exported checkpoint. The command line (training.cli) only maps options to these configs.
+
+    from training.config import BaseModelConfig, DataConfig, FinetuneConfig, TrainConfig
+    from training.finetune.pipeline import finetune
+    finetune(FinetuneConfig(DataConfig("spam.csv"), BaseModelConfig(init="random"), TrainConfig(epochs=2)))
+"""
+
+import json
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tiktoken
+import torch
+
+from training.config import BaseModelConfig, EvaluateConfig, FinetuneConfig, changed_options, flatten
+from training.finetune.base import base_classifier
+from training.finetune.data import (
+    ROLES,
+    SPLITS,
+    Dataset,
+    Duplicates,
+    Partition,
+    deduplicate,
+    deduplicate_counted,
+    fingerprint,
+    load_dataset,
+    partition,
+    select_split,
+    write_split,
+)
+from training.finetune.distributed import Group, process_group
+from training.finetune.evaluate import (
+    EVAL_BATCH_SIZE,
+    Predictions,
+    evaluation_report,
+    predict,
+    split_metrics,
+    summary,
+    write_report,
+)
+from training.finetune.loop import Examples, TrainState, train
+from training.finetune.resume import STATE_FILE, load_state, save_state, state_dir
+from training.runtime.checkpoint import (
+    CONFIG_FILE,
+    REPORT_DIR,
+    SPLIT_FILE,
+    CheckpointError,
+    DataSummary,
+    ModelCard,
+    load_checkpoint,
+    save_checkpoint,
+    staged,
+)
+from training.runtime.device import resolve_device
+from training.runtime.inference import (
+    Calibration,
+    Threshold,
+    calibrate_logits,
+    fit_temperature,
+    fold_calibration,
+    predict_logits,
+    prior_shift,
+    probabilities,
+    require_finite,
+)
+from training.runtime.model import GPTClassifier, GPTConfig, pretrained_classifier
+from training.runtime.tokenizer import encode_batch, load_gpt2_bpe
+
+# Arguments that change where or how fast a run happens, not what it produces: skip_existing and resume ignore them.
+# The data is compared by content (its fingerprint), not by the path or name that found it.
+NOT_COMPARED = ("out", "device", "skip_existing", "cache_prefix", "resume", "save_state", "data")
+PATHS = ("weights", "tokenizer_dir")  # compared as the files they name, wherever the run started
+
+
+def finetune(config: FinetuneConfig) -> Path:
+    """Fine-tune GPT-2 into a classifier, evaluate it and export a checkpoint directory (the reference's
+    settings by default).
+
+    Returns the directory written (`config.out`).
+
+    Under torchrun, every process runs this: each trains on its share of every batch (training.finetune.distributed),
+    rank 0 evaluates, exports and keeps the resume state, the others wait for it at a barrier.
+
+    Raises ValueError for an `out` that holds files but no checkpoint, or data that cannot be split;
+    training.finetune.resume.ResumeError (a ValueError) for `resume` with state saved by other arguments or data;
+    training.runtime.model.WeightsError when the base weights cannot be had; TokenizerError, OSError.
+    """
+    with process_group(config.train.device) as group:
+        return _finetune(config, group)
+
+
+def _finetune(config: FinetuneConfig, group: Group) -> Path:
+    out = Path(config.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / CONFIG_FILE).is_file():
+        raise ValueError(f"--out {str(out)!r} holds files but no checkpoint; refusing to replace it")
+    data = config.data
+    source = load_dataset(data.data, data.text_column, data.label_column)
+    unique, dropped = deduplicate_counted(source)
+    source_fingerprint = fingerprint(source)  # a sha256 over every row: computed once, compared and recorded
+    if config.skip_existing and matching_checkpoint(out, config, source_fingerprint, dropped):
+        print(f"skip: {out} already holds a checkpoint trained with these arguments on this data")
+        return out
+    base = config.base
+    tokenizer_dir, enc = load_gpt2_bpe(base.tokenizer_dir)
+    parts = partition(unique, config.train.seed, config.balance)
+    label_names = unique.label_names()
+    print(data_summary_line(data.data, source, dropped, parts))
+    model = base_model(base, len(label_names), enc.n_vocab, config.train.seed)
+    train_data, val_data = (encode(enc, ds, label_names, base.max_tokens) for ds in (parts.train, parts.validation))
+    training_prior, class_weights = loss_prior(parts.train, label_names, config.balance)
+    options = resume_options(config, source_fingerprint, group)
+    history = train(model, train_data, val_data, config.train, **options, class_weights=class_weights)
+    if not group.is_main:
+        group.barrier()  # rank 0 evaluates and exports
+        return out
+
+    deployment_prior = label_rates(unique, label_names)
+    calibration, raw = calibrate(model, enc, parts, label_names, base.max_tokens, training_prior, deployment_prior)
+    shift = prior_shift(training_prior, deployment_prior, label_names)
+    calibrated = {
+        name: Predictions(probabilities(calibrate_logits(p.logits, calibration.temperature, shift)), p.targets)
+        for name, p in raw.items()
+    }
+    uncalibrated = Predictions(probabilities(raw["evaluation"].logits), raw["evaluation"].targets)
+    report = evaluation_report(
+        label_names,
+        calibrated["selection"],
+        calibrated["test"],
+        calibrated["evaluation"],
+        config.threshold_objective,
+        config.target_fpr,
+        uncalibrated,
+    )
+    fold_calibration(model, calibration.temperature, shift)
+    card = ModelCard(
+        labels=tuple(label_names),
+        max_tokens=base.max_tokens,
+        threshold=report["threshold"],
+        base_model=(base.base or base.preset) + ("" if base.init == "pretrained" else " (random init)"),
+        metrics={**summary(report), "best_epoch": history.best_epoch},
+        training=config,
+        data=DataSummary(
+            source=data.data,
+            fingerprint=source_fingerprint,
+            rows_after_dedup_and_balance=sum(len(getattr(parts, name).texts) for name in SPLITS),
+            split=parts.sizes(),
+            duplicates_dropped=asdict(dropped),
+            labels_before_balancing=dict(sorted(Counter(unique.labels).items())),
+        ),
+        calibration=calibration,
+    )
+    with staged(out) as staging:
+        save_checkpoint(staging, model, tokenizer_dir, card)
+        before_after = (uncalibrated, calibrated["evaluation"])
+        write_report(staging / REPORT_DIR, report, calibrated["test"], history.to_dict(), before_after)
+        write_split(staging / SPLIT_FILE, parts)
+    shutil.rmtree(state_dir(out), ignore_errors=True)  # the run is complete: nothing left to resume
+    print(f"{headline(card.metrics, card.threshold)}; checkpoint exported to {out}")
+    group.barrier()
+    return out
+
+
+@dataclass
+class Logits:
+    """A role's raw (uncalibrated) logits beside its true label indices."""
+
+    logits: torch.Tensor  # (N, n_labels) float32
+    targets: torch.Tensor  # (N,)
+
+
+def label_rates(ds: Dataset, label_names: list[str]) -> dict[str, float]:
+    """{label: share of the rows}, in label_names' order."""
+    counts = Counter(ds.labels)
+    return {label: counts[label] / len(ds.labels) for label in label_names}
+
+
+def loss_prior(
+    train_rows: Dataset, label_names: list[str], balancing: str
+) -> tuple[dict[str, float], torch.Tensor | None]:
+    """The label distribution the loss sees, and the class weights that make it so (None: unweighted).
+
+    "class-weighted" weighs each label by rows / (labels * its rows), so every label carries the same total
+    weight and the loss sees a uniform prior; otherwise the loss sees the train rows' own rates (uniform after
+    undersampling).
+    """
+    rates = label_rates(train_rows, label_names)
+    if balancing != "class-weighted":
+        return rates, None
+    uniform = {label: 1 / len(label_names) for label in label_names}
+    return uniform, torch.tensor([uniform[label] / rates[label] for label in label_names])
+
+
+def calibrate(
+    model: GPTClassifier,
+    enc: tiktoken.Encoding,
+    parts: Partition,
+    label_names: list[str],
+    max_tokens: int,
+    training_prior: dict[str, float],
+    deployment_prior: dict[str, float],
+) -> tuple[Calibration, dict[str, Logits]]:
+    """The temperature fitted on the validation rows, weighed so that their labels count at the training prior
+    (training.runtime.inference.fit_temperature), and the raw logits of the validation, selection, test and evaluation
+    rows it was fitted from and will be judged on.
+
+    Raises training.runtime.inference.NonFiniteLogits naming rows whose logits are not finite.
+    """
+    raw = {}
+    for name in ("validation", "selection", "test", "evaluation"):
+        ds = getattr(parts, name)
+        rows = encode(enc, ds, label_names, max_tokens)
+        logits = predict_logits(model, rows.rows, EVAL_BATCH_SIZE)
+        require_finite(logits)
+        raw[name] = Logits(logits, torch.tensor(rows.targets, dtype=torch.long))
+    validation_rates = label_rates(parts.validation, label_names)
+    weights = torch.tensor([training_prior[label] / max(validation_rates[label], 1e-12) for label in label_names])
+    temperature = fit_temperature(raw["validation"].logits, raw["validation"].targets, weights)
+    return Calibration(temperature, training_prior, deployment_prior), raw
+
+
+def resume_options(config: FinetuneConfig, data_fingerprint: dict, group: Group) -> dict:
+    """train()'s resume_from (the saved state, with `config.resume`) and on_epoch_end (saving the state, with
+    `config.save_state`, on rank 0 only), for a run writing `config.out`.
+
+    Raises training.finetune.resume.ResumeError when the saved state is of other arguments or data.
+    """
+    directory = state_dir(config.out)
+    record = {"arguments": compared_arguments(config), "data": data_fingerprint}
+    resume_from: TrainState | None = None
+    if config.resume:
+        resume_from = load_state(directory, record)
+        if group.is_main:
+            print(
+                f"resuming after epoch {resume_from.epoch} from {directory}"
+                if resume_from is not None
+                else f"no saved state at {directory}; training from the start"
+            )
+    elif group.is_main and (directory / STATE_FILE).is_file():
+        print(f"note: {directory} holds an interrupted run's state; starting over (--resume continues it)")
+    save = config.save_state and group.is_main
+    return {
+        "resume_from": resume_from,
+        "on_epoch_end": (lambda state: save_state(directory, state, record)) if save else None,
+        "group": group,
+    }
+
+
+def compared_arguments(config: FinetuneConfig) -> dict:
+    """The run's arguments, flat, without those that change where or how fast it runs (NOT_COMPARED), with PATHS
+    made absolute."""
+    arguments = flatten(config)
+    resolved = {name: str(Path(arguments[name]).resolve()) for name in PATHS if arguments[name] is not None}
+    return {k: v for k, v in (arguments | resolved).items() if k not in NOT_COMPARED}
+
+
+def data_summary_line(source_name: str, source: Dataset, dropped: Duplicates, parts: Partition) -> str:
+    """What training is about to learn from, printed before it starts: the labels and their counts as read, the
+    duplicates dropped, and the rows of each role with their labels."""
+
+    def counts(ds: Dataset) -> str:
+        return ", ".join(f"{label!r} {n}" for label, n in sorted(Counter(ds.labels).items()))
+
+    roles = "; ".join(f"{name} {len(getattr(parts, name).texts)} ({counts(getattr(parts, name))})" for name in ROLES)
+    return (
+        f"data {source_name}: {len(source.texts)} rows, {len(source.label_names())} labels ({counts(source)}); "
+        f"dropped {dropped.exact} exact and {dropped.near} near duplicates; {roles}"
+    )
+
+
+def base_model(base: BaseModelConfig, n_labels: int, vocab_size: int, seed: int) -> GPTClassifier:
+    """The classifier before fine-tuning, sized by base.base's config.json or by the preset: its base's weights
+    (OpenAI's, base.weights or base.base's) with a seeded head, or all random.
+
+    Raises training.runtime.model.WeightsError when the base cannot be had or does not fit; ValueError for a max_tokens
+    beyond the base's positions.
+    """
+    torch.manual_seed(seed)  # the head (and everything, with init random) starts from the seed
+    if base.base is not None:
+        model = base_classifier(base.base, n_labels, vocab_size, pretrained=base.init == "pretrained")
+        if base.max_tokens > model.config.block_size:
+            raise ValueError(
+                f"max_tokens must lie in 1..{model.config.block_size} for base {base.base!r}, got {base.max_tokens!r}"
+            )
+        return model
+    config = GPTConfig.from_preset(base.preset, vocab_size=vocab_size, n_labels=n_labels)
+    if base.init == "random":
+        return GPTClassifier(config)
+    return pretrained_classifier(config, base.preset, source=base.weights)
+
+
+def encode(enc: tiktoken.Encoding, ds: Dataset, label_names: list[str], max_tokens: int) -> Examples:
+    """Token ids truncated to max_tokens, with label indices in label_names' order."""
+    rows, _ = encode_batch(enc, ds.texts, max_tokens)
+    return Examples(rows, [label_names.index(label) for label in ds.labels])
+
+
+def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dict, dropped: Duplicates) -> bool:
+    """Whether `out` holds a valid checkpoint whose arguments and data are this run's, deduplicated the same way
+    (one written before near duplicates were dropped, or before calibration, is retrained); prints why not."""
+    if not (out / CONFIG_FILE).is_file():
+        print(f"no checkpoint at {out} yet; training one")
+        return False
+    try:
+        card = load_checkpoint(out).card
+    except CheckpointError as exc:
+        print(f"{out} holds no usable checkpoint ({exc}); training a new one")
+        return False
+    recorded = {} if card.training is None else compared_arguments(card.training)
+    changed = changed_options(compared_arguments(config), recorded)
+    if changed:
+        print(f"{out} was trained with other arguments ({', '.join(changed)}); training a new one")
+        return False
+    if card.data is None or card.data.fingerprint != data_fingerprint:
+        print(f"{out} was trained on other data; training a new one")
+        return False
+    if card.data.duplicates_dropped != asdict(dropped):
+        print(f"{out} was trained on data deduplicated another way; training a new one")
+        return False
+    if card.calibration is None:
+        print(f"{out} was trained before probabilities were calibrated; training a new one")
+        return False
+    return True
+
+
+def headline(metrics: dict, threshold: Threshold | None) -> str:
+    """One line of the card's test metrics, at argmax and at the threshold."""
+
+    def num(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    line = (
+        f"test accuracy {num(metrics['test_accuracy'])}, F1 ({metrics['f1_label']}) {num(metrics['test_f1'])}, "
+        f"ROC-AUC {num(metrics['test_roc_auc'])}"
+    )
+    if threshold is not None:
+        line += (
+            f"; at threshold {threshold.label} >= {threshold.value:.3f}: accuracy "
+            f"{num(metrics['test_accuracy_at_threshold'])}, F1 {num(metrics['test_f1_at_threshold'])}"
+        )
+    return line
+
+
+def describe_rate(rate: dict) -> str:
+    """A rate() as "2.30% [1.87, 2.83] (89 / 3,865)", or "n/a (0 / 0)"."""
+    if rate["value"] is None:
+        return "n/a (0 / 0)"
+    low, high = rate["ci95"]
+    return f"{100 * rate['value']:.2f}% [{100 * low:.2f}, {100 * high:.2f}] ({rate['count']:,} / {rate['of']:,})"
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    """Re-evaluate an exported checkpoint on a dataset, at argmax and at the checkpoint's threshold.
+
+    Returns the metrics, also written to `config.out` when set.
+
+    Raises CheckpointError for a checkpoint that cannot be loaded; ValueError for a split that selects nothing
+    or labels the model does not know.
+    """
+    checkpoint = load_checkpoint(config.checkpoint, device=resolve_device(config.device))
+    card, data = checkpoint.card, config.data
+    ds = deduplicate(load_dataset(data.data, data.text_column, data.label_column))
+    if config.split != "all":
+        rows_given = len(ds.texts)
+        ds = select_split(ds, checkpoint.path / SPLIT_FILE, config.split)
+        print(f"{len(ds.texts)} of {rows_given} distinct rows are in the checkpoint's {config.split} split")
+    rows, _ = encode_batch(checkpoint.tokenizer, ds.texts, card.max_tokens)
+    predictions = predict(checkpoint.model, rows, ds.labels, card.labels)
+    result = {
+        "checkpoint": str(checkpoint.path),
+        "data": data.data,
+        "split": config.split,
+        "fingerprint": fingerprint(ds),
+        "decision_threshold": card.threshold,
+        **split_metrics(predictions, card.labels, card.threshold),  # "argmax" and "threshold" metrics
+    }
+    for decision in ("argmax", "threshold"):
+        if decision in result:
+            m = result[decision]
+            auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
+            print(f"{decision}: n {m['n']}, accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f}, ROC-AUC {auc}")
+            print(f"  confusion matrix (rows true, columns predicted; {list(card.labels)}): {m['confusion_matrix']}")
+            for label, c in m["per_class"].items():
+                print(f"  {label}: " + ", ".join(f"{name} {describe_rate(r)}" for name, r in c["rates"].items()))
+    if config.out:
+        Path(config.out).write_text(json.dumps(result, indent=2, default=asdict) + "\n")
+        print(f"metrics written to {config.out}")
+    return result

@@ -1,0 +1,369 @@
+"""The checkpoint directory: the one contract between training and serving.
+
+config.json        format_version, model config, labels, max_tokens, pooling, threshold, provenance
+model.safetensors  the whole classifier's weights (safetensors only: nothing here unpickles)
+tokenizer/         vocab.bpe + encoder.json, their sha256 recorded in config.json
+report/            metrics.json, the data split, plots (written by training, not needed to serve)
+"""
+
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.config import FinetuneConfig, flatten, from_flat
+from training.runtime.inference import (
+    Calibration,
+    Threshold,
+    binary_prior,
+    check_prior,
+    fold_calibration,
+    prior_shift,
+    shift_threshold,
+)
+from training.runtime.model import GPTClassifier, GPTConfig
+from training.runtime.tokenizer import BPE_FILES, TokenizerError, bpe_hashes, load_tokenizer
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR, REPORT_DIR = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer",
+    "report",
+)
+SPLIT_FILE = f"{REPORT_DIR}/split.json"
+POOLING = "last_token"
+# config.json fields written by save_checkpoint around the card's own
+REQUIRED_FIELDS = ("format_version", "model", "pooling", "tokenizer")
+OPTIONAL_FIELDS = ("calibration",)  # card fields older checkpoints lack; absent means the default
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be served; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What a checkpoint was trained on."""
+
+    source: str  # the --data argument: "sms" or a path
+    fingerprint: dict  # training.finetune.data.fingerprint of the source before deduplication: sha256, rows, labels
+    rows_after_dedup_and_balance: int
+    split: dict[str, int]  # rows per role (training.finetune.data.ROLES); older checkpoints: train, validation, test
+    # rows deduplication dropped: {"exact": n, "near": n} (training.finetune.data.Duplicates); {} in older checkpoints
+    duplicates_dropped: dict[str, int] = field(default_factory=dict)
+    # {label: rows} after deduplication, before balancing: the default deployment prior; {} in older checkpoints
+    labels_before_balancing: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """config.json's description of the classifier, read and checked once by load_checkpoint.
+
+    `training` and `data` are None for a checkpoint not written by `finetune` (config.json holds `{}` there);
+    `created` and `version` are filled in by save_checkpoint.
+    """
+
+    labels: tuple[str, ...]  # in the head's index order
+    max_tokens: int  # texts are truncated to this many tokens, in training and serving
+    threshold: Threshold | None  # a binary model's decision rule, on the served (calibrated) scale; None: argmax
+    base_model: str  # e.g. "gpt2", or "gpt2 (random init)"
+    metrics: dict[str, Any] = field(default_factory=dict)  # the evaluation summary, as training recorded it
+    training: FinetuneConfig | None = None
+    data: DataSummary | None = None
+    # folded into the weights; None in older checkpoints: temperature 1, served at the training prior
+    calibration: Calibration | None = None
+    created: str | None = None  # ISO 8601, UTC
+    version: str | None = None  # of the spamgpt package that wrote it
+
+    def to_json(self) -> dict:
+        """The card's fields in config.json's on-disk shape."""
+        return {
+            "labels": list(self.labels),
+            "max_tokens": self.max_tokens,
+            "threshold": None if self.threshold is None else asdict(self.threshold),
+            "base_model": self.base_model,
+            "metrics": self.metrics,
+            "training": {} if self.training is None else flatten(self.training),
+            "data": {} if self.data is None else asdict(self.data),
+            "calibration": None if self.calibration is None else asdict(self.calibration),
+            "created": self.created,
+            "version": self.version,
+        }
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint directory: the classifier, its tokenizer and its card."""
+
+    path: Path
+    model: GPTClassifier  # in eval mode, on the requested device and dtype
+    tokenizer: tiktoken.Encoding
+    card: ModelCard
+
+
+def package_version() -> str:
+    """The installed spamgpt's version, "unknown" when run from a tree that is not installed."""
+    try:
+        return version("spamgpt")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def save_checkpoint(directory: str | Path, model: GPTClassifier, tokenizer_dir: str | Path, card: ModelCard) -> Path:
+    """Write config.json, model.safetensors and tokenizer/ into `directory` (created if needed); the card's
+    `created` and `version` are set here."""
+    directory = Path(directory)
+    (directory / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
+    for name in BPE_FILES:
+        shutil.copyfile(Path(tokenizer_dir) / name, directory / TOKENIZER_DIR / name)
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    # safetensors creates the file owner-only; a server running as another user must still read it
+    (directory / WEIGHTS_FILE).chmod(0o644)
+    card = replace(card, created=datetime.now(UTC).isoformat(timespec="seconds"), version=package_version())
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "pooling": POOLING,
+        "tokenizer": {"name": "gpt2", "sha256": bpe_hashes(directory / TOKENIZER_DIR)},
+        **card.to_json(),
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prior: float | None = None,
+) -> Checkpoint:
+    """Rebuild the classifier from the directory alone, after checking every part of it.
+
+    prior: for a binary model, the rate of its positive label (training.runtime.inference.positive_label: spam) expected
+    where it serves, instead of the card's deployment prior (training.runtime.inference.Calibration): the head's bias
+    moves by log(prior / card prior), and the returned card states the prior in force and a threshold moved to
+    the new scale, so that probabilities change and decisions do not (a false-positive rate does not depend on
+    the spam rate).
+
+    Raises CheckpointError naming the file and what is wrong with it; ValueError for a prior outside (0, 1), a
+    model that is not binary, or a checkpoint without a calibration record (written before priors were
+    recorded, so its training prior is unknown).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    raw = _read_json(path / CONFIG_FILE)
+    config = _model_config(path / CONFIG_FILE, raw)
+    card = _card(path / CONFIG_FILE, raw, config)
+    state = _read_weights(path / WEIGHTS_FILE, config)
+    try:
+        tokenizer = load_tokenizer(path / TOKENIZER_DIR, expected_sha256=raw["tokenizer"]["sha256"])
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from exc
+    if tokenizer.n_vocab > config.vocab_size:
+        raise CheckpointError(
+            f"{path / TOKENIZER_DIR}: tokenizer has {tokenizer.n_vocab} tokens, model vocab_size {config.vocab_size}"
+        )
+    with torch.device("meta"):  # no random init: every parameter comes from the file
+        model = GPTClassifier(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if prior is not None:
+        card = _serve_at(model, card, prior)
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return Checkpoint(path=path, model=model, tokenizer=tokenizer, card=card)
+
+
+def _serve_at(model: GPTClassifier, card: ModelCard, rate: float) -> ModelCard:
+    """Shift the float32 model's head from the card's deployment prior to `rate`; the card saying so."""
+    prior = binary_prior(rate, card.labels)
+    if card.calibration is None:
+        raise ValueError(
+            "this checkpoint records no calibration (it predates them), so its training prior is unknown and no "
+            "deployment prior can be applied; serve it without one"
+        )
+    shift = prior_shift(card.calibration.prior, prior, card.labels)
+    fold_calibration(model, 1.0, shift)
+    threshold = None if card.threshold is None else shift_threshold(card.threshold, shift, card.labels)
+    return replace(card, calibration=card.calibration.with_prior(prior), threshold=threshold)
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        raw = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    wanted = (*REQUIRED_FIELDS, *(f.name for f in fields(ModelCard) if f.name not in OPTIONAL_FIELDS))
+    missing = [name for name in wanted if name not in raw]
+    if missing:
+        raise CheckpointError(f"{file}: missing field {missing[0]!r}")
+    if isinstance(raw["format_version"], bool) or raw["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file}: unknown format_version {raw['format_version']!r} (this spamgpt reads {FORMAT_VERSION})"
+        )
+    return raw
+
+
+def _model_config(file: Path, raw: dict) -> GPTConfig:
+    model = raw["model"]
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{file}: 'model' must be an object, got {model!r}")
+    try:
+        return GPTConfig(**model)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: invalid model config ({exc})") from exc
+
+
+def _card(file: Path, raw: dict, config: GPTConfig) -> ModelCard:
+    """The card from config.json, every field checked against the model config; the one place that reads it."""
+    labels, max_tokens = raw["labels"], raw["max_tokens"]
+    if (
+        not isinstance(labels, list)
+        or len(labels) != config.n_labels
+        or len(set(labels)) != len(labels)
+        or not all(isinstance(label, str) and label for label in labels)
+    ):
+        raise CheckpointError(f"{file}: 'labels' must be {config.n_labels} distinct non-empty strings, got {labels!r}")
+    # bool is an int subclass: JSON true must not pass as 1
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= config.block_size:
+        raise CheckpointError(f"{file}: 'max_tokens' must be an integer in 1..{config.block_size}, got {max_tokens!r}")
+    if raw["pooling"] != POOLING:
+        raise CheckpointError(f"{file}: unknown pooling {raw['pooling']!r} (expected {POOLING!r})")
+    hashes = raw["tokenizer"].get("sha256") if isinstance(raw["tokenizer"], dict) else None
+    if (
+        not isinstance(hashes, dict)
+        or set(hashes) != set(BPE_FILES)
+        or not all(isinstance(h, str) for h in hashes.values())
+    ):
+        raise CheckpointError(f"{file}: 'tokenizer' must record the sha256 of {list(BPE_FILES)} as strings")
+    if not isinstance(raw["base_model"], str) or not raw["base_model"]:
+        raise CheckpointError(f"{file}: 'base_model' must be a non-empty string, got {raw['base_model']!r}")
+    for name in ("created", "version"):
+        if not isinstance(raw[name], str | None):
+            raise CheckpointError(f"{file}: {name!r} must be a string or null, got {raw[name]!r}")
+    return ModelCard(
+        labels=tuple(labels),
+        max_tokens=max_tokens,
+        threshold=_threshold(file, raw["threshold"], labels),
+        base_model=raw["base_model"],
+        metrics=_record(file, raw, "metrics", dict),
+        training=_record(file, _legacy_balance(raw), "training", FinetuneConfig),
+        data=_record(file, raw, "data", DataSummary),
+        calibration=_calibration(file, raw.get("calibration"), labels),
+        created=raw["created"],
+        version=raw["version"],
+    )
+
+
+def _record(file: Path, raw: dict, name: str, cls: type) -> Any:
+    """config.json's object `name` as `cls` (an empty object: None, for a checkpoint not written by finetune)."""
+    record = raw[name]
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{file}: {name!r} must be an object, got {record!r}")
+    if cls is dict:
+        return record
+    try:
+        return from_flat(cls, record) if record else None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: invalid {name!r} record ({exc})") from exc
+
+
+def _legacy_balance(raw: dict) -> dict:
+    """config.json with a `balance` of older checkpoints (true / false) read as today's choice of balancing."""
+    training = raw["training"]
+    if isinstance(training, dict) and isinstance(training.get("balance"), bool):
+        return raw | {"training": training | {"balance": "undersample" if training["balance"] else "none"}}
+    return raw
+
+
+def _calibration(file: Path, record: object, labels: list[str]) -> Calibration | None:
+    if record is None:
+        return None
+    shape = "null or {'temperature': > 0, 'training_prior': {label: rate}, 'prior': {label: rate}}"
+    if not isinstance(record, dict) or set(record) != {"temperature", "training_prior", "prior"}:
+        raise CheckpointError(f"{file}: 'calibration' must be {shape}, got {record!r}")
+    temperature = record["temperature"]
+    if not isinstance(temperature, int | float) or isinstance(temperature, bool) or not temperature > 0:
+        raise CheckpointError(f"{file}: 'calibration' temperature must be a positive number, got {temperature!r}")
+    for name in ("training_prior", "prior"):
+        try:
+            check_prior(record[name] if isinstance(record[name], dict) else {}, labels)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{file}: 'calibration' {name}: {exc}") from exc
+    return Calibration(float(temperature), record["training_prior"], record["prior"])
+
+
+def _threshold(file: Path, threshold: object, labels: list[str]) -> Threshold | None:
+    if threshold is None:
+        return None
+    if not (
+        len(labels) == 2
+        and isinstance(threshold, dict)
+        and threshold.get("label") in labels
+        and isinstance(threshold.get("value"), int | float)
+        and not isinstance(threshold["value"], bool)
+        and 0.0 <= threshold["value"] <= 1.0
+    ):
+        raise CheckpointError(
+            f"{file}: 'threshold' must be null or {{'label': one of the 2 labels, 'value': 0..1}}, got {threshold!r}"
+        )
+    return Threshold(threshold["label"], float(threshold["value"]))
+
+
+def _read_weights(file: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        state = load_file(file)
+    except Exception as exc:  # safetensors raises its own error types for truncation and bad headers
+        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPTClassifier(config).state_dict().items()}
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{file}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    if extra:
+        raise CheckpointError(f"{file}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)")
+    for key, shape in expected.items():
+        tensor = state[key]
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, config needs {shape}")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}, expected floating point")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{file}: tensor {key!r} has non-finite values (NaN or inf)")
+    return {k: v.float() for k, v in state.items()}
+
+
+@contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """A directory beside `target` that replaces it only once everything inside is written, so that a crash
+    never leaves a half checkpoint where serving would look."""
+    staging, old = target.with_name(f".{target.name}.staging"), target.with_name(f".{target.name}.old")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)  # a crashed run's leftovers
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)  # a directory cannot be renamed over a non-empty one
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

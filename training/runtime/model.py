@@ -1,0 +1,347 @@
+"""GPT-2 as a sequence classifier, in one readable file (nanoGPT's layout and parameter names).
+
+The classifier reads the hidden state at each row's last real token. Batches come right-padded; the model
+packs their real tokens into one stream, so no layer but attention ever computes on padding, and attention is
+causal, so a row's real tokens never see its padding: no attention mask is needed, and a row's logits cannot
+depend on what it was batched with.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the position embedding covers
+    vocab_size: int = 50257  # GPT-2's BPE vocabulary, <|endoftext|> included
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block; n_embd must divide evenly
+    n_embd: int = 768  # width of the residual stream
+    n_labels: int = 2  # classes the head scores (ham, spam for the SMS data)
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{f.name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd!r} is not divisible by n_head {self.n_head!r}")
+        if self.n_labels < 2:
+            raise ValueError(f"a classifier needs at least 2 labels, got n_labels={self.n_labels!r}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),  # tests only
+}
+
+
+# What one attention call costs beyond its padded tokens, in tokens: splitting a batch's rows into groups of
+# similar length pays off once it saves more padding than this. Small: attention is a few percent of the model.
+ATTENTION_OVERHEAD_TOKENS = 16
+
+
+def padding_groups(lengths: list[int], overhead_tokens: int = ATTENTION_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Row indices split into groups of consecutive lengths (shortest first) that minimise the padded tokens
+    plus overhead_tokens per group. Dynamic programming, O(rows^2)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best, start_of = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best[end]: cost of order[:end]
+    for end in range(1, len(order) + 1):
+        longest = lengths[order[end - 1]]
+        for start in range(end):  # ties keep the earliest start: the longer last group
+            cost = best[start] + overhead_tokens + (end - start) * longest
+            if cost < best[end]:
+                best[end], start_of[end] = cost, start
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[start_of[end] : end])
+        end = start_of[end]
+    return groups[::-1]
+
+
+class Packing:
+    """Where a right-padded batch's real tokens lie once packed into one (N, C) stream, the padding dropped.
+
+    Every layer but attention works token by token, so it runs on the N real tokens alone, whatever the
+    rows' lengths. Attention runs per group of rows, padded to the group's longest row: causal attention
+    means a real token never sees the padding after it. On CPU the groups are rows of similar length
+    (padding_groups); on CUDA, where an attention call costs more than the padding it would save, one group.
+    Built on the CPU and copied to the device once, so the forward pass never waits for the device.
+    """
+
+    def __init__(self, lengths: torch.Tensor, device: torch.device | str):
+        rows = lengths.tolist()
+        if min(rows) < 1:
+            raise ValueError(f"every row needs at least one token, got lengths {rows}")
+        device = torch.device(device)
+        lengths = torch.tensor(rows)
+        starts = lengths.cumsum(0) - lengths  # each row's first token in the stream
+        real = torch.arange(max(rows)) < lengths[:, None]  # (B, T)
+        self.tokens = real.view(-1).nonzero().squeeze(1).to(device)  # (N,) each token's place in the (B*T) batch
+        self.positions = real.nonzero()[:, 1].to(device)  # (N,) each token's position in its row
+        self.last = (starts + lengths - 1).to(device)  # (B,) each row's last token in the stream
+        groups = padding_groups(rows) if device.type == "cpu" else [list(range(len(rows)))]
+        # Per group: (b, T_g) stream index of each padded place, and the places of its real tokens in the flattened
+        # (b*T_g); then the stream indices, in order. A row's padding reads the row's own last token: causal
+        # attention gives padding zero weight, but 0 x NaN is NaN, so padding that read another row's token
+        # would carry that row's overflow into this one. The row's own last token is read by the row anyway.
+        self.groups, grouped = [], []
+        for group in groups:
+            index = torch.empty(len(group), max(rows[i] for i in group), dtype=torch.long)
+            for j, i in enumerate(group):
+                index[j, : rows[i]] = torch.arange(starts[i], starts[i] + rows[i])
+                index[j, rows[i] :] = starts[i] + rows[i] - 1
+            places = (torch.arange(index.size(1)) < lengths[group][:, None]).view(-1).nonzero().squeeze(1)
+            self.groups.append((index.to(device), places.to(device)))
+            grouped.append(index.view(-1)[places])
+        grouped = torch.cat(grouped)
+        self.ungroup = torch.empty_like(grouped).scatter_(0, grouped, torch.arange(len(grouped))).to(device)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v fused, as GPT-2 stores them
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor, packing: Packing | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C) packed tokens -> (N, C); given keep, only the output of those tokens: (len(keep), C).
+        Without a packing, x is a whole (B, T, C) right-padded batch -> (B, T, C) (GPTClassifier.forward_padded)."""
+        qkv = self.c_attn(x)  # (N, 3C)
+        if packing is None:
+            return self.c_proj(self.attend(qkv))
+        outputs = []
+        for index, places in packing.groups:
+            b, T = index.shape
+            outputs.append(self.attend(qkv[index]).view(b * T, -1)[places])
+        y = torch.cat(outputs)[packing.ungroup if keep is None else packing.ungroup[keep]]
+        return self.c_proj(y)
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(b, T, 3C) fused q, k, v of right-padded rows -> (b, T, C) causal attention output."""
+        b, T, C = qkv.size(0), qkv.size(1), qkv.size(2) // 3
+        q, k, v = qkv.view(b, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # each (b, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, nh, T, hs)
+        return y.transpose(1, 2).reshape(b, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, packing: Packing | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C) packed tokens -> (N, C); given keep, only those tokens' outputs: (len(keep), C). Without a
+        packing, a whole (B, T, C) right-padded batch -> (B, T, C)."""
+        residual = x if keep is None else x[keep]
+        x = residual + self.attn(self.ln_1(x), packing, keep)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPTClassifier(nn.Module):
+    """GPT-2 blocks, then the final LayerNorm and Linear(n_embd, n_labels) at the last real token.
+
+    The 50,257-wide LM head is not part of the classifier. `prefix` and `suffix` split the forward
+    pass so that training can run a frozen prefix once and cache it.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
+        self.score = nn.Linear(config.n_embd, config.n_labels)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def prefix(self, idx: torch.Tensor, packing: Packing, n_blocks: int) -> torch.Tensor:
+        """(B, T) right-padded token ids laid out by `packing` -> (N, C) residual stream of the N real tokens,
+        row after row, after the embeddings and the first n_blocks."""
+        T = idx.size(1)
+        if self.config.block_size < T:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        x = self.transformer.wte(idx.view(-1)[packing.tokens]) + self.transformer.wpe(packing.positions)  # (N, C)
+        for block in self.transformer.h[:n_blocks]:
+            x = block(x, packing)
+        return x
+
+    def suffix(self, x: torch.Tensor, packing: Packing, n_blocks: int) -> torch.Tensor:
+        """(N, C) packed residual stream after the first n_blocks -> (B, n_labels) logits at each row's last token;
+        NaN throughout for a row whose final hidden state is not finite.
+
+        Only the last token is read, so the final block computes only there (its attention still reads every
+        token): the same logits for about a twelfth less work in GPT-2 124M.
+        """
+        blocks = self.transformer.h[n_blocks:]
+        for block in blocks[:-1]:
+            x = block(x, packing)
+        x = blocks[-1](x, packing, keep=packing.last) if len(blocks) else x[packing.last]  # (B, C)
+        x = self.transformer.ln_f(x)
+        # A row whose final hidden state overflowed gets NaN logits: an int8-quantized head would turn NaN or inf
+        # into finite numbers, a made-up answer nobody could tell from a real one.
+        return self.score(x).masked_fill(~torch.isfinite(x).all(dim=1, keepdim=True), float("nan"))
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T) right-padded token ids and (B,) real lengths -> (B, n_labels) logits."""
+        packing = Packing(lengths, idx.device)
+        return self.suffix(self.prefix(idx, packing, 0), packing, 0)
+
+    def forward_padded(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """forward's logits computed on the whole padded batch: (B, T) right-padded token ids and (B,) real
+        lengths -> (B, n_labels). More work than forward (the padding is computed, then never read: attention is
+        causal), but no shape depends on the data, so torch.export traces it with dynamic batch and sequence
+        axes (the ONNX export, training.export.formats)."""
+        T = idx.size(1)
+        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, None)
+        last = x[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, C)
+        return self.score(self.transformer.ln_f(last))
+
+
+# --- Importing OpenAI's GPT-2 weights in the Hugging Face layout ---------------------------------
+
+HF_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+
+# HF key -> our key. GPT-2 stores these as Conv1D, (in, out): transposed relative to nn.Linear.
+_BLOCK_KEYS = {
+    "ln_1.weight": "ln_1.weight",
+    "ln_1.bias": "ln_1.bias",
+    "attn.c_attn.weight": "attn.c_attn.weight",
+    "attn.c_attn.bias": "attn.c_attn.bias",
+    "attn.c_proj.weight": "attn.c_proj.weight",
+    "attn.c_proj.bias": "attn.c_proj.bias",
+    "ln_2.weight": "ln_2.weight",
+    "ln_2.bias": "ln_2.bias",
+    "mlp.c_fc.weight": "mlp.c_fc.weight",
+    "mlp.c_fc.bias": "mlp.c_fc.bias",
+    "mlp.c_proj.weight": "mlp.c_proj.weight",
+    "mlp.c_proj.bias": "mlp.c_proj.bias",
+}
+_TRANSPOSED = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"}
+_TOP_KEYS = {k: k for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+# Buffers and the tied LM head that HF files may carry; the classifier has no use for them.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+
+
+class WeightsError(RuntimeError):
+    """Base weights could not be had or do not fit the model."""
+
+
+def hf_key_map(n_layer: int) -> dict[str, tuple[str, bool]]:
+    """HF GPT-2 key (without a 'transformer.' prefix) -> (our key, stored transposed)."""
+    mapping = {hf: ("transformer." + ours, False) for hf, ours in _TOP_KEYS.items()}
+    for i in range(n_layer):
+        for hf, ours in _BLOCK_KEYS.items():
+            mapping[f"h.{i}.{hf}"] = (f"transformer.h.{i}.{ours}", hf in _TRANSPOSED)
+    return mapping
+
+
+def load_hf_gpt2(model: GPTClassifier, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy HF GPT-2 tensors into every transformer parameter of `model`; the head stays as it is."""
+    mapping = hf_key_map(model.config.n_layer)
+    source = {}
+    for key, tensor in tensors.items():
+        key = key.removeprefix("transformer.")
+        if key.endswith(_IGNORED_SUFFIXES):
+            continue
+        if key not in mapping:
+            raise WeightsError(f"unexpected tensor {key!r} in GPT-2 weights")
+        source[key] = tensor
+    missing = sorted(set(mapping) - set(source))
+    if missing:
+        raise WeightsError(f"GPT-2 weights lack {len(missing)} tensors, first {missing[0]!r}")
+    params = model.state_dict()
+    with torch.no_grad():
+        for hf_key, (ours, transposed) in mapping.items():
+            tensor = source[hf_key].t() if transposed else source[hf_key]
+            if tensor.shape != params[ours].shape:
+                raise WeightsError(
+                    f"shape mismatch for {hf_key!r}: weights have {tuple(source[hf_key].shape)}, "
+                    f"model {ours!r} needs {tuple(params[ours].shape)}"
+                    + (" (after transposing Conv1D)" if transposed else "")
+                )
+            params[ours].copy_(tensor)
+
+
+def resolve_hf_weights(source: str | Path | None, preset: str) -> Path:
+    """A local model.safetensors (file or directory), or the preset's file from the Hugging Face Hub."""
+    if source is not None:
+        path = Path(source)
+        if path.is_dir():
+            path = path / "model.safetensors"
+        if not path.is_file():
+            raise WeightsError(f"no GPT-2 weights at {path}")
+        return path
+    if preset not in HF_REPOS:
+        raise WeightsError(f"preset {preset!r} has no pretrained weights; choose one of {sorted(HF_REPOS)}")
+    from huggingface_hub import hf_hub_download  # honours HF_HUB_OFFLINE and HF_HOME; shows progress
+
+    try:
+        return Path(hf_hub_download(HF_REPOS[preset], "model.safetensors"))
+    except Exception as exc:  # network, offline mode, auth, disk: all end the same way for the user
+        raise WeightsError(
+            f"could not download {HF_REPOS[preset]}/model.safetensors from the Hugging Face Hub: {exc}"
+        ) from exc
+
+
+def pretrained_classifier(config: GPTConfig, preset: str, source: str | Path | None = None) -> GPTClassifier:
+    """A classifier whose transformer holds OpenAI's GPT-2 weights and whose head is freshly initialised."""
+    from safetensors.torch import load_file
+
+    path = resolve_hf_weights(source, preset)
+    model = GPTClassifier(config)
+    try:
+        tensors = load_file(path)
+    except Exception as exc:
+        raise WeightsError(f"{path} is not a readable safetensors file: {exc}") from exc
+    load_hf_gpt2(model, tensors)
+    return model

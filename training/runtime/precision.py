@@ -1,0 +1,223 @@
+"""Which precision a loaded classifier runs in: the dtype "auto" means, which dtypes and int8 each device takes,
+what the CPU computes natively, int8 dynamic quantization, and float32 weights packed for the CPU. One rule for the
+server (app.settings, app.engine), file scoring (training.scoring.scorer) and fine-tuning's autocast
+(training.finetune.loop), so
+that the same options mean the same thing in all of them."""
+
+import contextlib
+import functools
+import os
+import platform
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+HALF_DTYPES = ("float16", "bfloat16")
+DTYPE_HELP = (
+    "auto (float32 on CPU; on CUDA bfloat16 where the GPU has it natively, else float16), float32, float16 or "
+    "bfloat16; float16 only on CUDA, bfloat16 on CUDA and on CPUs that compute it natively (avx512_bf16 or amx_bf16)"
+)
+# x86 CPU flags (Linux /proc/cpuinfo names) under which oneDNN multiplies bfloat16 natively; without one of them
+# torch emulates bfloat16 through float32, slower than float32 itself.
+NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
+# The flags that say which vector units a CPU has, for benchmark records: SIMD widths, FMA, int8 dot products (VNNI),
+# bfloat16 and float16 instructions, AMX tiles.
+VECTOR_FLAG_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx", "asimd", "sve", "bf16", "i8mm")
+
+
+@dataclass(frozen=True)
+class CPU:
+    """The host CPU as Linux describes it: `model` its name, `flags` its feature flags (x86 `flags`, Arm
+    `Features`). Without /proc/cpuinfo the flags are empty (nothing is taken to be native) and the model is
+    platform's name for the processor."""
+
+    model: str
+    flags: frozenset[str]
+
+    @property
+    def vector_flags(self) -> list[str]:
+        """The flags naming vector units (VECTOR_FLAG_PREFIXES), sorted."""
+        return sorted(f for f in self.flags if f.startswith(VECTOR_FLAG_PREFIXES))
+
+    @property
+    def native_bfloat16(self) -> bool:
+        """Whether this CPU multiplies bfloat16 natively (one of NATIVE_BFLOAT16_FLAGS)."""
+        return any(flag in self.flags for flag in NATIVE_BFLOAT16_FLAGS)
+
+
+@functools.cache
+def cpu_info() -> CPU:
+    """The host CPU, read once from /proc/cpuinfo (its first processor: a machine's cores are alike)."""
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = value.strip()
+                elif key in ("flags", "Features"):
+                    flags = frozenset(value.split())
+                elif not line.strip() and flags:
+                    break  # end of the first processor
+    except OSError:
+        pass
+    return CPU(model, flags)
+
+
+def check_precision(device: torch.device, dtype: str, quantize_int8: bool) -> None:
+    """Refuse what a device cannot run well: float16 on CPU (slow or unsupported there), bfloat16 on a CPU that
+    would emulate it (no NATIVE_BFLOAT16_FLAGS: slower than float32), int8 off the CPU (torch's dynamic
+    quantization has CPU kernels only) or on a half-precision model (it quantizes float32 weights).
+
+    Raises ValueError naming the dtype, device or missing CPU feature.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if device.type == "cpu" and dtype == "float16":
+        raise ValueError(f"dtype {dtype!r} is not supported on CPU; use float32, or quantize_int8 for speed")
+    if device.type == "cpu" and dtype == "bfloat16" and not native_bfloat16(device):
+        raise ValueError(
+            f"dtype 'bfloat16' on CPU needs native bfloat16 (CPU flag {' or '.join(NATIVE_BFLOAT16_FLAGS)}), which"
+            f" this CPU ({cpu_info().model}) lacks: torch would emulate it, slower than float32; use float32, or"
+            " quantize_int8 for speed"
+        )
+    if quantize_int8 and device.type != "cpu":
+        raise ValueError(f"quantize_int8 runs on CPU only, got device {str(device)!r}; use dtype float16 on CUDA")
+    if quantize_int8 and dtype in HALF_DTYPES:
+        raise ValueError(f"quantize_int8 quantizes a float32 model, got dtype {dtype!r}; use dtype auto or float32")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype: "auto" -> on CUDA bfloat16 where the GPU computes it natively (float32's range: GPT-2's
+    activations are known to overflow float16), else float16; float32 elsewhere, even on a CPU with native
+    bfloat16 (its speed on such a CPU is not measured yet, and its probabilities differ from float32's by up to
+    about 1e-2: ask for it with dtype bfloat16). Any other name of DTYPES -> that torch dtype."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if cuda_supports_bfloat16(device) else torch.float16
+
+
+def cuda_supports_bfloat16(device: torch.device) -> bool:
+    """Whether the CUDA `device` computes bfloat16 natively (Ampere and later); emulated bfloat16 is slow."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: a CUDA GPU from Ampere on, a CPU with NATIVE_BFLOAT16_FLAGS."""
+    if device.type == "cuda":
+        return cuda_supports_bfloat16(device)
+    return device.type == "cpu" and cpu_info().native_bfloat16
+
+
+def training_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast fine-tuning's forward passes run under on `device`: bfloat16 where the device computes it
+    natively (native_bfloat16; float32's range, so no loss scaling), none (float32) elsewhere, where emulated
+    bfloat16 would be slower than float32."""
+    if native_bfloat16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Every nn.Linear of `model` replaced in place by torch's dynamic int8 version (weights int8, activations
+    quantized per batch; CPU only). Returns `model`."""
+    with warnings.catch_warnings():
+        # torch marks its eager quantization deprecated in favour of torchao, which we do not depend on
+        warnings.filterwarnings("ignore", message=r"(?s).*deprecated")
+        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return model
+
+
+# oneDNN compiles a kernel per input shape and caches it, in oneDNN's primitive cache and in the cache of torch's
+# bindings (ideep), 1024 entries each by default; a packed batch's token count differs from batch to batch, so a
+# server would add a few MB per new count until both are full (measured: 760 MB after some 400 shapes; bounding only
+# oneDNN's still grew 290 MB in 300 batches). One forward pass uses 4 linear shapes at its token count and up to 5
+# at its row count (the last block and the head): 16 entries keep a pass's kernels, and memory stays flat.
+ONEDNN_CACHE_CAPACITY = 16
+# Each cache's size as read from the environment: oneDNN's under either name (the first set wins), then ideep's.
+ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
+IDEEP_CACHE_VARIABLE = "LRU_CACHE_CAPACITY"
+# The row count oneDNN picks the packed weight layout for: about a default batch's packed tokens (32 SMS texts of
+# some 20 tokens); any row count runs on it, and 64 to 4096 measured alike.
+PACKING_ROWS_HINT = 512
+
+
+class PackedLinear(nn.Module):
+    """An nn.Linear whose weight is reordered once into oneDNN's blocked layout for this CPU, so that each call
+    multiplies without repacking it (what torch.compile's CPU weight freezing does; torch.ops.mkldnn, torch's
+    oneDNN bindings). (..., in_features) float32 -> (..., out_features) float32, the same result as the nn.Linear up
+    to float rounding. Inference only: the packed weight takes no gradient and is not in the state dict."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKING_ROWS_HINT)
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether pack_linears applies: a float32 model on a CPU torch runs oneDNN on."""
+    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def pack_linears(model: nn.Module) -> nn.Module:
+    """Every nn.Linear of a float32 CPU `model` (can_pack) replaced in place by a PackedLinear; returns `model`.
+    Measured on 2 cores of an AVX2 AMD EPYC (benchmarks/README.md, "ONNX Runtime and bfloat16"): the engine 1.27x ONNX
+    Runtime's float32 on the same batches, against 1.14x unpacked. Callers bound oneDNN's kernel cache first
+    (bound_onednn_cache, as prepare_for_inference does), or memory grows with every new batch shape.
+
+    Every other tensor of the model is copied afresh, out of the checkpoint file's memory map
+    (safetensors.torch.load_file): measured on the 124M model, without the copies the replaced weights' 330 MB stayed
+    resident beside the packed ones; with them it is returned.
+    """
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, PackedLinear(child))
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    return model
+
+
+def bound_onednn_cache() -> None:
+    """Bound oneDNN's kernel caches (oneDNN's own and ideep's) to ONEDNN_CACHE_CAPACITY entries each, unless the
+    environment sizes them (ONEDNN_CACHE_VARIABLES, IDEEP_CACHE_VARIABLE). Takes effect where no oneDNN kernel has
+    run in the process yet.
+
+    Raises ValueError for an LRU_CACHE_CAPACITY that is not a positive integer: ideep reads it on the first packed
+    product and kills the process on 0 or on text.
+    """
+    lru = os.environ.get(IDEEP_CACHE_VARIABLE)
+    if lru is not None and not (lru.strip().isdigit() and int(lru) > 0):
+        raise ValueError(f"{IDEEP_CACHE_VARIABLE} must be a positive integer (torch's oneDNN cache size), got {lru!r}")
+    if not any(variable in os.environ for variable in ONEDNN_CACHE_VARIABLES):
+        os.environ[ONEDNN_CACHE_VARIABLES[0]] = str(ONEDNN_CACHE_CAPACITY)
+    os.environ.setdefault(IDEEP_CACHE_VARIABLE, str(ONEDNN_CACHE_CAPACITY))
+
+
+def prepare_for_inference(model: nn.Module, int8: bool) -> nn.Module:
+    """A loaded model made ready to serve on its device, in place: int8 dynamic quantization when `int8` (CPU;
+    check_precision refuses it elsewhere), else packed linear layers for float32 on CPU (can_pack), else as it is.
+    On CPU, oneDNN's kernel cache is bounded first (bound_onednn_cache): packed float32 and bfloat16 products both run
+    on oneDNN. Returns `model`.
+
+    Raises ValueError for an LRU_CACHE_CAPACITY that would crash oneDNN (bound_onednn_cache).
+    """
+    first = next(model.parameters())
+    if first.device.type == "cpu":
+        bound_onednn_cache()
+    if int8:
+        return quantize_int8(model)
+    return pack_linears(model) if can_pack(first.device, first.dtype) else model

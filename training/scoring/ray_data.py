@@ -1,0 +1,75 @@
+"""Score files on many machines with Ray Data: the scoring of `python -m training predict` (training.scoring.Scorer),
+loaded once per worker, over a Ray dataset. Needs the `ray` extra: pip install 'spamgpt[ray]'.
+
+    import ray
+    from training.config import ScoringConfig
+    from training.scoring.ray_data import score_dataset
+
+    ray.init()  # or address="ray://head:10001"; every worker needs spamgpt installed and the checkpoint's path
+    ds = ray.data.read_csv("s3://bucket/messages/")  # read_json(..., lines=True) for JSONL; read_text for lines
+    score_dataset(ds, "/models/spamgpt", ScoringConfig(device="cpu"), concurrency=8).write_csv("s3://bucket/scores/")
+
+Each row gains the columns `predict` adds (label, probability_<label> for each label, tokens, truncated), with the
+same values: the same functions, in the same length-sorted batches within the config's limits. Rows whose text is
+not a non-blank string are dropped (`predict` reports them by line; a distributed read has no line numbers).
+Ray is imported only by score_dataset, so this module loads without it.
+"""
+
+import numpy as np
+
+from training.config import ScoringConfig
+from training.scoring.scorer import Scorer, usable_text
+
+ROWS_PER_CALL = 1024  # rows a worker scores per call: length-sorting within it is what keeps padding low
+
+
+class RayScorer:
+    """The callable class for `Dataset.map_batches`: each Ray worker (actor) builds one, which loads and checks the
+    checkpoint once; each call scores a batch of rows in NumPy format (column name -> array).
+
+    Raises CheckpointError (in the worker) for a checkpoint that cannot be loaded.
+    """
+
+    def __init__(self, checkpoint: str, config: ScoringConfig, text_column: str = "text", prefix: str = ""):
+        self.scorer = Scorer.load(checkpoint, config)
+        self.text_column, self.prefix = text_column, prefix
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch's rows with a usable text (training.scoring.usable_text), with the result columns added."""
+        usable = np.array([usable_text(text) for text in batch[self.text_column]], dtype=bool)
+        batch = {name: column[usable] for name, column in batch.items()}
+        results = self.scorer.score([str(text) for text in batch[self.text_column]])
+        added = {self.prefix + name: np.array([r[name] for r in results]) for name in self.scorer.columns()}
+        return {**batch, **added}
+
+
+def score_dataset(
+    ds,
+    checkpoint: str,
+    config: ScoringConfig,
+    text_column: str = "text",
+    prefix: str = "",
+    concurrency: int = 1,
+    rows_per_call: int = ROWS_PER_CALL,
+):
+    """`ds` (a ray.data.Dataset) with the result columns added to every row whose text is usable: a lazy
+    dataset, computed when written or consumed. `concurrency` workers each hold the model (1 GPU each when the
+    config's device is CUDA). The checkpoint path must be readable by every worker.
+
+    Raises ValueError for result columns that clash with the dataset's (pass `prefix`).
+    """
+    names = ds.schema().names if ds.schema() is not None else []
+    results = {prefix + name for name in ("label", "tokens", "truncated")}
+    clash = sorted(name for name in names if name in results or name.startswith(prefix + "probability_"))
+    if clash:
+        raise ValueError(f"the dataset has columns named like the results {clash}; pass a prefix")
+    gpus = 1 if config.device.startswith("cuda") else 0
+    kwargs = {"checkpoint": checkpoint, "config": config, "text_column": text_column, "prefix": prefix}
+    return ds.map_batches(
+        RayScorer,
+        fn_constructor_kwargs=kwargs,
+        batch_size=rows_per_call,
+        batch_format="numpy",
+        concurrency=concurrency,
+        num_gpus=gpus,
+    )

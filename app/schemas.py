@@ -7,12 +7,12 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Dis
 from pydantic_core import PydanticCustomError
 
 from app.settings import Settings
-from training.finetune.data import NO_VISIBLE_CHARACTERS, has_visible_characters, visible_character_pattern
 from training.runtime.inference import Threshold
+from training.runtime.text import NO_VISIBLE_CHARACTERS, has_visible_characters, visible_character_pattern
 
 
 def bounded_text(max_chars: int) -> type:
-    """A str of 1..max_chars characters with at least one visible (training.finetune.data.has_visible_characters, the
+    """A str of 1..max_chars characters with at least one visible (training.runtime.text.has_visible_characters, the
     rule training applies to its rows), checked in Python: pydantic's own length check reads the string as
     UTF-8 and refuses a lone surrogate (valid JSON, and classified like any other text); the same bounds go into
     the JSON schema beside the check."""

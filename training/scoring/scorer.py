@@ -7,16 +7,16 @@ text scored here gets what `POST /classify` answers for it. Used by `python -m t
 import torch
 
 from training.config import ScoringConfig
-from training.finetune.data import has_visible_characters
 from training.runtime import precision
 from training.runtime.checkpoint import Checkpoint, load_checkpoint
 from training.runtime.device import resolve_device
 from training.runtime.inference import decide, predict_probabilities, require_finite
+from training.runtime.text import has_visible_characters
 from training.runtime.tokenizer import encode_batch
 
 
 def usable_text(value) -> bool:
-    """Whether a value can be scored: a string with a visible character (training.finetune.data.has_visible_characters,
+    """Whether a value can be scored: a string with a visible character (training.runtime.text.has_visible_characters,
     the rule training and the server apply)."""
     return isinstance(value, str) and has_visible_characters(value)
 

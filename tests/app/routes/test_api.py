@@ -10,10 +10,10 @@ from torch.testing import assert_close
 from app.engine import Engine
 from app.main import create_app
 from tests.helpers import edit_tensors, tiny_card, tiny_settings
-from training.finetune.data import visible_character_pattern
 from training.runtime.checkpoint import save_checkpoint
 from training.runtime.inference import Threshold, decide
 from training.runtime.model import GPTClassifier
+from training.runtime.text import visible_character_pattern
 
 
 @pytest.fixture

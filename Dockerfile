@@ -40,6 +40,7 @@ WORKDIR /home/spamgpt
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]
-# On SIGTERM the server keeps serving with /health 503 for SPAMGPT_DRAIN_DELAY_S (5 s), then uvicorn (through
-# app/__main__.py) stops accepting, lets in-flight requests finish for up to 20 s, and exits 0.
-CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "20"]
+# On SIGTERM the server keeps serving with /health 503 for SPAMGPT_DRAIN_DELAY_S (5 s), then stops accepting, lets
+# in-flight requests finish for up to app.cli.GRACEFUL_SHUTDOWN_S (20 s), and exits 0. `spamgpt serve` is
+# `python -m app`; run.sh, CI and the benchmarks start the same command on loopback.
+CMD ["spamgpt", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -6,7 +6,7 @@
 #   SPAMGPT_INIT=random ./run.sh               random initial weights, where GPT-2's cannot be downloaded
 #                                              (add SPAMGPT_TRAINABLE=all: random blocks are poor frozen features);
 #                                              no network needed once .venv is installed: the data is packaged
-#   ./run.sh --data my.csv --trainable all     extra arguments go to `python -m training finetune`
+#   ./run.sh --data my.csv --trainable all     extra arguments go to `spamgpt train`
 #
 # Environment, as in docker-compose.yml: SPAMGPT_INIT (pretrained | random), SPAMGPT_TRAINABLE (last-blocks | all
 # | lora), SPAMGPT_PRESET (gpt2), SPAMGPT_EPOCHS (5), SPAMGPT_TRAIN_DEVICE (auto), SPAMGPT_PORT (8000); PYTHON
@@ -27,11 +27,9 @@ fi
 
 export SPAMGPT_CHECKPOINT_DIR=${SPAMGPT_CHECKPOINT_DIR:-checkpoints/spamgpt}
 # --skip-existing: exits at once when the checkpoint there was trained with these arguments on this data.
-python -m training finetune --out "$SPAMGPT_CHECKPOINT_DIR" --skip-existing \
+spamgpt train --out "$SPAMGPT_CHECKPOINT_DIR" --skip-existing \
   --init "${SPAMGPT_INIT:-pretrained}" --trainable "${SPAMGPT_TRAINABLE:-last-blocks}" \
   --preset "${SPAMGPT_PRESET:-gpt2}" --epochs "${SPAMGPT_EPOCHS:-5}" --device "${SPAMGPT_TRAIN_DEVICE:-auto}" "$@"
 
-# The Dockerfile's CMD, with --host and --port given again: uvicorn takes an option's last value.
-cmd=$(python -c 'import json, re; print(*json.loads(re.findall(r"^CMD (\[.*\])$", open("Dockerfile").read(), re.M)[-1]), sep="\n")')
-mapfile -t serve <<<"$cmd"
-exec "${serve[@]}" --host 127.0.0.1 --port "${SPAMGPT_PORT:-8000}"
+# The image's server, on loopback.
+exec spamgpt serve --host 127.0.0.1 --port "${SPAMGPT_PORT:-8000}"

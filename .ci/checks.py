@@ -1,12 +1,13 @@
 """CI checks that need Python: `compose` (docker-compose*.yml read statically, no Docker daemon needed),
-`serve CHECKPOINT` (the Dockerfile's own CMD over real HTTP, then SIGTERM), `run-sh CHECKPOINT` (./run.sh trains
-the tiny preset on the packaged data and serves, over real HTTP, then SIGTERM) and `deploy` (every kustomize
-overlay rendered and validated offline). Files are read from the repository this script sits in, so `serve` also
-runs from elsewhere, against an installed spamgpt."""
+`serve CHECKPOINT` (the image's server, `spamgpt serve`, over real HTTP, then SIGTERM), `run-sh CHECKPOINT`
+(./run.sh trains the tiny preset on the packaged data and serves, over real HTTP, then SIGTERM) and `deploy` (every
+kustomize overlay rendered and validated offline). Files are read from the repository this script sits in, so
+`serve` also runs from elsewhere, against an installed spamgpt."""
 
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,30 +18,19 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from app.cli import GRACEFUL_SHUTDOWN_S, build_parser
 from app.settings import Settings
-from training.cli import build_parser
 from training.config import FinetuneConfig, from_flat
 
-GRACE_OPTION = "--timeout-graceful-shutdown"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dockerfile_cmd() -> list[str]:
-    """The JSON array of the Dockerfile's (last) CMD line: the command the image serves with."""
-    lines = re.findall(r"^CMD (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
-    assert lines, "Dockerfile: no CMD line in JSON form"
-    return json.loads(lines[-1])
-
-
-def option(argv: list[str], name: str) -> str:
-    assert name in argv, f"{name} missing from {argv}"
-    return argv[argv.index(name) + 1]
-
-
-def with_option(argv: list[str], name: str, value: str) -> list[str]:
-    argv = list(argv)
-    argv[argv.index(name) + 1] = value
-    return argv
+def check_train_command(command: list[str]) -> None:
+    """`command` is `spamgpt train` with options the CLI accepts and that validate with their defaults."""
+    assert command[:2] == ["spamgpt", "train"], command
+    namespace = vars(build_parser().parse_args(command[1:]))
+    del namespace["command"], namespace["subparser"]
+    from_flat(FinetuneConfig, namespace)
 
 
 def seconds(duration: str) -> float:
@@ -72,15 +62,10 @@ def check_compose() -> None:
     assert api["healthcheck"]["test"], "api: empty healthcheck"
     for port in api["ports"]:
         assert port.startswith("127.0.0.1:"), f"api: port {port!r} is not bound to 127.0.0.1"
-    grace = float(option(dockerfile_cmd(), GRACE_OPTION))
-    assert seconds(api["stop_grace_period"]) > grace, f"api: stop_grace_period must exceed {GRACE_OPTION} {grace}"
-
-    # The train command's options are the CLI's own, and validate with their defaults.
-    command = [with_defaults(arg) for arg in train["command"]]
-    assert command[:4] == ["python", "-m", "training", "finetune"], command
-    namespace = vars(build_parser().parse_args(command[3:]))
-    del namespace["command"], namespace["subparser"]
-    from_flat(FinetuneConfig, namespace)
+    assert "command" not in api, "api: a command of its own instead of the image's CMD"
+    grace = GRACEFUL_SHUTDOWN_S
+    assert seconds(api["stop_grace_period"]) > grace, f"api: stop_grace_period must exceed the shutdown's {grace} s"
+    check_train_command([with_defaults(arg) for arg in train["command"]])
 
     for name, service in gpu["services"].items():
         assert name in services, f"docker-compose.gpu.yml: service {name!r} is not in docker-compose.yml"
@@ -116,9 +101,9 @@ def check_deploy() -> None:
     """Each overlay under deploy/overlays rendered by `kubectl kustomize`, each object validated against the
     Kubernetes schemas (kubernetes-validate --strict: unknown fields are errors too), then what schemas cannot
     check: non-root, read-only root filesystem, no privilege escalation and CPU and memory limits for every
-    container; the API's SPAMGPT_* variables are settings and SPAMGPT_TORCH_THREADS is its CPU limit; its grace
-    period outlasts preStop, the server's drain delay and its graceful shutdown; the training Job's options are
-    the CLI's."""
+    container; the API runs the image's CMD, its SPAMGPT_* variables are settings and SPAMGPT_TORCH_THREADS is its
+    CPU limit; its grace period outlasts preStop, the server's drain delay and its graceful shutdown; the training
+    Job's options are the CLI's."""
     import yaml  # a test dependency, like check_compose's
 
     overlays = sorted(p for p in (ROOT / "deploy" / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
@@ -148,16 +133,14 @@ def check_pod(workload: dict) -> None:
         assert security["readOnlyRootFilesystem"] is True, f"{where}: root filesystem not read-only"
         assert security["allowPrivilegeEscalation"] is False, f"{where}: privilege escalation allowed"
         assert {"cpu", "memory"} <= set(container["resources"]["limits"]), f"{where}: no CPU or memory limit"
-        command = container.get("command", [])
-        if command[:3] == ["python", "-m", "app"]:
+        if container["name"] == "api":
             check_api_container(name, pod, container)
-        elif command[:3] == ["python", "-m", "training"]:
-            namespace = vars(build_parser().parse_args(command[3:]))
-            del namespace["command"], namespace["subparser"]
-            from_flat(FinetuneConfig, namespace)
+        elif container["name"] == "train":
+            check_train_command(container["command"])
 
 
 def check_api_container(name: str, pod: dict, container: dict) -> None:
+    assert "command" not in container, f"{name}: the api container has a command of its own, not the image's CMD"
     env = {var["name"]: var["value"] for var in container["env"]}
     check_settings(env)
     threads, cpu_limit = env.get("SPAMGPT_TORCH_THREADS"), container["resources"]["limits"]["cpu"]
@@ -165,7 +148,7 @@ def check_api_container(name: str, pod: dict, container: dict) -> None:
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep", f"{name}: preStop is not a sleep: {pre_stop}"
     delay = float(env.get("SPAMGPT_DRAIN_DELAY_S", Settings.model_fields["drain_delay_s"].default))
-    drain = float(pre_stop[1]) + delay + float(option(container["command"], GRACE_OPTION))
+    drain = float(pre_stop[1]) + delay + GRACEFUL_SHUTDOWN_S
     grace = pod["terminationGracePeriodSeconds"]
     assert grace > drain, (
         f"{name}: terminationGracePeriodSeconds {grace} is not above preStop + drain + shutdown {drain}"
@@ -202,16 +185,18 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float) -> None:
 
 
 def check_serve(checkpoint: str) -> None:
-    cmd = dockerfile_cmd()
+    """The installed `spamgpt serve`, the image's CMD, on loopback: ready, classifies, exits 0 on SIGTERM."""
+    spamgpt = shutil.which("spamgpt")
+    assert spamgpt, "no spamgpt command on PATH: install the project"
     port = free_port()
-    argv = with_option(with_option(cmd, "--host", "127.0.0.1"), "--port", str(port))
+    argv = [spamgpt, "serve", "--host", "127.0.0.1", "--port", str(port)]
     serve_and_classify(argv, {"SPAMGPT_CHECKPOINT_DIR": checkpoint}, port, ready_s=120)
-    print(f"serve: ok ({' '.join(cmd[:3])}... on 127.0.0.1:{port}: /health 200, /classify 200, clean exit on SIGTERM)")
+    print(f"serve: ok ({spamgpt} serve on 127.0.0.1:{port}: /health 200, /classify 200, clean exit on SIGTERM)")
 
 
 def check_run_sh(checkpoint: str) -> None:
     """./run.sh as a user starts it, from random weights with every parameter trained (the tiny preset, one epoch,
-    the packaged SMS data), then serving what it trained with the Dockerfile's CMD."""
+    the packaged SMS data), then serving what it trained with the image's server command."""
     port = free_port()
     env = {
         "SPAMGPT_INIT": "random",
@@ -232,7 +217,7 @@ def serve_and_classify(argv: list[str], env: dict[str, str], port: int, ready_s:
         server = subprocess.Popen(argv, env=os.environ | env, stdout=log, stderr=log)
         try:
             wait_healthy(f"http://127.0.0.1:{port}", server, ready_s)
-            classify_then_stop(f"http://127.0.0.1:{port}", server, float(option(dockerfile_cmd(), GRACE_OPTION)), log)
+            classify_then_stop(f"http://127.0.0.1:{port}", server, GRACEFUL_SHUTDOWN_S, log)
         except BaseException:
             log.seek(0)
             print(log.read(), file=sys.stderr)  # the server's own account of what went wrong

@@ -1,7 +1,8 @@
 """`python -m training finetune | evaluate | predict | export`: options in, a call to training.finetune.pipeline out.
 
 Each command is one function taking one config (training.config); the config's fields, its argument groups
-flattened, are the options with their defaults, help text and choices.
+flattened, are the options with their defaults, help text and choices. `train` is another name for `finetune`:
+`spamgpt` (app.cli) uses this same parser, so both commands have one definition of every option.
 """
 
 import argparse
@@ -19,11 +20,12 @@ from training.runtime.tokenizer import TokenizerError
 from training.scoring.files import predict
 
 COMMANDS = {
-    "finetune": (finetune, FinetuneConfig),
+    "finetune": (finetune, FinetuneConfig),  # also `train` (ALIASES)
     "evaluate": (evaluate, EvaluateConfig),
     "predict": (predict, PredictConfig),
     "export": (export, ExportConfig),
 }
+ALIASES = {"finetune": ["train"]}
 WEIGHTS_HELP = (
     "Ways out: pass --weights PATH (a local GPT-2 model.safetensors, or a directory holding one), "
     "or --init random to train from random weights on purpose."
@@ -54,26 +56,34 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         target.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """`python -m training` with one subcommand per entry of COMMANDS."""
-    parser = argparse.ArgumentParser(prog="python -m training", description="Fine-tune GPT-2 into a text classifier.")
+def build_parser(
+    prog: str = "python -m training",
+    description: str = "Fine-tune GPT-2 into a text classifier.",
+    listed: dict[str, str] | None = None,
+) -> argparse.ArgumentParser:
+    """`prog` with one subcommand per entry of COMMANDS; `listed`: {name: help} of commands the caller runs itself
+    (spamgpt's serve), shown beside them."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (command, cls) in COMMANDS.items():
         sub = commands.add_parser(
             name,
+            aliases=ALIASES.get(name, []),
             help=command.__doc__.split("\n\n")[0],
             description=command.__doc__.split("\n\n")[0],
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         add_options(sub, cls)
-        sub.set_defaults(subparser=sub)
+        sub.set_defaults(subparser=sub, command=name)  # the name, whichever alias was typed
+    for name, text in (listed or {}).items():
+        commands.add_parser(name, help=text, add_help=False)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse `argv`, run the command; the exit status: 0 done, 1 failed (the message on stderr), 2 bad arguments or
-    base weights that cannot be had."""
-    namespace = vars(build_parser().parse_args(argv))
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Parse `argv` with `parser` (build_parser()'s by default), run the command; the exit status: 0 done, 1 failed
+    (the message on stderr), 2 bad arguments or base weights that cannot be had."""
+    namespace = vars((parser or build_parser()).parse_args(argv))
     command, cls = COMMANDS[namespace.pop("command")]
     subparser = namespace.pop("subparser")
     try:

@@ -92,8 +92,8 @@ def test_skip_existing(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys
     [
         # as if the file at the same path had changed
         pytest.param("fingerprint", {"sha256": "0" * 64, "rows": 60}, "trained on other data", id="other-data"),
-        # as written before near duplicates were dropped and counted
-        pytest.param("duplicates_dropped", {}, "deduplicated another way", id="older-deduplication"),
+        # as if deduplication had dropped other rows of the same file
+        pytest.param("duplicates_dropped", {}, "deduplicated another way", id="other-deduplication"),
     ],
 )
 def test_skip_existing_retrains_on_other_data(
@@ -110,12 +110,12 @@ def test_skip_existing_retrains_on_other_data(
     assert message in capsys.readouterr().out
 
 
-def test_skip_existing_retrains_a_checkpoint_from_before_calibration(trained, csv_data, bpe_dir, tmp_path, capsys):
+def test_skip_existing_retrains_a_checkpoint_of_an_earlier_format(trained, csv_data, bpe_dir, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(trained, out)
-    edit_card(calibration=DELETE)(out)
+    edit_card(format_version=1, calibration=DELETE)(out)
     assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing")) == 0
-    assert "trained before probabilities were calibrated" in capsys.readouterr().out
+    assert "format_version 1 is no longer read" in capsys.readouterr().out
     assert load_checkpoint(out).card.calibration is not None
 
 

@@ -392,8 +392,7 @@ def write_split(file: Path, parts: Partition) -> None:
 def select_split(ds: Dataset, file: Path, name: str) -> Dataset:
     """The rows of `ds` that split.json `file` puts in role `name` (one of ROLES).
 
-    Raises ValueError when the file is missing, records no such role (older checkpoints record train, validation
-    and test only) or none of the rows is in it.
+    Raises ValueError when the file is missing, records no such role or none of the rows is in it.
     """
     if not file.is_file():
         raise ValueError(f"{file}: missing, so --split {name} cannot be selected")

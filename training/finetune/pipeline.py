@@ -298,8 +298,8 @@ def encode(enc: tiktoken.Encoding, ds: Dataset, label_names: list[str], max_toke
 
 
 def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dict, dropped: Duplicates) -> bool:
-    """Whether `out` holds a valid checkpoint whose arguments and data are this run's, deduplicated the same way
-    (one written before near duplicates were dropped, or before calibration, is retrained); prints why not."""
+    """Whether `out` holds a valid checkpoint whose arguments and data are this run's, deduplicated the same way;
+    prints why not."""
     if not (out / CONFIG_FILE).is_file():
         print(f"no checkpoint at {out} yet; training one")
         return False
@@ -318,9 +318,6 @@ def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dic
         return False
     if card.data.duplicates_dropped != asdict(dropped):
         print(f"{out} was trained on data deduplicated another way; training a new one")
-        return False
-    if card.calibration is None:
-        print(f"{out} was trained before probabilities were calibrated; training a new one")
         return False
     return True
 

@@ -33,7 +33,7 @@ from training.runtime.inference import (
 from training.runtime.model import GPTClassifier, GPTConfig
 from training.runtime.tokenizer import BPE_FILES, TokenizerError, bpe_hashes, load_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR, REPORT_DIR = (
     "config.json",
     "model.safetensors",
@@ -44,7 +44,6 @@ SPLIT_FILE = f"{REPORT_DIR}/split.json"
 POOLING = "last_token"
 # config.json fields written by save_checkpoint around the card's own
 REQUIRED_FIELDS = ("format_version", "model", "pooling", "tokenizer")
-OPTIONAL_FIELDS = ("calibration",)  # card fields older checkpoints lack; absent means the default
 
 
 class CheckpointError(RuntimeError):
@@ -58,11 +57,10 @@ class DataSummary:
     source: str  # the --data argument: "sms" or a path
     fingerprint: dict  # training.finetune.data.fingerprint of the source before deduplication: sha256, rows, labels
     rows_after_dedup_and_balance: int
-    split: dict[str, int]  # rows per role (training.finetune.data.ROLES); older checkpoints: train, validation, test
-    # rows deduplication dropped: {"exact": n, "near": n} (training.finetune.data.Duplicates); {} in older checkpoints
-    duplicates_dropped: dict[str, int] = field(default_factory=dict)
-    # {label: rows} after deduplication, before balancing: the default deployment prior; {} in older checkpoints
-    labels_before_balancing: dict[str, int] = field(default_factory=dict)
+    split: dict[str, int]  # rows per role (training.finetune.data.ROLES)
+    duplicates_dropped: dict[str, int]  # {"exact": n, "near": n} (training.finetune.data.Duplicates)
+    # {label: rows} after deduplication, before balancing: the default deployment prior
+    labels_before_balancing: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)  # the evaluation summary, as training recorded it
     training: FinetuneConfig | None = None
     data: DataSummary | None = None
-    # folded into the weights; None in older checkpoints: temperature 1, served at the training prior
+    # folded into the weights; None for a checkpoint not written by finetune: temperature 1, the training prior
     calibration: Calibration | None = None
     created: str | None = None  # ISO 8601, UTC
     version: str | None = None  # of the spamgpt package that wrote it
@@ -157,8 +155,7 @@ def load_checkpoint(
     the spam rate).
 
     Raises CheckpointError naming the file and what is wrong with it; ValueError for a prior outside (0, 1), a
-    model that is not binary, or a checkpoint without a calibration record (written before priors were
-    recorded, so its training prior is unknown).
+    model that is not binary, or a checkpoint without a calibration record (its training prior is unknown).
     """
     path = Path(path)
     if not path.is_dir():
@@ -189,8 +186,8 @@ def _serve_at(model: GPTClassifier, card: ModelCard, rate: float) -> ModelCard:
     prior = binary_prior(rate, card.labels)
     if card.calibration is None:
         raise ValueError(
-            "this checkpoint records no calibration (it predates them), so its training prior is unknown and no "
-            "deployment prior can be applied; serve it without one"
+            "this checkpoint records no calibration (it was not written by finetune), so its training prior is "
+            "unknown and no deployment prior can be applied; serve it without one"
         )
     shift = prior_shift(card.calibration.prior, prior, card.labels)
     fold_calibration(model, 1.0, shift)
@@ -207,15 +204,25 @@ def _read_json(file: Path) -> dict:
         raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
-    wanted = (*REQUIRED_FIELDS, *(f.name for f in fields(ModelCard) if f.name not in OPTIONAL_FIELDS))
+    if "format_version" not in raw:
+        raise CheckpointError(f"{file}: missing field 'format_version'")
+    _check_format_version(file, raw["format_version"])
+    wanted = (*REQUIRED_FIELDS, *(f.name for f in fields(ModelCard)))
     missing = [name for name in wanted if name not in raw]
     if missing:
         raise CheckpointError(f"{file}: missing field {missing[0]!r}")
-    if isinstance(raw["format_version"], bool) or raw["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{file}: unknown format_version {raw['format_version']!r} (this spamgpt reads {FORMAT_VERSION})"
-        )
     return raw
+
+
+def _check_format_version(file: Path, found: object) -> None:
+    """Refuse a config.json of another format: an earlier one with the command that writes this one."""
+    if isinstance(found, int) and not isinstance(found, bool) and 1 <= found < FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file}: format_version {found} is no longer read (this spamgpt reads {FORMAT_VERSION}); retrain it "
+            f"with `spamgpt train --out {file.parent}` and the options recorded under 'training' in {file.name}"
+        )
+    if isinstance(found, bool) or found != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: unknown format_version {found!r} (this spamgpt reads {FORMAT_VERSION})")
 
 
 def _model_config(file: Path, raw: dict) -> GPTConfig:
@@ -261,9 +268,9 @@ def _card(file: Path, raw: dict, config: GPTConfig) -> ModelCard:
         threshold=_threshold(file, raw["threshold"], labels),
         base_model=raw["base_model"],
         metrics=_record(file, raw, "metrics", dict),
-        training=_record(file, _legacy_balance(raw), "training", FinetuneConfig),
+        training=_record(file, raw, "training", FinetuneConfig),
         data=_record(file, raw, "data", DataSummary),
-        calibration=_calibration(file, raw.get("calibration"), labels),
+        calibration=_calibration(file, raw["calibration"], labels),
         created=raw["created"],
         version=raw["version"],
     )
@@ -280,14 +287,6 @@ def _record(file: Path, raw: dict, name: str, cls: type) -> Any:
         return from_flat(cls, record) if record else None
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{file}: invalid {name!r} record ({exc})") from exc
-
-
-def _legacy_balance(raw: dict) -> dict:
-    """config.json with a `balance` of older checkpoints (true / false) read as today's choice of balancing."""
-    training = raw["training"]
-    if isinstance(training, dict) and isinstance(training.get("balance"), bool):
-        return raw | {"training": training | {"balance": "undersample" if training["balance"] else "none"}}
-    return raw
 
 
 def _calibration(file: Path, record: object, labels: list[str]) -> Calibration | None:

@@ -108,7 +108,7 @@ def test_checkpoint_served_at_another_prior(tmp_path, tiny_config, bpe_dir, toke
 
 def test_an_uncalibrated_checkpoint_serves_as_before_and_refuses_a_prior(tiny_checkpoint):
     assert load_checkpoint(tiny_checkpoint).card.calibration is None
-    with pytest.raises(ValueError, match=r"records no calibration \(it predates them\)"):
+    with pytest.raises(ValueError, match=r"records no calibration \(it was not written by finetune\)"):
         load_checkpoint(tiny_checkpoint, prior=0.1)
 
 

@@ -58,10 +58,12 @@ def test_load_onto_a_lower_precision_dtype(tiny_checkpoint):
         ),
         pytest.param(edit_card(labels=DELETE), r"config\.json: missing field 'labels'", id="missing-field"),
         pytest.param(
-            edit_card(format_version=2),
-            r"config\.json: unknown format_version 2 \(this spamgpt reads 1\)",
+            edit_card(format_version=3),
+            r"config\.json: unknown format_version 3 \(this spamgpt reads 2\)",
             id="format-version",
         ),
+        pytest.param(edit_card(format_version=DELETE), r"config\.json: missing field 'format_version'", id="no-version"),
+        pytest.param(edit_card(calibration=DELETE), r"config\.json: missing field 'calibration'", id="no-calibration"),
         pytest.param(
             edit_card(model={"n_layer": 2, "n_head": 3, "n_embd": 32}),
             r"config\.json: invalid model config \(n_embd 32 is not divisible by n_head 3\)",
@@ -169,8 +171,9 @@ def test_load_checkpoint_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path
         load_checkpoint(tmp_path / "ckpt")
 
 
-def test_loads_a_config_json_in_the_format_written_by_spamgpt_0_1_0(tiny_checkpoint):
-    """config.json exactly as `finetune` wrote it before the card was typed: every field still reads."""
+def test_refuses_a_config_json_in_the_format_written_by_spamgpt_0_1_0(tiny_checkpoint):
+    """config.json exactly as `finetune` wrote it in format 1: refused in one line that names the file, the version
+    found and the command that writes the current format."""
     raw = json.loads((tiny_checkpoint / "config.json").read_text())
     training = {
         "trainable": "last-blocks", "trainable_blocks": 1, "lora_rank": 8, "lora_alpha": 16.0, "epochs": 5,
@@ -186,7 +189,9 @@ def test_loads_a_config_json_in_the_format_written_by_spamgpt_0_1_0(tiny_checkpo
         "split": {"train": 914, "validation": 130, "test": 262},
     }
     metrics = {"test_accuracy": 0.95, "test_f1": 0.95, "test_roc_auc": 0.99, "f1_label": "spam", "best_epoch": 4}
+    del raw["calibration"]
     raw |= {
+        "format_version": 1,
         "threshold": {"label": "spam", "value": 0.41},
         "base_model": "gpt2 (random init)",
         "metrics": metrics,
@@ -197,25 +202,14 @@ def test_loads_a_config_json_in_the_format_written_by_spamgpt_0_1_0(tiny_checkpo
     }
     (tiny_checkpoint / "config.json").write_text(json.dumps(raw, indent=2))
 
-    card = load_checkpoint(tiny_checkpoint).card
-    assert card.threshold == Threshold("spam", 0.41) and card.base_model == "gpt2 (random init)"
-    assert card.training.data.data == "sms" and card.training.base.init == "random" and card.training.train.lr == 5e-05
-    assert card.training.out == "/models/spamgpt" and card.training.skip_existing is True
-    assert card.data.rows_after_dedup_and_balance == 1306 and card.data.fingerprint["labels"]["spam"] == 747
-    assert (card.metrics, card.created, card.version) == (metrics, "2026-11-20T10:00:00+00:00", "0.1.0")
-    # written back, the card records the options added since at their defaults, drops cache_dir (removed when the
-    # data moved into the package) and records no count of duplicates
-    assert card.data.duplicates_dropped == {}  # not recorded before near duplicates were counted
-    # balance true is read as today's "undersample"; no calibration: served as trained (temperature 1, no shift)
-    assert card.training.balance == "undersample" and card.calibration is None
-    added = {"resume": False, "save_state": True, "base": None, "threshold_objective": "fpr", "target_fpr": 0.01}
-    kept = {name: value for name, value in training.items() if name != "cache_dir"}
-    expected = raw | {
-        "training": kept | added | {"balance": "undersample"},
-        "data": data | {"duplicates_dropped": {}, "labels_before_balancing": {}},
-        "calibration": None,
-    }
-    assert card.to_json() | {k: raw[k] for k in ("format_version", "model", "pooling", "tokenizer")} == expected
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(tiny_checkpoint)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message == (
+        f"{tiny_checkpoint / 'config.json'}: format_version 1 is no longer read (this spamgpt reads 2); retrain it "
+        f"with `spamgpt train --out {tiny_checkpoint}` and the options recorded under 'training' in config.json"
+    )
 
 
 @pytest.mark.parametrize(
@@ -225,6 +219,7 @@ def test_loads_a_config_json_in_the_format_written_by_spamgpt_0_1_0(tiny_checkpo
         pytest.param("training", {"epochs": "5"}, r"'training' record \(epochs must be int, got '5'\)", id="str"),
         pytest.param("training", {"epochs": 2.5}, r"epochs must be int, got 2\.5", id="float-epochs"),
         pytest.param("training", {"lr": True}, r"lr must be float, got True", id="bool-lr"),
+        pytest.param("training", {"balance": True}, r"balance must be str, got True", id="bool-balance"),
         pytest.param("training", [], r"'training' must be an object, got \[\]", id="list"),
         pytest.param("data", {"source": "sms"}, r"invalid 'data' record \(.*fingerprint", id="data-missing-field"),
         pytest.param("data", {"source": 3}, r"'data' record \(source must be str, got 3\)", id="data-source-int"),

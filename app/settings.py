@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(20_000, ge=1)
     # Request body bytes, counted as they arrive before any parsing: bounds memory per request.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
-    # Slow and stalled clients (issue 10 item 2). Seconds a request may take to arrive whole, headers and body, from
+    # Slow and stalled clients. Seconds a request may take to arrive whole, headers and body, from
     # its first byte (and a new connection to send a whole first request): a slower one is answered 408 and closed.
     # Longer lets slow links send large bodies (4 MiB in 10 s needs about 3.4 Mbit/s); shorter frees the memory
     # and connection slots of stalled clients sooner.

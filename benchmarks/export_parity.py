@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import BPE_DIR, print_table, require_shared_data, write_result
-from benchmarks.serve_engine import sample_texts
+from benchmarks.common import BPE_DIR, print_table, require_shared_data, sample_texts, write_result
 from training.export.formats import ONNX_FILE, ONNX_OPSET, export_hf, export_onnx
 from training.runtime.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from training.runtime.inference import pad_right, predict_probabilities

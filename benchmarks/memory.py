@@ -3,10 +3,11 @@
     python -m benchmarks.memory
 
 The GPT-2 124M architecture with random (seeded) weights and the real BPE, exported with save_checkpoint to
-benchmarks/checkpoints/gpt2-random (git-ignored; made on the first run). Each case runs in a fresh Python process:
-create_app with the default settings, the lifespan loads and warms up the model, then one POST /classify through
-the whole app (body limit, validation, tokenizing, micro-batcher, model). ru_maxrss is read after load and warm-up, then
-reset to the current RSS, then read again after the request: the difference is what the request cost at its peak.
+benchmarks/checkpoints/gpt2-random (benchmarks.common.cached_random_checkpoint; git-ignored; made on the first run).
+Each case runs in a fresh Python process: create_app with the default settings, the lifespan loads and warms up the
+model, then one POST /classify through the whole app (body limit, validation, tokenizing, micro-batcher, model).
+ru_maxrss is read after load and warm-up, then reset to the current RSS, then read again after the request: the
+difference is what the request cost at its peak.
 
 The largest request: max_texts_per_request texts, each tokenizing to more than the checkpoint's max_tokens (real
 SMS messages joined until long enough), so every text is truncated to max_tokens. The other cases ask whether the
@@ -29,19 +30,18 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from benchmarks import serve_engine
-from benchmarks.common import ROOT, SMS_FILE, print_table, require_shared_data, write_result
+from benchmarks.common import (
+    RANDOM_CHECKPOINT,
+    ROOT,
+    SMS_FILE,
+    cached_random_checkpoint,
+    print_table,
+    require_shared_data,
+    write_result,
+)
 from training.finetune.data import deduplicate, load_sms_spam
 
-CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "gpt2-random"
-MAX_TOKENS = 256  # the checkpoint's (serve_engine's card, the CLI's default)
-
-
-def random_checkpoint(directory: Path = CHECKPOINT) -> Path:
-    """serve_engine's seeded random 124M classifier (max_tokens 256), exported once and reused."""
-    if (directory / "model.safetensors").is_file():
-        return directory
-    return serve_engine.random_checkpoint(directory)
+MAX_TOKENS = 256  # the checkpoint's (random_checkpoint's card, the CLI's default)
 
 
 def long_texts(tokenizer, n: int, max_tokens: int, seed: int = 0) -> list[str]:
@@ -69,7 +69,7 @@ def reset_max_rss() -> None:
 
 def measure(n_texts: int, quantize_int8: bool, overrides: dict) -> dict:
     """In this (fresh) process: load, warm up, then one request of n_texts texts at max_tokens each."""
-    settings = Settings(checkpoint_dir=CHECKPOINT, device="cpu", quantize_int8=quantize_int8, **overrides)
+    settings = Settings(checkpoint_dir=RANDOM_CHECKPOINT, device="cpu", quantize_int8=quantize_int8, **overrides)
     with TestClient(create_app(settings)) as client:
         engine = client.app.state.service.engine
         texts = long_texts(engine.checkpoint.tokenizer, n_texts, engine.card.max_tokens)
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure(quantize_int8=args.int8, **json.loads(args.child))))
         return
     require_shared_data()
-    random_checkpoint()
-    defaults = Settings(checkpoint_dir=CHECKPOINT, device="cpu")
+    cached_random_checkpoint()
+    defaults = Settings(checkpoint_dir=RANDOM_CHECKPOINT, device="cpu")
     results = []
     for case in cases(defaults):
         print(f"{case['case']}, {case['dtype']} ...", flush=True)
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         "memory",
         {
             "model": "gpt2 124M architecture, random (seeded) weights, real GPT-2 BPE",
-            "checkpoint": str(CHECKPOINT.relative_to(ROOT)),
+            "checkpoint": str(RANDOM_CHECKPOINT.relative_to(ROOT)),
             "max_tokens": MAX_TOKENS,
             "default_limits": limits,
             "measure": "ru_maxrss of a fresh process: after create_app's lifespan (load + warm-up), reset there to the"

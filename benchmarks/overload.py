@@ -4,7 +4,8 @@
 
 The server is a real uvicorn subprocess on loopback with the default settings but one torch thread (see
 --torch-threads), serving the GPT-2 124M architecture with random weights (benchmarks/checkpoints/gpt2-random, made
-by benchmarks.memory's random_checkpoint), float32: CPU-bound, as in production. Each request is one real SMS message.
+by benchmarks.common.cached_random_checkpoint), float32: CPU-bound, as in production. Each request is one real SMS
+message.
 
 1. Capacity: closed loop, `concurrency` clients each sending its next request when the last is answered, for
    `capacity_seconds`: requests/s at saturation.
@@ -32,8 +33,14 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import Settings
-from benchmarks.common import SMS_FILE, print_table, require_shared_data, write_result
-from benchmarks.memory import random_checkpoint
+from benchmarks.common import (
+    SMS_FILE,
+    cached_random_checkpoint,
+    print_table,
+    require_shared_data,
+    rss_mib,
+    write_result,
+)
 from tests.live_server import live_server
 from training.finetune.data import deduplicate, load_sms_spam
 
@@ -44,13 +51,6 @@ LATENCY_SLACK_S = 5
 # uvicorn's plain-text answer past --limit-concurrency (SPAMGPT_MAX_CONNECTIONS): load shed at the door
 CONNECTION_LIMIT_BODY = b"Service Unavailable"
 RSS_GROWTH_LIMIT = 0.05  # "flat": the second half of the overload adds under 5% to the first half's peak
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
 async def post(address: tuple[str, int], body: bytes, timeout_s: float) -> tuple[str, float, dict]:
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="overload", help="results/<name>.json")
     args = parser.parse_args(argv)
     require_shared_data()
-    checkpoint = random_checkpoint()
+    checkpoint = cached_random_checkpoint()
     texts = deduplicate(load_sms_spam(SMS_FILE)).texts
     random.Random(0).shuffle(texts)
     # The defaults the server runs with, but for the options given

@@ -2,8 +2,8 @@
 
     python -m benchmarks.score_file [--texts 512] [--rounds 2] [--memory-rows 300] [--int8]
 
-The GPT-2 124M architecture with random (seeded) weights and the real BPE (benchmarks.memory.random_checkpoint, made
-once in benchmarks/checkpoints/gpt2-random); real SMS texts (serve_engine.sample_texts).
+The GPT-2 124M architecture with random (seeded) weights and the real BPE (benchmarks.common.cached_random_checkpoint,
+made once in benchmarks/checkpoints/gpt2-random); real SMS texts (benchmarks.common.sample_texts).
 
 - Throughput: the same texts through app.engine.Engine (tokenize + predict at the app's default batch limits: what
   a server spends on them beside HTTP) and through training.scoring.files.predict on a CSV of them (reading, tokenizing,
@@ -27,8 +27,16 @@ from pathlib import Path
 import torch
 
 from app.settings import Settings
-from benchmarks import memory, serve_engine
-from benchmarks.common import ROOT, SMS_FILE, print_table, require_shared_data, write_result
+from benchmarks.common import (
+    ROOT,
+    SMS_FILE,
+    cached_random_checkpoint,
+    load_engine,
+    print_table,
+    require_shared_data,
+    sample_texts,
+    write_result,
+)
 from training.config import PredictConfig, ScoringConfig
 from training.finetune.data import deduplicate, load_sms_spam
 from training.scoring.files import predict
@@ -47,7 +55,7 @@ def write_csv(path: Path, texts: list[str]) -> Path:
 def throughput(checkpoint: Path, texts: list[str], rounds: int, int8: bool, workdir: Path) -> dict:
     """Rows per second of the engine and of file scoring on `texts`, alternating `rounds` times."""
     settings = Settings(checkpoint_dir=checkpoint, device="cpu", quantize_int8=int8)
-    engine = serve_engine.load_engine(checkpoint, quantize_int8=int8)
+    engine = load_engine(checkpoint, quantize_int8=int8)
     data = write_csv(workdir / "texts.csv", texts)
     scoring = ScoringConfig(
         device="cpu", quantize_int8=int8, batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens
@@ -107,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     require_shared_data()
     torch.set_num_threads(os.cpu_count())
-    checkpoint = memory.random_checkpoint()
-    texts = serve_engine.sample_texts(args.texts, seed=0)
+    checkpoint = cached_random_checkpoint()
+    texts = sample_texts(args.texts, seed=0)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         speed = throughput(checkpoint, texts, args.rounds, args.int8, Path(tmp))

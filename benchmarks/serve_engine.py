@@ -34,10 +34,8 @@ the CPU has it natively.
 import argparse
 import json
 import os
-import random
 import tempfile
-import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,25 +46,33 @@ from benchmarks.common import (
     BPE_DIR,
     ROOT,
     SMS_FILE,
+    SPLIT_OVERHEAD_TOKENS,
+    Forward,
+    load_engine,
+    padded_tokens,
     print_table,
+    random_checkpoint,
     reference_logits,
     require_shared_data,
+    same_forwards,
+    sample_texts,
+    time_interleaved,
+    transformers_classifier,
+    transformers_forward,
     write_result,
 )
-from training.config import BaseModelConfig
-from training.export.formats import ONNX_FILE, export_onnx, hf_state_dict
+from training.export.formats import ONNX_FILE, export_onnx
 from training.finetune.data import deduplicate, load_sms_spam, text_id
 from training.finetune.evaluate import EVAL_BATCH_SIZE
-from training.runtime.checkpoint import REPORT_DIR, ModelCard, load_checkpoint, save_checkpoint
+from training.runtime.checkpoint import REPORT_DIR, load_checkpoint
 from training.runtime.inference import decide, length_sorted_batches, pad_right, probabilities
-from training.runtime.model import GPTClassifier, GPTConfig, padding_groups
+from training.runtime.model import GPTClassifier
 from training.runtime.precision import cpu_info
 from training.runtime.tokenizer import load_tokenizer
 
 TRAINED_CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "random-init-all"
 REFERENCE_PAD_TO = 120  # the reference pads to its longest training message, 120 tokens
 REFERENCE_BATCH = 8
-SPLIT_OVERHEAD_TOKENS = 64  # what one forward pass costs beyond its tokens, for splitting the stricter setup's passes
 TARGETS = {
     "ours_float32_vs_onnxruntime_float32": 1.0,
     "ours_int8_vs_onnxruntime_int8": 1.0,
@@ -97,67 +103,6 @@ NOTES = [
     "reference: rows truncated to 120 tokens; ours keeps up to the checkpoint's max_tokens (256), so ours does more"
     " work on the few longer texts",
 ]
-
-Forward = Callable[[list[list[int]]], torch.Tensor]
-
-
-def sample_texts(n: int, seed: int) -> list[str]:
-    """n distinct real SMS texts, a seeded sample of the deduplicated collection."""
-    texts = deduplicate(load_sms_spam(SMS_FILE)).texts
-    if n > len(texts):
-        raise ValueError(f"--texts {n} exceeds the {len(texts)} distinct texts")
-    return random.Random(seed).sample(texts, n)
-
-
-def random_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """A GPT-2 124M classifier with seeded random weights, saved with the real BPE files."""
-    torch.manual_seed(seed)
-    model = GPTClassifier(GPTConfig.from_preset("gpt2"))
-    card = ModelCard(
-        labels=("ham", "spam"),
-        max_tokens=BaseModelConfig.max_tokens,
-        threshold=None,
-        base_model="gpt2 (random weights)",
-    )
-    return save_checkpoint(directory, model, BPE_DIR, card)
-
-
-def load_engine(checkpoint: Path, quantize_int8: bool = False, device: str = "cpu", dtype: str = "auto") -> Engine:
-    return Engine.load(Settings(checkpoint_dir=checkpoint, device=device, dtype=dtype, quantize_int8=quantize_int8))
-
-
-def transformers_classifier(model: GPTClassifier, pad_id: int):
-    """GPT2ForSequenceClassification holding `model`'s weights, as `python -m training export --format hf` writes
-    them (training.export.hf_state_dict: Conv1D weights transposed back, the score bias folded in exactly)."""
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-
-    c = model.config
-    config = GPT2Config(
-        vocab_size=c.vocab_size,
-        n_positions=c.block_size,
-        n_embd=c.n_embd,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        num_labels=c.n_labels,
-        pad_token_id=pad_id,  # how it finds each row's last real token
-    )
-    hf = GPT2ForSequenceClassification(config).eval()
-    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
-    assert not unexpected and all(k.endswith(".attn.bias") for k in missing), (missing, unexpected)
-    return hf
-
-
-def transformers_forward(hf, pad_id: int) -> Forward:
-    """Probabilities on the CPU, as Engine.predict gives them (on CUDA, that waits for the forward to finish)."""
-    device = next(hf.parameters()).device
-
-    @torch.inference_mode()
-    def forward(rows: list[list[int]]) -> torch.Tensor:
-        idx, lengths = pad_right(rows, pad_id, device)
-        mask = torch.arange(idx.size(1), device=device) < lengths[:, None]  # (B, T)
-        return probabilities(hf(input_ids=idx, attention_mask=mask.long()).logits).cpu()
-
-    return forward
 
 
 def onnxruntime_forwards(checkpoint: Path, directory: Path, threads: int) -> dict[str, Forward]:
@@ -220,22 +165,6 @@ def reference_forward(model: GPTClassifier, pad_id: int) -> Forward:
     return forward
 
 
-def time_interleaved(contenders: dict[str, tuple[Forward, list[list[list[int]]]]], rounds: int) -> dict[str, float]:
-    """Seconds each contender spends on all its batches. Each round runs the next share of every contender's
-    batches, so that other load on the machine is spread over all of them alike."""
-    for forward, batches in contenders.values():  # warm-up: the shortest and the longest batch
-        forward(batches[0]), forward(batches[-1])
-    seconds = dict.fromkeys(contenders, 0.0)
-    for r in range(rounds):
-        for name, (forward, batches) in contenders.items():
-            share = batches[r * len(batches) // rounds : (r + 1) * len(batches) // rounds]
-            start = time.perf_counter()
-            for batch in share:
-                forward(batch)
-            seconds[name] += time.perf_counter() - start
-    return seconds
-
-
 def precision_quality(checkpoint: Path) -> dict:
     """float32 against int8 and against bfloat16 on the trained checkpoint's test texts: label agreement (argmax and
     at the checkpoint's threshold), the largest probability difference, and test accuracy.
@@ -286,154 +215,154 @@ def precision_quality(checkpoint: Path) -> dict:
     return result
 
 
-def same_forwards(batches: list[list[list[int]]]) -> list[list[list[int]]]:
-    """The stricter setup's forward passes: each batch split into rows of similar length by padding_groups."""
-    return [
-        [batch[i] for i in group]
-        for batch in batches
-        for group in padding_groups([len(r) for r in batch], SPLIT_OVERHEAD_TOKENS)
-    ]
-
-
-def padded_tokens(batches: list[list[list[int]]]) -> int:
-    return sum(len(b) * max(len(r) for r in b) for b in batches)
-
-
 def _mean(flags) -> float:
     flags = list(flags)
     return sum(flags) / len(flags)
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class Contenders:
+    """Every contender's model, each loaded from the same random checkpoint."""
+
+    ours: Engine
+    ours_int8: Engine
+    ours_bfloat16: Engine | None  # only where the CPU has bfloat16 natively
+    plain: GPTClassifier  # plain nn.Linear weights, as the checkpoint holds them: transformers' and the reference's
+    onnx: dict[str, Forward]
+
+
+@dataclass
+class Batches:
+    """The token id rows of each setup's forward passes."""
+
+    same: list[list[list[int]]]  # the engine's length-sorted batches at the app's default limits
+    forwards: list[list[list[int]]]  # each of those split by padding_groups
+    reference: list[list[list[int]]]  # the reference's batches of 8 in order
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_engine", description=__doc__.split("\n")[0])
     parser.add_argument("--texts", type=int, default=512, help="distinct real SMS texts to classify")
     parser.add_argument("--seed", type=int, default=0, help="which texts")
     parser.add_argument(
         "--quality-checkpoint", type=Path, default=TRAINED_CHECKPOINT, help="trained checkpoint for int8 quality"
     )
-    args = parser.parse_args(argv)
-    require_shared_data()
-    torch.set_num_threads(os.cpu_count())
-    texts = sample_texts(args.texts, args.seed)
-    enc = load_tokenizer(BPE_DIR)
-    settings = Settings(checkpoint_dir=".")  # only for the engine's default batch limits
-    load_before = os.getloadavg()[0]
+    return parser.parse_args(argv)
 
+
+def load_contenders() -> Contenders:
+    """A random checkpoint loaded by every contender, then deleted."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = random_checkpoint(Path(tmp))
-        ours, ours_int8 = load_engine(checkpoint), load_engine(checkpoint, quantize_int8=True)
-        plain = load_checkpoint(checkpoint).model  # plain nn.Linear weights, as the checkpoint holds them
-        onnx = onnxruntime_forwards(checkpoint, Path(tmp) / "onnx", torch.get_num_threads())
-        # bfloat16 throughput only where it is native: emulated, it is slower than float32 and the engine refuses it
-        bfloat16 = load_engine(checkpoint, dtype="bfloat16") if cpu_info().native_bfloat16 else None
-    rows, _ = ours.tokenize(texts)
+        return Contenders(
+            ours=load_engine(checkpoint),
+            ours_int8=load_engine(checkpoint, quantize_int8=True),
+            plain=load_checkpoint(checkpoint).model,
+            onnx=onnxruntime_forwards(checkpoint, Path(tmp) / "onnx", torch.get_num_threads()),
+            # emulated, bfloat16 is slower than float32 and the engine refuses it
+            ours_bfloat16=load_engine(checkpoint, dtype="bfloat16") if cpu_info().native_bfloat16 else None,
+        )
+
+
+def make_batches(rows: list[list[int]], settings: Settings) -> Batches:
     lengths = [len(r) for r in rows]
-    batches = [
+    same = [
         [rows[i] for i in batch]
         for batch in length_sorted_batches(lengths, settings.max_batch_size, settings.max_batch_tokens)
     ]
-    forwards = same_forwards(batches)
-    hf = transformers_classifier(plain, enc.eot_token)
-    hf_forward = transformers_forward(hf, enc.eot_token)
-    torch.testing.assert_close(hf_forward(batches[-1]), ours.predict(batches[-1]), atol=1e-4, rtol=1e-4)
-    probability_checks = agreement(
-        {"ours_float32": ours.predict, "ours_int8": ours_int8.predict, "transformers_float32": hf_forward, **onnx},
-        batches,
-        baseline="ours_float32",
-    )
+    reference = [rows[i : i + REFERENCE_BATCH] for i in range(0, len(rows), REFERENCE_BATCH)]
+    return Batches(same, same_forwards(same), reference)
 
-    reference_batches = [rows[i : i + REFERENCE_BATCH] for i in range(0, len(rows), REFERENCE_BATCH)]
-    contenders = {
-        "ours_float32": (ours.predict, batches),
-        "ours_int8": (ours_int8.predict, batches),
-        "onnxruntime_float32": (onnx["onnxruntime_float32"], batches),
-        "onnxruntime_int8": (onnx["onnxruntime_int8"], batches),
-        "transformers_float32": (hf_forward, batches),
-        "ours_float32_same_forwards": (ours.predict, forwards),
-        "ours_int8_same_forwards": (ours_int8.predict, forwards),
-        "onnxruntime_float32_same_forwards": (onnx["onnxruntime_float32"], forwards),
-        "onnxruntime_int8_same_forwards": (onnx["onnxruntime_int8"], forwards),
-        "transformers_float32_same_forwards": (hf_forward, forwards),
-        "reference_float32": (reference_forward(plain, enc.eot_token), reference_batches),
-    }
-    if bfloat16 is not None:
-        contenders["ours_bfloat16"] = (bfloat16.predict, batches)
-    seconds = time_interleaved(contenders, rounds=len(batches))
-    load_after = os.getloadavg()[0]
 
-    throughput = {name: len(texts) / s for name, s in seconds.items()}
-    speedups = {
-        "ours_float32_vs_onnxruntime_float32": throughput["ours_float32"] / throughput["onnxruntime_float32"],
-        "ours_int8_vs_onnxruntime_int8": throughput["ours_int8"] / throughput["onnxruntime_int8"],
-        "ours_float32_vs_transformers": throughput["ours_float32"] / throughput["transformers_float32"],
-        "ours_int8_vs_transformers": throughput["ours_int8"] / throughput["transformers_float32"],
-        "ours_float32_vs_transformers_same_forwards": throughput["ours_float32_same_forwards"]
-        / throughput["transformers_float32_same_forwards"],
-        "ours_int8_vs_transformers_same_forwards": throughput["ours_int8_same_forwards"]
-        / throughput["transformers_float32_same_forwards"],
-        "ours_float32_vs_reference": throughput["ours_float32"] / throughput["reference_float32"],
-        "ours_float32_vs_onnxruntime_float32_same_forwards": throughput["ours_float32_same_forwards"]
-        / throughput["onnxruntime_float32_same_forwards"],
-        "ours_int8_vs_onnxruntime_int8_same_forwards": throughput["ours_int8_same_forwards"]
-        / throughput["onnxruntime_int8_same_forwards"],
+def timed(c: Contenders, b: Batches, hf_forward: Forward, reference: Forward) -> dict[str, tuple[Forward, list]]:
+    """Each timed contender: its forward and the batches it runs."""
+    timed = {
+        "ours_float32": (c.ours.predict, b.same),
+        "ours_int8": (c.ours_int8.predict, b.same),
+        "onnxruntime_float32": (c.onnx["onnxruntime_float32"], b.same),
+        "onnxruntime_int8": (c.onnx["onnxruntime_int8"], b.same),
+        "transformers_float32": (hf_forward, b.same),
+        "ours_float32_same_forwards": (c.ours.predict, b.forwards),
+        "ours_int8_same_forwards": (c.ours_int8.predict, b.forwards),
+        "onnxruntime_float32_same_forwards": (c.onnx["onnxruntime_float32"], b.forwards),
+        "onnxruntime_int8_same_forwards": (c.onnx["onnxruntime_int8"], b.forwards),
+        "transformers_float32_same_forwards": (hf_forward, b.forwards),
+        "reference_float32": (reference, b.reference),
     }
-    if bfloat16 is not None:
-        speedups["ours_bfloat16_vs_ours_float32"] = throughput["ours_bfloat16"] / throughput["ours_float32"]
-    quality = precision_quality(args.quality_checkpoint)
-    met = {name: speedups[name] >= TARGETS[name] for name in speedups}
+    if c.ours_bfloat16 is not None:
+        timed["ours_bfloat16"] = (c.ours_bfloat16.predict, b.same)
+    return timed
+
+
+def speedups(throughput: dict[str, float]) -> dict[str, float]:
+    """The ratios TARGETS names, from messages per second (ours_bfloat16's only where it was timed)."""
+    ratios = {
+        "ours_float32_vs_onnxruntime_float32": ("ours_float32", "onnxruntime_float32"),
+        "ours_int8_vs_onnxruntime_int8": ("ours_int8", "onnxruntime_int8"),
+        "ours_float32_vs_transformers": ("ours_float32", "transformers_float32"),
+        "ours_int8_vs_transformers": ("ours_int8", "transformers_float32"),
+        "ours_float32_vs_transformers_same_forwards": (
+            "ours_float32_same_forwards",
+            "transformers_float32_same_forwards",
+        ),
+        "ours_int8_vs_transformers_same_forwards": ("ours_int8_same_forwards", "transformers_float32_same_forwards"),
+        "ours_float32_vs_reference": ("ours_float32", "reference_float32"),
+        "ours_float32_vs_onnxruntime_float32_same_forwards": (
+            "ours_float32_same_forwards",
+            "onnxruntime_float32_same_forwards",
+        ),
+        "ours_int8_vs_onnxruntime_int8_same_forwards": ("ours_int8_same_forwards", "onnxruntime_int8_same_forwards"),
+        "ours_bfloat16_vs_ours_float32": ("ours_bfloat16", "ours_float32"),
+    }
+    return {name: throughput[a] / throughput[b] for name, (a, b) in ratios.items() if a in throughput}
+
+
+def targets_met(ratios: dict[str, float], quality: dict) -> dict[str, bool]:
+    met = {name: ratios[name] >= TARGETS[name] for name in ratios}
     for name in ("int8", "bfloat16"):
         met[f"{name}_label_agreement"] = quality[name]["label_agreement"] >= TARGETS[f"{name}_label_agreement"]
         met[f"{name}_accuracy_change_points"] = (
             abs(quality[name]["accuracy_change_points"]) <= TARGETS[f"{name}_accuracy_change_points"]
         )
-    path = write_result(
-        "serve_engine",
-        {
-            "model": "gpt2 124M architecture, random (seeded) weights; int8, bfloat16 quality on --quality-checkpoint",
-            "onnxruntime": onnxruntime_version(),
-            "texts": {
-                "source": str(SMS_FILE),
-                "count": len(texts),
-                "sample": f"random.Random({args.seed}).sample of the deduplicated collection",
-                "tokens": sum(lengths),
-                "tokens_mean": sum(lengths) / len(lengths),
-                "tokens_max": max(lengths),
-            },
-            "batches": {
-                "same_batches": {
-                    "forward_passes": len(batches),
-                    "padded_tokens": padded_tokens(batches),
-                    "max_batch_size": settings.max_batch_size,
-                    "max_batch_tokens": settings.max_batch_tokens,
-                },
-                "same_forwards": {
-                    "forward_passes": len(forwards),
-                    "padded_tokens": padded_tokens(forwards),
-                    "overhead_tokens": SPLIT_OVERHEAD_TOKENS,
-                },
-                "reference": {
-                    "forward_passes": len(reference_batches),
-                    "batch_size": REFERENCE_BATCH,
-                    "pad_to": REFERENCE_PAD_TO,
-                },
-            },
-            "load_average_1min": {"before": load_before, "after": load_after},
-            "seconds": seconds,
-            "messages_per_second": throughput,
-            "speedups": speedups,
-            "probabilities_vs_ours_float32": probability_checks,
-            "precision_quality": quality,
-            "bfloat16_throughput": "measured (ours_bfloat16)"
-            if bfloat16 is not None
-            else "not measured: this CPU has no native bfloat16 (avx512_bf16 or amx_bf16)",
-            "targets": TARGETS,
-            "met": met,
-            "notes": NOTES,
+    return met
+
+
+def batches_record(b: Batches, settings: Settings) -> dict:
+    return {
+        "same_batches": {
+            "forward_passes": len(b.same),
+            "padded_tokens": padded_tokens(b.same),
+            "max_batch_size": settings.max_batch_size,
+            "max_batch_tokens": settings.max_batch_tokens,
         },
+        "same_forwards": {
+            "forward_passes": len(b.forwards),
+            "padded_tokens": padded_tokens(b.forwards),
+            "overhead_tokens": SPLIT_OVERHEAD_TOKENS,
+        },
+        "reference": {"forward_passes": len(b.reference), "batch_size": REFERENCE_BATCH, "pad_to": REFERENCE_PAD_TO},
+    }
+
+
+def texts_record(texts: list[str], rows: list[list[int]], seed: int) -> dict:
+    lengths = [len(r) for r in rows]
+    return {
+        "source": str(SMS_FILE),
+        "count": len(texts),
+        "sample": f"random.Random({seed}).sample of the deduplicated collection",
+        "tokens": sum(lengths),
+        "tokens_mean": sum(lengths) / len(lengths),
+        "tokens_max": max(lengths),
+    }
+
+
+def print_report(result: dict, path: Path) -> None:
+    seconds, throughput, quality, met = (
+        result[k] for k in ("seconds", "messages_per_second", "precision_quality", "met")
     )
     print_table([{"contender": n, "seconds": seconds[n], "messages/s": t} for n, t in throughput.items()])
     print()
-    print_table([{"vs ours_float32": n, **check} for n, check in probability_checks.items()])
+    print_table([{"vs ours_float32": n, **check} for n, check in result["probabilities_vs_ours_float32"].items()])
     print()
     quality_values = {
         f"{name}_{measure}": quality[name][measure]
@@ -443,11 +372,63 @@ def main(argv: list[str] | None = None) -> None:
     print_table(
         [
             {"ratio": n, "value": v, "target": TARGETS[n], "met": met[n]}
-            for n, v in {**speedups, **quality_values}.items()
+            for n, v in {**result["speedups"], **quality_values}.items()
         ]
     )
     print(f"bfloat16: {quality['bfloat16']['computed']}")
     print(f"written to {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    require_shared_data()
+    torch.set_num_threads(os.cpu_count())
+    texts = sample_texts(args.texts, args.seed)
+    enc = load_tokenizer(BPE_DIR)
+    settings = Settings(checkpoint_dir=".")  # only for the engine's default batch limits
+    load_before = os.getloadavg()[0]
+
+    c = load_contenders()
+    rows, _ = c.ours.tokenize(texts)
+    batches = make_batches(rows, settings)
+    hf_forward = transformers_forward(transformers_classifier(c.plain, enc.eot_token), enc.eot_token)
+    torch.testing.assert_close(hf_forward(batches.same[-1]), c.ours.predict(batches.same[-1]), atol=1e-4, rtol=1e-4)
+    probability_checks = agreement(
+        {
+            "ours_float32": c.ours.predict,
+            "ours_int8": c.ours_int8.predict,
+            "transformers_float32": hf_forward,
+            **c.onnx,
+        },
+        batches.same,
+        baseline="ours_float32",
+    )
+    contenders = timed(c, batches, hf_forward, reference_forward(c.plain, enc.eot_token))
+    seconds = time_interleaved(contenders, rounds=len(batches.same))
+    load_after = os.getloadavg()[0]
+
+    throughput = {name: len(texts) / s for name, s in seconds.items()}
+    ratios = speedups(throughput)
+    quality = precision_quality(args.quality_checkpoint)
+    result = {
+        "model": "gpt2 124M architecture, random (seeded) weights; int8, bfloat16 quality on --quality-checkpoint",
+        "onnxruntime": onnxruntime_version(),
+        "texts": texts_record(texts, rows, args.seed),
+        "batches": batches_record(batches, settings),
+        "load_average_1min": {"before": load_before, "after": load_after},
+        "seconds": seconds,
+        "messages_per_second": throughput,
+        "speedups": ratios,
+        "probabilities_vs_ours_float32": probability_checks,
+        "precision_quality": quality,
+        "bfloat16_throughput": "measured (ours_bfloat16)"
+        if c.ours_bfloat16 is not None
+        else "not measured: this CPU has no native bfloat16 (avx512_bf16 or amx_bf16)",
+        "targets": TARGETS,
+        "met": targets_met(ratios, quality),
+        "notes": NOTES,
+    }
+    print_report(result, write_result("serve_engine", result))
 
 
 if __name__ == "__main__":

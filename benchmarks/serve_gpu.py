@@ -7,8 +7,8 @@ Run on a machine with a CUDA device; no test depends on it. The model is the GPT
 (app.engine.Engine.predict, Settings(device="cuda", dtype=...)) and transformers' GPT2ForSequenceClassification
 holding the same weights in the same dtype get the same length-sorted batches, and, stricter, the same forward
 passes (each batch split by training.runtime.model.padding_groups), as in benchmarks.serve_engine. Every contender
-returns
-probabilities on the CPU, so each timing includes the wait for the GPU. Contenders are interleaved round by round.
+returns probabilities on the CPU, so each timing includes the wait for the GPU. Contenders are interleaved round by
+round.
 """
 
 import argparse
@@ -17,21 +17,39 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import print_table, require_shared_data, write_result
-from benchmarks.serve_engine import (
+from app.engine import Engine
+from benchmarks.common import (
     load_engine,
     padded_tokens,
+    print_table,
     random_checkpoint,
+    require_shared_data,
     same_forwards,
     sample_texts,
     time_interleaved,
     transformers_classifier,
     transformers_forward,
+    write_result,
 )
 from training.runtime.checkpoint import load_checkpoint
 from training.runtime.inference import length_sorted_batches
+from training.runtime.model import GPTClassifier
 
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+def dtype_contenders(dtype: str, engine: Engine, plain: GPTClassifier, batches: list, forwards: list) -> dict:
+    """Ours and transformers in `dtype` on the same batches and on the same forward passes, once checked to agree."""
+    eot = engine.checkpoint.tokenizer.eot_token
+    hf_forward = transformers_forward(transformers_classifier(plain, eot).to("cuda", getattr(torch, dtype)), eot)
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(hf_forward(batches[-1]), engine.predict(batches[-1]), atol=tolerance, rtol=0)
+    return {
+        f"ours_{dtype}": (engine.predict, batches),
+        f"transformers_{dtype}": (hf_forward, batches),
+        f"ours_{dtype}_same_forwards": (engine.predict, forwards),
+        f"transformers_{dtype}_same_forwards": (hf_forward, forwards),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,16 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     forwards = same_forwards(batches)
     contenders = {}
     for dtype, engine in engines.items():
-        hf = transformers_classifier(plain, first.tokenizer.eot_token).to("cuda", getattr(torch, dtype))
-        hf_forward = transformers_forward(hf, first.tokenizer.eot_token)
-        tolerance = 1e-4 if dtype == "float32" else 2e-2
-        torch.testing.assert_close(hf_forward(batches[-1]), engine.predict(batches[-1]), atol=tolerance, rtol=0)
-        contenders |= {
-            f"ours_{dtype}": (engine.predict, batches),
-            f"transformers_{dtype}": (hf_forward, batches),
-            f"ours_{dtype}_same_forwards": (engine.predict, forwards),
-            f"transformers_{dtype}_same_forwards": (hf_forward, forwards),
-        }
+        contenders |= dtype_contenders(dtype, engine, plain, batches, forwards)
     seconds = time_interleaved(contenders, rounds=min(len(batches), 8))
     throughput = {name: len(texts) / s for name, s in seconds.items()}
     speedups = {

@@ -5,10 +5,10 @@
 - engine: app.engine.Engine.tokenize and .predict in this process (tokenize, length-sorted batches at the app's
   default limits, forward, softmax): the most the server could do with these texts. Timed right before each HTTP
   run, and each HTTP run is compared with its own engine run, so that other load on the machine hits both alike.
-- http: a uvicorn server started as a subprocess with the Dockerfile's CMD (`python -m app`, uvicorn serving
-  app.main:create_app; only host and port changed: 127.0.0.1 and a free port), loaded from a GPT-2 124M
-  checkpoint with random weights (OpenAI's are not available here; the compute is the same). Clients are asyncio
-  tasks, each with its own keep-alive connection (a minimal HTTP/1.1 client, Connection), each sending its next
+- http: a uvicorn server started as a subprocess with the image's server command (`python -m app`, which the
+  Dockerfile's CMD `spamgpt serve` runs: uvicorn serving app.main:create_app; on 127.0.0.1 and a free port), loaded from
+  a GPT-2 124M checkpoint with random weights (OpenAI's are not available here; the compute is the same). Clients are
+  asyncio tasks, each with its own keep-alive connection (a minimal HTTP/1.1 client, Connection), each sending its next
   request as soon as the last one is answered, until every text has been sent once (after the same load,
   untimed, as a warm-up):
   - one text per request from --clients clients, with micro-batching on (the default), then off (SPAMGPT_BATCHING=
@@ -37,8 +37,15 @@ import httpx
 import torch
 
 from app.settings import Settings
-from benchmarks.common import ROOT, SMS_FILE, print_table, require_shared_data, write_result
-from benchmarks.serve_engine import load_engine, random_checkpoint, sample_texts
+from benchmarks.common import (
+    SMS_FILE,
+    load_engine,
+    print_table,
+    random_checkpoint,
+    require_shared_data,
+    sample_texts,
+    write_result,
+)
 from tests.live_server import free_port
 
 TARGETS = {
@@ -51,13 +58,9 @@ REQUEST_SECONDS = 120  # one request, queueing included
 RUN_SECONDS = 300  # one whole load run
 
 
-def dockerfile_command(host: str, port: int) -> list[str]:
-    """The Dockerfile's CMD with its --host and --port values replaced, run from this Python's environment."""
-    line = next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("CMD ["))
-    command = json.loads(line.removeprefix("CMD "))
-    for flag, value in (("--host", host), ("--port", str(port))):
-        command[command.index(flag) + 1] = value
-    return [str(Path(sys.executable).parent / command[0]), *command[1:]]
+def server_command(host: str, port: int) -> list[str]:
+    """`python -m app` on `host`:`port`, from this Python's environment."""
+    return [sys.executable, "-m", "app", "--host", host, "--port", str(port)]
 
 
 @contextlib.contextmanager
@@ -73,7 +76,7 @@ def server(checkpoint: Path, log: Path, **env: str) -> Iterator[str]:
         **env,
     }
     with log.open("w") as out:
-        process = subprocess.Popen(dockerfile_command("127.0.0.1", port), env=environ, stdout=out, stderr=out)
+        process = subprocess.Popen(server_command("127.0.0.1", port), env=environ, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
                 "sample": f"random.Random({args.seed}).sample of the deduplicated collection",
             },
             "server": {
-                "command": dockerfile_command("127.0.0.1", 0)[1:],
+                "command": server_command("127.0.0.1", 0)[1:],
                 "environment": {"SPAMGPT_DEVICE": args.device, "SPAMGPT_REQUEST_TIMEOUT_S": REQUEST_SECONDS},
                 "settings": {
                     name: getattr(settings, name) for name in ("max_batch_size", "max_batch_tokens", "max_wait_ms")

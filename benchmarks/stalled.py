@@ -3,10 +3,10 @@
     python -m benchmarks.stalled [--connections 200] [--hold-s 14] [--checkpoint DIR]
 
 Two servers in one run, each `python -m app` on loopback serving the GPT-2 124M architecture with random weights
-(benchmarks.memory.random_checkpoint; or --checkpoint), float32:
+(benchmarks.common.cached_random_checkpoint; or --checkpoint), float32:
 - bounded: the default limits (request_arrival_timeout_s 10, max_body_bytes_in_flight 32 MiB, max_connections 512);
-- unbounded: as before issue 10 item 2: arrival timeout, body budget and connection limit too large to matter.
-Against each, `connections` stalled clients at once, a third of each kind from the issue:
+- unbounded: arrival timeout, body budget and connection limit too large to matter (uvicorn's own behaviour).
+Against each, `connections` stalled clients at once, a third of each kind:
 (a) a POST declaring Content-Length 100 that sends 20 bytes and stops; (b) request headers sent a byte every 2 s;
 (c) a POST declaring max_body_bytes that sends all but 1 KiB of it and stops.
 Measured: the server's VmRSS (every 0.25 s: idle, peak while held, at the end of the hold), /health latency on fresh
@@ -24,9 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from app.settings import Settings
-from benchmarks.common import print_table, require_shared_data, write_result
-from benchmarks.memory import random_checkpoint
-from benchmarks.overload import rss_mib
+from benchmarks.common import cached_random_checkpoint, print_table, require_shared_data, rss_mib, write_result
 from tests.live_server import live_server
 
 HEAD = "POST /classify HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
@@ -128,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.checkpoint is None:
         require_shared_data()
-    checkpoint = args.checkpoint or random_checkpoint()
+    checkpoint = args.checkpoint or cached_random_checkpoint()
     defaults = Settings(checkpoint_dir=checkpoint, device="cpu")
     results = {}
     for name, settings in (("bounded", {}), ("unbounded", UNBOUNDED)):

@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol with a deadline for each request to arrive whole (issue 10 item 2).
+"""uvicorn's httptools protocol with a deadline for each request to arrive whole.
 
 uvicorn bounds nothing before a request's headers are complete: a client that opens a connection and sends
 nothing, or sends its headers a byte every few seconds, holds a connection for as long as it likes. Here each

@@ -56,7 +56,7 @@ LIMITS = (
     "max_texts_per_request",
     "max_text_chars",
     "max_body_bytes",
-    # slow and stalled clients (issue 10 item 2)
+    # slow and stalled clients
     "request_arrival_timeout_s",
     "max_body_bytes_in_flight",
     "max_connections",

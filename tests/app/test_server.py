@@ -27,10 +27,9 @@ from tests.helpers import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-GRACE_S = 5  # --timeout-graceful-shutdown, as in the Dockerfile's command (which gives 20)
+GRACE_S = 5  # --timeout-graceful-shutdown, shorter than the server's default (app.cli.GRACEFUL_SHUTDOWN_S, 20)
 # After uvicorn's "Finished server process", the interpreter's own teardown: up to ~8 s seen on 2 cores shared by
-# several test runs (load average 8), before and after issue 10's changes alike; an orchestrator's grace period
-# needs this margin too.
+# several test runs (load average 8); an orchestrator's grace period needs this margin too.
 EXIT_SLACK_S = 10
 
 
@@ -204,7 +203,7 @@ def sigterm_under_load(checkpoint: Path, drain_delay_s: float, n_in_flight: int 
 
 
 def assert_clean_exit(code: int, stderr: str) -> None:
-    # app/__main__.py absorbs the SIGTERM uvicorn re-raises after a clean shutdown: a drained stop exits 0
+    # app.cli.serve absorbs the SIGTERM uvicorn re-raises after a clean shutdown: a drained stop exits 0
     assert code == 0, stderr
     assert "Application shutdown complete." in stderr and "Finished server process" in stderr
     assert "ERROR" not in stderr and "Traceback" not in stderr, stderr
@@ -221,7 +220,7 @@ def test_sigterm_without_a_drain_delay_finishes_in_flight_requests_refuses_new_o
 
 
 def test_sigterm_with_a_drain_delay_keeps_serving_with_health_503_then_stops_accepting_and_exits_0(tiny_checkpoint):
-    """Issue 10 item 7. Before: the port closed the moment SIGTERM arrived, so no client ever saw /health 503."""
+    """Closing the port the moment SIGTERM arrives would let no client see /health 503."""
     delay_s = 2.0
     responses, probes, took, code, stderr = sigterm_under_load(tiny_checkpoint, drain_delay_s=delay_s)
     assert [r.status_code for r in responses] == [200] * len(responses), [r.text for r in responses]

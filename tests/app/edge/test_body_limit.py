@@ -84,7 +84,7 @@ def test_reading_stops_at_the_limit_whatever_the_headers_say(tiny_checkpoint, he
     assert reads == 4  # 120 bytes: the first read past the limit is the last
 
 
-# --- Slow and stalled clients (issue 10 item 2) --------------------------------------------------------------
+# --- Slow and stalled clients ---------------------------------------------------------------------------------
 
 
 async def stalled_receive():
@@ -106,7 +106,7 @@ async def call_stalled(app, headers, receive=stalled_receive) -> tuple[int, dict
 
 
 def test_a_body_that_stops_arriving_is_408_at_the_arrival_deadline_and_the_connection_closes(tiny_checkpoint):
-    """Before: a POST declaring Content-Length 100 that sent 20 bytes held its connection for minutes."""
+    """Unbounded, a POST declaring Content-Length 100 that sends 20 bytes holds its connection for minutes."""
     app = create_app(tiny_settings(tiny_checkpoint, request_arrival_timeout_s=0.3))
     sent_20 = iter([{"type": "http.request", "body": b"x" * 20, "more_body": True}])
 
@@ -149,7 +149,7 @@ def test_the_arrival_deadline_counts_from_the_requests_first_byte_when_the_serve
 
 
 def test_bodies_in_flight_share_one_budget_and_a_request_past_it_is_429_at_once(tiny_checkpoint):
-    """Before: 50 connections each sending just under max_body_bytes and stopping held ~230 MB until they left."""
+    """Unbounded, 50 connections each sending just under max_body_bytes and stopping hold ~230 MB until they leave."""
     settings = tiny_settings(
         tiny_checkpoint, max_body_bytes=LIMIT, max_body_bytes_in_flight=2 * LIMIT, request_arrival_timeout_s=60
     )

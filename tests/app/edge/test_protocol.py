@@ -1,4 +1,4 @@
-"""Stalled and slow clients against a real `python -m app` (issue 10 item 2): each request must arrive whole within
+"""Stalled and slow clients against a real `python -m app`: each request must arrive whole within
 request_arrival_timeout_s, bodies in flight share one budget, and open connections are bounded."""
 
 import json
@@ -38,7 +38,7 @@ def status_and_error(response: bytes) -> tuple[int, dict | None]:
 
 
 def test_stalled_requests_get_408_and_idle_connections_are_closed_at_the_arrival_deadline(tiny_checkpoint, tmp_path):
-    """Before: (a) and (b) stayed open for minutes, (c) forever."""
+    """Without the arrival deadline, (a) and (b) would stay open for minutes, (c) forever."""
     with live_server(tiny_checkpoint, tmp_path / "server.log", request_arrival_timeout_s=ARRIVAL_S) as (url, _):
         start = time.monotonic()  # a new connection's deadline counts from the connection
         partial_body, trickled_headers, idle = connect(url), connect(url), connect(url)

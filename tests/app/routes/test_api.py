@@ -244,8 +244,8 @@ def test_openapi_declares_the_limits_that_validation_enforces(tiny_checkpoint):
 
 
 def test_a_text_the_model_overflows_on_is_a_model_error_that_changes_no_other_text(tiny_checkpoint, tokenizer):
-    """Issue 10's recipe: one token's embedding set to 3e38 (finite, so the checkpoint loads and warms up). Before:
-    200 for all, the poisoned text at P = 0.5 exactly, and batch-mates whose padding read it also at 0.5."""
+    """One token's embedding set to 3e38 (finite, so the checkpoint loads and warms up). Not 200 for all with the
+    poisoned text at P = 0.5 exactly, and batch-mates whose padding read it also at 0.5."""
     (z,) = tokenizer.encode_ordinary("z")
     edit_tensors(lambda state: state["transformer.wte.weight"][z].fill_(3e38))(tiny_checkpoint)
     recipe = ["a zebra", "hello there", "see you at six"]

@@ -142,7 +142,8 @@ def test_hf_config_labels_padding_and_card(hf_dir, checkpoint):
 def test_the_exported_card_credits_its_training_data(checkpoint, source, expected):
     """CC BY 4.0 asks whoever shares a model trained on the SMS Spam Collection to credit its authors."""
     loaded = load_checkpoint(checkpoint)
-    data = None if source is None else DataSummary(source, {"sha256": "0" * 64, "rows": 120, "labels": {}}, 100, {})
+    fingerprint = {"sha256": "0" * 64, "rows": 120, "labels": {}}
+    data = None if source is None else DataSummary(source, fingerprint, 100, {}, {}, {})
     readme = model_card_readme(dataclasses.replace(loaded, card=dataclasses.replace(loaded.card, data=data)))
     assert expected in readme.split("## Training data", 1)[1]
 

@@ -325,8 +325,8 @@ def test_predict_refuses_rows_whose_logits_are_not_finite(tiny_config):
     torch.manual_seed(0)
     model = GPTClassifier(tiny_config).eval()
     with torch.no_grad():
-        model.transformer.wte.weight[42] = 3e38  # one token's embedding overflows (issue 10)
+        model.transformer.wte.weight[42] = 3e38  # one token's embedding overflows
     rows = [[5, 6, 7], [8, 42], [9], [42, 10, 11]]
     with pytest.raises(NonFiniteLogits, match=r"for 2 of the rows: 1, 3;") as caught:
-        predict(model, rows, ["ham", "spam", "ham", "spam"], LABELS)  # before: P = 0.5 reported for rows 1 and 3
+        predict(model, rows, ["ham", "spam", "ham", "spam"], LABELS)  # not P = 0.5 made up for rows 1 and 3
     assert caught.value.rows == [1, 3]

@@ -62,7 +62,9 @@ def test_load_onto_a_lower_precision_dtype(tiny_checkpoint):
             r"config\.json: unknown format_version 3 \(this spamgpt reads 2\)",
             id="format-version",
         ),
-        pytest.param(edit_card(format_version=DELETE), r"config\.json: missing field 'format_version'", id="no-version"),
+        pytest.param(
+            edit_card(format_version=DELETE), r"config\.json: missing field 'format_version'", id="no-format-version"
+        ),
         pytest.param(edit_card(calibration=DELETE), r"config\.json: missing field 'calibration'", id="no-calibration"),
         pytest.param(
             edit_card(model={"n_layer": 2, "n_head": 3, "n_embd": 32}),

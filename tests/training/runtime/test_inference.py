@@ -74,7 +74,7 @@ def test_non_finite_logits_give_a_nan_row_never_a_made_up_distribution():
     logits = torch.tensor([[2.0, 0.0], [nan, 1.0], [inf, 3.0], [0.0, -inf], [-1.0, 1.0]], dtype=torch.float16)
     probs = probabilities(logits)
     assert probs.dtype == torch.float32
-    assert torch.isnan(probs[1:4]).all()  # before: [0.5, 0.5] for NaN (0 for NaN), [1, 0] for inf
+    assert torch.isnan(probs[1:4]).all()  # not [0.5, 0.5] for NaN (0 for NaN), nor [1, 0] for inf
     torch.testing.assert_close(probs[[0, 4]], torch.softmax(logits[[0, 4]].float(), dim=1))
     assert nonfinite_rows(probs) == [1, 2, 3]
     message = r"non-finite logits \(NaN or inf\) for 3 of the rows: 1, 2, 3;"

@@ -61,7 +61,7 @@ def test_rows_of_very_different_lengths_attend_in_several_groups_and_score_as_al
     assert_close(run(model, rows, pad_id=0), alone)
 
 
-OVERFLOW = 42  # a token id whose embedding is set to 3e38 in every element: finite, so a checkpoint loads (issue 10)
+OVERFLOW = 42  # a token id whose embedding is set to 3e38 in every element: finite, so a checkpoint loads
 
 
 @pytest.mark.parametrize("position", range(len(ROWS) + 1))

@@ -288,8 +288,8 @@ def test_csv_output_refuses_a_lone_surrogate_that_jsonl_keeps(tmp_path, tiny_che
 
 
 def test_a_row_the_model_overflows_on_stops_the_run_naming_its_line(tmp_path, tiny_checkpoint, tokenizer, capsys):
-    """Issue 10's recipe (one token's embedding at 3e38): no made-up probability is written for that row; the rows
-    scored before its chunk stay written."""
+    """One token's embedding at 3e38 (finite, so the checkpoint loads): no made-up probability is written for that
+    row; the rows scored before its chunk stay written."""
     (z,) = tokenizer.encode_ordinary("z")
     edit_tensors(lambda state: state["transformer.wte.weight"][z].fill_(3e38))(tiny_checkpoint)
     source = write_input(tmp_path / "in.csv", ["hello there", "see you at six", "ok then", "zebra first", "bye"])

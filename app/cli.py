@@ -14,6 +14,7 @@ get GRACEFUL_SHUTDOWN_S to finish once the server stops accepting. Any of these 
 import argparse
 import signal
 import sys
+from typing import NoReturn
 
 import uvicorn
 
@@ -38,7 +39,7 @@ def uvicorn_defaults(settings: Settings) -> list[str]:
     ]
 
 
-def serve(argv: list[str], prog: str) -> None:
+def serve(argv: list[str], prog: str) -> NoReturn:
     """uvicorn serving create_app with `argv` as its options, its usage line naming `prog`; exits the process."""
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.main(["app.main:create_app", "--factory", *uvicorn_defaults(Settings()), *argv], prog_name=prog)

@@ -98,7 +98,7 @@ class TrainConfig:
     epochs: int = opt(5, "passes over the training split")
     batch_size: int = opt(8, "training examples per optimizer step")
     lr: float = opt(5e-5, "AdamW learning rate")
-    weight_decay: float = opt(0.1, "AdamW weight decay")
+    weight_decay: float = opt(0.1, "AdamW weight decay of the weight matrices and embeddings (biases and norms: none)")
     seed: int = opt(123, "seeds the data split, the model's initialisation and the order of batches")
     device: str = opt("auto", DEVICE_HELP)
     precision: str = opt("auto", TRAINING_PRECISION_HELP, TRAINING_PRECISIONS)

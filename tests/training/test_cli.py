@@ -140,7 +140,7 @@ def test_missing_weights_say_the_two_ways_out(csv_data, bpe_dir, tmp_path, monke
     def offline(*args, **kwargs):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     argv = ["finetune", "--preset", "gpt2", "--data", str(csv_data), "--tokenizer-dir", str(bpe_dir)]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

@@ -215,7 +215,7 @@ class Loop:
     ) -> "Loop":
         """A loop before its first epoch over `model`'s trainable parameters (prepare_trainable set them)."""
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        optimizer = torch.optim.AdamW(trainable.values(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = adamw(list(trainable.values()), config.lr, config.weight_decay)
         generator = torch.Generator().manual_seed(config.seed)
         weights = None if weights is None else weights.to(device, torch.float32)
         return cls(model, trainable, optimizer, generator, device, group, weights)
@@ -324,6 +324,17 @@ class Loop:
         self.optimizer.step()
         hits = (logits.argmax(dim=1) == targets[rows]).double() @ weight.double()
         return self.group.sum(torch.stack([losses.detach().double().sum(), hits])).tolist()
+
+
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW that decays only the weight matrices and embeddings (p.dim() >= 2), nanoGPT's configure_optimizers:
+    biases and LayerNorm gains are not pulled toward zero. Parameter groups: the decayed, then the others, each in
+    the order given (the order a resume state indexes them by)."""
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
 def train(

@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from tests.helpers import pretend_cpu, synthetic
-from training.finetune.loop import Examples, TrainConfig, evaluate_loss, prepare_trainable, tail_forward, train
+from training.finetune.distributed import SINGLE
+from training.finetune.loop import (
+    Examples,
+    Loop,
+    TrainConfig,
+    evaluate_loss,
+    prepare_trainable,
+    tail_forward,
+    train,
+)
 from training.finetune.lora import merge_lora
 from training.runtime.inference import pad_right, probabilities
 from training.runtime.model import GPTClassifier, GPTConfig
@@ -64,6 +73,38 @@ def test_cached_prefix_matches_whole_model(blocks):
     # Adam turns float rounding in near-zero gradients (the cached prefix ran in other batches) into parameter
     # differences near 1e-5: seen on a 16-core machine, where the matrix products split differently
     torch.testing.assert_close(cached_state, plain_state, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("trainable", ["all", "last-blocks", "lora"])
+def test_weight_decay_only_on_matrices_and_embeddings(trainable):
+    model = fresh_model()
+    config = TrainConfig(trainable=trainable, weight_decay=0.3)
+    prepare_trainable(model, config)
+    loop = Loop.start(model, config, CPU, SINGLE, None)
+    decayed = {id(p) for g in loop.optimizer.param_groups if g["weight_decay"] == 0.3 for p in g["params"]}
+    kept = {id(p) for g in loop.optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    names = {id(p): name for name, p in loop.trainable.items()}
+    assert decayed | kept == set(names) and not decayed & kept
+    assert all(names[i].endswith(("weight", "lora_A", "lora_B")) and "ln_" not in names[i] for i in decayed)
+    assert all(names[i].endswith("bias") or ".ln_" in names[i] for i in kept)
+    assert "score.weight" in {names[i] for i in decayed} and "transformer.ln_f.weight" in {names[i] for i in kept}
+    if trainable == "all":
+        assert "transformer.wte.weight" in {names[i] for i in decayed}
+
+
+def test_a_norm_gain_without_gradient_is_not_decayed():
+    """Weight decay moves a weight matrix even without a gradient, never a LayerNorm gain or a bias."""
+    model = fresh_model()
+    config = TrainConfig(trainable="all", weight_decay=0.5, lr=0.1)
+    prepare_trainable(model, config)
+    loop = Loop.start(model, config, CPU, SINGLE, None)
+    before = {name: p.detach().clone() for name, p in loop.trainable.items()}
+    for p in loop.trainable.values():
+        p.grad = torch.zeros_like(p)
+    loop.optimizer.step()
+    assert torch.equal(loop.trainable["transformer.ln_f.weight"], before["transformer.ln_f.weight"])
+    assert torch.equal(loop.trainable["score.bias"], before["score.bias"])
+    assert not torch.equal(loop.trainable["score.weight"], before["score.weight"])
 
 
 def test_last_blocks_freezes_the_rest():

@@ -41,7 +41,7 @@ def run(config: TrainConfig, **kwargs) -> tuple[dict, list[TrainState], History]
     [
         pytest.param({"trainable": "last-blocks"}, id="last-block-cached-prefix"),
         pytest.param({"trainable": "all"}, id="all"),
-        pytest.param({"trainable": "lora", "lora_rank": 2, "lr": 0.1}, id="lora"),
+        pytest.param({"trainable": "lora", "lora_rank": 4, "lr": 5e-3}, id="lora"),
     ],
 )
 def test_resume_from_saved_state_is_bit_exact(trainable, tmp_path):

@@ -25,8 +25,7 @@ from pathlib import Path
 
 from benchmarks.common import BPE_DIR, ROOT, SMS_FILE, print_table, require_shared_data, write_result
 from training.finetune.data import BALANCING, deduplicate, load_sms_spam, select_split
-from training.finetune.evaluate import Predictions, choose_threshold, predict, split_metrics
-from training.finetune.pipeline import describe_rate
+from training.finetune.evaluate import Predictions, Rate, choose_threshold, predict, split_metrics
 from training.runtime.checkpoint import REPORT_DIR, SPLIT_FILE, load_checkpoint
 from training.runtime.inference import Threshold, prior_shift, probabilities
 from training.runtime.tokenizer import encode_batch
@@ -77,7 +76,7 @@ def held_out_decisions(checkpoint: Path) -> dict:
     spam, selection, evaluation, sweep = labels.index("spam"), scored["selection"], scored["evaluation"], []
     for target in TARGETS:
         value = choose_threshold(selection.probs[:, spam], selection.targets == spam, "fpr", target)
-        metrics = split_metrics(evaluation, labels, Threshold("spam", value))["threshold"]
+        metrics = split_metrics(evaluation, labels, Threshold("spam", value)).to_json()["threshold"]
         sweep.append({"target_fpr": target, "threshold": value} | rates(metrics["per_class"]))
     validation = scored["validation"]
     f1 = Threshold("spam", choose_threshold(validation.probs[:, spam], validation.targets == spam, "f1"))
@@ -85,10 +84,10 @@ def held_out_decisions(checkpoint: Path) -> dict:
     shift = prior_shift(calibration.training_prior, calibration.prior, labels)
     at_training_prior = probabilities((evaluation.probs.double().clamp_min(1e-300).log() - shift).float())
     previous = {
-        "argmax_at_training_prior": split_metrics(Predictions(at_training_prior, evaluation.targets), labels, None)[
-            "argmax"
-        ],
-        "f1_threshold_on_validation": split_metrics(evaluation, labels, f1)["threshold"],
+        "argmax_at_training_prior": split_metrics(
+            Predictions(at_training_prior, evaluation.targets), labels, None
+        ).to_json()["argmax"],
+        "f1_threshold_on_validation": split_metrics(evaluation, labels, f1).to_json()["threshold"],
     }
     return {
         "target_sweep": sweep,
@@ -120,9 +119,9 @@ def row(option: str, result: dict) -> dict:
     ev = result["evaluation"]
     return {
         "balance": option,
-        "FPR argmax": describe_rate(ev["argmax"]["false_positive_rate"]),
-        "FPR threshold": describe_rate(ev["threshold"]["false_positive_rate"]),
-        "recall threshold": describe_rate(ev["threshold"]["recall"]),
+        "FPR argmax": Rate(**ev["argmax"]["false_positive_rate"]).describe(),
+        "FPR threshold": Rate(**ev["threshold"]["false_positive_rate"]).describe(),
+        "recall threshold": Rate(**ev["threshold"]["recall"]).describe(),
         "ECE before/after": f"{result['calibration']['ece_before']:.4f}/{result['calibration']['ece_after']:.4f}",
         "minutes": f"{result['wall_seconds'] / 60:.1f}",
     }

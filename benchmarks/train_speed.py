@@ -73,7 +73,7 @@ def time_ours(model: GPTClassifier, train_data: Examples, val_data: Examples, co
         "epochs_run": config.epochs,
         "seconds": clock.wall,
         "cpu_utilisation": clock.utilisation(),
-        "history": history.to_dict(),
+        "history": history.to_json(),
     }
 
 

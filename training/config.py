@@ -3,7 +3,6 @@ raise ValueError with the bad value shown (litgpt's argument groups). Groups com
 its data, base model and training configs. Each field's default and help text are the command line's
 (training.cli); a run's arguments are recorded flat in the checkpoint's config.json under "training"."""
 
-import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -12,7 +11,14 @@ from typing import Any
 from training.finetune.data import BALANCING, ROLES
 from training.runtime.device import DEVICE_HELP, resolve_device
 from training.runtime.model import PRESETS, GPTConfig
-from training.runtime.precision import DTYPE_HELP, DTYPES, check_precision
+from training.runtime.precision import (
+    DTYPE_HELP,
+    DTYPES,
+    TRAINING_PRECISION_HELP,
+    TRAINING_PRECISIONS,
+    check_precision,
+)
+from training.runtime.record import from_flat as from_flat
 
 TRAINABLE = ("last-blocks", "all", "lora")
 THRESHOLD_OBJECTIVES = ("fpr", "f1")
@@ -92,9 +98,10 @@ class TrainConfig:
     epochs: int = opt(5, "passes over the training split")
     batch_size: int = opt(8, "training examples per optimizer step")
     lr: float = opt(5e-5, "AdamW learning rate")
-    weight_decay: float = opt(0.1, "AdamW weight decay")
+    weight_decay: float = opt(0.1, "AdamW weight decay of the weight matrices and embeddings (biases and norms: none)")
     seed: int = opt(123, "seeds the data split, the model's initialisation and the order of batches")
     device: str = opt("auto", DEVICE_HELP)
+    precision: str = opt("auto", TRAINING_PRECISION_HELP, TRAINING_PRECISIONS)
     cache_prefix: bool = opt(True, "run the frozen blocks once and cache their output (off: same losses, slower)")
 
     def __post_init__(self):
@@ -108,6 +115,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must not be negative, got {self.weight_decay!r}")
+        if self.precision not in TRAINING_PRECISIONS:
+            raise ValueError(f"precision must be one of {TRAINING_PRECISIONS}, got {self.precision!r}")
         resolve_device(self.device)
 
 
@@ -278,37 +287,6 @@ def flatten(config: Any) -> dict[str, Any]:
 def changed_options(wanted: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
     """The names, sorted, of the options whose values differ between two flat dicts (missing counts as None)."""
     return sorted(k for k in wanted.keys() | recorded.keys() if wanted.get(k) != recorded.get(k))
-
-
-def from_flat(cls: type, values: dict[str, Any]) -> Any:
-    """Build `cls` and its groups from a flat dict, such as a checkpoint's record of a run. Names it lacks keep
-    their defaults (options added after the record was written); unknown names are ignored.
-
-    Raises TypeError naming a value of the wrong type or a required name that is missing, ValueError from a
-    group's validation.
-    """
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in fields(cls):
-        if f.metadata.get("group"):
-            kwargs[f.name] = from_flat(hints[f.name], values)
-        elif f.name in values:
-            kwargs[f.name] = check_type(f.name, values[f.name], hints[f.name])
-    return cls(**kwargs)
-
-
-def check_type(name: str, value: Any, kind: Any) -> Any:
-    """`value` if it is of type `kind` as JSON would carry it (an int passes as a float; a bool never passes as a
-    number; `dict[str, int]` is checked as a dict); else TypeError naming `name`."""
-    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
-    for t in (typing.get_origin(t) or t for t in allowed):
-        if t is type(None) and value is None:
-            return value
-        if t in (int, float) and isinstance(value, bool):
-            continue
-        if isinstance(value, int | float if t is float else t):
-            return value
-    raise TypeError(f"{name} must be {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
 def option_fields(cls: type) -> list[tuple[Any, type, str | None]]:

@@ -63,7 +63,7 @@ def hf_state_dict(model: GPTClassifier) -> dict[str, torch.Tensor]:
     them), the head's bias folded into the final LayerNorm and the head (fold_score_bias); float32, CPU."""
     ours = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     out = {}
-    for hf_key, (our_key, transposed) in hf_key_map(model.config.n_layer).items():
+    for hf_key, (our_key, transposed) in hf_key_map(model).items():
         out[f"transformer.{hf_key}"] = ours[our_key].t() if transposed else ours[our_key]
     out["transformer.ln_f.bias"], out["score.weight"] = fold_score_bias(
         ours["transformer.ln_f.weight"], ours["transformer.ln_f.bias"], ours["score.weight"], ours["score.bias"]

@@ -1,8 +1,10 @@
-"""A GPT-2-family base model from a Hugging Face repo id or a local directory: its sizes from its config.json, its
-weights from model.safetensors or a sharded model.safetensors.index.json. distilgpt2, OpenAI's four sizes or a
-user's own GPT-2: one architecture, any size.
+"""The model fine-tuning starts from, and the one place that downloads weights: a GPT-2-family base from a Hugging
+Face repo id or a local directory (its sizes from its config.json, its weights from model.safetensors or a sharded
+model.safetensors.index.json), or a preset's size with OpenAI's GPT-2 weights. distilgpt2, OpenAI's four sizes or
+a user's own GPT-2: one architecture, any size. Downloads go through huggingface_hub into its cache (HF_HOME),
+and HF_HUB_OFFLINE=1 serves them from there without the network.
 
-    model, name = base_classifier("distilbert/distilgpt2", n_labels=2, vocab_size=50257)
+    model = base_classifier("distilbert/distilgpt2", n_labels=2, vocab_size=50257)
 """
 
 import json
@@ -10,9 +12,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from training.runtime.model import HF_REPOS, GPTClassifier, GPTConfig, WeightsError, load_hf_gpt2
+from training.runtime.model import GPTClassifier, GPTConfig, WeightsError, load_hf_gpt2
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+# OpenAI's GPT-2 weights for the presets of their sizes
+HF_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 # Short names for the repos of the GPT-2 family's published checkpoints
 ALIASES = {**HF_REPOS, "distilgpt2": "distilbert/distilgpt2"}
 # What our GPTClassifier computes, as GPT2Config spells it: a config that asks for anything else is refused
@@ -106,11 +110,16 @@ def base_tensors(directory: Path) -> dict:
         raise WeightsError(f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE}")
     tensors = {}
     for file in files:
-        try:
-            tensors.update(load_file(file))
-        except Exception as exc:  # missing shard, truncation, a header safetensors cannot read
-            raise WeightsError(f"{file}: not a readable safetensors file ({exc})") from exc
+        tensors.update(read_tensors(file))
     return tensors
+
+
+def read_tensors(file: Path) -> dict:
+    """Every tensor of the safetensors `file`. Raises WeightsError naming it when it is missing or unreadable."""
+    try:
+        return load_file(file)
+    except Exception as exc:  # missing shard, truncation, a header safetensors cannot read
+        raise WeightsError(f"{file}: not a readable safetensors file ({exc})") from exc
 
 
 def base_classifier(base: str, n_labels: int, vocab_size: int, pretrained: bool = True) -> GPTClassifier:
@@ -123,4 +132,32 @@ def base_classifier(base: str, n_labels: int, vocab_size: int, pretrained: bool 
     model = GPTClassifier(base_config(directory, n_labels, vocab_size))
     if pretrained:
         load_hf_gpt2(model, base_tensors(directory))
+    return model
+
+
+def weights_file(source: str | Path) -> Path:
+    """A local GPT-2 model.safetensors, given as the file or its directory. Raises WeightsError when there is none."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    if not path.is_file():
+        raise WeightsError(f"no GPT-2 weights at {path}")
+    return path
+
+
+def pretrained_classifier(config: GPTConfig, preset: str, source: str | Path | None = None) -> GPTClassifier:
+    """A classifier of `config` whose transformer holds OpenAI's GPT-2 weights and whose head is freshly initialised:
+    from `source` (a local model.safetensors or its directory), else the preset's repo fetched by resolve_base.
+
+    Raises WeightsError for a preset without published weights, a download that fails, a file that is missing or
+    unreadable, or weights that do not fit `config`.
+    """
+    if source is not None:
+        tensors = read_tensors(weights_file(source))
+    elif preset in HF_REPOS:
+        tensors = base_tensors(resolve_base(preset))
+    else:
+        raise WeightsError(f"preset {preset!r} has no pretrained weights; choose one of {sorted(HF_REPOS)}")
+    model = GPTClassifier(config)
+    load_hf_gpt2(model, tensors)
     return model

@@ -1,9 +1,11 @@
 """The evaluation report: metrics on the test split and on every held-out row, the decision threshold chosen on
 the selection rows (never on evaluation rows), calibration before and after, plots.
 
-It knows nothing about training loops. Probabilities and thresholded labels come from training.runtime.inference
-(predict_probabilities, decide), the same code the server runs. Curves and metrics come from torchmetrics, the
-plots from matplotlib (the plots extra; the report is written without them when it is absent).
+It knows nothing about how training runs: it plots the History the loop returns. Probabilities and thresholded
+labels come from training.runtime.inference (predict_probabilities, decide), the same code the server runs. Curves
+and metrics come from torchmetrics, the plots from matplotlib (the plots extra; the report is written without them
+when it is absent). The report is typed (Report, SplitMetrics, Metrics, ClassMetrics, Rate); metrics.json holds
+its to_json().
 """
 
 import json
@@ -26,6 +28,7 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from training.finetune.loop import History
 from training.runtime.inference import Threshold, decide, positive_label, predict_probabilities, require_finite
 from training.runtime.model import GPTClassifier
 
@@ -136,67 +139,140 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def rate(successes: int, n: int) -> dict:
-    """{"value": successes / n (None for n = 0), "count": successes, "of": n, "ci95": Wilson interval or None}."""
-    return {"value": successes / n if n else None, "count": successes, "of": n, "ci95": wilson_interval(successes, n)}
+@dataclass(frozen=True)
+class Rate:
+    """`count` of `of` rows: `value` their share (None for of = 0), `ci95` its 95% Wilson interval (None for
+    of = 0). In metrics.json: {"value", "count", "of", "ci95": [low, high]}."""
+
+    value: float | None
+    count: int
+    of: int
+    ci95: tuple[float, float] | None
+
+    @classmethod
+    def of_counts(cls, successes: int, n: int) -> "Rate":
+        """successes / n with its Wilson interval."""
+        return cls(successes / n if n else None, successes, n, wilson_interval(successes, n))
+
+    def describe(self) -> str:
+        """The rate as "2.30% [1.87, 2.83] (89 / 3,865)", or "n/a (0 / 0)"."""
+        if self.value is None:
+            return "n/a (0 / 0)"
+        low, high = self.ci95
+        return f"{100 * self.value:.2f}% [{100 * low:.2f}, {100 * high:.2f}] ({self.count:,} / {self.of:,})"
 
 
-def class_rates(confusion: torch.Tensor) -> dict[int, dict]:
-    """For each class c of a (k, k) confusion matrix (rows: true): precision (rows predicted c that are c),
-    recall (rows that are c predicted c) and false-positive rate (rows of other classes predicted c), each a
-    rate() with its 95% Wilson interval. For spam, the false-positive rate is the share of ham flagged as spam."""
-    out = {}
+@dataclass(frozen=True)
+class ClassRates:
+    """One class c's rates with their intervals. For spam, the false-positive rate is the share of ham flagged."""
+
+    precision: Rate  # rows predicted c that are c
+    recall: Rate  # rows that are c predicted c
+    false_positive_rate: Rate  # rows of other classes predicted c
+
+
+def class_rates(confusion: torch.Tensor) -> list[ClassRates]:
+    """Each class's ClassRates, in index order, from a (k, k) confusion matrix (rows: true)."""
+    out = []
     for c in range(len(confusion)):
         hits, predicted, true = int(confusion[c, c]), int(confusion[:, c].sum()), int(confusion[c].sum())
         others = int(confusion.sum()) - true
-        out[c] = {
-            "precision": rate(hits, predicted),
-            "recall": rate(hits, true),
-            "false_positive_rate": rate(predicted - hits, others),
-        }
+        out.append(
+            ClassRates(
+                precision=Rate.of_counts(hits, predicted),
+                recall=Rate.of_counts(hits, true),
+                false_positive_rate=Rate.of_counts(predicted - hits, others),
+            )
+        )
     return out
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    """One class's scores: precision, recall and F1 in [0, 1] (0 where undefined: nothing predicted, or nothing
+    true, as that class), its support (true rows) and its rates with intervals."""
+
+    precision: float
+    recall: float
+    f1: float
+    support: int
+    rates: ClassRates
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """One decision rule's metrics on one set of rows."""
+
+    n: int  # rows
+    accuracy: float
+    per_class: dict[str, ClassMetrics]  # by label, in label order
+    macro_f1: float
+    roc_auc: float | None  # the positive label's, or the macro one-vs-rest average; None with one class present
+    confusion_matrix: list[list[int]]  # rows: true labels, columns: predicted, in label order
 
 
 def classification_metrics(
     probs: torch.Tensor, targets: torch.Tensor, predicted: torch.Tensor, label_names: list[str]
-) -> dict:
-    """Accuracy, per-class precision / recall / F1 and rates with 95% intervals (class_rates), macro F1, ROC-AUC
-    and the confusion matrix (rows: true)."""
+) -> Metrics:
+    """Metrics of `predicted` (N,) label indices against `targets` (N,), with (N, n_labels) `probs` for ROC-AUC."""
     k = len(label_names)
     confusion = multiclass_confusion_matrix(predicted, targets, num_classes=k)  # rows: true, columns: predicted
-    # per class, 0 where undefined (nothing predicted, or nothing true, as that class)
     by_name = {"precision": multiclass_precision, "recall": multiclass_recall, "f1": multiclass_f1_score}
     scores = {name: metric(predicted, targets, num_classes=k, average="none") for name, metric in by_name.items()}
     rates = class_rates(confusion)
     per_class = {
-        label: {name: values[i].item() for name, values in scores.items()}
-        | {"support": confusion[i].sum().item(), "rates": rates[i]}
+        label: ClassMetrics(
+            **{name: values[i].item() for name, values in scores.items()},
+            support=confusion[i].sum().item(),
+            rates=rates[i],
+        )
         for i, label in enumerate(label_names)
     }
+    return Metrics(
+        n=len(targets),
+        accuracy=(predicted == targets).double().mean().item(),
+        per_class=per_class,
+        macro_f1=sum(c.f1 for c in per_class.values()) / k,
+        roc_auc=_roc_auc(probs, targets, label_names),
+        confusion_matrix=confusion.tolist(),
+    )
+
+
+def _roc_auc(probs: torch.Tensor, targets: torch.Tensor, label_names: list[str]) -> float | None:
+    """The positive label's ROC-AUC; beyond two labels the macro average of the one-vs-rest areas over the classes
+    where one is defined (torchmetrics would count the rest 0)."""
     positive = positive_label(label_names)
     if positive is not None:
-        auc = roc_auc(probs[:, label_names.index(positive)], targets == label_names.index(positive))
-    else:  # macro average of one-vs-rest areas over the classes where one is defined (torchmetrics counts the rest 0)
-        areas = [a for i in range(k) if (a := roc_auc(probs[:, i], targets == i)) is not None]
-        auc = sum(areas) / len(areas) if areas else None
-    return {
-        "n": len(targets),
-        "accuracy": (predicted == targets).double().mean().item(),
-        "per_class": per_class,
-        "macro_f1": sum(c["f1"] for c in per_class.values()) / k,
-        "roc_auc": auc,
-        "confusion_matrix": confusion.tolist(),
-    }
+        return roc_auc(probs[:, label_names.index(positive)], targets == label_names.index(positive))
+    areas = [a for i in range(len(label_names)) if (a := roc_auc(probs[:, i], targets == i)) is not None]
+    return sum(areas) / len(areas) if areas else None
 
 
-def split_metrics(predictions: Predictions, label_names: list[str], threshold: Threshold | None) -> dict:
+@dataclass(frozen=True)
+class SplitMetrics:
+    """A split's metrics at argmax and, for a binary model with a threshold, at that threshold. In metrics.json:
+    {"argmax": ..., "threshold": ...}, without "threshold" when there is none."""
+
+    argmax: Metrics
+    threshold: Metrics | None = None
+
+    def decisions(self) -> dict[str, Metrics]:
+        """{"argmax": ..., "threshold": ...}: the rules measured, argmax first."""
+        return {"argmax": self.argmax} | ({} if self.threshold is None else {"threshold": self.threshold})
+
+    def to_json(self) -> dict:
+        """metrics.json's shape."""
+        return {name: asdict(metrics) for name, metrics in self.decisions().items()}
+
+
+def split_metrics(predictions: Predictions, label_names: list[str], threshold: Threshold | None) -> SplitMetrics:
     """Metrics at argmax, and with a binary threshold also at that threshold."""
     probs, targets = predictions.probs, predictions.targets
-    out = {"argmax": classification_metrics(probs, targets, probs.argmax(dim=1), label_names)}
-    if threshold is not None:
-        decided = torch.tensor([label_names.index(label) for label in decide(probs, label_names, threshold)])
-        out["threshold"] = classification_metrics(probs, targets, decided, label_names)
-    return out
+    at_argmax = classification_metrics(probs, targets, probs.argmax(dim=1), label_names)
+    if threshold is None:
+        return SplitMetrics(at_argmax)
+    decided = torch.tensor([label_names.index(label) for label in decide(probs, label_names, threshold)])
+    return SplitMetrics(at_argmax, classification_metrics(probs, targets, decided, label_names))
 
 
 def expected_calibration_error(predictions: Predictions, n_bins: int = 15) -> float:
@@ -207,6 +283,47 @@ def expected_calibration_error(predictions: Predictions, n_bins: int = 15) -> fl
     return multiclass_calibration_error(probs, targets, num_classes=k, n_bins=n_bins, norm="l1").item()
 
 
+@dataclass(frozen=True)
+class ThresholdRule:
+    """What chose a threshold on the selection rows (choose_threshold): target_fpr only for objective "fpr"."""
+
+    objective: str
+    target_fpr: float | None
+
+
+@dataclass(frozen=True)
+class CalibrationErrors:
+    """Expected calibration error of the evaluation rows before and after calibration, over n rows."""
+
+    ece_before: float
+    ece_after: float
+    n: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """The evaluation report: metrics on the selection rows, the test split and the evaluation rows (test and the
+    held-out rows), at the threshold the rule chose on the selection rows alone. metrics.json holds to_json()."""
+
+    labels: list[str]
+    threshold: Threshold | None  # None beyond two labels: the argmax decides
+    threshold_rule: ThresholdRule | None
+    selection: SplitMetrics
+    test: SplitMetrics
+    evaluation: SplitMetrics
+    calibration: CalibrationErrors | None = None  # measured when the uncalibrated probabilities were given
+
+    def to_json(self) -> dict:
+        """metrics.json's shape (without the history): a key per field, "calibration" only when measured."""
+        out = {
+            "labels": self.labels,
+            "threshold": None if self.threshold is None else asdict(self.threshold),
+            "threshold_rule": None if self.threshold_rule is None else asdict(self.threshold_rule),
+        }
+        out |= {name: getattr(self, name).to_json() for name in ("selection", "test", "evaluation")}
+        return out | ({} if self.calibration is None else {"calibration": asdict(self.calibration)})
+
+
 def evaluation_report(
     label_names: list[str],
     selection: Predictions,
@@ -215,61 +332,123 @@ def evaluation_report(
     objective: str = "f1",
     target_fpr: float = 0.0,
     uncalibrated: Predictions | None = None,
-) -> dict:
-    """Metrics on the selection rows, the test split and the evaluation rows (test and the held-out rows; None:
-    the test split); the binary threshold is chosen on the selection rows alone (choose_threshold's objective
-    and target_fpr), then applied to the others. The report's "threshold" is a Threshold or None, and its
-    "threshold_rule" the objective and target that chose it (None with no threshold).
+) -> Report:
+    """Metrics on the selection rows, the test split and the evaluation rows (None: the test split); the binary
+    threshold is chosen on the selection rows alone (choose_threshold's objective and target_fpr), then applied to
+    the others.
 
-    uncalibrated: the evaluation rows' probabilities before calibration; with it, "calibration" holds the
-    expected calibration error of both (after: `evaluation`'s).
+    uncalibrated: the evaluation rows' probabilities before calibration; with it, the report's calibration holds
+    the expected calibration error of both (after: `evaluation`'s).
     """
     evaluation = test if evaluation is None else evaluation
     positive = positive_label(label_names)
-    threshold, rule = None, None  # beyond two labels the argmax decides: no rule chooses anything
+    threshold, rule = None, None
     if positive is not None:
         index = label_names.index(positive)
         value = choose_threshold(selection.probs[:, index], selection.targets == index, objective, target_fpr)
         threshold = Threshold(positive, value)
-        rule = {"objective": objective, "target_fpr": target_fpr if objective == "fpr" else None}
-    report = {
-        "labels": label_names,
-        "threshold": threshold,
-        "threshold_rule": rule,
-        "selection": split_metrics(selection, label_names, threshold),
-        "test": split_metrics(test, label_names, threshold),
-        "evaluation": split_metrics(evaluation, label_names, threshold),
-    }
+        rule = ThresholdRule(objective, target_fpr if objective == "fpr" else None)
+    calibration = None
     if uncalibrated is not None:
-        report["calibration"] = {
-            "ece_before": expected_calibration_error(uncalibrated),
-            "ece_after": expected_calibration_error(evaluation),
-            "n": len(evaluation.targets),
-        }
-    return report
+        before, after = expected_calibration_error(uncalibrated), expected_calibration_error(evaluation)
+        calibration = CalibrationErrors(before, after, len(evaluation.targets))
+    return Report(
+        labels=label_names,
+        threshold=threshold,
+        threshold_rule=rule,
+        selection=split_metrics(selection, label_names, threshold),
+        test=split_metrics(test, label_names, threshold),
+        evaluation=split_metrics(evaluation, label_names, threshold),
+        calibration=calibration,
+    )
 
 
-def summary(report: dict) -> dict:
-    """The headline numbers for the model card: test metrics at argmax and, if chosen, at the threshold; for a
-    binary model the false-positive rate and recall of the positive label on the evaluation rows, with their 95%
-    intervals; calibration errors when measured."""
-    positive = positive_label(report["labels"])
-    out = {}
-    for decision, metrics in report["test"].items():
-        suffix = "" if decision == "argmax" else "_at_threshold"
-        f1 = metrics["per_class"][positive]["f1"] if positive else metrics["macro_f1"]
-        out |= {f"test_accuracy{suffix}": metrics["accuracy"], f"test_f1{suffix}": f1}
-        if positive:
-            rates = report["evaluation"][decision]["per_class"][positive]["rates"]
-            for name in ("false_positive_rate", "recall"):
-                out[f"evaluation_{name}{suffix}"] = rates[name]["value"]
-                out[f"evaluation_{name}{suffix}_ci95"] = rates[name]["ci95"]
-    out["test_roc_auc"] = report["test"]["argmax"]["roc_auc"]
-    out["selection_accuracy"] = report["selection"]["argmax"]["accuracy"]
-    out["f1_label"] = positive or "macro"  # which F1 the test_f1 fields are
-    if "calibration" in report:
-        out |= {f"evaluation_{k}": report["calibration"][k] for k in ("ece_before", "ece_after")}
-    return out
+@dataclass(frozen=True)
+class Headline:
+    """One decision rule's headline numbers: test accuracy and F1 (the positive label's, or macro), and for a
+    binary model the positive label's false-positive rate and recall on the evaluation rows."""
+
+    test_accuracy: float
+    test_f1: float
+    evaluation_false_positive_rate: Rate | None
+    evaluation_recall: Rate | None
+
+    def to_json(self, suffix: str) -> dict:
+        """The card's flat keys, each name followed by `suffix`; a rate as its value and its "_ci95"."""
+        out = {f"test_accuracy{suffix}": self.test_accuracy, f"test_f1{suffix}": self.test_f1}
+        for name in ("false_positive_rate", "recall"):
+            rate = getattr(self, f"evaluation_{name}")
+            if rate is not None:
+                out[f"evaluation_{name}{suffix}"] = rate.value
+                out[f"evaluation_{name}{suffix}_ci95"] = rate.ci95
+        return out
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The headline numbers the model card records ("metrics" in config.json, flat: to_json)."""
+
+    argmax: Headline
+    threshold: Headline | None  # at the chosen threshold; None without one
+    test_roc_auc: float | None
+    selection_accuracy: float
+    f1_label: str  # which F1 the headlines' test_f1 is: the positive label, or "macro"
+    calibration: CalibrationErrors | None
+
+    def to_json(self) -> dict:
+        """config.json's "metrics": test_accuracy, test_f1, evaluation_false_positive_rate (and _ci95),
+        evaluation_recall (and _ci95), the same at the threshold with the suffix _at_threshold, test_roc_auc,
+        selection_accuracy, f1_label and, when measured, evaluation_ece_before and evaluation_ece_after."""
+        out = self.argmax.to_json("")
+        out |= {} if self.threshold is None else self.threshold.to_json("_at_threshold")
+        out |= {"test_roc_auc": self.test_roc_auc, "selection_accuracy": self.selection_accuracy}
+        out["f1_label"] = self.f1_label
+        if self.calibration is not None:
+            out |= {"evaluation_ece_before": self.calibration.ece_before}
+            out |= {"evaluation_ece_after": self.calibration.ece_after}
+        return out
+
+    def headline(self, threshold: Threshold | None) -> str:
+        """One line of the test metrics, at argmax and at `threshold` (the card's)."""
+
+        def num(x):
+            return "n/a" if x is None else f"{x:.4f}"
+
+        line = (
+            f"test accuracy {num(self.argmax.test_accuracy)}, F1 ({self.f1_label}) {num(self.argmax.test_f1)}, "
+            f"ROC-AUC {num(self.test_roc_auc)}"
+        )
+        if threshold is not None and self.threshold is not None:
+            line += (
+                f"; at threshold {threshold.label} >= {threshold.value:.3f}: accuracy "
+                f"{num(self.threshold.test_accuracy)}, F1 {num(self.threshold.test_f1)}"
+            )
+        return line
+
+
+def summary(report: Report) -> Summary:
+    """The report's headline numbers: test metrics at argmax and, if chosen, at the threshold; for a binary model
+    the false-positive rate and recall of the positive label on the evaluation rows, with their 95% intervals;
+    calibration errors when measured."""
+    positive = positive_label(report.labels)
+
+    def headline(test: Metrics, evaluation: Metrics) -> Headline:
+        if positive is None:
+            return Headline(test.accuracy, test.macro_f1, None, None)
+        rates = evaluation.per_class[positive].rates
+        return Headline(test.accuracy, test.per_class[positive].f1, rates.false_positive_rate, rates.recall)
+
+    at_threshold = None
+    if report.test.threshold is not None:
+        at_threshold = headline(report.test.threshold, report.evaluation.threshold)
+    return Summary(
+        argmax=headline(report.test.argmax, report.evaluation.argmax),
+        threshold=at_threshold,
+        test_roc_auc=report.test.argmax.roc_auc,
+        selection_accuracy=report.selection.argmax.accuracy,
+        f1_label=positive or "macro",
+        calibration=report.calibration,
+    )
 
 
 # --- Writing --------------------------------------------------------------------------------------
@@ -277,22 +456,23 @@ def summary(report: dict) -> dict:
 
 def write_report(
     directory: Path,
-    report: dict,
+    report: Report,
     test: Predictions,
-    history: dict | None = None,
+    history: History | None = None,
     calibration: tuple[Predictions, Predictions] | None = None,
 ) -> None:
     """metrics.json (the report and the training history) and, when matplotlib is installed, PNG plots."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "metrics.json").write_text(json.dumps({**report, "history": history}, indent=2, default=asdict) + "\n")
+    saved = report.to_json() | {"history": None if history is None else history.to_json()}
+    (directory / "metrics.json").write_text(json.dumps(saved, indent=2) + "\n")
     write_plots(directory, report, test, history, calibration)
 
 
 def write_plots(
     directory: Path,
-    report: dict,
+    report: Report,
     test: Predictions,
-    history: dict | None,
+    history: History | None,
     calibration: tuple[Predictions, Predictions] | None = None,
 ) -> list[Path]:
     """PNG plots of the test split at argmax, of the training history and, given the evaluation rows' predictions
@@ -304,17 +484,17 @@ def write_plots(
         return []
     figure = partial(Figure, layout="constrained")  # sizes titles, labels and colour bar to fit: nothing clipped
     figures = {}
-    if history and history["epochs"]:
+    if history and history.epochs:
         for metric in ("loss", "accuracy"):
             figures[f"{metric}.png"] = _history_plot(figure, history, metric)
-    labels, test_metrics = report["labels"], report["test"]["argmax"]
+    labels, test_metrics = report.labels, report.test.argmax
     figures["confusion_matrix.png"] = _confusion_plot(figure, labels, test_metrics)
     positive = positive_label(labels)
     if positive is not None:
         index = labels.index(positive)
         scores, positives = test.probs[:, index], test.targets == index
-        if test_metrics["roc_auc"] is not None:
-            figures["roc.png"] = _roc_plot(figure, scores, positives, positive, test_metrics["roc_auc"])
+        if test_metrics.roc_auc is not None:
+            figures["roc.png"] = _roc_plot(figure, scores, positives, positive, test_metrics.roc_auc)
         if positives.any():  # without positives, recall is undefined
             figures["precision_recall.png"] = _precision_recall_plot(figure, scores, positives, positive)
     if calibration is not None:
@@ -327,12 +507,12 @@ def write_plots(
 RATE_AXIS = (-0.02, 1.02)  # 0 to 1, with a margin so that a curve along an edge is not hidden by the frame
 
 
-def _history_plot(figure, history: dict, metric: str):
+def _history_plot(figure, history: History, metric: str):
     ax = (fig := figure(figsize=(5, 3.5))).subplots()
-    epochs = [e["epoch"] for e in history["epochs"]]
+    epochs = [e.epoch for e in history.epochs]
     for split in ("train", "val"):
-        ax.plot(epochs, [e[f"{split}_{metric}"] for e in history["epochs"]], marker="o", label=split)
-    ax.axvline(history["best_epoch"], color="grey", linestyle=":", label="best epoch")
+        ax.plot(epochs, [getattr(e, f"{split}_{metric}") for e in history.epochs], marker="o", label=split)
+    ax.axvline(history.best_epoch, color="grey", linestyle=":", label="best epoch")
     ax.set_xticks(epochs[:: math.ceil(len(epochs) / 10)])  # whole epochs, at most about ten ticks
     # half an epoch of margin, so that a best epoch at either end is not drawn on the frame
     ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch", xlim=(epochs[0] - 0.5, epochs[-1] + 0.5))
@@ -340,8 +520,8 @@ def _history_plot(figure, history: dict, metric: str):
     return fig
 
 
-def _confusion_plot(figure, labels: list[str], metrics: dict):
-    confusion, size = metrics["confusion_matrix"], 0.6 * len(labels)  # inches for each row and column
+def _confusion_plot(figure, labels: list[str], metrics: Metrics):
+    confusion, size = metrics.confusion_matrix, 0.6 * len(labels)  # inches for each row and column
     ax = (fig := figure(figsize=(3.3 + size, 2.8 + size))).subplots()
     # from zero, so that colour reads as a count; vmax at least 1 so that an all-zero matrix still has a scale
     image = ax.imshow(confusion, cmap="Blues", vmin=0, vmax=max(1, max(map(max, confusion))))
@@ -354,7 +534,7 @@ def _confusion_plot(figure, labels: list[str], metrics: dict):
     ax.set_xticks(ticks, labels, **rotation)
     ax.set_yticks(ticks, labels)
     ax.set(xlabel="predicted", ylabel="true")
-    fig.suptitle(f"test confusion matrix (argmax), n = {metrics['n']:,}")  # over the colour bar too
+    fig.suptitle(f"test confusion matrix (argmax), n = {metrics.n:,}")  # over the colour bar too
     _integer_ticks(fig.colorbar(image, label="texts").ax.yaxis)
     return fig
 

@@ -8,8 +8,9 @@ training.finetune.distributed.Group) every rank runs the same loop on its share 
 """
 
 import copy
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +37,34 @@ class Examples:
         assert len(self.rows) == len(self.targets), "one target per row"
 
 
+@dataclass(frozen=True)
+class EpochMetrics:
+    """One epoch's losses (mean cross-entropy per row, weighed by class_weights when given) and accuracies."""
+
+    epoch: int  # 1-based
+    train_loss: float  # over the epoch's optimizer steps, as the weights moved
+    train_accuracy: float
+    val_loss: float  # after the epoch
+    val_accuracy: float
+
+
 @dataclass
 class History:
-    epochs: list[dict] = field(default_factory=list)  # epoch, train_loss, train_accuracy, val_loss, val_accuracy
-    best_epoch: int = 0  # 1-based; its weights are the ones the model holds after train()
-    step_losses: list[float] = field(default_factory=list)
+    """What a run did, epoch by epoch. In metrics.json and the resume state: to_json()."""
 
-    def to_dict(self) -> dict:
-        return {"epochs": self.epochs, "best_epoch": self.best_epoch}
+    epochs: list[EpochMetrics] = field(default_factory=list)
+    best_epoch: int = 0  # 1-based; its weights are the ones the model holds after train()
+    step_losses: list[float] = field(default_factory=list)  # each optimizer step's mean loss over its global batch
+
+    def to_json(self) -> dict:
+        """{"epochs": [{"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"}, ...], "best_epoch"}."""
+        return {"epochs": [asdict(e) for e in self.epochs], "best_epoch": self.best_epoch}
+
+    @classmethod
+    def from_json(cls, record: dict, step_losses: list[float]) -> "History":
+        """The History to_json() wrote, with the step losses kept beside it. Raises KeyError or TypeError for a
+        record of another shape."""
+        return cls([EpochMetrics(**e) for e in record["epochs"]], record["best_epoch"], step_losses)
 
 
 @dataclass
@@ -90,18 +111,20 @@ def prefix_cache(
     n_blocks: int,
     device: torch.device,
     desc: str,
+    *,
     only: list[int] | None = None,
     progress: bool = True,
+    compute: str = "float32",
 ) -> list[torch.Tensor]:
     """Each row's (T_i, C) float32 residual stream after the first n_blocks, in row order; with `only`, just
-    those rows' (the others hold empty tensors). Computed under precision.training_autocast (bfloat16 where the
-    device has it natively), stored in float32."""
+    those rows' (the others hold empty tensors). Computed in `compute` (a precision.training_precision), stored in
+    float32."""
     cache: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     wanted = list(range(len(rows))) if only is None else only
     batches = length_sorted_batches([len(rows[i]) for i in wanted], PREFIX_BATCH_SIZE)
     for batch in tqdm([[wanted[j] for j in b] for b in batches], desc=desc, unit="batch", disable=not progress):
         idx, lengths = pad_right([rows[i] for i in batch], PAD_ID, device)
-        with precision.training_autocast(device):
+        with precision.training_autocast(device, compute):
             x = model.prefix(idx, Packing(lengths, device), n_blocks).float()  # (N, C)
         for i, row in zip(batch, x.split([len(rows[i]) for i in batch]), strict=True):
             cache[i] = row.clone()  # clone: keep the row, not the whole batch
@@ -110,7 +133,7 @@ def prefix_cache(
 
 class RowLogits(nn.Module):
     """Row indices -> (B, n_labels) float32 logits of those rows, through the frozen-prefix cache when there is
-    one; computed under precision.training_autocast (bfloat16 where the device has it natively).
+    one; computed in `compute` (a precision.training_precision).
 
     An nn.Module (holding the model) so that DistributedDataParallel can wrap the forward pass training runs.
     """
@@ -122,13 +145,15 @@ class RowLogits(nn.Module):
         n_frozen: int,
         cache: list[torch.Tensor] | None,
         device: torch.device,
+        compute: str = "float32",
     ):
         super().__init__()
         self.model, self.rows, self.n_frozen, self.cache, self.run_device = model, rows, n_frozen, cache, device
+        self.compute = compute
         self.lengths = torch.tensor([len(r) for r in rows])  # on the CPU, where Packing reads them
 
     def forward(self, batch: list[int]) -> torch.Tensor:
-        with precision.training_autocast(self.run_device):
+        with precision.training_autocast(self.run_device, self.compute):
             return self.logits(batch).float()  # the loss and its gradient start in float32
 
     def logits(self, batch: list[int]) -> torch.Tensor:
@@ -145,18 +170,171 @@ def tail_forward(
     cached: bool,
     device: torch.device,
     desc: str,
+    *,
     only: list[int] | None = None,
     progress: bool = True,
+    compute: str = "float32",
 ) -> RowLogits:
     """A module from a batch of row indices to (B, n_labels) logits, through the cache when asked; with `only`,
-    the cache holds (and the module takes) just those rows."""
-    cache = prefix_cache(model, rows, n_frozen, device, desc, only, progress) if cached else None
-    return RowLogits(model, rows, n_frozen, cache, device)
+    the cache holds (and the module takes) just those rows. compute: "float32" or "bfloat16" (autocast), as
+    precision.training_precision resolved it."""
+    cache = (
+        prefix_cache(model, rows, n_frozen, device, desc, only=only, progress=progress, compute=compute)
+        if cached
+        else None
+    )
+    return RowLogits(model, rows, n_frozen, cache, device, compute)
 
 
 def validation_share(data: Examples, group: Group) -> list[int]:
     """The validation rows this rank evaluates: its share of the rows in length order."""
     return group.share(sorted(range(len(data.rows)), key=lambda i: len(data.rows[i])))
+
+
+@dataclass
+class Loop:
+    """A run's live state on its training device: the model and what of it trains, the optimizer, the generator
+    that orders each epoch's batches, and what the epochs so far gave (the best epoch's weights among them).
+    snapshot() and restore() carry it to and from a TrainState."""
+
+    model: GPTClassifier
+    trainable: dict[str, nn.Parameter]  # by name, the parameters that require grad
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # orders the batches of each epoch
+    device: torch.device
+    group: Group
+    class_weights: torch.Tensor | None  # (n_labels,) float32 on device: each row's loss weighs its label's weight
+    epoch: int = 0  # completed epochs
+    best_loss: float = math.inf  # the lowest validation loss so far
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # on device, of history.best_epoch
+    history: History = field(default_factory=History)
+
+    @classmethod
+    def start(
+        cls, model: GPTClassifier, config: TrainConfig, device: torch.device, group: Group, weights: torch.Tensor | None
+    ) -> "Loop":
+        """A loop before its first epoch over `model`'s trainable parameters (prepare_trainable set them)."""
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        optimizer = adamw(list(trainable.values()), config.lr, config.weight_decay)
+        generator = torch.Generator().manual_seed(config.seed)
+        weights = None if weights is None else weights.to(device, torch.float32)
+        return cls(model, trainable, optimizer, generator, device, group, weights)
+
+    def end_epoch(self, metrics: EpochMetrics) -> None:
+        """Record a finished epoch; keep a copy of the weights when its validation loss is the lowest yet."""
+        self.epoch = metrics.epoch
+        self.history.epochs.append(metrics)
+        if metrics.val_loss < self.best_loss:
+            self.best_loss, self.history.best_epoch = metrics.val_loss, metrics.epoch
+            self.best_weights = {name: p.detach().clone() for name, p in self.trainable.items()}
+
+    def keep_best(self) -> None:
+        """Put the best epoch's weights into the model."""
+        with torch.no_grad():
+            for name, p in self.trainable.items():
+                p.copy_(self.best_weights[name])
+
+    def snapshot(self) -> TrainState:
+        """CPU copies of the state after the last epoch (the optimizer's state tensors too: it keeps updating
+        its own)."""
+
+        def cpu(tensors: dict) -> dict:
+            return {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in tensors.items()}
+
+        optimizer_state = self.optimizer.state_dict()
+        rng = {"torch": torch.get_rng_state(), "batch_order": self.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return TrainState(
+            epoch=self.epoch,
+            weights=cpu(self.trainable),
+            optimizer={
+                "state": {i: cpu(s) for i, s in optimizer_state["state"].items()},
+                "param_groups": copy.deepcopy(optimizer_state["param_groups"]),
+            },
+            rng=rng,
+            best_loss=self.best_loss,
+            best_weights=cpu(self.best_weights),
+            history=copy.deepcopy(self.history),
+        )
+
+    def restore(self, state: TrainState) -> None:
+        """Continue from `state`: its weights, optimizer, generators, history and best epoch.
+
+        Raises ValueError when the state's parameter names or shapes are not the trainable parameters'.
+        """
+        for what, tensors in (("weights", state.weights), ("best weights", state.best_weights)):
+            if set(tensors) != set(self.trainable):
+                differ = sorted(set(tensors) ^ set(self.trainable))
+                raise ValueError(f"the saved {what} are for other trainable parameters, e.g. {differ[0]!r}")
+            for name, p in self.trainable.items():
+                if tensors[name].shape != p.shape:
+                    shapes = f"{tuple(tensors[name].shape)}, the model's {tuple(p.shape)}"
+                    raise ValueError(f"saved {name!r} has shape {shapes}")
+        with torch.no_grad():
+            for name, p in self.trainable.items():
+                p.copy_(state.weights[name])
+        self.optimizer.load_state_dict(state.optimizer)
+        torch.set_rng_state(state.rng["torch"])
+        self.generator.set_state(state.rng["batch_order"])
+        if self.device.type == "cuda" and "cuda" in state.rng:
+            torch.cuda.set_rng_state(state.rng["cuda"], self.device)
+        self.epoch, self.best_loss, self.history = state.epoch, state.best_loss, copy.deepcopy(state.history)
+        self.best_weights = {name: t.to(self.device) for name, t in state.best_weights.items()}
+
+    def train_epoch(
+        self, forward: Callable[[list[int]], torch.Tensor], batches: list[list[int]], targets: torch.Tensor, desc: str
+    ) -> tuple[float, float]:
+        """One optimizer step per global batch of row indices, in the given order; returns the epoch's mean loss
+        and accuracy. forward: row indices -> (B, n_labels) float32 logits; targets: (N,) every row's label index.
+
+        This rank computes its share of each batch; its loss is the sum of its rows' cross-entropy over the global
+        batch's size, so that gradients summed over ranks are the global batch's mean-loss gradient. A rank whose
+        share of a batch is empty runs one of its own rows at weight 0, so that it still joins the gradient sum.
+        """
+        self.model.train()
+        stand_in = next(share for share in map(self.group.share, batches) if share)[:1]
+        loss_sum, correct, n = 0.0, 0, 0
+        bar = tqdm(batches, desc=desc, unit="batch", disable=not self.group.is_main)
+        for batch in bar:
+            rows, real = self.group.share(batch), 1.0
+            if not rows:
+                rows, real = stand_in, 0.0
+            batch_loss, batch_correct = self.step(forward, rows, torch.full((len(rows),), real), targets, len(batch))
+            self.history.step_losses.append(batch_loss / len(batch))
+            loss_sum, correct, n = loss_sum + batch_loss, correct + round(batch_correct), n + len(batch)
+            bar.set_postfix(loss=f"{self.history.step_losses[-1]:.4f}", refresh=False)  # redrawn at tqdm's pace
+        return loss_sum / n, correct / n
+
+    def step(
+        self,
+        forward: Callable[[list[int]], torch.Tensor],
+        rows: list[int],
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        batch_size: int,
+    ) -> tuple[float, float]:
+        """One optimizer step on this rank's `rows` of a global batch of batch_size rows, each row's loss times
+        its (B_rank,) `weight` (1, or 0 for a stand-in); returns the global batch's loss sum and correct rows."""
+        weight = weight.to(targets.device)
+        logits = forward(rows)
+        losses = F.cross_entropy(logits, targets[rows], weight=self.class_weights, reduction="none") * weight
+        self.optimizer.zero_grad(set_to_none=True)
+        (losses.sum() / batch_size).backward()
+        self.optimizer.step()
+        hits = (logits.argmax(dim=1) == targets[rows]).double() @ weight.double()
+        return self.group.sum(torch.stack([losses.detach().double().sum(), hits])).tolist()
+
+
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW that decays only the weight matrices and embeddings (p.dim() >= 2), nanoGPT's configure_optimizers:
+    biases and LayerNorm gains are not pulled toward zero. Parameter groups: the decayed, then the others, each in
+    the order given (the order a resume state indexes them by)."""
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
 def train(
@@ -178,17 +356,13 @@ def train(
     group: this process's share of a multi-process run (training.finetune.distributed); every rank calls train alike.
     class_weights: (n_labels,) each row's loss, training and validation, is weighed by its label's weight.
 
-    Raises ValueError for empty data, a batch size below the number of processes, or a resume_from whose
-    parameters are not this model's trainable ones.
+    Raises ValueError for empty data, a batch size below the number of processes, a precision the device cannot
+    compute natively (precision.training_precision), or a resume_from whose parameters are not this model's
+    trainable ones.
     """
-    if not train_data.rows or not val_data.rows:
-        raise ValueError(f"need training and validation examples, got {len(train_data.rows)} and {len(val_data.rows)}")
-    if config.batch_size < group.world_size:
-        raise ValueError(
-            f"batch_size {config.batch_size!r} is below the {group.world_size} processes: each needs a share of "
-            "every batch"
-        )
+    check_sizes(train_data, val_data, config, group)
     device = group.place(resolve_device(config.device))
+    compute = precision.training_precision(config.precision, device)
     torch.manual_seed(config.seed)
     model.to(device)
     n_frozen = prepare_trainable(model, config)
@@ -196,162 +370,73 @@ def train(
     # Batches hold rows of similar length (little padding); their order is shuffled each epoch.
     batches = length_sorted_batches([len(r) for r in train_data.rows], config.batch_size)
     train_rows = sorted(i for batch in batches for i in group.share(batch))
-    run_train = tail_forward(
-        model, train_data.rows, n_frozen, cached, device, "prefix (train)", train_rows, group.is_main
-    )
-    val_rows = validation_share(val_data, group)
-    run_val = tail_forward(
-        model, val_data.rows, n_frozen, cached, device, "prefix (validation)", val_rows, group.is_main
-    )
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(trainable.values(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    history, best_loss, best_state, done = History(), float("inf"), {}, 0
+    forwards = [
+        tail_forward(
+            model,
+            data.rows,
+            n_frozen,
+            cached,
+            device,
+            f"prefix ({name})",
+            only=rows,
+            progress=group.is_main,
+            compute=compute,
+        )
+        for name, data, rows in (
+            ("train", train_data, train_rows),
+            ("validation", val_data, validation_share(val_data, group)),
+        )
+    ]
+    loop = Loop.start(model, config, device, group, class_weights)
     if resume_from is not None:
-        restore(resume_from, trainable, optimizer, generator, device)
-        history, best_loss = copy.deepcopy(resume_from.history), resume_from.best_loss
-        best_state = {name: t.to(device) for name, t in resume_from.best_weights.items()}
-        done = resume_from.epoch
-    group.check_same(done, "the epoch to resume after (is the saved state on a filesystem every rank shares?)")
-    forward = group.wrap(run_train, device)  # the same module, under DistributedDataParallel when distributed
-    targets = torch.tensor(train_data.targets, device=device)
-    weights = None if class_weights is None else class_weights.to(device, torch.float32)
-    for epoch in range(done + 1, config.epochs + 1):
-        order = torch.randperm(len(batches), generator=generator).tolist()
-        desc = f"epoch {epoch}/{config.epochs}"
-        train_loss, train_accuracy = train_epoch(
-            model, forward, [batches[i] for i in order], targets, optimizer, history, desc, group, weights
+        loop.restore(resume_from)
+    group.check_same(loop.epoch, "the epoch to resume after (is the saved state on a filesystem every rank shares?)")
+    run_epochs(loop, group.wrap(forwards[0], device), forwards[1], batches, train_data, val_data, config, on_epoch_end)
+    loop.keep_best()
+    merge_lora(model)
+    return loop.history
+
+
+def check_sizes(train_data: Examples, val_data: Examples, config: TrainConfig, group: Group) -> None:
+    """Raise ValueError for empty data, or a batch size that leaves some process without a share."""
+    if not train_data.rows or not val_data.rows:
+        raise ValueError(f"need training and validation examples, got {len(train_data.rows)} and {len(val_data.rows)}")
+    if config.batch_size < group.world_size:
+        raise ValueError(
+            f"batch_size {config.batch_size!r} is below the {group.world_size} processes: each needs a share of "
+            "every batch"
         )
-        val_loss, val_accuracy = evaluate_loss(model, run_val, val_data, device, group, weights)
-        history.epochs.append(
-            dict(
-                epoch=epoch,
-                train_loss=train_loss,
-                train_accuracy=train_accuracy,
-                val_loss=val_loss,
-                val_accuracy=val_accuracy,
-            )
+
+
+def run_epochs(
+    loop: Loop,
+    forward: Callable[[list[int]], torch.Tensor],
+    run_val: Callable[[list[int]], torch.Tensor],
+    batches: list[list[int]],
+    train_data: Examples,
+    val_data: Examples,
+    config: TrainConfig,
+    on_epoch_end: Callable[[TrainState], None] | None,
+) -> None:
+    """The epochs after loop.epoch up to config.epochs: train on the batches in a fresh order, validate, record."""
+    targets = torch.tensor(train_data.targets, device=loop.device)
+    for epoch in range(loop.epoch + 1, config.epochs + 1):
+        order = torch.randperm(len(batches), generator=loop.generator).tolist()
+        train_loss, train_accuracy = loop.train_epoch(
+            forward, [batches[i] for i in order], targets, f"epoch {epoch}/{config.epochs}"
         )
-        if val_loss < best_loss:
-            best_loss, history.best_epoch = val_loss, epoch
-            best_state = {name: p.detach().clone() for name, p in trainable.items()}
+        val_loss, val_accuracy = evaluate_loss(
+            loop.model, run_val, val_data, loop.device, loop.group, loop.class_weights
+        )
+        loop.end_epoch(EpochMetrics(epoch, train_loss, train_accuracy, val_loss, val_accuracy))
         if on_epoch_end is not None:
-            on_epoch_end(snapshot(epoch, trainable, optimizer, generator, device, best_loss, best_state, history))
-        if group.is_main:
+            on_epoch_end(loop.snapshot())
+        if loop.group.is_main:
             print(
                 f"epoch {epoch}: train loss {train_loss:.4f}, validation loss {val_loss:.4f}, "
                 f"accuracy {val_accuracy:.4f}",
                 flush=True,
             )
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(best_state[name])
-    merge_lora(model)
-    return history
-
-
-def snapshot(
-    epoch: int,
-    trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    device: torch.device,
-    best_loss: float,
-    best_state: dict[str, torch.Tensor],
-    history: History,
-) -> TrainState:
-    """CPU copies of the loop's state after `epoch` (the optimizer's state tensors too: it keeps updating its own)."""
-
-    def cpu(tensors: dict) -> dict:
-        return {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in tensors.items()}
-
-    optimizer_state = optimizer.state_dict()
-    rng = {"torch": torch.get_rng_state(), "batch_order": generator.get_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return TrainState(
-        epoch=epoch,
-        weights=cpu(trainable),
-        optimizer={
-            "state": {i: cpu(s) for i, s in optimizer_state["state"].items()},
-            "param_groups": copy.deepcopy(optimizer_state["param_groups"]),
-        },
-        rng=rng,
-        best_loss=best_loss,
-        best_weights=cpu(best_state),
-        history=copy.deepcopy(history),
-    )
-
-
-def restore(
-    state: TrainState,
-    trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    device: torch.device,
-) -> None:
-    """Put a TrainState back into the live parameters, optimizer and generators.
-
-    Raises ValueError when the state's parameter names or shapes are not `trainable`'s.
-    """
-    for what, tensors in (("weights", state.weights), ("best weights", state.best_weights)):
-        if set(tensors) != set(trainable):
-            differ = sorted(set(tensors) ^ set(trainable))
-            raise ValueError(f"the saved {what} are for other trainable parameters, e.g. {differ[0]!r}")
-        for name, p in trainable.items():
-            if tensors[name].shape != p.shape:
-                raise ValueError(f"saved {name!r} has shape {tuple(tensors[name].shape)}, the model's {tuple(p.shape)}")
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(state.weights[name])
-    optimizer.load_state_dict(state.optimizer)
-    torch.set_rng_state(state.rng["torch"])
-    generator.set_state(state.rng["batch_order"])
-    if device.type == "cuda" and "cuda" in state.rng:
-        torch.cuda.set_rng_state(state.rng["cuda"], device)
-
-
-def train_epoch(
-    model: GPTClassifier,
-    run: Callable[[list[int]], torch.Tensor],
-    batches: list[list[int]],
-    targets: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    history: History,
-    desc: str,
-    group: Group = SINGLE,
-    class_weights: torch.Tensor | None = None,
-) -> tuple[float, float]:
-    """One optimizer step per global batch, in the given order; returns the epoch's mean loss and accuracy.
-    With class_weights, each row's loss is weighed by its label's weight (the mean stays over rows).
-
-    This rank computes its share of each batch; its loss is the sum of its rows' cross-entropy over the global
-    batch's rows, so the gradients summed over ranks are the global batch's mean-loss gradient. A rank whose
-    share of a batch is empty runs one of its own rows at weight 0, so that it still joins the gradient sum.
-    """
-    model.train()
-    stand_in = next(share for share in map(group.share, batches) if share)[:1]
-    loss_sum, correct, n = 0.0, 0, 0
-    bar = tqdm(batches, desc=desc, unit="batch", disable=not group.is_main)
-    for batch in bar:
-        rows, real = group.share(batch), 1.0
-        if not rows:
-            rows, real = stand_in, 0.0
-        weight = torch.full((len(rows),), real, device=targets.device)
-        logits = run(rows)
-        losses = F.cross_entropy(logits, targets[rows], weight=class_weights, reduction="none") * weight  # (B_rank,)
-        loss = losses.sum() / len(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        hits = (logits.argmax(dim=1) == targets[rows]).double() @ weight.double()
-        batch_loss, batch_correct = group.sum(torch.stack([losses.detach().double().sum(), hits])).tolist()
-        history.step_losses.append(batch_loss / len(batch))
-        loss_sum += batch_loss
-        correct += round(batch_correct)
-        n += len(batch)
-        bar.set_postfix(loss=f"{history.step_losses[-1]:.4f}", refresh=False)  # redrawn at tqdm's pace
-    return loss_sum / n, correct / n
 
 
 @torch.inference_mode()

@@ -9,14 +9,16 @@ exported checkpoint. The command line (training.cli) only maps options to these 
 import json
 import shutil
 from collections import Counter
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import tiktoken
 import torch
 
-from training.config import BaseModelConfig, EvaluateConfig, FinetuneConfig, changed_options, flatten
-from training.finetune.base import base_classifier
+from training.config import BaseModelConfig, EvaluateConfig, FinetuneConfig, changed_options, flatten, from_flat
+from training.finetune.base import base_classifier, pretrained_classifier
+from training.finetune.calibration import fit_temperature
 from training.finetune.data import (
     ROLES,
     SPLITS,
@@ -35,6 +37,7 @@ from training.finetune.distributed import Group, process_group
 from training.finetune.evaluate import (
     EVAL_BATCH_SIZE,
     Predictions,
+    SplitMetrics,
     evaluation_report,
     predict,
     split_metrics,
@@ -47,6 +50,7 @@ from training.runtime.checkpoint import (
     CONFIG_FILE,
     REPORT_DIR,
     SPLIT_FILE,
+    Checkpoint,
     CheckpointError,
     DataSummary,
     ModelCard,
@@ -57,16 +61,15 @@ from training.runtime.checkpoint import (
 from training.runtime.device import resolve_device
 from training.runtime.inference import (
     Calibration,
-    Threshold,
     calibrate_logits,
-    fit_temperature,
     fold_calibration,
     predict_logits,
     prior_shift,
     probabilities,
     require_finite,
 )
-from training.runtime.model import GPTClassifier, GPTConfig, pretrained_classifier
+from training.runtime.model import GPTClassifier, GPTConfig
+from training.runtime.precision import training_precision
 from training.runtime.tokenizer import encode_batch, load_gpt2_bpe
 
 # Arguments that change where or how fast a run happens, not what it produces: skip_existing and resume ignore them.
@@ -84,7 +87,10 @@ def finetune(config: FinetuneConfig) -> Path:
     Under torchrun, every process runs this: each trains on its share of every batch (training.finetune.distributed),
     rank 0 evaluates, exports and keeps the resume state, the others wait for it at a barrier.
 
-    Raises ValueError for an `out` that holds files but no checkpoint, or data that cannot be split;
+    The card records the precision that ran (train.precision resolved, training.runtime.precision.training_precision).
+
+    Raises ValueError for an `out` that holds files but no checkpoint, data that cannot be split, or a precision
+    the device cannot compute natively;
     training.finetune.resume.ResumeError (a ValueError) for `resume` with state saved by other arguments or data;
     training.runtime.model.WeightsError when the base weights cannot be had; TokenizerError, OSError.
     """
@@ -93,6 +99,7 @@ def finetune(config: FinetuneConfig) -> Path:
 
 
 def _finetune(config: FinetuneConfig, group: Group) -> Path:
+    config = resolve_precision(config)
     out = Path(config.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / CONFIG_FILE).is_file():
         raise ValueError(f"--out {str(out)!r} holds files but no checkpoint; refusing to replace it")
@@ -111,8 +118,17 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     model = base_model(base, len(label_names), enc.n_vocab, config.train.seed)
     train_data, val_data = (encode(enc, ds, label_names, base.max_tokens) for ds in (parts.train, parts.validation))
     training_prior, class_weights = loss_prior(parts.train, label_names, config.balance)
-    options = resume_options(config, source_fingerprint, group)
-    history = train(model, train_data, val_data, config.train, **options, class_weights=class_weights)
+    record = {"arguments": compared_arguments(config), "data": source_fingerprint}
+    history = train(
+        model,
+        train_data,
+        val_data,
+        config.train,
+        resume_from=saved_state(config, record, group),
+        on_epoch_end=state_saver(config, record, group),
+        group=group,
+        class_weights=class_weights,
+    )
     if not group.is_main:
         group.barrier()  # rank 0 evaluates and exports
         return out
@@ -135,13 +151,14 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         uncalibrated,
     )
     fold_calibration(model, calibration.temperature, shift)
+    headline = summary(report)
     card = ModelCard(
         labels=tuple(label_names),
         max_tokens=base.max_tokens,
-        threshold=report["threshold"],
+        threshold=report.threshold,
         base_model=(base.base or base.preset) + ("" if base.init == "pretrained" else " (random init)"),
-        metrics={**summary(report), "best_epoch": history.best_epoch},
-        training=config,
+        metrics=headline.to_json() | {"best_epoch": history.best_epoch},
+        training=flatten(config),
         data=DataSummary(
             source=data.data,
             fingerprint=source_fingerprint,
@@ -155,10 +172,10 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     with staged(out) as staging:
         save_checkpoint(staging, model, tokenizer_dir, card)
         before_after = (uncalibrated, calibrated["evaluation"])
-        write_report(staging / REPORT_DIR, report, calibrated["test"], history.to_dict(), before_after)
+        write_report(staging / REPORT_DIR, report, calibrated["test"], history, before_after)
         write_split(staging / SPLIT_FILE, parts)
     shutil.rmtree(state_dir(out), ignore_errors=True)  # the run is complete: nothing left to resume
-    print(f"{headline(card.metrics, card.threshold)}; checkpoint exported to {out}")
+    print(f"{headline.headline(card.threshold)}; checkpoint exported to {out}")
     group.barrier()
     return out
 
@@ -203,8 +220,8 @@ def calibrate(
     deployment_prior: dict[str, float],
 ) -> tuple[Calibration, dict[str, Logits]]:
     """The temperature fitted on the validation rows, weighed so that their labels count at the training prior
-    (training.runtime.inference.fit_temperature), and the raw logits of the validation, selection, test and evaluation
-    rows it was fitted from and will be judged on.
+    (training.finetune.calibration.fit_temperature), and the raw logits of the validation, selection, test and
+    evaluation rows it was fitted from and will be judged on.
 
     Raises training.runtime.inference.NonFiniteLogits naming rows whose logits are not finite.
     """
@@ -221,31 +238,44 @@ def calibrate(
     return Calibration(temperature, training_prior, deployment_prior), raw
 
 
-def resume_options(config: FinetuneConfig, data_fingerprint: dict, group: Group) -> dict:
-    """train()'s resume_from (the saved state, with `config.resume`) and on_epoch_end (saving the state, with
-    `config.save_state`, on rank 0 only), for a run writing `config.out`.
+def resolve_precision(config: FinetuneConfig) -> FinetuneConfig:
+    """`config` with train.precision resolved to what runs on its device (training_precision): the card and the
+    resume state record what ran, and a run matches an earlier one only if it computes in the same precision.
+
+    Raises ValueError for a precision the device cannot compute natively.
+    """
+    device = resolve_device(config.train.device)
+    return replace(config, train=replace(config.train, precision=training_precision(config.train.precision, device)))
+
+
+def saved_state(config: FinetuneConfig, record: dict, group: Group) -> TrainState | None:
+    """With `config.resume`, the state an interrupted run writing `config.out` saved (None when there is none);
+    else None, with a note when such a state exists. record: this run's arguments and data (state_saver's).
 
     Raises training.finetune.resume.ResumeError when the saved state is of other arguments or data.
     """
     directory = state_dir(config.out)
-    record = {"arguments": compared_arguments(config), "data": data_fingerprint}
-    resume_from: TrainState | None = None
-    if config.resume:
-        resume_from = load_state(directory, record)
-        if group.is_main:
-            print(
-                f"resuming after epoch {resume_from.epoch} from {directory}"
-                if resume_from is not None
-                else f"no saved state at {directory}; training from the start"
-            )
-    elif group.is_main and (directory / STATE_FILE).is_file():
-        print(f"note: {directory} holds an interrupted run's state; starting over (--resume continues it)")
-    save = config.save_state and group.is_main
-    return {
-        "resume_from": resume_from,
-        "on_epoch_end": (lambda state: save_state(directory, state, record)) if save else None,
-        "group": group,
-    }
+    if not config.resume:
+        if group.is_main and (directory / STATE_FILE).is_file():
+            print(f"note: {directory} holds an interrupted run's state; starting over (--resume continues it)")
+        return None
+    state = load_state(directory, record)
+    if group.is_main:
+        print(
+            f"resuming after epoch {state.epoch} from {directory}"
+            if state is not None
+            else f"no saved state at {directory}; training from the start"
+        )
+    return state
+
+
+def state_saver(config: FinetuneConfig, record: dict, group: Group) -> Callable[[TrainState], None] | None:
+    """train()'s on_epoch_end: saving the state with `record` beside `config.out` (with `config.save_state`, on
+    rank 0 only); None otherwise."""
+    if not (config.save_state and group.is_main):
+        return None
+    directory = state_dir(config.out)
+    return lambda state: save_state(directory, state, record)
 
 
 def compared_arguments(config: FinetuneConfig) -> dict:
@@ -304,11 +334,13 @@ def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dic
         print(f"no checkpoint at {out} yet; training one")
         return False
     try:
-        card = load_checkpoint(out).card
-    except CheckpointError as exc:
+        checkpoint = load_checkpoint(out)
+        trained_with = training_config(checkpoint)
+    except (CheckpointError, ValueError) as exc:
         print(f"{out} holds no usable checkpoint ({exc}); training a new one")
         return False
-    recorded = {} if card.training is None else compared_arguments(card.training)
+    card = checkpoint.card
+    recorded = {} if trained_with is None else compared_arguments(trained_with)
     changed = changed_options(compared_arguments(config), recorded)
     if changed:
         print(f"{out} was trained with other arguments ({', '.join(changed)}); training a new one")
@@ -322,36 +354,25 @@ def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dic
     return True
 
 
-def headline(metrics: dict, threshold: Threshold | None) -> str:
-    """One line of the card's test metrics, at argmax and at the threshold."""
+def training_config(checkpoint: Checkpoint) -> FinetuneConfig | None:
+    """The arguments of the run that wrote `checkpoint`, from its card's training record (options added since
+    take their defaults); None for a checkpoint not written by `finetune`.
 
-    def num(x):
-        return "n/a" if x is None else f"{x:.4f}"
-
-    line = (
-        f"test accuracy {num(metrics['test_accuracy'])}, F1 ({metrics['f1_label']}) {num(metrics['test_f1'])}, "
-        f"ROC-AUC {num(metrics['test_roc_auc'])}"
-    )
-    if threshold is not None:
-        line += (
-            f"; at threshold {threshold.label} >= {threshold.value:.3f}: accuracy "
-            f"{num(metrics['test_accuracy_at_threshold'])}, F1 {num(metrics['test_f1_at_threshold'])}"
-        )
-    return line
+    Raises ValueError naming config.json and the option whose recorded value is not valid.
+    """
+    if not checkpoint.card.training:
+        return None
+    try:
+        return from_flat(FinetuneConfig, checkpoint.card.training)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{checkpoint.path / CONFIG_FILE}: invalid 'training' record ({exc})") from exc
 
 
-def describe_rate(rate: dict) -> str:
-    """A rate() as "2.30% [1.87, 2.83] (89 / 3,865)", or "n/a (0 / 0)"."""
-    if rate["value"] is None:
-        return "n/a (0 / 0)"
-    low, high = rate["ci95"]
-    return f"{100 * rate['value']:.2f}% [{100 * low:.2f}, {100 * high:.2f}] ({rate['count']:,} / {rate['of']:,})"
-
-
-def evaluate(config: EvaluateConfig) -> dict:
+def evaluate(config: EvaluateConfig) -> SplitMetrics:
     """Re-evaluate an exported checkpoint on a dataset, at argmax and at the checkpoint's threshold.
 
-    Returns the metrics, also written to `config.out` when set.
+    Returns the metrics, also written to `config.out` when set (with the checkpoint, data, split, the data's
+    fingerprint and the decision threshold beside them).
 
     Raises CheckpointError for a checkpoint that cannot be loaded; ValueError for a split that selects nothing
     or labels the model does not know.
@@ -364,24 +385,23 @@ def evaluate(config: EvaluateConfig) -> dict:
         ds = select_split(ds, checkpoint.path / SPLIT_FILE, config.split)
         print(f"{len(ds.texts)} of {rows_given} distinct rows are in the checkpoint's {config.split} split")
     rows, _ = encode_batch(checkpoint.tokenizer, ds.texts, card.max_tokens)
-    predictions = predict(checkpoint.model, rows, ds.labels, card.labels)
-    result = {
-        "checkpoint": str(checkpoint.path),
-        "data": data.data,
-        "split": config.split,
-        "fingerprint": fingerprint(ds),
-        "decision_threshold": card.threshold,
-        **split_metrics(predictions, card.labels, card.threshold),  # "argmax" and "threshold" metrics
-    }
-    for decision in ("argmax", "threshold"):
-        if decision in result:
-            m = result[decision]
-            auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
-            print(f"{decision}: n {m['n']}, accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f}, ROC-AUC {auc}")
-            print(f"  confusion matrix (rows true, columns predicted; {list(card.labels)}): {m['confusion_matrix']}")
-            for label, c in m["per_class"].items():
-                print(f"  {label}: " + ", ".join(f"{name} {describe_rate(r)}" for name, r in c["rates"].items()))
+    metrics = split_metrics(predict(checkpoint.model, rows, ds.labels, card.labels), card.labels, card.threshold)
+    for decision, m in metrics.decisions().items():
+        auc = "n/a" if m.roc_auc is None else f"{m.roc_auc:.4f}"
+        print(f"{decision}: n {m.n}, accuracy {m.accuracy:.4f}, macro F1 {m.macro_f1:.4f}, ROC-AUC {auc}")
+        print(f"  confusion matrix (rows true, columns predicted; {list(card.labels)}): {m.confusion_matrix}")
+        for label, c in m.per_class.items():
+            described = ", ".join(f"{f.name} {getattr(c.rates, f.name).describe()}" for f in fields(c.rates))
+            print(f"  {label}: {described}")
     if config.out:
-        Path(config.out).write_text(json.dumps(result, indent=2, default=asdict) + "\n")
+        result = {
+            "checkpoint": str(checkpoint.path),
+            "data": data.data,
+            "split": config.split,
+            "fingerprint": fingerprint(ds),
+            "decision_threshold": None if card.threshold is None else asdict(card.threshold),
+            **metrics.to_json(),
+        }
+        Path(config.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"metrics written to {config.out}")
-    return result
+    return metrics

@@ -62,7 +62,7 @@ def save_state(directory: Path, state: TrainState, record: dict) -> None:
         "record": record,
         "best_loss": state.best_loss,
         "best_is_current": best_is_current,
-        "history": {"epochs": state.history.epochs, "best_epoch": state.history.best_epoch},
+        "history": state.history.to_json(),
         "step_losses": state.history.step_losses,
         "optimizer": {"state": optimizer_state, "param_groups": state.optimizer["param_groups"]},
         "rng": sorted(state.rng),
@@ -119,8 +119,10 @@ def load_state(directory: Path, record: dict) -> TrainState | None:
     except KeyError as exc:
         raise ResumeError(f"{tensor_file}: missing tensor {exc.args[0]!r} that {file} names") from exc
     weights = group("weights.")
-    history = History(epochs=meta["history"]["epochs"], best_epoch=meta["history"]["best_epoch"])
-    history.step_losses = meta["step_losses"]
+    try:
+        history = History.from_json(meta["history"], meta["step_losses"])
+    except (KeyError, TypeError) as exc:
+        raise ResumeError(f"{file}: the history is not a spamgpt training history ({exc!r})") from exc
     return TrainState(
         epoch=meta["epoch"],
         weights=weights,

@@ -20,7 +20,6 @@ import tiktoken
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.config import FinetuneConfig, flatten, from_flat
 from training.runtime.inference import (
     Calibration,
     Threshold,
@@ -31,6 +30,7 @@ from training.runtime.inference import (
     shift_threshold,
 )
 from training.runtime.model import GPTClassifier, GPTConfig
+from training.runtime.record import from_flat
 from training.runtime.tokenizer import BPE_FILES, TokenizerError, bpe_hashes, load_tokenizer
 
 FORMAT_VERSION = 2
@@ -67,7 +67,7 @@ class DataSummary:
 class ModelCard:
     """config.json's description of the classifier, read and checked once by load_checkpoint.
 
-    `training` and `data` are None for a checkpoint not written by `finetune` (config.json holds `{}` there);
+    `training` is `{}` and `data` None for a checkpoint not written by `finetune` (config.json holds `{}` for both);
     `created` and `version` are filled in by save_checkpoint.
     """
 
@@ -76,7 +76,9 @@ class ModelCard:
     threshold: Threshold | None  # a binary model's decision rule, on the served (calibrated) scale; None: argmax
     base_model: str  # e.g. "gpt2", or "gpt2 (random init)"
     metrics: dict[str, Any] = field(default_factory=dict)  # the evaluation summary, as training recorded it
-    training: FinetuneConfig | None = None
+    # the run's arguments, flat ({option: JSON value}), as fine-tuning recorded them: a record the runtime carries
+    # and never reads (training.finetune.pipeline.training_config interprets it)
+    training: dict[str, Any] = field(default_factory=dict)
     data: DataSummary | None = None
     # folded into the weights; None for a checkpoint not written by finetune: temperature 1, the training prior
     calibration: Calibration | None = None
@@ -91,7 +93,7 @@ class ModelCard:
             "threshold": None if self.threshold is None else asdict(self.threshold),
             "base_model": self.base_model,
             "metrics": self.metrics,
-            "training": {} if self.training is None else flatten(self.training),
+            "training": self.training,
             "data": {} if self.data is None else asdict(self.data),
             "calibration": None if self.calibration is None else asdict(self.calibration),
             "created": self.created,
@@ -268,7 +270,7 @@ def _card(file: Path, raw: dict, config: GPTConfig) -> ModelCard:
         threshold=_threshold(file, raw["threshold"], labels),
         base_model=raw["base_model"],
         metrics=_record(file, raw, "metrics", dict),
-        training=_record(file, raw, "training", FinetuneConfig),
+        training=_record(file, raw, "training", dict),
         data=_record(file, raw, "data", DataSummary),
         calibration=_calibration(file, raw["calibration"], labels),
         created=raw["created"],

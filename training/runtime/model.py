@@ -8,7 +8,6 @@ depend on what it was batched with.
 
 import math
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -249,49 +248,34 @@ class GPTClassifier(nn.Module):
 
 # --- Importing OpenAI's GPT-2 weights in the Hugging Face layout ---------------------------------
 
-HF_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
-
-# HF key -> our key. GPT-2 stores these as Conv1D, (in, out): transposed relative to nn.Linear.
-_BLOCK_KEYS = {
-    "ln_1.weight": "ln_1.weight",
-    "ln_1.bias": "ln_1.bias",
-    "attn.c_attn.weight": "attn.c_attn.weight",
-    "attn.c_attn.bias": "attn.c_attn.bias",
-    "attn.c_proj.weight": "attn.c_proj.weight",
-    "attn.c_proj.bias": "attn.c_proj.bias",
-    "ln_2.weight": "ln_2.weight",
-    "ln_2.bias": "ln_2.bias",
-    "mlp.c_fc.weight": "mlp.c_fc.weight",
-    "mlp.c_fc.bias": "mlp.c_fc.bias",
-    "mlp.c_proj.weight": "mlp.c_proj.weight",
-    "mlp.c_proj.bias": "mlp.c_proj.bias",
-}
-_TRANSPOSED = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"}
-_TOP_KEYS = {k: k for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+# GPT-2 stores these as Conv1D, (in, out): transposed relative to nn.Linear (nanoGPT's `transposed`).
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers and the tied LM head that HF files may carry; the classifier has no use for them.
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
 
 
 class WeightsError(RuntimeError):
     """Base weights could not be had or do not fit the model."""
 
 
-def hf_key_map(n_layer: int) -> dict[str, tuple[str, bool]]:
-    """HF GPT-2 key (without a 'transformer.' prefix) -> (our key, stored transposed)."""
-    mapping = {hf: ("transformer." + ours, False) for hf, ours in _TOP_KEYS.items()}
-    for i in range(n_layer):
-        for hf, ours in _BLOCK_KEYS.items():
-            mapping[f"h.{i}.{hf}"] = (f"transformer.h.{i}.{ours}", hf in _TRANSPOSED)
-    return mapping
+def hf_key_map(model: GPTClassifier) -> dict[str, tuple[str, bool]]:
+    """HF GPT-2 key (without a 'transformer.' prefix) -> (our key, stored transposed), for every tensor of
+    `model`'s transformer. Our names are GPT-2's own, so the map is a rule (nanoGPT's from_pretrained): the same
+    name under 'transformer.', and the Conv1D weights (names ending in one of TRANSPOSED) transposed."""
+    return {key: (f"transformer.{key}", key.endswith(TRANSPOSED)) for key in model.transformer.state_dict()}
 
 
 def load_hf_gpt2(model: GPTClassifier, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy HF GPT-2 tensors into every transformer parameter of `model`; the head stays as it is."""
-    mapping = hf_key_map(model.config.n_layer)
+    """Copy HF GPT-2 tensors into every transformer parameter of `model`; the head stays as it is.
+
+    tensors: HF GPT-2 keys (with or without 'transformer.') to tensors in its layout. Raises WeightsError naming an
+    unexpected or missing key, or a key whose shape does not fit with both shapes.
+    """
+    mapping = hf_key_map(model)
     source = {}
     for key, tensor in tensors.items():
         key = key.removeprefix("transformer.")
-        if key.endswith(_IGNORED_SUFFIXES):
+        if key.endswith(IGNORED_SUFFIXES):
             continue
         if key not in mapping:
             raise WeightsError(f"unexpected tensor {key!r} in GPT-2 weights")
@@ -310,38 +294,3 @@ def load_hf_gpt2(model: GPTClassifier, tensors: dict[str, torch.Tensor]) -> None
                     + (" (after transposing Conv1D)" if transposed else "")
                 )
             params[ours].copy_(tensor)
-
-
-def resolve_hf_weights(source: str | Path | None, preset: str) -> Path:
-    """A local model.safetensors (file or directory), or the preset's file from the Hugging Face Hub."""
-    if source is not None:
-        path = Path(source)
-        if path.is_dir():
-            path = path / "model.safetensors"
-        if not path.is_file():
-            raise WeightsError(f"no GPT-2 weights at {path}")
-        return path
-    if preset not in HF_REPOS:
-        raise WeightsError(f"preset {preset!r} has no pretrained weights; choose one of {sorted(HF_REPOS)}")
-    from huggingface_hub import hf_hub_download  # honours HF_HUB_OFFLINE and HF_HOME; shows progress
-
-    try:
-        return Path(hf_hub_download(HF_REPOS[preset], "model.safetensors"))
-    except Exception as exc:  # network, offline mode, auth, disk: all end the same way for the user
-        raise WeightsError(
-            f"could not download {HF_REPOS[preset]}/model.safetensors from the Hugging Face Hub: {exc}"
-        ) from exc
-
-
-def pretrained_classifier(config: GPTConfig, preset: str, source: str | Path | None = None) -> GPTClassifier:
-    """A classifier whose transformer holds OpenAI's GPT-2 weights and whose head is freshly initialised."""
-    from safetensors.torch import load_file
-
-    path = resolve_hf_weights(source, preset)
-    model = GPTClassifier(config)
-    try:
-        tensors = load_file(path)
-    except Exception as exc:
-        raise WeightsError(f"{path} is not a readable safetensors file: {exc}") from exc
-    load_hf_gpt2(model, tensors)
-    return model

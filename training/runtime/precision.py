@@ -1,8 +1,7 @@
 """Which precision a loaded classifier runs in: the dtype "auto" means, which dtypes and int8 each device takes,
 what the CPU computes natively, int8 dynamic quantization, and float32 weights packed for the CPU. One rule for the
-server (app.settings, app.engine), file scoring (training.scoring.scorer) and fine-tuning's autocast
-(training.finetune.loop), so
-that the same options mean the same thing in all of them."""
+server (app.settings, app.engine), file scoring (training.scoring.scorer) and fine-tuning's precision
+(training.finetune.loop), so that the same options mean the same thing in all of them."""
 
 import contextlib
 import functools
@@ -116,11 +115,41 @@ def native_bfloat16(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_info().native_bfloat16
 
 
-def training_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast fine-tuning's forward passes run under on `device`: bfloat16 where the device computes it
-    natively (native_bfloat16; float32's range, so no loss scaling), none (float32) elsewhere, where emulated
-    bfloat16 would be slower than float32."""
-    if native_bfloat16(device):
+TRAINING_PRECISIONS = ("auto", "float32", "bfloat16")
+TRAINING_PRECISION_HELP = (
+    "what fine-tuning computes in. auto: float32 on every CPU, so that the same command trains the same model "
+    "whether or not the CPU has native bfloat16 (bfloat16 autocast changes the trained weights); on CUDA, bfloat16 "
+    "autocast where the GPU computes it natively (float32's range, no loss scaling), else float32. bfloat16: autocast "
+    "on CUDA or on a CPU with avx512_bf16 or amx_bf16 (refused where it would be emulated, slower than float32). The "
+    "checkpoint records the precision that ran"
+)
+
+
+def training_precision(precision: str, device: torch.device) -> str:
+    """The precision fine-tuning computes in on `device` for the option `precision` (TRAINING_PRECISIONS):
+    "auto" -> "bfloat16" on a CUDA device that computes it natively, "float32" elsewhere (every CPU: the same
+    command trains the same weights on CPUs with and without native bfloat16); "float32" and "bfloat16" as given.
+
+    Raises ValueError for an unknown name, or "bfloat16" on a device without native bfloat16 (native_bfloat16).
+    """
+    if precision not in TRAINING_PRECISIONS:
+        raise ValueError(f"precision must be one of {TRAINING_PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if device.type == "cuda" and native_bfloat16(device) else "float32"
+    if precision == "bfloat16" and not native_bfloat16(device):
+        raise ValueError(
+            f"precision 'bfloat16' needs a device that computes it natively (a CUDA GPU from Ampere on, or a CPU "
+            f"with {' or '.join(NATIVE_BFLOAT16_FLAGS)}); {str(device)!r} ({cpu_info().model}) would emulate it, "
+            "slower than float32: use float32"
+        )
+    return precision
+
+
+def training_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast fine-tuning's forward passes run under on `device` for a resolved `precision`
+    (training_precision): bfloat16 autocast for "bfloat16", none for "float32"."""
+    assert precision in ("float32", "bfloat16"), f"an unresolved training precision {precision!r}"
+    if precision == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -1,5 +1,6 @@
 import json
 import sys
+from dataclasses import asdict, replace
 from fractions import Fraction
 
 import pytest
@@ -7,7 +8,10 @@ import torch
 
 from training.finetune import evaluate
 from training.finetune.evaluate import (
+    ClassMetrics,
     Predictions,
+    Rate,
+    ThresholdRule,
     choose_threshold,
     classification_metrics,
     evaluation_report,
@@ -19,6 +23,7 @@ from training.finetune.evaluate import (
     write_plots,
     write_report,
 )
+from training.finetune.loop import EpochMetrics, History
 from training.runtime.inference import NonFiniteLogits
 from training.runtime.model import GPTClassifier
 from training.runtime.tokenizer import encode_batch
@@ -34,34 +39,34 @@ def binary(spam_p: list[float], truth: list[int]) -> Predictions:
     return Predictions(torch.stack([1 - p, p], dim=1), torch.tensor(truth))
 
 
-def without_rates(per_class: dict) -> dict:
-    return {k: v for k, v in per_class.items() if k != "rates"}
+def without_rates(per_class: ClassMetrics) -> dict:
+    return {k: v for k, v in asdict(per_class).items() if k != "rates"}
 
 
 def test_metrics_by_hand():
     pred = binary(SPAM_P, TRUTH)
     m = classification_metrics(pred.probs, pred.targets, pred.probs.argmax(dim=1), LABELS)
     # argmax says spam for the first four: ham row [3 right, 1 wrong], spam row [1 missed, 3 right]
-    assert m["confusion_matrix"] == [[3, 1], [1, 3]]
-    assert m["accuracy"] == 0.75 and m["n"] == 8
-    spam = m["per_class"]["spam"]
+    assert m.confusion_matrix == [[3, 1], [1, 3]]
+    assert m.accuracy == 0.75 and m.n == 8
+    spam = m.per_class["spam"]
     assert without_rates(spam) == {"precision": 0.75, "recall": 0.75, "f1": 0.75, "support": 4}
     # 3 of 4 flagged are spam, 3 of 4 spam flagged, 1 of 4 ham flagged: counts behind the rates and intervals
-    assert spam["rates"]["precision"] | {"ci95": None} == {"value": 0.75, "count": 3, "of": 4, "ci95": None}
-    assert spam["rates"]["false_positive_rate"]["count"] == 1 and spam["rates"]["false_positive_rate"]["of"] == 4
-    assert spam["rates"]["false_positive_rate"]["ci95"] == pytest.approx(evaluate.wilson_interval(1, 4))
-    assert m["per_class"]["ham"]["f1"] == 0.75
+    assert replace(spam.rates.precision, ci95=None) == Rate(value=0.75, count=3, of=4, ci95=None)
+    assert spam.rates.false_positive_rate.count == 1 and spam.rates.false_positive_rate.of == 4
+    assert spam.rates.false_positive_rate.ci95 == pytest.approx(evaluate.wilson_interval(1, 4))
+    assert m.per_class["ham"].f1 == 0.75
     # spam above ham in 4 + 4 + 3 + 1 of the 16 pairs
-    assert m["roc_auc"] == pytest.approx(12 / 16)
+    assert m.roc_auc == pytest.approx(12 / 16)
 
 
 def test_precision_recall_f1_unbalanced():
     pred = binary([0.9, 0.9, 0.9, 0.1, 0.1], [1, 0, 0, 1, 0])
     m = classification_metrics(pred.probs, pred.targets, pred.probs.argmax(dim=1), LABELS)
-    spam = m["per_class"]["spam"]  # 1 of 3 flagged is spam; 1 of 2 spam flagged
-    assert (spam["precision"], spam["recall"]) == pytest.approx((1 / 3, 1 / 2))
-    assert spam["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
-    assert m["confusion_matrix"] == [[1, 2], [1, 1]]
+    spam = m.per_class["spam"]  # 1 of 3 flagged is spam; 1 of 2 spam flagged
+    assert (spam.precision, spam.recall) == pytest.approx((1 / 3, 1 / 2))
+    assert spam.f1 == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+    assert m.confusion_matrix == [[1, 2], [1, 1]]
 
 
 @pytest.mark.parametrize(
@@ -100,12 +105,12 @@ def test_curves_and_metrics_with_ties_by_hand():
     pred = binary(TIED_P, TIED_TRUTH)
     m = classification_metrics(pred.probs, pred.targets, pred.probs.argmax(dim=1), LABELS)
     # argmax flags 0.9 and the three 0.6: ham row [1 right, 2 flagged], spam row [0 missed, 2 found]
-    assert m["confusion_matrix"] == [[1, 2], [0, 2]]
-    assert {label: without_rates(c) for label, c in m["per_class"].items()} == {
+    assert m.confusion_matrix == [[1, 2], [0, 2]]
+    assert {label: without_rates(c) for label, c in m.per_class.items()} == {
         "ham": {"precision": 1.0, "recall": pytest.approx(1 / 3), "f1": pytest.approx(1 / 2), "support": 3},
         "spam": {"precision": pytest.approx(2 / 4), "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 2},
     }
-    assert (m["accuracy"], m["macro_f1"], m["roc_auc"]) == pytest.approx((3 / 5, (1 / 2 + 2 / 3) / 2, 5 / 6))
+    assert (m.accuracy, m.macro_f1, m.roc_auc) == pytest.approx((3 / 5, (1 / 2 + 2 / 3) / 2, 5 / 6))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -144,11 +149,11 @@ def test_threshold_is_chosen_on_validation_only():
     test_b = binary([0.99, 0.01], [0, 1])
     assert choose_threshold(test_a.probs[:, 1], test_a.targets.bool()) == pytest.approx(0.25)
     report_a, report_b = evaluation_report(LABELS, validation, test_a), evaluation_report(LABELS, validation, test_b)
-    assert report_a["threshold"] == report_b["threshold"]
-    assert report_a["threshold"].label == "spam" and report_a["threshold"].value == pytest.approx(0.6)
+    assert report_a.threshold == report_b.threshold
+    assert report_a.threshold.label == "spam" and report_a.threshold.value == pytest.approx(0.6)
     # at 0.6 none of test_a is flagged: recall 0, where argmax found none either and 0.25 would find all
-    assert report_a["test"]["threshold"]["per_class"]["spam"]["recall"] == 0.0
-    assert report_a["selection"]["threshold"]["per_class"]["spam"]["f1"] == pytest.approx(0.75)
+    assert report_a.test.threshold.per_class["spam"].recall == 0.0
+    assert report_a.selection.threshold.per_class["spam"].f1 == pytest.approx(0.75)
 
 
 @pytest.mark.parametrize(
@@ -205,40 +210,44 @@ def test_report_on_held_out_rows_and_calibration():
     evaluation = binary([0.9, 0.1, 0.8, 0.2, 0.7], [1, 0, 0, 0, 0])  # the test rows and three held-out ham
     uncalibrated = binary([0.6, 0.4, 0.6, 0.4, 0.6], [1, 0, 0, 0, 0])
     report = evaluation_report(LABELS, selection, test, evaluation, "fpr", 0.25, uncalibrated)
-    assert report["threshold"].value == pytest.approx(0.6)
-    assert report["threshold_rule"] == {"objective": "fpr", "target_fpr": 0.25}
+    assert report.threshold.value == pytest.approx(0.6)
+    assert report.threshold_rule == ThresholdRule(objective="fpr", target_fpr=0.25)
     # at 0.6: 0.8 and 0.7 are ham flagged, 2 of 4 ham
-    fpr = report["evaluation"]["threshold"]["per_class"]["spam"]["rates"]["false_positive_rate"]
-    assert (fpr["count"], fpr["of"]) == (2, 4)
-    assert report["test"]["threshold"]["per_class"]["spam"]["rates"]["false_positive_rate"]["count"] == 0
+    fpr = report.evaluation.threshold.per_class["spam"].rates.false_positive_rate
+    assert (fpr.count, fpr.of) == (2, 4)
+    assert report.test.threshold.per_class["spam"].rates.false_positive_rate.count == 0
     # top-label ECE: uncalibrated, one bin, 0.6 confident and 3 of 5 right (0.0); calibrated, three bins: 0.9
     # (2 rows, both right), 0.8 (2 rows, 1 right), 0.7 (1 row, wrong)
     ece_after = (2 * 0.1 + 2 * 0.3 + 1 * 0.7) / 5
-    assert report["calibration"]["ece_before"] == pytest.approx(0.0, abs=1e-6)
-    assert report["calibration"]["ece_after"] == pytest.approx(ece_after, abs=1e-6)
+    assert report.calibration.ece_before == pytest.approx(0.0, abs=1e-6)
+    assert report.calibration.ece_after == pytest.approx(ece_after, abs=1e-6)
     headline = summary(report)
-    assert headline["evaluation_false_positive_rate_at_threshold"] == 0.5
-    assert headline["evaluation_false_positive_rate_at_threshold_ci95"] == pytest.approx(evaluate.wilson_interval(2, 4))
+    assert headline.threshold.evaluation_false_positive_rate.value == 0.5
+    assert headline.threshold.evaluation_false_positive_rate.ci95 == pytest.approx(evaluate.wilson_interval(2, 4))
+    # the card's flat record of it
+    flat = headline.to_json()
+    assert flat["evaluation_false_positive_rate_at_threshold"] == 0.5
+    assert flat["evaluation_false_positive_rate_at_threshold_ci95"] == pytest.approx(evaluate.wilson_interval(2, 4))
 
 
 def test_positive_label_is_spam_wherever_it_sorts():
     report = evaluation_report(["spam", "zzz"], binary(SPAM_P, TRUTH), binary(SPAM_P, TRUTH))
-    assert report["threshold"].label == "spam"  # column 0 here
+    assert report.threshold.label == "spam"  # column 0 here
     report = evaluation_report(["a", "b"], binary(SPAM_P, TRUTH), binary(SPAM_P, TRUTH))
-    assert report["threshold"].label == "b"
-    assert summary(report)["test_f1"] == 0.75 and summary(report)["f1_label"] == "b"
+    assert report.threshold.label == "b"
+    assert summary(report).argmax.test_f1 == 0.75 and summary(report).f1_label == "b"
 
 
 def test_multiclass_has_no_threshold():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
     pred = Predictions(probs, torch.tensor([0, 1, 2, 1]))
     report = evaluation_report(["a", "b", "c"], pred, pred)
-    assert report["threshold"] is None and set(report["test"]) == {"argmax"}
-    assert report["threshold_rule"] is None  # no threshold objective applies: the argmax decides
-    assert report["test"]["argmax"]["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    assert report.threshold is None and set(report.test.decisions()) == {"argmax"}
+    assert report.threshold_rule is None  # no threshold objective applies: the argmax decides
+    assert report.test.argmax.confusion_matrix == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
     # one-vs-rest: a 1.0, b 1.0 (0.8, 0.4 over 0.2, 0.2), c 1.0
-    assert report["test"]["argmax"]["roc_auc"] == pytest.approx(1.0)
-    assert summary(report)["f1_label"] == "macro"
+    assert report.test.argmax.roc_auc == pytest.approx(1.0)
+    assert summary(report).f1_label == "macro"
 
 
 def test_multiclass_auc_averages_the_classes_present():
@@ -246,17 +255,17 @@ def test_multiclass_auc_averages_the_classes_present():
     targets = torch.tensor([0, 0, 1, 1])  # no "c": its one-vs-rest area is undefined, not 0
     m = classification_metrics(probs, targets, probs.argmax(dim=1), ["a", "b", "c"])
     # a: 0.6, 0.5 over 0.2, 0.4 (1.0); b: 0.5, 0.4 over 0.3, 0.4 with one tie (3.5 / 4)
-    assert m["roc_auc"] == pytest.approx((1.0 + 0.875) / 2)
-    c = m["per_class"]["c"]
+    assert m.roc_auc == pytest.approx((1.0 + 0.875) / 2)
+    c = m.per_class["c"]
     assert without_rates(c) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-    assert c["rates"]["recall"] == {"value": None, "count": 0, "of": 0, "ci95": None}  # undefined, not 0
+    assert c.rates.recall == Rate(value=None, count=0, of=0, ci95=None)  # undefined, not 0
 
 
 def test_report_files(tmp_path):
     pred = binary(SPAM_P, TRUTH)
     report = evaluation_report(LABELS, pred, pred)
-    history = {"epochs": [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "train_accuracy": 0.5, "val_accuracy": 0.6}]}
-    write_report(tmp_path, report, pred, {**history, "best_epoch": 1})
+    history = History([EpochMetrics(epoch=1, train_loss=1.0, train_accuracy=0.5, val_loss=0.9, val_accuracy=0.6)], 1)
+    write_report(tmp_path, report, pred, history)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["test"]["argmax"]["accuracy"] == 0.75 and saved["history"]["best_epoch"] == 1
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))

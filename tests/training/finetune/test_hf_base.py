@@ -10,9 +10,9 @@ from torch.testing import assert_close
 
 from tests.helpers import write_messages_csv
 from training.cli import main
-from training.finetune.base import base_classifier, base_config, resolve_base
+from training.finetune.base import base_classifier, base_config, pretrained_classifier, resolve_base, weights_file
 from training.runtime.checkpoint import load_checkpoint
-from training.runtime.model import Packing, WeightsError
+from training.runtime.model import GPTConfig, Packing, WeightsError
 
 # Sizes no preset has: 3 layers, 4 heads, width 64, 128 positions
 ODD = dict(n_layer=3, n_head=4, n_embd=64, n_positions=128)
@@ -136,7 +136,7 @@ def test_finetune_from_a_local_base_directory(tmp_path, tokenizer, bpe_dir, caps
     checkpoint = load_checkpoint(tmp_path / "ckpt")
     c = checkpoint.model.config
     assert (c.n_layer, c.n_head, c.n_embd, c.block_size) == (3, 4, 64, 128)
-    assert checkpoint.card.base_model == str(tmp_path / "base") and checkpoint.card.training.base.base == str(
+    assert checkpoint.card.base_model == str(tmp_path / "base") and checkpoint.card.training["base"] == str(
         tmp_path / "base"
     )
     # the frozen blocks still hold the base's weights
@@ -147,3 +147,46 @@ def test_finetune_from_a_local_base_directory(tmp_path, tokenizer, bpe_dir, caps
     with pytest.raises(SystemExit):
         main([*argv, "--weights", "w.safetensors", "--out", str(tmp_path / "x")])
     assert "give one" in capsys.readouterr().err
+
+
+# --- OpenAI's weights for a preset: a local file, or the preset's repo through the same fetcher ---------------
+
+
+def test_pretrained_classifier_refuses_a_file_that_is_not_safetensors(tmp_path, tiny_config):
+    (tmp_path / "model.safetensors").write_bytes(b"\x80\x02 not safetensors")
+    with pytest.raises(WeightsError, match=r"model\.safetensors: not a readable safetensors file"):
+        pretrained_classifier(tiny_config, "gpt2", source=tmp_path)
+
+
+def test_local_weights_file(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert weights_file(tmp_path) == tmp_path / "model.safetensors"
+    assert weights_file(tmp_path / "model.safetensors") == tmp_path / "model.safetensors"
+    with pytest.raises(WeightsError, match=r"no GPT-2 weights at .*elsewhere$"):
+        weights_file(tmp_path / "elsewhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match=r"no GPT-2 weights at .*empty[/\\]model\.safetensors$"):
+        weights_file(tmp_path / "empty")
+
+
+def test_a_presets_weights_come_through_the_hub_and_a_failed_download_names_the_repo(monkeypatch, tiny_config):
+    import huggingface_hub
+
+    calls = []
+
+    def offline(repo_id, allow_patterns):
+        calls.append(repo_id)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(WeightsError, match=r"could not get 'openai-community/gpt2-medium' .*: network is unreachable"):
+        pretrained_classifier(tiny_config, "gpt2-medium")
+    assert calls == ["openai-community/gpt2-medium"]
+
+
+def test_a_preset_without_pretrained_weights_is_refused_without_a_download(monkeypatch, tiny_config):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", pytest.fail)  # must not be reached
+    with pytest.raises(WeightsError, match=r"preset 'tiny' has no pretrained weights"):
+        pretrained_classifier(GPTConfig.from_preset("tiny"), "tiny")

@@ -12,7 +12,7 @@ import training.finetune.pipeline
 from tests.helpers import finetune_argv, kill_after_steps, run_training, synthetic, write_messages_csv
 from training.cli import main
 from training.config import TrainConfig
-from training.finetune.loop import TrainState, train
+from training.finetune.loop import History, TrainState, train
 from training.finetune.resume import ResumeError, load_state, save_state, state_dir
 from training.runtime.model import GPTClassifier, GPTConfig
 
@@ -25,14 +25,15 @@ def fresh_model() -> GPTClassifier:
     return GPTClassifier(CONFIG)
 
 
-def run(config: TrainConfig, **kwargs) -> tuple[dict, list[TrainState], dict]:
-    """Train a fresh tiny model; its final weights, the state after every epoch, and its history."""
+def run(config: TrainConfig, **kwargs) -> tuple[dict, list[TrainState], History]:
+    """Train a fresh tiny model; its final weights, the state after every epoch, and its history (with every
+    step's loss)."""
     states, model = [], fresh_model()
     # flip: validation loss rises, so the best epoch (1) is not the last one and the state keeps both weights
     history = train(
         model, synthetic(40, seed=1), synthetic(10, seed=2, flip=True), config, **kwargs, on_epoch_end=states.append
     )
-    return model.state_dict(), states, history.to_dict() | {"steps": history.step_losses}
+    return model.state_dict(), states, history
 
 
 @pytest.mark.parametrize(
@@ -40,13 +41,13 @@ def run(config: TrainConfig, **kwargs) -> tuple[dict, list[TrainState], dict]:
     [
         pytest.param({"trainable": "last-blocks"}, id="last-block-cached-prefix"),
         pytest.param({"trainable": "all"}, id="all"),
-        pytest.param({"trainable": "lora", "lora_rank": 2, "lr": 0.1}, id="lora"),
+        pytest.param({"trainable": "lora", "lora_rank": 4, "lr": 5e-3}, id="lora"),
     ],
 )
 def test_resume_from_saved_state_is_bit_exact(trainable, tmp_path):
     config = TrainConfig(**{"lr": 1e-2, **trainable}, epochs=3, batch_size=6, device="cpu")
     weights, states, history = run(config)
-    assert [s.epoch for s in states] == [1, 2, 3] and history["best_epoch"] == 1
+    assert [s.epoch for s in states] == [1, 2, 3] and history.best_epoch == 1
     save_state(tmp_path, states[1], RECORD)  # after epoch 2, as a killed run would have left it
     resumed_weights, resumed_states, resumed_history = run(config, resume_from=load_state(tmp_path, RECORD))
     assert [s.epoch for s in resumed_states] == [3]

@@ -14,7 +14,6 @@ from training.runtime.inference import (
     binary_prior,
     calibrate_logits,
     decide,
-    fit_temperature,
     fold_calibration,
     predict_logits,
     predict_probabilities,
@@ -46,26 +45,6 @@ def test_prior_shift_is_bayes_rule():
     p_before, p_after = torch.softmax(logits, 1)[0, 1].item(), torch.softmax(shifted, 1)[0, 1].item()
     odds = (p_after / (1 - p_after)) / (p_before / (1 - p_before))
     assert odds == pytest.approx(0.13 / 0.87, rel=1e-5)
-
-
-@pytest.mark.parametrize("true_temperature", [0.5, 2.0, 4.0])
-def test_fit_temperature_recovers_the_temperature_of_the_data(true_temperature):
-    """Labels drawn from softmax(z / T): the NLL's minimum lies at T (within sampling error)."""
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(20_000, 2, generator=g) * 4
-    targets = torch.multinomial(torch.softmax(logits / true_temperature, 1), 1, generator=g).squeeze(1)
-    assert fit_temperature(logits, targets) == pytest.approx(true_temperature, rel=0.05)
-
-
-def test_fit_temperature_weighs_the_classes():
-    """Validation rows at 9:1 weighed back to 1:1 fit as the 1:1 rows they stand for."""
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(20_000, 2, generator=g) * 3
-    targets = torch.multinomial(torch.softmax(logits / 2.0, 1), 1, generator=g).squeeze(1)
-    ham, spam = (targets == 0).nonzero().flatten(), (targets == 1).nonzero().flatten()
-    keep = torch.cat([ham, spam[: len(ham) // 9]])  # spam made rare
-    weights = torch.tensor([1.0, len(ham) / (len(ham) // 9)])
-    assert fit_temperature(logits[keep], targets[keep], weights) == pytest.approx(2.0, rel=0.1)
 
 
 def test_shifted_threshold_keeps_every_decision():

@@ -1,9 +1,9 @@
-import huggingface_hub
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+from training.finetune.base import pretrained_classifier
 from training.runtime.inference import pad_right, probabilities
 from training.runtime.model import (
     GPTClassifier,
@@ -12,8 +12,6 @@ from training.runtime.model import (
     WeightsError,
     load_hf_gpt2,
     padding_groups,
-    pretrained_classifier,
-    resolve_hf_weights,
 )
 
 ROWS = [[5, 17, 33, 2, 9, 100, 41], [7], [250, 3, 3, 80], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
@@ -225,46 +223,6 @@ def test_hf_import_names_an_unexpected_key(hf_tensors, tiny_config):
     hf_tensors["h.2.ln_1.weight"] = hf_tensors["h.0.ln_1.weight"]
     with pytest.raises(WeightsError, match=r"unexpected tensor 'h\.2\.ln_1\.weight'"):
         load_hf_gpt2(GPTClassifier(tiny_config), hf_tensors)
-
-
-def test_pretrained_classifier_refuses_a_file_that_is_not_safetensors(tmp_path, tiny_config):
-    (tmp_path / "model.safetensors").write_bytes(b"\x80\x02 not safetensors")
-    with pytest.raises(WeightsError, match=r"model\.safetensors is not a readable safetensors file"):
-        pretrained_classifier(tiny_config, "gpt2", source=tmp_path)
-
-
-def test_resolve_hf_weights_local(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    assert resolve_hf_weights(tmp_path, "gpt2") == tmp_path / "model.safetensors"
-    assert resolve_hf_weights(tmp_path / "model.safetensors", "gpt2") == tmp_path / "model.safetensors"
-    with pytest.raises(WeightsError, match=r"no GPT-2 weights at .*elsewhere$"):
-        resolve_hf_weights(tmp_path / "elsewhere", "gpt2")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(WeightsError, match=r"no GPT-2 weights at .*empty[/\\]model\.safetensors$"):
-        resolve_hf_weights(tmp_path / "empty", "gpt2")
-
-
-def test_resolve_hf_weights_reports_a_failed_download(monkeypatch):
-    calls = []
-
-    def offline(repo_id, filename, **kwargs):
-        calls.append((repo_id, filename))
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(
-        WeightsError,
-        match=r"could not download openai-community/gpt2-medium/model\.safetensors from the Hugging Face Hub: "
-        r"network is unreachable",
-    ):
-        resolve_hf_weights(None, "gpt2-medium")
-    assert calls == [("openai-community/gpt2-medium", "model.safetensors")]
-
-
-def test_resolve_hf_weights_refuses_a_preset_without_pretrained_weights(monkeypatch):
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", pytest.fail)  # must not be reached
-    with pytest.raises(WeightsError, match=r"preset 'tiny' has no pretrained weights"):
-        resolve_hf_weights(None, "tiny")
 
 
 @pytest.mark.parametrize(

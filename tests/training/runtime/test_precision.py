@@ -15,6 +15,7 @@ from training.runtime.precision import (
     pack_linears,
     prepare_for_inference,
     training_autocast,
+    training_precision,
 )
 
 CPU_DEVICE = torch.device("cpu")
@@ -35,13 +36,31 @@ def test_cpu_info_agrees_with_torchs_own_detection():
     assert ("avx2" in cpu.flags) == torch.cpu._is_avx2_supported()
 
 
-@pytest.mark.parametrize(("flags", "expected"), [(("avx512_bf16",), torch.bfloat16), (("avx2",), None)])
-def test_training_autocast_is_bfloat16_only_where_native(monkeypatch, flags, expected):
+@pytest.mark.parametrize(
+    ("flags", "option", "expected"),
+    [
+        pytest.param(("avx512_bf16",), "bfloat16", torch.bfloat16, id="bfloat16-native"),
+        pytest.param(("avx512_bf16",), "auto", None, id="auto-native"),
+        pytest.param(("avx2",), "auto", None, id="auto-avx2"),
+        pytest.param(("avx2",), "float32", None, id="float32-avx2"),
+    ],
+)
+def test_training_autocast_is_bfloat16_only_where_native_and_asked(monkeypatch, flags, option, expected):
     pretend_cpu(monkeypatch, *flags)
-    with training_autocast(CPU_DEVICE):
+    resolved = training_precision(option, CPU_DEVICE)
+    assert resolved == ("bfloat16" if expected is not None else "float32")
+    with training_autocast(CPU_DEVICE, resolved):
         assert torch.is_autocast_enabled("cpu") == (expected is not None)
         out = torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3))
     assert out.dtype == (expected or torch.float32)
+
+
+def test_training_precision_refuses_emulated_bfloat16_and_unknown_names(monkeypatch):
+    pretend_cpu(monkeypatch, "avx2")
+    with pytest.raises(ValueError, match=r"precision 'bfloat16' needs a device that computes it natively.*Test CPU"):
+        training_precision("bfloat16", CPU_DEVICE)
+    with pytest.raises(ValueError, match=r"precision must be one of .* got 'float16'"):
+        training_precision("float16", CPU_DEVICE)
 
 
 ROWS = [[5, 17, 33, 2, 9, 100, 41], [7], [250, 3, 3, 80], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 
 from tests.helpers import readme_python, tiny_card
 from training.cli import main
-from training.export.formats import ONNX_OPSET, export_hf, export_onnx, fold_score_bias, model_card_readme
+from training.export.formats import (
+    ONNX_OPSET,
+    export_hf,
+    export_onnx,
+    fold_score_bias,
+    model_card_readme,
+    onnx_inputs,
+)
 from training.finetune.data import load_sms_spam
 from training.runtime.checkpoint import DataSummary, load_checkpoint, save_checkpoint
 from training.runtime.inference import Threshold, pad_right, predict_probabilities
@@ -200,7 +207,7 @@ def test_onnx_declares_its_opset_and_dynamic_axes(onnx_dir):
     assert {o.domain: o.version for o in model.opset_import}[""] == ONNX_OPSET
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert all(isinstance(d, str) and d for shape in dims.values() for d in shape), dims  # symbolic, not fixed
-    assert dims["input_ids"][0] == dims["lengths"][0]
+    assert dims["input_ids"] == dims["attention_mask"]
     assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
     assert (onnx_dir / "tokenizer" / "vocab.bpe").is_file() and (onnx_dir / "config.json").is_file()
 
@@ -216,7 +223,7 @@ def test_onnx_runtime_gives_our_probabilities_on_mixed_length_batches(onnx_dir, 
         lengths[0] = longest
         rows = [torch.randint(0, loaded.model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
         idx, lens = pad_right(rows, pad_id=7)
-        logits, probs = session.run(None, {"input_ids": idx.numpy(), "lengths": lens.numpy()})
+        logits, probs = session.run(None, onnx_inputs(idx, lens))
         ours = predict_probabilities(loaded.model, rows)
         torch.testing.assert_close(torch.from_numpy(probs), ours, rtol=0, atol=1e-4)
         torch.testing.assert_close(torch.from_numpy(probs), torch.softmax(torch.from_numpy(logits), -1))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import BPE_DIR, print_table, require_shared_data, sample_texts, write_result
-from training.export.formats import ONNX_FILE, ONNX_OPSET, export_hf, export_onnx
+from training.export.formats import ONNX_FILE, ONNX_OPSET, export_hf, export_onnx, onnx_inputs
 from training.runtime.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from training.runtime.inference import pad_right, predict_probabilities
 from training.runtime.model import GPTClassifier, GPTConfig
@@ -54,7 +54,7 @@ def onnx_probabilities(directory: Path, rows: list[list[int]], batch_size: int) 
     for start in range(0, len(rows), batch_size):
         idx, lengths = pad_right(rows[start : start + batch_size])
         shapes.append(list(idx.shape))
-        out.append(session.run(["probabilities"], {"input_ids": idx.numpy(), "lengths": lengths.numpy()})[0])
+        out.append(session.run(["probabilities"], onnx_inputs(idx, lengths))[0])
     return torch.from_numpy(np.concatenate(out)), shapes
 
 

@@ -61,7 +61,7 @@ from benchmarks.common import (
     transformers_forward,
     write_result,
 )
-from training.export.formats import ONNX_FILE, export_onnx
+from training.export.formats import ONNX_FILE, export_onnx, onnx_inputs
 from training.finetune.data import deduplicate, load_sms_spam, text_id
 from training.finetune.evaluate import EVAL_BATCH_SIZE
 from training.runtime.checkpoint import REPORT_DIR, load_checkpoint
@@ -126,7 +126,7 @@ def onnxruntime_forwards(checkpoint: Path, directory: Path, threads: int) -> dic
 
         def forward(rows: list[list[int]]) -> torch.Tensor:
             idx, lengths = pad_right(rows)
-            feed = {"input_ids": idx.numpy(), "lengths": lengths.numpy()}
+            feed = onnx_inputs(idx, lengths)
             return torch.from_numpy(session.run(["probabilities"], feed)[0])
 
         return forward

@@ -2,8 +2,11 @@
 copies of it in other layouts, each giving the same probabilities.
 
 - `hf`: the Hugging Face layout of `GPT2ForSequenceClassification` (config.json, model.safetensors, GPT-2's
-  tokenizer files, README.md), which transformers' Auto classes and pipelines load with no extra code.
-- `onnx`: one ONNX graph, (input_ids, lengths) -> (logits, probabilities), dynamic batch and sequence axes.
+  tokenizer files with tokenizer.json, README.md), which transformers' Auto classes and pipelines load with no extra
+  code.
+- `onnx`: one ONNX graph, (input_ids, attention_mask) -> (logits, probabilities), dynamic batch and sequence axes,
+  beside the same config.json and tokenizer files, so the folder loads as a model directory (Optimum's
+  ORTModelForSequenceClassification, or ONNX Runtime fed by transformers' AutoTokenizer).
 """
 
 import importlib.util
@@ -12,7 +15,9 @@ import shutil
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -23,7 +28,19 @@ from training.runtime.checkpoint import WEIGHTS_FILE, Checkpoint, ModelCard, loa
 from training.runtime.model import GPTClassifier, hf_key_map
 from training.runtime.tokenizer import ENDOFTEXT
 
+if TYPE_CHECKING:
+    import tokenizers
+
 HF_TOKENIZER_FILES = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}  # ours -> transformers' names
+HF_TOKENIZER_JSON = "tokenizer.json"  # the one file the tokenizers library, TEI and vLLM read
+
+
+def require_modules(extra: str, *modules: str) -> None:
+    """Raise ImportError naming the first of `modules` that is not installed and the extra that installs it, before
+    an export writes anything (torch's exporter would import onnx only mid-export, with a less helpful message)."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"this export needs {module!r}: pip install 'spamgpt[{extra}]'")
 
 
 def fold_score_bias(
@@ -83,6 +100,8 @@ def hf_config(checkpoint: Checkpoint) -> dict:
         "model_type": "gpt2",
         "vocab_size": config.vocab_size,
         "n_positions": config.block_size,
+        # GPT2Config reads it as n_positions; loaders that read config.json themselves (TEI) look for this name
+        "max_position_embeddings": config.block_size,
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
@@ -137,6 +156,54 @@ def hf_tokenizer_config(checkpoint: Checkpoint) -> dict:
         "padding_side": "right",
         "truncation_side": "right",
     }
+
+
+def hf_tokenizer(checkpoint: Checkpoint) -> "tokenizers.Tokenizer":
+    """GPT-2's byte-level BPE as the `tokenizers` library builds it from the checkpoint's encoder.json (vocab.json)
+    and vocab.bpe (merges.txt), component for component as transformers converts GPT2Tokenizer: no prefix space, no
+    normaliser, GPT-2's pre-tokenizer regex. Truncation to max_tokens and right padding with <|endoftext|> are
+    stored in it, so a plain `tokenizers` batch is what our engine reads (the ids, and an attention_mask that marks
+    each row's real tokens).
+
+    <|endoftext|> stays an ordinary vocabulary entry, not an added or special token: an added token would be split
+    out of any text that contains it and become id eot, where encode_ordinary reads it as the characters it is.
+    Its id is declared in config.json (pad_token_id, eos_token_id) and as the padding id here.
+
+    Needs `tokenizers` (the `export` extra).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    files = checkpoint.path / "tokenizer"
+    bpe = models.BPE.from_file(
+        str(files / "encoder.json"),
+        str(files / "vocab.bpe"),
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+        fuse_unk=False,
+    )
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.enable_truncation(max_length=checkpoint.card.max_tokens, direction="right")
+    tokenizer.enable_padding(direction="right", pad_id=checkpoint.tokenizer.eot_token, pad_token=ENDOFTEXT)
+    return tokenizer
+
+
+def write_hf_tokenizer(checkpoint: Checkpoint, out: Path) -> None:
+    """transformers' tokenizer files for the checkpoint's tokenizer into `out`: vocab.json, merges.txt,
+    tokenizer.json (hf_tokenizer), tokenizer_config.json and special_tokens_map.json.
+
+    Needs `tokenizers` (the `export` extra); raises OSError for `out`.
+    """
+    tokenizer = hf_tokenizer(checkpoint)
+    for ours, theirs in HF_TOKENIZER_FILES.items():
+        shutil.copyfile(checkpoint.path / "tokenizer" / ours, out / theirs)
+    tokenizer.save(str(out / HF_TOKENIZER_JSON))
+    (out / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(checkpoint), indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({name: ENDOFTEXT for name in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2) + "\n"
+    )
 
 
 def model_card_readme(checkpoint: Checkpoint) -> str:
@@ -199,20 +266,17 @@ last hidden state differs from the checkpoint's along one direction.
 def export_hf(checkpoint_dir: str | Path, out: str | Path) -> Path:
     """Write `checkpoint_dir` into `out` (created) in the Hugging Face layout; returns `out`.
 
-    Raises training.runtime.checkpoint.CheckpointError for a checkpoint that does not load, OSError for `out`.
+    Raises training.runtime.checkpoint.CheckpointError for a checkpoint that does not load, OSError for `out`,
+    ImportError when `tokenizers` (the `export` extra) is not installed.
     """
+    require_modules("export", "tokenizers")
     checkpoint = load_checkpoint(checkpoint_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state_dict(checkpoint.model), out / WEIGHTS_FILE, metadata={"format": "pt"})
     (out / WEIGHTS_FILE).chmod(0o644)
     (out / "config.json").write_text(json.dumps(hf_config(checkpoint), indent=2) + "\n")
-    for ours, theirs in HF_TOKENIZER_FILES.items():
-        shutil.copyfile(checkpoint.path / "tokenizer" / ours, out / theirs)
-    (out / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(checkpoint), indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(
-        json.dumps({name: ENDOFTEXT for name in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2) + "\n"
-    )
+    write_hf_tokenizer(checkpoint, out)
     (out / "README.md").write_text(model_card_readme(checkpoint))
     return out
 
@@ -221,58 +285,86 @@ def export_hf(checkpoint_dir: str | Path, out: str | Path) -> Path:
 
 ONNX_FILE = "model.onnx"
 ONNX_OPSET = 18  # the dynamo exporter's default in torch 2.13 and what onnxruntime >= 1.14 runs
-ONNX_INPUTS, ONNX_OUTPUTS = ("input_ids", "lengths"), ("logits", "probabilities")
+# transformers' names, so Optimum, TEI and ordinary ONNX text classifiers feed it as they feed any encoder
+ONNX_INPUTS, ONNX_OUTPUTS = ("input_ids", "attention_mask"), ("logits", "probabilities")
 
 
-class PaddedClassifier(nn.Module):
-    """What the ONNX graph computes: (B, T) int64 right-padded token ids and (B,) int64 real lengths ->
-    (B, n_labels) logits and their float32 softmax (GPTClassifier.forward_padded)."""
+class MaskedClassifier(nn.Module):
+    """What the ONNX graph computes: (B, T) int64 token ids and (B, T) int64 attention_mask -> (B, n_labels)
+    logits and their float32 softmax.
 
-    def __init__(self, model: GPTClassifier):
+    A row's real tokens are the positions where its mask is nonzero, in order: they are moved to the front (right
+    padding, as GPTClassifier.forward_padded reads it) and every other position becomes `fill_id`, so right, left
+    or any other padding, with pad ids of any value (even outside the vocabulary), gives the logits of the real
+    tokens alone. A row whose mask is all zero reads as one `fill_id` token, as encode_batch encodes an empty text.
+    """
+
+    def __init__(self, model: GPTClassifier, fill_id: int):
         super().__init__()
         self.model = model
+        self.fill_id = fill_id  # <|endoftext|>: a valid id, and the token an empty text becomes
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model.forward_padded(input_ids, lengths)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = input_ids.size(1)
+        real = attention_mask != 0  # (B, T)
+        positions = torch.arange(T, device=input_ids.device)
+        # unique keys: real tokens sort first, each group in its original order
+        order = torch.argsort(torch.where(real, positions, positions + T), dim=1)  # (B, T)
+        idx = torch.where(real, input_ids, self.fill_id).gather(1, order)  # (B, T) right-padded
+        lengths = real.sum(dim=1).clamp(min=1)  # (B,)
+        logits = self.model.forward_padded(idx, lengths)
         return logits, torch.softmax(logits.float(), dim=-1)
 
 
+def onnx_inputs(idx: torch.Tensor, lengths: torch.Tensor) -> dict[str, np.ndarray]:
+    """The ONNX graph's inputs for (B, T) right-padded ids and their (B,) lengths (training.runtime.inference
+    pad_right): input_ids and an attention_mask with 1 on each row's first lengths[i] positions, both (B, T) int64."""
+    mask = torch.arange(idx.size(1)) < lengths[:, None]  # (B, T)
+    return {"input_ids": idx.numpy(), "attention_mask": mask.long().numpy()}
+
+
 def export_onnx(checkpoint_dir: str | Path, out: str | Path, opset: int = ONNX_OPSET) -> Path:
-    """Write `out`/model.onnx (float32, opset `opset`, dynamic batch and sequence axes), the checkpoint's
-    tokenizer/ and config.json beside it (labels, max_tokens, threshold); returns `out`.
+    """Write `out` as a model directory for ONNX loaders; returns `out`. It holds model.onnx (float32, opset
+    `opset`, MaskedClassifier), the Hugging Face export's config.json (architectures, model_type, id2label /
+    label2id, max_position_embeddings, pad_token_id, the spamgpt card under "spamgpt") and tokenizer files
+    (write_hf_tokenizer), and the checkpoint's tokenizer/ for training.runtime.tokenizer.load_tokenizer.
 
-    Inputs: input_ids (batch, sequence) int64, right-padded with any id, texts encoded with encode_ordinary and
-    truncated to max_tokens; lengths (batch,) int64, each >= 1. Outputs: logits and probabilities, (batch,
-    n_labels) float32. Needs the `onnx` extra (onnxscript: torch's dynamo exporter).
+    Inputs: input_ids and attention_mask, (batch, sequence) int64, symbolic axes, as transformers' tokenizer from
+    this folder gives them (`padding=True, truncation=True`: max_tokens, right padding). Outputs: logits and
+    probabilities, (batch, n_labels) float32. Needs the `onnx` extra (onnxscript: torch's dynamo exporter;
+    tokenizers: tokenizer.json).
 
-    Raises training.runtime.checkpoint.CheckpointError for a checkpoint that does not load, OSError for `out`.
+    Raises training.runtime.checkpoint.CheckpointError for a checkpoint that does not load, OSError for `out`,
+    ImportError when the onnx extra is missing.
     """
-    for module in ("onnx", "onnxscript"):  # torch imports them only mid-export, with a less helpful message
-        if importlib.util.find_spec(module) is None:
-            raise ImportError(f"ONNX export needs {module!r}: pip install 'spamgpt[onnx]'")
+    require_modules("onnx", "onnx", "onnxscript", "tokenizers")
     checkpoint = load_checkpoint(checkpoint_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # torch's exporter trips over its own deprecations; a shared Dim is what we mean, not a clash
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=r".*axis name: batch will not be used", category=UserWarning)
-        program = _onnx_program(checkpoint.model, opset)
+        warnings.filterwarnings(
+            "ignore", message=r".*axis name: (batch|sequence) will not be used", category=UserWarning
+        )
+        program = _onnx_program(checkpoint.model, checkpoint.tokenizer.eot_token, opset)
     program.save(str(out / ONNX_FILE))
+    (out / "config.json").write_text(json.dumps(hf_config(checkpoint), indent=2) + "\n")
+    write_hf_tokenizer(checkpoint, out)
     shutil.copytree(checkpoint.path / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
-    shutil.copyfile(checkpoint.path / "config.json", out / "config.json")
     return out
 
 
-def _onnx_program(model: GPTClassifier, opset: int) -> "torch.onnx.ONNXProgram":
-    example = (torch.zeros(2, 3, dtype=torch.long), torch.tensor([3, 2]))
+def _onnx_program(model: GPTClassifier, fill_id: int, opset: int) -> "torch.onnx.ONNXProgram":
+    example = (torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1, 1, 1], [1, 1, 0]]))
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=model.config.block_size)
+    axes = {0: batch, 1: sequence}
     return torch.onnx.export(
-        PaddedClassifier(model).eval(),
+        MaskedClassifier(model, fill_id).eval(),
         example,
         input_names=list(ONNX_INPUTS),
         output_names=list(ONNX_OUTPUTS),
-        dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "lengths": {0: batch}},
+        dynamic_shapes={"input_ids": axes, "attention_mask": axes},
         opset_version=opset,
         dynamo=True,
         external_data=False,

@@ -1,7 +1,9 @@
-"""Exports of a checkpoint: the Hugging Face layout gives our probabilities in transformers' own pipeline, and the
-ONNX graph gives them in ONNX Runtime, on mixed-length batches."""
+"""Exports of a checkpoint: the Hugging Face layout gives our probabilities in transformers' own pipeline, the
+ONNX folder gives them in ONNX Runtime (fed by transformers' or the tokenizers library's tokenizer from the folder,
+padded on either side) and in Optimum, on mixed-length batches; tokenizer.json gives our token ids."""
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,12 +13,19 @@ import torch.nn.functional as F
 
 from tests.helpers import readme_python, tiny_card
 from training.cli import main
-from training.export.formats import ONNX_OPSET, export_hf, export_onnx, fold_score_bias, model_card_readme
+from training.export.formats import (
+    ONNX_OPSET,
+    export_hf,
+    export_onnx,
+    fold_score_bias,
+    model_card_readme,
+    onnx_inputs,
+)
 from training.finetune.data import load_sms_spam
 from training.runtime.checkpoint import DataSummary, load_checkpoint, save_checkpoint
 from training.runtime.inference import Threshold, pad_right, predict_probabilities
 from training.runtime.model import GPTClassifier, GPTConfig
-from training.runtime.tokenizer import ENDOFTEXT, encode_batch, load_tokenizer
+from training.runtime.tokenizer import ENDOFTEXT, PACKAGED_BPE_DIR, encode_batch, load_tokenizer
 
 # Mixed lengths; a trailing "!" is token 0 (a tempting pad id), and "<|endoftext|>" inside a text is plain text,
 # so neither may be read as padding.
@@ -49,6 +58,24 @@ def sharp_checkpoint(directory: Path, bpe_dir: Path, config: GPTConfig) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, bpe_dir, tiny_config) -> Path:
     return sharp_checkpoint(tmp_path_factory.mktemp("sharp") / "ckpt", bpe_dir, tiny_config)
+
+
+@pytest.fixture(scope="module")
+def real_vocab_checkpoint(tmp_path_factory) -> Path:
+    """The sharp random classifier on GPT-2's real vocabulary (the packaged BPE files), 256 positions."""
+    config = GPTConfig.from_preset("tiny", vocab_size=load_tokenizer(PACKAGED_BPE_DIR).n_vocab, block_size=256)
+    return sharp_checkpoint(tmp_path_factory.mktemp("real") / "ckpt", PACKAGED_BPE_DIR, config)
+
+
+# "<|endoftext|>" as plain text where a tokenizer might split it out as a special token
+ENDOFTEXT_TEXTS = [
+    ENDOFTEXT,
+    f"a{ENDOFTEXT}b",
+    f" {ENDOFTEXT} ",
+    ENDOFTEXT * 3,
+    f"<|endoftext|{ENDOFTEXT}|>",
+    f"WINNER!! {ENDOFTEXT}\nClaim now",
+]
 
 
 def our_probabilities(checkpoint_dir: Path, texts: list[str]) -> torch.Tensor:
@@ -158,6 +185,48 @@ def test_hf_tokenizer_gives_our_token_ids(hf_dir, checkpoint):
     assert theirs.pad_token_id == ours.eot_token and theirs.model_max_length == 48
 
 
+def test_tokenizer_json_gives_our_ids_on_every_sms_text_and_endoftext_as_plain_text(real_vocab_checkpoint, tmp_path):
+    """tokenizer.json read by the tokenizers library alone (as TEI reads it), with GPT-2's real vocabulary: the ids
+    of encode_ordinary for the whole packaged collection and for texts holding <|endoftext|>."""
+    from tokenizers import Tokenizer
+
+    hf = export_hf(real_vocab_checkpoint, tmp_path / "hf")
+    theirs = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    ours = load_tokenizer(PACKAGED_BPE_DIR)
+    texts = [*load_sms_spam().texts, *ENDOFTEXT_TEXTS]
+    assert len(texts) > 5000
+    theirs.no_truncation()
+    theirs.no_padding()
+    assert [e.ids for e in theirs.encode_batch(texts)] == [ours.encode_ordinary(t) for t in texts]
+    assert theirs.token_to_id(ENDOFTEXT) == ours.eot_token  # in the vocabulary, as config.json's pad_token_id
+    assert not any(token.special for token in theirs.get_added_tokens_decoder().values())
+
+
+def test_tokenizer_json_truncates_and_pads_as_we_do(real_vocab_checkpoint, tmp_path):
+    """The truncation and padding stored in tokenizer.json: each row's real ids are encode_batch's, its padding is
+    <|endoftext|> on the right with attention_mask 0."""
+    from tokenizers import Tokenizer
+
+    hf = export_hf(real_vocab_checkpoint, tmp_path / "hf")
+    texts = [*TEXTS, "free entry " * 60, *ENDOFTEXT_TEXTS]
+    encodings = Tokenizer.from_file(str(hf / "tokenizer.json")).encode_batch(texts)
+    loaded = load_checkpoint(real_vocab_checkpoint)
+    rows, truncated = encode_batch(loaded.tokenizer, texts, loaded.card.max_tokens)
+    assert any(truncated) and len({len(e.ids) for e in encodings}) == 1
+    for encoding, row in zip(encodings, rows, strict=True):
+        assert encoding.attention_mask == [1] * len(row) + [0] * (len(encoding.ids) - len(row))
+        assert encoding.ids == row + [loaded.tokenizer.eot_token] * (len(encoding.ids) - len(row))
+
+
+def test_auto_tokenizer_reads_endoftext_as_plain_text(real_vocab_checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(export_hf(real_vocab_checkpoint, tmp_path / "hf"))
+    ours = load_checkpoint(real_vocab_checkpoint).tokenizer
+    assert theirs(ENDOFTEXT_TEXTS, truncation=True)["input_ids"] == encode_batch(ours, ENDOFTEXT_TEXTS, 48)[0]
+    assert (theirs.pad_token_id, theirs.eos_token_id) == (ours.eot_token, ours.eot_token)
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_hf_pipeline_gives_our_probabilities(hf_dir, checkpoint, batch_size):
     ours = our_probabilities(checkpoint, TEXTS)
@@ -201,7 +270,7 @@ def test_onnx_declares_its_opset_and_dynamic_axes(onnx_dir):
     assert {o.domain: o.version for o in model.opset_import}[""] == ONNX_OPSET
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert all(isinstance(d, str) and d for shape in dims.values() for d in shape), dims  # symbolic, not fixed
-    assert dims["input_ids"][0] == dims["lengths"][0]
+    assert dims["input_ids"] == dims["attention_mask"]
     assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
     assert (onnx_dir / "tokenizer" / "vocab.bpe").is_file() and (onnx_dir / "config.json").is_file()
 
@@ -217,10 +286,108 @@ def test_onnx_runtime_gives_our_probabilities_on_mixed_length_batches(onnx_dir, 
         lengths[0] = longest
         rows = [torch.randint(0, loaded.model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
         idx, lens = pad_right(rows, pad_id=7)
-        logits, probs = session.run(None, {"input_ids": idx.numpy(), "lengths": lens.numpy()})
+        logits, probs = session.run(None, onnx_inputs(idx, lens))
         ours = predict_probabilities(loaded.model, rows)
         torch.testing.assert_close(torch.from_numpy(probs), ours, rtol=0, atol=1e-4)
         torch.testing.assert_close(torch.from_numpy(probs), torch.softmax(torch.from_numpy(logits), -1))
+
+
+def test_onnx_folder_is_a_model_directory(onnx_dir, hf_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = json.loads((onnx_dir / "config.json").read_text())
+    assert config == json.loads((hf_dir / "config.json").read_text())
+    assert (config["model_type"], config["max_position_embeddings"]) == ("gpt2", 64)
+    loaded = AutoConfig.from_pretrained(onnx_dir)
+    assert loaded.architectures == ["GPT2ForSequenceClassification"] and loaded.n_positions == 64
+    assert loaded.id2label == {0: "ham", 1: "spam"} and loaded.label2id == {"ham": 0, "spam": 1}
+    assert AutoTokenizer.from_pretrained(onnx_dir).model_max_length == 48
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (onnx_dir / name).read_bytes() == (hf_dir / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_onnx_runtime_fed_by_auto_tokenizer_gives_our_probabilities(onnx_dir, checkpoint, side, batch_size):
+    """ONNX Runtime fed by transformers' tokenizer from the exported folder, as an ordinary ONNX text classifier
+    is fed: mixed-length batches padded on either side."""
+    import numpy as np
+    import onnxruntime
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
+    tokenizer.padding_side = side
+    session = onnxruntime.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    texts = [*TEXTS, "free entry " * 60]
+    got = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, return_tensors="np")
+        got.append(session.run(["probabilities"], {name: batch[name] for name in ("input_ids", "attention_mask")})[0])
+    torch.testing.assert_close(
+        torch.from_numpy(np.concatenate(got)), our_probabilities(checkpoint, texts), rtol=0, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("pad_id", [0, 7, 10**9, -1])
+def test_onnx_pad_ids_of_any_value_change_nothing(onnx_dir, checkpoint, side, pad_id):
+    """Padding on either side, with ids in the vocabulary, past it or negative, and a row with no real token
+    (an empty text: ours reads it as <|endoftext|>)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    loaded = load_checkpoint(checkpoint)
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, loaded.model.config.vocab_size, (n,), generator=g).tolist() for n in (9, 1, 30, 4, 0)]
+    T = 33
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, row in enumerate(rows):
+        place = slice(0, len(row)) if side == "right" else slice(T - len(row), T)
+        input_ids[i, place], attention_mask[i, place] = torch.tensor(row, dtype=torch.long), 1
+    _, probs = session.run(None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
+    ours = predict_probabilities(loaded.model, [row or [loaded.tokenizer.eot_token] for row in rows])
+    torch.testing.assert_close(torch.from_numpy(probs), ours, rtol=0, atol=1e-4)
+
+
+def test_onnx_real_sms_texts_through_tokenizer_json(real_vocab_checkpoint, tmp_path):
+    """GPT-2's real vocabulary and real messages in input (unsorted) order, batches of 16, tokenized by the
+    tokenizers library alone from the exported tokenizer.json."""
+    import numpy as np
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    onnx_dir = export_onnx(real_vocab_checkpoint, tmp_path / "onnx")
+    tokenizer = Tokenizer.from_file(str(onnx_dir / "tokenizer.json"))
+    session = onnxruntime.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    texts = load_sms_spam().texts[:160]
+    got = []
+    for start in range(0, len(texts), 16):
+        encodings = tokenizer.encode_batch(texts[start : start + 16])
+        feed = {name: np.array([getattr(e, name) for e in encodings]) for name in ("ids", "attention_mask")}
+        got.append(
+            session.run(["probabilities"], {"input_ids": feed["ids"], "attention_mask": feed["attention_mask"]})[0]
+        )
+    torch.testing.assert_close(
+        torch.from_numpy(np.concatenate(got)), our_probabilities(real_vocab_checkpoint, texts), rtol=0, atol=1e-4
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optimum") is None, reason="optimum-onnx is not installed")
+def test_the_readme_optimum_example_gives_our_probabilities(onnx_dir, checkpoint):
+    """Optimum's ORTModelForSequenceClassification in transformers' pipeline, as the README shows it (optimum-onnx
+    needs transformers < 4.58, so this runs only where that pair is installed)."""
+    code = readme_python("ORTModelForSequenceClassification").replace('"exports/spamgpt-onnx"', repr(str(onnx_dir)))
+    texts = [*TEXTS, "free entry " * 60]
+    code = code.replace('classify(["WINNER!! Claim your free prize now", "See you at 5?"], truncation=True)', "")
+    namespace = {}
+    exec(code, namespace)
+    for batch_size in (1, 3, 8):
+        answers = namespace["classify"](texts, truncation=True, batch_size=batch_size)
+        got = torch.tensor(
+            [[{a["label"]: a["score"] for a in answer}[label] for label in ("ham", "spam")] for answer in answers]
+        )
+        torch.testing.assert_close(got, our_probabilities(checkpoint, texts), rtol=0, atol=1e-4)
 
 
 def test_the_readme_onnx_example_truncates_to_the_checkpoints_max_tokens(onnx_dir, checkpoint):
@@ -251,3 +418,17 @@ def test_cli_export_hf_and_its_errors(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(checkpoint), "--format", "gguf", "--out", str(tmp_path / "y")])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(("fmt", "extra"), [("hf", "export"), ("onnx", "onnx")])
+def test_export_without_tokenizers_names_the_extra_and_writes_nothing(
+    checkpoint, tmp_path, monkeypatch, capsys, fmt, extra
+):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tokenizers" else find_spec(name, *a)
+    )
+    out = tmp_path / fmt
+    assert main(["export", str(checkpoint), "--format", fmt, "--out", str(out)]) == 1
+    assert f"needs 'tokenizers': pip install 'spamgpt[{extra}]'" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())

@@ -13,9 +13,9 @@ from app.main import create_app
 from tests.helpers import calibrated_checkpoint, edit_tensors, tiny_card, tiny_settings
 from training.cli import main
 from training.runtime.checkpoint import save_checkpoint
+from training.runtime.classifier import Classifier
 from training.runtime.inference import Threshold
 from training.runtime.model import GPTClassifier
-from training.scoring.scorer import Scorer
 
 TEXTS = [
     "WINNER!! Claim your free prize now",
@@ -239,13 +239,13 @@ def test_result_columns_that_clash_with_the_input_need_a_prefix(tmp_path, tiny_c
 
 def test_rows_are_scored_a_chunk_at_a_time(tmp_path, tiny_checkpoint, monkeypatch):
     sizes = []
-    score = Scorer.score
+    classify = Classifier.classify
 
     def recording(self, texts):
         sizes.append(len(texts))
-        return score(self, texts)
+        return classify(self, texts)
 
-    monkeypatch.setattr(Scorer, "score", recording)
+    monkeypatch.setattr(Classifier, "classify", recording)
     data = write_input(tmp_path / "in.txt", [f"text {i}" for i in range(23)])
     assert (
         predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", tmp_path / "o.csv", "--chunk-rows", "5") == 0

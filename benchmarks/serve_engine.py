@@ -4,7 +4,7 @@
 
 Contenders, all on the same texts and holding the same weights (GPT-2 124M architecture, random weights: OpenAI's
 weights are not available here, and the compute is the same):
-- ours float32 / int8: app.engine.Engine.predict (int8: Settings.quantize_int8, dynamic int8 nn.Linear).
+- ours float32 / int8: Classifier.predict (int8: Settings.quantize_int8, dynamic int8 nn.Linear).
 - ONNX Runtime float32 / dynamic int8: our own ONNX export (training.export.export_onnx, GPTClassifier.forward_padded:
   every position of a right-padded batch computed, the last real token read; written from a separate load of the
   checkpoint, so nothing we time is touched by the exporter), int8 by onnxruntime.quantization.quantize_dynamic
@@ -42,7 +42,6 @@ from pathlib import Path
 
 import torch
 
-from app.engine import Engine
 from app.settings import Settings
 from benchmarks.common import (
     BPE_DIR,
@@ -58,8 +57,10 @@ from training.export.formats import ONNX_FILE, export_onnx, hf_state_dict
 from training.finetune.data import deduplicate, load_sms_spam, text_id
 from training.finetune.evaluate import EVAL_BATCH_SIZE
 from training.runtime.checkpoint import REPORT_DIR, ModelCard, load_checkpoint, save_checkpoint
+from training.runtime.classifier import Classifier
 from training.runtime.inference import decide, length_sorted_batches, pad_right, probabilities
 from training.runtime.model import GPTClassifier, GPTConfig, padding_groups
+from training.runtime.options import ClassifierOptions
 from training.runtime.precision import cpu_info
 from training.runtime.tokenizer import load_tokenizer
 
@@ -122,8 +123,9 @@ def random_checkpoint(directory: Path, seed: int = 0) -> Path:
     return save_checkpoint(directory, model, BPE_DIR, card)
 
 
-def load_engine(checkpoint: Path, quantize_int8: bool = False, device: str = "cpu", dtype: str = "auto") -> Engine:
-    return Engine.load(Settings(checkpoint_dir=checkpoint, device=device, dtype=dtype, quantize_int8=quantize_int8))
+def load_engine(checkpoint: Path, quantize_int8: bool = False, device: str = "cpu", dtype: str = "auto") -> Classifier:
+    settings = Settings(checkpoint_dir=checkpoint, device=device, dtype=dtype, quantize_int8=quantize_int8)
+    return Classifier.load(checkpoint, settings.classifier_options())
 
 
 def transformers_classifier(model: GPTClassifier, pad_id: int):
@@ -148,7 +150,7 @@ def transformers_classifier(model: GPTClassifier, pad_id: int):
 
 
 def transformers_forward(hf, pad_id: int) -> Forward:
-    """Probabilities on the CPU, as Engine.predict gives them (on CUDA, that waits for the forward to finish)."""
+    """Probabilities on the CPU, as Classifier.predict gives them (on CUDA, that waits for the forward to finish)."""
     device = next(hf.parameters()).device
 
     @torch.inference_mode()
@@ -162,7 +164,7 @@ def transformers_forward(hf, pad_id: int) -> Forward:
 
 def onnxruntime_forwards(checkpoint: Path, directory: Path, threads: int) -> dict[str, Forward]:
     """ONNX Runtime float32 and dynamic int8 sessions on the checkpoint's ONNX export (written under `directory`),
-    as forwards giving probabilities like Engine.predict."""
+    as forwards giving probabilities like Classifier.predict."""
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -251,7 +253,8 @@ def precision_quality(checkpoint: Path) -> dict:
     engines = {
         "float32": load_engine(checkpoint),
         "int8": load_engine(checkpoint, quantize_int8=True),
-        "bfloat16": Engine(load_checkpoint(checkpoint, dtype=torch.bfloat16)),  # past check_precision: see above
+        # past check_precision: see above
+        "bfloat16": Classifier(load_checkpoint(checkpoint, dtype=torch.bfloat16), ClassifierOptions(device="cpu")),
     }
     outputs = {}
     for name, engine in engines.items():

@@ -4,7 +4,7 @@
 
 Run on a machine with a CUDA device; no test depends on it. The model is the GPT-2 124M architecture with random
 (seeded) weights (OpenAI's are not available to the project's machines; the compute is the same). Per dtype, ours
-(app.engine.Engine.predict, Settings(device="cuda", dtype=...)) and transformers' GPT2ForSequenceClassification
+(Classifier.predict, Settings(device="cuda", dtype=...)) and transformers' GPT2ForSequenceClassification
 holding the same weights in the same dtype get the same length-sorted batches, and, stricter, the same forward
 passes (each batch split by training.runtime.model.padding_groups), as in benchmarks.serve_engine. Every contender
 returns

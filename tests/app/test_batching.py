@@ -16,10 +16,10 @@ import torch
 from fastapi.testclient import TestClient
 from torch.testing import assert_close
 
-import app.engine
-from app.engine import Engine
+import training.runtime.classifier
 from app.main import create_app
 from tests.helpers import tiny_settings
+from training.runtime.classifier import Classifier
 
 WORDS = ["free", "prize", "win", "call", "now", "txt", "ok", "see", "you", "at", "the", "station", "love"]
 
@@ -41,11 +41,11 @@ async def serve_app(app):
 
 
 class BlockedEngine:
-    """Engine.predict_logits (the batcher's seam) held until released, recording every batch of token ids."""
+    """Classifier.predict_logits (the batcher's seam) held until released, recording every batch of token ids."""
 
     def __init__(self, monkeypatch):
         self.entered, self.release, self.batches = threading.Event(), threading.Event(), []
-        predict = Engine.predict_logits
+        predict = Classifier.predict_logits
 
         def blocked_predict(engine, rows):
             self.batches.append(rows)
@@ -53,7 +53,7 @@ class BlockedEngine:
             assert self.release.wait(timeout=10), "test never released the engine"
             return predict(engine, rows)
 
-        monkeypatch.setattr(Engine, "predict_logits", blocked_predict)
+        monkeypatch.setattr(Classifier, "predict_logits", blocked_predict)
 
     async def wait_entered(self):
         assert await asyncio.to_thread(self.entered.wait, 10)
@@ -94,7 +94,7 @@ def test_batched_results_equal_each_text_alone(tiny_checkpoint):
     responses, metrics = asyncio.run(main())
     batches, n_texts = sample(metrics, "spamgpt_batch_size_count"), sum(map(len, requests))
     assert batches < n_texts, "no two texts shared a batch: the test would prove nothing"
-    engine = Engine.load(settings)
+    engine = Classifier.load(settings.checkpoint_dir, settings.classifier_options())
     for texts, response in zip(requests, responses, strict=True):
         assert response.status_code == 200, response.text
         results = response.json()["results"]
@@ -107,13 +107,13 @@ def test_batched_results_equal_each_text_alone(tiny_checkpoint):
 
 
 def test_the_model_runs_on_one_thread_from_warm_up_to_every_batch(tiny_checkpoint, monkeypatch):
-    threads, predict = [], app.engine.predict_logits
+    threads, predict = [], training.runtime.classifier.predict_logits
 
     def recording_predict(*args):
         threads.append(threading.current_thread().name)
         return predict(*args)
 
-    monkeypatch.setattr(app.engine, "predict_logits", recording_predict)
+    monkeypatch.setattr(training.runtime.classifier, "predict_logits", recording_predict)
     settings = tiny_settings(tiny_checkpoint, max_batch_size=2, max_wait_ms=0)
 
     async def main():
@@ -181,13 +181,13 @@ def test_batching_switch(tiny_checkpoint, monkeypatch, batching, expected_sizes)
     responses = asyncio.run(main())
     assert [r.status_code for r in responses] == [200] * 5
     assert [len(r.json()["results"]) for r in responses] == [1, 1, 2, 3, 1]
-    assert engine.batch_sizes[1:] == expected_sizes[1:]  # the warm-up does not go through Engine.predict
+    assert engine.batch_sizes[1:] == expected_sizes[1:]  # the warm-up does not go through Classifier.predict_logits
 
 
 def test_health_is_503_until_loaded_and_while_draining(tiny_checkpoint, monkeypatch):
     loaded = threading.Event()
-    load = Engine.load
-    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, s: loaded.wait(10) and load(s)))
+    load = Classifier.load
+    monkeypatch.setattr(Classifier, "load", classmethod(lambda cls, *args: loaded.wait(10) and load(*args)))
     app = create_app(tiny_settings(tiny_checkpoint))
 
     async def main():
@@ -414,7 +414,7 @@ def test_a_client_that_disconnects_while_waiting_has_its_texts_dropped(tiny_chec
 
 
 def test_a_failing_model_is_a_500_for_its_batch_only(tiny_checkpoint, monkeypatch):
-    predict = Engine.predict_logits
+    predict = Classifier.predict_logits
     failures = iter([True])
 
     def flaky_predict(engine, rows):
@@ -422,7 +422,7 @@ def test_a_failing_model_is_a_500_for_its_batch_only(tiny_checkpoint, monkeypatc
             raise RuntimeError("CUDA out of memory (simulated)")
         return predict(engine, rows)
 
-    monkeypatch.setattr(Engine, "predict_logits", flaky_predict)
+    monkeypatch.setattr(Classifier, "predict_logits", flaky_predict)
     with TestClient(create_app(tiny_settings(tiny_checkpoint)), raise_server_exceptions=False) as client:
         failed = client.post("/classify", json={"texts": ["a"]})
         served = client.post("/classify", json={"texts": ["a"]})

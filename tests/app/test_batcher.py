@@ -136,7 +136,9 @@ def test_a_lone_text_leaves_after_max_wait():
     result, seconds = run(model, test, max_wait_ms=100)
     assert result == [score([1])]
     assert model.batches == [[[1]]]
-    assert 0.1 <= seconds < 1.0
+    # it waited max_wait, and then left alone: no other text came, the batcher was not stopping, and a text held
+    # until the request's deadline would have been dropped unrun instead of scored
+    assert seconds >= 0.1
 
 
 def test_a_waiting_text_takes_the_texts_that_arrive_within_max_wait_and_leaves_once_the_batch_is_full():

@@ -125,9 +125,6 @@ class LabelScore(BaseModel):
 
 
 class Result(BaseModel):
-    # read from a training.runtime.classifier.Prediction's attributes, the typed result file scoring writes too
-    model_config = ConfigDict(from_attributes=True)
-
     label: str
     probabilities: dict[str, float] = Field(description="One per label, summing to 1")
     tokens: int = Field(description="Tokens the model read, after truncation")

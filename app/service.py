@@ -128,13 +128,17 @@ class Service:
         )
 
     async def classify(self, texts: list[str], receive: Receive) -> dict:
-        """The /classify response for validated `texts`: `{"model": name, "results": [Prediction, ...]}`, one
-        Prediction per text in input order (Classifier.predictions, as file scoring builds its records).
+        """The /classify response for validated `texts`: `{"model": name, "results": [...]}`, one result per text in
+        input order, each a Prediction's fields (Classifier.predictions, from which file scoring builds its records).
 
         Raises what _score raises.
         """
         rows, truncated, logits = await self._score(texts, receive)
-        return {"model": self.model_name, "results": self.classifier.predictions(rows, truncated, logits)}
+        results = [
+            {"label": p.label, "probabilities": p.probabilities, "tokens": p.tokens, "truncated": p.truncated}
+            for p in self.classifier.predictions(rows, truncated, logits)
+        ]
+        return {"model": self.model_name, "results": results}
 
     async def label_logits(
         self, inputs: str | list[str], receive: Receive, field: str, refuse_truncation: bool = False

@@ -15,7 +15,7 @@ def classify_router(settings: Settings) -> APIRouter:
 
     @routes.post(
         "/classify",
-        response_model=ClassifyResponse,  # validates and serializes the service's Predictions in one pass
+        response_model=ClassifyResponse,  # validates and serializes the service's plain dicts in one pass
         dependencies=[Depends(require_api_key)],
         responses=error_responses(*SCORING_ERRORS),
     )

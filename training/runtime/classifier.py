@@ -20,7 +20,7 @@ from training.runtime.options import ClassifierOptions
 from training.runtime.tokenizer import encode_batch
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ would double what serving spends building answers
 class Prediction:
     """One text's answer: what /classify returns for it and what file scoring writes as its row's columns."""
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from app.errors import DeadlineExceeded, NotReady, Overloaded
 from app.metrics import Metrics
+from app.settings import BatchLimits
 
 
 @dataclass(eq=False, slots=True)
@@ -39,24 +40,18 @@ class _Text:
 
 
 class Batcher:
+    """Texts from concurrent requests, queued and run in batches within `limits`.
+
+    run: one batch of token ids -> one result per row, called on `executor`'s threads.
+    """
+
     def __init__(
-        self,
-        run: Callable[[list[list[int]]], Sequence[Any]],
-        metrics: Metrics,
-        *,
-        max_batch_size: int,
-        max_batch_tokens: int,
-        max_wait_ms: float,
-        max_queue_texts: int,
-        timeout_s: float,
-        merge_requests: bool = True,
-        executor: Executor,
+        self, run: Callable[[list[list[int]]], Sequence[Any]], metrics: Metrics, limits: BatchLimits, executor: Executor
     ):
-        # run: one batch of token ids -> one result per row, called on `executor`'s threads
         self.run, self.metrics, self.executor = run, metrics, executor
-        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
-        self.max_wait_s, self.max_queue_texts = max_wait_ms / 1000, max_queue_texts
-        self.timeout_s, self.merge_requests = timeout_s, merge_requests
+        self.max_batch_size, self.max_batch_tokens = limits.max_batch_size, limits.max_batch_tokens
+        self.max_wait_s, self.max_queue_texts = limits.max_wait_ms / 1000, limits.max_queue_texts
+        self.timeout_s, self.merge_requests = limits.request_timeout_s, limits.batching
         self._queue: deque[_Text] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None

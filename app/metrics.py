@@ -1,7 +1,6 @@
 """Prometheus metrics in a registry of the app's own, so several apps in one process never clash."""
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Seconds: from a fraction of a millisecond (tiny batches on GPU) to seconds (a full batch of long texts on CPU).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -9,6 +8,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
+    """The app's Prometheus metrics: requests, latencies, batch sizes, queue depth, dropped texts, model errors."""
+
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
@@ -31,33 +32,5 @@ class Metrics:
         self.model_errors = Counter("spamgpt_model_errors", "Texts the model failed on", ["cause"], registry=r)
 
     def render(self) -> bytes:
+        """The registry in Prometheus' text format."""
         return generate_latest(self.registry)
-
-
-class RequestCounter:
-    """Pure ASGI middleware counting requests by path and status. Paths outside `paths` count as "other", so
-    label values stay bounded whatever clients send. It sits outside the body limit, so 413s count too."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics, paths: frozenset[str]):
-        self.app, self.metrics, self.paths = app, metrics, paths
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = 0
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        except Exception:
-            status = status or 500  # what ServerErrorMiddleware, outside this one, answers
-            raise
-        finally:
-            # 499, nginx's "client closed request": the app returned without answering because the client left
-            route = scope["path"] if scope["path"] in self.paths else "other"
-            self.metrics.requests.labels(route=route, status=str(status or 499)).inc()

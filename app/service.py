@@ -1,29 +1,62 @@
-"""What one app instance holds: settings, metrics, readiness, the engine and the batcher; and its lifespan."""
+"""The service the routes call: one app instance's settings, metrics and readiness, its classifier
+(training.runtime.classifier.Classifier) and micro-batcher; and its lifespan. Routes make one call into it (classify,
+label_logits, info, health) and never reach the classifier or the batcher themselves."""
 
 import asyncio
+import re
 import signal
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Literal, TypeVar
 
+import torch
 from fastapi import FastAPI
+from starlette.types import Receive
 
 from app.batcher import Batcher
-from app.engine import Engine, model_name
+from app.edge.protocol import ARRIVAL_TIMEOUT_STATE
+from app.errors import ClientClosedRequest, ErrorDetail, InvalidInput, ModelError, NotReady
 from app.metrics import Metrics
+from app.schemas import Health, Info
 from app.settings import Settings
+from training.runtime.classifier import Classifier
+from training.runtime.inference import nonfinite_rows
+
+# /info's limits beside the batcher's (app.batcher.BatchLimits): what one request and one connection may hold
+REQUEST_LIMITS = (
+    "max_texts_per_request",
+    "max_text_chars",
+    "max_body_bytes",
+    "request_arrival_timeout_s",
+    "max_body_bytes_in_flight",
+    "max_connections",
+)
+
+
+@dataclass(frozen=True)
+class LabelLogits:
+    """Texts' logits with the labels they are for: (N, n_labels) float32, every row finite, columns in `labels`'
+    order."""
+
+    labels: tuple[str, ...]
+    logits: torch.Tensor
 
 
 class Service:
+    """One app instance's model and its state: "loading" until start() has loaded and warmed up the classifier,
+    then "ok"; "failed" when loading raised; "draining" once shutdown began."""
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics()
         self.status: Literal["loading", "ok", "failed", "draining"] = "loading"
         self.detail = f"loading {settings.checkpoint_dir}"
-        self.engine: Engine | None = None
-        self.batcher: Batcher | None = None
+        self.classifier: Classifier | None = None
+        self.batch_limits = settings.batch_limits()
+        self._batcher: Batcher | None = None
         # Every model call (load, warm-up, batches) on this one thread: torch's intra-op thread pool belongs to
         # the thread that calls it, and one pool per calling thread would leave idle pools spinning on the cores
         # that the running one needs.
@@ -31,28 +64,22 @@ class Service:
         self.model_name = settings.model_name
 
     async def start(self) -> None:
-        """Load and warm up in a thread, so the event loop stays free (and /health answers 503) meanwhile."""
+        """Load and warm up in a thread, so the event loop stays free (and /health answers 503) meanwhile.
+
+        Raises what Classifier.load raises (CheckpointError, ValueError, RuntimeError), the status then "failed".
+        """
+        s = self.settings
         try:
-            self.engine = await asyncio.get_running_loop().run_in_executor(
-                self.model_thread, Engine.load, self.settings
+            self.classifier = await asyncio.get_running_loop().run_in_executor(
+                self.model_thread, Classifier.load, s.checkpoint_dir, s.classifier_options()
             )
         except Exception as exc:
             self.status, self.detail = "failed", f"{type(exc).__name__}: {exc}"
             raise
-        s = self.settings
-        self.batcher = Batcher(
-            self.engine.predict_logits,  # one batch the batcher formed -> (B, n_labels) logits, one row per text
-            self.metrics,
-            max_batch_size=s.max_batch_size,
-            max_batch_tokens=s.max_batch_tokens,
-            max_wait_ms=s.max_wait_ms,
-            max_queue_texts=s.max_queue_texts,
-            timeout_s=s.request_timeout_s,
-            merge_requests=s.batching,
-            executor=self.model_thread,
-        )
-        self.batcher.start()
-        self.model_name = s.model_name or model_name(self.engine.card.base_model, self.engine.parameter_count)
+        # one batch the batcher formed -> (B, n_labels) logits, one row per text
+        self._batcher = Batcher(self.classifier.predict_logits, self.metrics, self.batch_limits, self.model_thread)
+        self._batcher.start()
+        self.model_name = s.model_name or model_name(self.classifier.card.base_model, self.classifier.parameter_count)
         self.status, self.detail = "ok", None
 
     def drain(self) -> None:
@@ -60,23 +87,164 @@ class Service:
         self.status, self.detail = "draining", "shutting down"
 
     async def stop(self) -> None:
+        """Drain, run the queued texts to the end, then release the model thread."""
         self.drain()
-        if self.batcher is not None:
-            await self.batcher.stop()
+        if self._batcher is not None:
+            await self._batcher.stop()
         self.model_thread.shutdown()
 
-    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+    def require_ready(self) -> None:
+        """Raises NotReady (503) unless the model is loaded: while loading, after a failed load. While draining,
+        requests are still served (the drain delay after SIGTERM); the batcher refuses them once the lifespan
+        shutdown stops it."""
+        if self.status not in ("ok", "draining") or self._batcher is None:
+            raise NotReady(f"model not ready ({self.status}): {self.detail}")
+
+    def health(self) -> Health:
+        """Status "ok" with the model's name once loaded and warmed up; else the status and why."""
+        if self.status == "ok":
+            return Health(status="ok", model=self.model_name)
+        return Health(status=self.status, detail=self.detail)
+
+    def info(self) -> Info:
+        """The model card, where and how the model runs, and every limit in force. Call once ready."""
+        classifier, card = self.classifier, self.classifier.card
+        return Info(
+            model=self.model_name,
+            labels=list(card.labels),
+            base_model=card.base_model,
+            parameters=classifier.parameter_count,
+            max_tokens=card.max_tokens,
+            threshold=card.threshold,
+            prior=None if card.calibration is None else card.calibration.prior,
+            calibration=None if card.calibration is None else asdict(card.calibration),
+            metrics=card.metrics,
+            created=card.created,
+            version=card.version,
+            device=str(classifier.device),
+            dtype=str(classifier.dtype).removeprefix("torch."),
+            quantization=classifier.quantization,
+            limits={**asdict(self.batch_limits), **{name: getattr(self.settings, name) for name in REQUEST_LIMITS}},
+        )
+
+    async def classify(self, texts: list[str], receive: Receive) -> dict:
+        """The /classify response for validated `texts`: `{"model": name, "results": [...]}`, one result per text in
+        input order, each a Prediction's fields (Classifier.predictions, from which file scoring builds its records).
+
+        Raises what _score raises.
+        """
+        rows, truncated, logits = await self._score(texts, receive)
+        results = [
+            {"label": p.label, "probabilities": p.probabilities, "tokens": p.tokens, "truncated": p.truncated}
+            for p in self.classifier.predictions(rows, truncated, logits)
+        ]
+        return {"model": self.model_name, "results": results}
+
+    async def label_logits(
+        self, inputs: str | list[str], receive: Receive, field: str, refuse_truncation: bool = False
+    ) -> LabelLogits:
+        """The logits of validated `inputs` (one text or a list), for the dialects that rank labels by scores.
+
+        Raises what _score raises.
+        """
+        _, _, logits = await self._score(inputs, receive, field, refuse_truncation)
+        return LabelLogits(self.classifier.card.labels, logits)
+
+    async def _score(
+        self, inputs: str | list[str], receive: Receive, field: str = "texts", refuse_truncation: bool = False
+    ) -> tuple[list[list[int]], list[bool], torch.Tensor]:
+        """Validated `inputs` (one text or a list) -> each text's token ids, whether it was truncated, and
+        (N, n_labels) float32 logits, every row finite: the one path from a request's texts to the model.
+
+        `receive` is the request's ASGI channel, watched for the client leaving. Errors name texts by their place
+        in the request's `field` (text_paths). Raises InvalidInput naming each text over max_tokens when
+        refuse_truncation (TEI's `truncate: false`); ModelError naming each text the model gave non-finite logits
+        for; the batcher's Overloaded, DeadlineExceeded and NotReady; ClientClosedRequest when the client leaves
+        while waiting.
+        """
+        texts, paths = [inputs] if isinstance(inputs, str) else inputs, text_paths(field, inputs)
+        # Tokenized here, once, in a thread (tiktoken releases the GIL): requests tokenize in parallel while the
+        # model runs, and the batcher needs token counts to keep batches within max_batch_tokens.
+        rows, truncated = await asyncio.to_thread(self._tokenize, texts)
+        if refuse_truncation and any(truncated):
+            limit = self.classifier.card.max_tokens
+            raise InvalidInput.of(
+                [
+                    ErrorDetail(field=path, message=f"longer than max_tokens {limit}; send truncate: true")
+                    for path, cut in zip(paths, truncated, strict=True)
+                    if cut
+                ]
+            )
+        logits = torch.stack(await unless_client_leaves(receive, self._batcher.submit(rows)))
+        self._refuse_nonfinite(logits, paths)
+        return rows, truncated, logits
+
+    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
         with self.metrics.tokenize.time():
-            return self.engine.tokenize(texts)
+            return self.classifier.tokenize(texts)
+
+    def _refuse_nonfinite(self, logits: torch.Tensor, paths: list[str]) -> None:
+        """Raises ModelError naming each text (by its path in the request, one per row) whose row of (N, n_labels)
+        logits is not finite, and counts those texts in spamgpt_model_errors_total; the request's other texts are
+        not answered either."""
+        bad = nonfinite_rows(logits)
+        if not bad:
+            return
+        self.metrics.model_errors.labels(cause="non_finite_logits").inc(len(bad))
+        cause = "the model gave non-finite logits (NaN or inf): a fault of the model, not of the text"
+        details = [ErrorDetail(field=paths[i], message=cause) for i in bad]
+        raise ModelError(f"{', '.join(paths[i] for i in bad)}: {cause}", details)
+
+
+def text_paths(field: str, inputs: str | list[str]) -> list[str]:
+    """Where each text sits in the request, as errors name it: `field` for one string, `field`.index in a list."""
+    return [field] if isinstance(inputs, str) else [f"{field}.{i}" for i in range(len(inputs))]
+
+
+T = TypeVar("T")
+
+
+async def unless_client_leaves(receive: Receive, waiting: Awaitable[T]) -> T:
+    """What `waiting` gives, unless the client disconnects first: then `waiting` is cancelled, which takes the
+    request's texts off the queue, and ClientClosedRequest is raised."""
+    work, left = asyncio.ensure_future(waiting), asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((work, left), return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        work.cancel()
+        await asyncio.wait((work,))  # let its cancellation take the texts off the queue before answering
+        raise ClientClosedRequest("the client disconnected while its texts waited")
+    finally:  # also when this handler is cancelled itself (uvicorn's graceful-shutdown timeout)
+        left.cancel()
+        work.cancel()  # does nothing once it is done
+
+
+async def _disconnected(receive: Receive) -> None:
+    # The body has been read: the server's next message is http.disconnect, when the client goes away
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def model_name(base_model: str, parameter_count: int) -> str:
+    """ "spamgpt-gpt2-124m" from the card's base model ("gpt2" or "openai-community/gpt2") and the parameter count."""
+    base = re.sub(r"[^a-z0-9.]+", "-", base_model.rsplit("/", 1)[-1].lower()).strip("-")
+    for scale, suffix in ((1e9, "b"), (1e6, "m"), (1e3, "k")):
+        if parameter_count >= scale:
+            return f"spamgpt-{base}-{parameter_count / scale:.3g}{suffix}"
+    return f"spamgpt-{base}-{parameter_count}"
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Startup raises when the checkpoint cannot be served: uvicorn then exits non-zero with the message."""
+async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, float]]:
+    """Startup raises when the checkpoint cannot be served: uvicorn then exits non-zero with the message.
+
+    The lifespan state it yields reaches the server's connections: uvicorn hands it to each protocol it builds, so
+    app.edge.protocol reads the arrival deadline of these settings there."""
     service: Service = app.state.service
     await service.start()
     with draining_on_sigterm(service, service.settings.drain_delay_s):
-        yield
+        yield {ARRIVAL_TIMEOUT_STATE: service.settings.request_arrival_timeout_s}
     await service.stop()
 
 

@@ -1,44 +1,59 @@
 """SPAMGPT_* settings. Nothing about the model lives here: sizes, labels and max tokens come from the checkpoint."""
 
 import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training.runtime.precision import check_precision, resolve_dtype
+from training.runtime.options import ClassifierOptions
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# The classifier's defaults are file scoring's too: one definition, in training.runtime.options
+DEFAULTS = {f.name: f.default for f in fields(ClassifierOptions)}
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """What bounds the micro-batcher's batches and queue (app.batcher.Batcher): the settings of the same names
+    (Settings, where each one's trade-off is given), which /info reports as they are."""
+
+    batching: bool  # False: every request is a batch of its own; True: concurrent requests' texts share batches
+    max_batch_size: int  # texts per forward pass, >= 1
+    max_batch_tokens: int  # padded tokens (rows x longest row) per forward pass, >= 1
+    max_wait_ms: float  # milliseconds a batch waits for more texts, from its oldest text's arrival, >= 0
+    max_queue_texts: int  # texts waiting for the model, >= 1; a request that does not fit is refused whole
+    request_timeout_s: float  # seconds a request's texts may wait before it is refused and they are dropped, > 0
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SPAMGPT_")
 
     checkpoint_dir: Path = Path("checkpoints/spamgpt")
-    # "auto": cuda when available, else cpu.
-    device: str = "auto"
+    # "auto": cuda, then mps, then cpu (training.runtime.device.resolve_device, the rule of every command).
+    device: str = DEFAULTS["device"]
     # "auto": float32 on CPU (even where bfloat16 is native: see training.runtime.precision.resolve_dtype); on CUDA
     # bfloat16
     # where the GPU computes it natively (float32's range: GPT-2's large activations cannot overflow it), else
     # float16. "bfloat16" on CPU only where the CPU computes it natively (training.runtime.precision.check_precision).
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = DEFAULTS["dtype"]
     # CPU only: int8 weights for every nn.Linear. Faster and 4x smaller; probabilities move by ~1e-2.
-    quantize_int8: bool = False
+    quantize_int8: bool = DEFAULTS["quantize_int8"]
     # Binary models: the share of spam (the threshold's label) this deployment expects; probabilities are corrected
     # from the checkpoint's prior to it (Bayes' rule on the logits) and decisions stay as chosen. Unset: the
     # checkpoint's prior, the source data's rate. /info states the prior in force.
-    prior: float | None = Field(None, gt=0, lt=1)
+    prior: float | None = Field(DEFAULTS["prior"], gt=0, lt=1)
     # torch intra-op threads; 0 keeps torch's default (all cores). Fewer leaves cores for tokenizing and HTTP.
-    torch_threads: int = Field(0, ge=0)
+    torch_threads: int = Field(DEFAULTS["threads"], ge=0)
 
     # False: every request is its own batch (the benchmark's baseline); True merges concurrent requests.
     batching: bool = True
     # Texts per forward pass: larger raises throughput until the device saturates, and raises latency.
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int = Field(DEFAULTS["batch_size"], ge=1)
     # Padded tokens (rows x longest row) per forward pass: bounds activation memory when texts are long.
-    max_batch_tokens: int = Field(16384, ge=1)
+    max_batch_tokens: int = Field(DEFAULTS["max_batch_tokens"], ge=1)
     # How long a batch waits for more texts: fuller batches under load, up to this much latency when idle.
     max_wait_ms: float = Field(2.0, ge=0)
     # Texts waiting for the model: more absorbs bursts, fewer bounds memory and the wait before a 429.
@@ -88,7 +103,7 @@ class Settings(BaseSettings):
     @classmethod
     def _known_device(cls, value: str) -> str:
         if not DEVICE_PATTERN.fullmatch(value):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
         return value
 
     @field_validator("api_key")
@@ -108,16 +123,25 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _device_supports_dtype(self) -> "Settings":
-        check_precision(self.torch_device, self.dtype, self.quantize_int8)  # the rule file scoring follows too
+    def _classifier_options_are_valid(self) -> "Settings":
+        self.classifier_options()  # validates them by the rules file scoring follows too
         return self
 
-    @property
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+    def classifier_options(self) -> ClassifierOptions:
+        """How the checkpoint is loaded and run (training.runtime.options.ClassifierOptions), from these settings.
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return resolve_dtype(self.dtype, self.torch_device)
+        Raises ValueError for precision options the device cannot run (training.runtime.precision.check_precision).
+        """
+        return ClassifierOptions(
+            device=self.device,
+            dtype=self.dtype,
+            quantize_int8=self.quantize_int8,
+            threads=self.torch_threads,
+            batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            prior=self.prior,
+        )
+
+    def batch_limits(self) -> BatchLimits:
+        """The micro-batcher's limits (app.batcher.BatchLimits), which /info reports too."""
+        return BatchLimits(**{f.name: getattr(self, f.name) for f in fields(BatchLimits)})

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from app.engine import Engine
 from app.settings import Settings
 from training.config import BaseModelConfig
 from training.export.formats import hf_state_dict
 from training.finetune.data import deduplicate, load_sms_spam
 from training.runtime.checkpoint import CheckpointError, ModelCard, load_checkpoint, save_checkpoint
+from training.runtime.classifier import Classifier
 from training.runtime.inference import pad_right, probabilities
 from training.runtime.model import GPTClassifier, GPTConfig, Packing, padding_groups
 from training.runtime.precision import cpu_info
@@ -130,9 +130,10 @@ def cached_random_checkpoint(directory: Path = RANDOM_CHECKPOINT) -> Path:
     return directory
 
 
-def load_engine(checkpoint: Path, quantize_int8: bool = False, device: str = "cpu", dtype: str = "auto") -> Engine:
-    """The server's engine on `checkpoint`, loaded as the app loads it from these settings."""
-    return Engine.load(Settings(checkpoint_dir=checkpoint, device=device, dtype=dtype, quantize_int8=quantize_int8))
+def load_engine(checkpoint: Path, quantize_int8: bool = False, device: str = "cpu", dtype: str = "auto") -> Classifier:
+    """The classifier on `checkpoint`, loaded as the server loads it from these settings."""
+    settings = Settings(checkpoint_dir=checkpoint, device=device, dtype=dtype, quantize_int8=quantize_int8)
+    return Classifier.load(checkpoint, settings.classifier_options())
 
 
 # --- Contenders and timing of the engine benchmarks ------------------------------------------------------------
@@ -160,7 +161,7 @@ def transformers_classifier(model: GPTClassifier, pad_id: int):
 
 
 def transformers_forward(hf, pad_id: int) -> Forward:
-    """Probabilities on the CPU, as Engine.predict gives them (on CUDA, that waits for the forward to finish)."""
+    """Probabilities on the CPU, as Classifier.predict gives them (on CUDA, that waits for the forward to finish)."""
     device = next(hf.parameters()).device
 
     @torch.inference_mode()

@@ -71,7 +71,7 @@ def measure(n_texts: int, quantize_int8: bool, overrides: dict) -> dict:
     """In this (fresh) process: load, warm up, then one request of n_texts texts at max_tokens each."""
     settings = Settings(checkpoint_dir=RANDOM_CHECKPOINT, device="cpu", quantize_int8=quantize_int8, **overrides)
     with TestClient(create_app(settings)) as client:
-        engine = client.app.state.service.engine
+        engine = client.app.state.service.classifier
         texts = long_texts(engine.checkpoint.tokenizer, n_texts, engine.card.max_tokens)
         load_peak = max_rss_mib()
         reset_max_rss()

@@ -5,7 +5,7 @@
 The GPT-2 124M architecture with random (seeded) weights and the real BPE (benchmarks.common.cached_random_checkpoint,
 made once in benchmarks/checkpoints/gpt2-random); real SMS texts (benchmarks.common.sample_texts).
 
-- Throughput: the same texts through app.engine.Engine (tokenize + predict at the app's default batch limits: what
+- Throughput: the same texts through Classifier (tokenize + predict at the app's default batch limits: what
   a server spends on them beside HTTP) and through training.scoring.files.predict on a CSV of them (reading, tokenizing,
   predicting, writing the CSV; model load excluded from both). The two alternate round by round, so a load change on
   the shared machine hits both alike. Target: predict's rows/s at least 0.9x the engine's.
@@ -37,8 +37,9 @@ from benchmarks.common import (
     sample_texts,
     write_result,
 )
-from training.config import PredictConfig, ScoringConfig
+from training.config import PredictConfig
 from training.finetune.data import deduplicate, load_sms_spam
+from training.runtime.options import ClassifierOptions
 from training.scoring.files import predict
 
 TARGET_RATIO = 0.9
@@ -57,7 +58,7 @@ def throughput(checkpoint: Path, texts: list[str], rounds: int, int8: bool, work
     settings = Settings(checkpoint_dir=checkpoint, device="cpu", quantize_int8=int8)
     engine = load_engine(checkpoint, quantize_int8=int8)
     data = write_csv(workdir / "texts.csv", texts)
-    scoring = ScoringConfig(
+    scoring = ClassifierOptions(
         device="cpu", quantize_int8=int8, batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens
     )
     engine_s, file_s = [], []

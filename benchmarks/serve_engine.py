@@ -4,7 +4,7 @@
 
 Contenders, all on the same texts and holding the same weights (GPT-2 124M architecture, random weights: OpenAI's
 weights are not available here, and the compute is the same):
-- ours float32 / int8: app.engine.Engine.predict (int8: Settings.quantize_int8, dynamic int8 nn.Linear).
+- ours float32 / int8: Classifier.predict (int8: Settings.quantize_int8, dynamic int8 nn.Linear).
 - ONNX Runtime float32 / dynamic int8: our own ONNX export (training.export.export_onnx, GPTClassifier.forward_padded:
   every position of a right-padded batch computed, the last real token read; written from a separate load of the
   checkpoint, so nothing we time is touched by the exporter), int8 by onnxruntime.quantization.quantize_dynamic
@@ -40,7 +40,6 @@ from pathlib import Path
 
 import torch
 
-from app.engine import Engine
 from app.settings import Settings
 from benchmarks.common import (
     BPE_DIR,
@@ -65,8 +64,10 @@ from training.export.formats import ONNX_FILE, export_onnx, onnx_inputs
 from training.finetune.data import deduplicate, load_sms_spam, text_id
 from training.finetune.evaluate import EVAL_BATCH_SIZE
 from training.runtime.checkpoint import REPORT_DIR, load_checkpoint
+from training.runtime.classifier import Classifier
 from training.runtime.inference import decide, length_sorted_batches, pad_right, probabilities
 from training.runtime.model import GPTClassifier
+from training.runtime.options import ClassifierOptions
 from training.runtime.precision import cpu_info
 from training.runtime.tokenizer import load_tokenizer
 
@@ -107,7 +108,7 @@ NOTES = [
 
 def onnxruntime_forwards(checkpoint: Path, directory: Path, threads: int) -> dict[str, Forward]:
     """ONNX Runtime float32 and dynamic int8 sessions on the checkpoint's ONNX export (written under `directory`),
-    as forwards giving probabilities like Engine.predict."""
+    as forwards giving probabilities like Classifier.predict."""
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -180,7 +181,8 @@ def precision_quality(checkpoint: Path) -> dict:
     engines = {
         "float32": load_engine(checkpoint),
         "int8": load_engine(checkpoint, quantize_int8=True),
-        "bfloat16": Engine(load_checkpoint(checkpoint, dtype=torch.bfloat16)),  # past check_precision: see above
+        # past check_precision: see above
+        "bfloat16": Classifier(load_checkpoint(checkpoint, dtype=torch.bfloat16), ClassifierOptions(device="cpu")),
     }
     outputs = {}
     for name, engine in engines.items():
@@ -224,9 +226,9 @@ def _mean(flags) -> float:
 class Contenders:
     """Every contender's model, each loaded from the same random checkpoint."""
 
-    ours: Engine
-    ours_int8: Engine
-    ours_bfloat16: Engine | None  # only where the CPU has bfloat16 natively
+    ours: Classifier
+    ours_int8: Classifier
+    ours_bfloat16: Classifier | None  # only where the CPU has bfloat16 natively
     plain: GPTClassifier  # plain nn.Linear weights, as the checkpoint holds them: transformers' and the reference's
     onnx: dict[str, Forward]
 

@@ -4,7 +4,7 @@
 
 Run on a machine with a CUDA device; no test depends on it. The model is the GPT-2 124M architecture with random
 (seeded) weights (OpenAI's are not available to the project's machines; the compute is the same). Per dtype, ours
-(app.engine.Engine.predict, Settings(device="cuda", dtype=...)) and transformers' GPT2ForSequenceClassification
+(Classifier.predict, Settings(device="cuda", dtype=...)) and transformers' GPT2ForSequenceClassification
 holding the same weights in the same dtype get the same length-sorted batches, and, stricter, the same forward
 passes (each batch split by training.runtime.model.padding_groups), as in benchmarks.serve_engine. Every contender
 returns probabilities on the CPU, so each timing includes the wait for the GPU. Contenders are interleaved round by
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from app.engine import Engine
 from benchmarks.common import (
     load_engine,
     padded_tokens,
@@ -32,13 +31,14 @@ from benchmarks.common import (
     write_result,
 )
 from training.runtime.checkpoint import load_checkpoint
+from training.runtime.classifier import Classifier
 from training.runtime.inference import length_sorted_batches
 from training.runtime.model import GPTClassifier
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def dtype_contenders(dtype: str, engine: Engine, plain: GPTClassifier, batches: list, forwards: list) -> dict:
+def dtype_contenders(dtype: str, engine: Classifier, plain: GPTClassifier, batches: list, forwards: list) -> dict:
     """Ours and transformers in `dtype` on the same batches and on the same forward passes, once checked to agree."""
     eot = engine.checkpoint.tokenizer.eot_token
     hf_forward = transformers_forward(transformers_classifier(plain, eot).to("cuda", getattr(torch, dtype)), eot)

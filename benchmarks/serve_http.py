@@ -2,7 +2,7 @@
 
     python -m benchmarks.serve_http [--texts 512] [--seed 0] [--clients 32] [--bulk-size 64] [--bulk-clients 4]
 
-- engine: app.engine.Engine.tokenize and .predict in this process (tokenize, length-sorted batches at the app's
+- engine: Classifier.tokenize and .predict in this process (tokenize, length-sorted batches at the app's
   default limits, forward, softmax): the most the server could do with these texts. Timed right before each HTTP
   run, and each HTTP run is compared with its own engine run, so that other load on the machine hits both alike.
 - http: a uvicorn server started as a subprocess with the image's server command (`python -m app`, which the
@@ -181,7 +181,7 @@ def run_http(checkpoint: Path, log: Path, requests: list[list[str]], clients: in
 
 
 def time_engine(checkpoint: Path, texts: list[str], settings: Settings, device: str) -> tuple[float, dict]:
-    """Seconds for Engine.tokenize and Engine.predict on all texts at the app's default batch limits (after the same
+    """Seconds for Classifier.tokenize and .predict on all texts at the app's default batch limits (after the same
     untimed), and each text's probabilities. The engine is freed afterwards, so the server gets the memory."""
     engine = load_engine(checkpoint, device=device)
     limits = settings.max_batch_size, settings.max_batch_tokens

@@ -69,6 +69,14 @@ def tiny_settings(checkpoint_dir: Path, **overrides) -> Settings:
     return Settings(**{"checkpoint_dir": checkpoint_dir, "device": "cpu", **overrides})
 
 
+def error_of(response, status: int) -> dict:
+    """The API error of a response that must have `status`: its type, message and details."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"type", "message", "details"}
+    return error
+
+
 # --- Training data and runs ------------------------------------------------------------------------
 
 SPAM_WORDS = ["win", "prize", "cash", "claim", "free", "urgent", "call", "now", "offer", "txt", "bonus", "reply"]

@@ -11,12 +11,10 @@ from typing import Any
 from training.finetune.data import BALANCING, ROLES
 from training.runtime.device import DEVICE_HELP, resolve_device
 from training.runtime.model import PRESETS, GPTConfig
+from training.runtime.options import ClassifierOptions
 from training.runtime.precision import (
-    DTYPE_HELP,
-    DTYPES,
     TRAINING_PRECISION_HELP,
     TRAINING_PRECISIONS,
-    check_precision,
 )
 from training.runtime.record import from_flat as from_flat
 
@@ -204,35 +202,6 @@ def file_format(path: str, given: str, formats: tuple[str, ...], default: str | 
 
 
 @dataclass(frozen=True)
-class ScoringConfig:
-    """How a checkpoint is loaded and run outside the server: the server's SPAMGPT_DEVICE, _DTYPE,
-    _QUANTIZE_INT8, _TORCH_THREADS, _MAX_BATCH_SIZE, _MAX_BATCH_TOKENS and _PRIOR, with the same rules
-    (training.runtime.precision) and defaults."""
-
-    device: str = opt("auto", DEVICE_HELP)
-    dtype: str = opt("auto", DTYPE_HELP, DTYPES)
-    quantize_int8: bool = opt(False, "CPU only: int8 weights for every linear layer, 1.5-2.3x float32's speed")
-    threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default (all cores)")
-    batch_size: int = opt(32, "texts per forward pass: larger raises throughput until the device saturates")
-    max_batch_tokens: int = opt(16384, "padded tokens (rows x longest row) per forward pass: bounds activation memory")
-    prior: float | None = opt(
-        None,
-        "binary models: the share of the threshold's label (spam) expected in this traffic; probabilities are "
-        "corrected to it (default: the checkpoint's prior, the source data's rate)",
-    )
-
-    def __post_init__(self):
-        check_precision(resolve_device(self.device), self.dtype, self.quantize_int8)
-        if self.prior is not None and not 0 < self.prior < 1:
-            raise ValueError(f"prior must lie in (0, 1), got {self.prior!r}")
-        for name in ("batch_size", "max_batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if self.threads < 0:
-            raise ValueError(f"threads must not be negative, got {self.threads!r}")
-
-
-@dataclass(frozen=True)
 class PredictConfig:
     """Everything `predict` needs: the checkpoint, the file to score and where the results go."""
 
@@ -245,7 +214,7 @@ class PredictConfig:
     )
     output_format: str = opt("auto", "auto: from --out's suffix", ("auto", *OUTPUT_FORMATS))
     output_prefix: str = opt("", "prefix of the added columns, when the input has columns of those names")
-    scoring: ScoringConfig = field(default_factory=ScoringConfig, metadata=group("scoring"))
+    scoring: ClassifierOptions = field(default_factory=ClassifierOptions, metadata=group("scoring"))
     chunk_rows: int = opt(1024, "rows read, scored and written at a time: memory stays bounded by one chunk")
     resume: bool = opt(True, "when --out exists, keep its rows and score only the input rows after them")
     progress: bool = opt(True, "show a progress bar (rows and rows per second) on stderr")

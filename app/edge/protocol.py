@@ -9,23 +9,21 @@ app.edge.body_limit.BodySizeLimit, which reads the request's start from scope["e
 
 `python -m app` selects it (`--http app.edge.protocol:ArrivalDeadlineProtocol`); under plain `uvicorn`, or with
 `--http h11`, only the body's deadline applies, counted from when the headers were complete.
+
+The deadline is the app's own setting: uvicorn builds protocols per connection, apart from the app, but hands each
+the server's lifespan state, where the app's lifespan (app.service.lifespan) puts the request_arrival_timeout_s of
+the settings create_app was given, under ARRIVAL_TIMEOUT_STATE. Without it (a server that runs no lifespan) the
+headers have no deadline, as under uvicorn's own protocol.
 """
 
 import asyncio
-import functools
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.edge.body_limit import REQUEST_BEGAN
 from app.errors import ErrorInfo, ErrorResponse, RequestTimeout
-from app.settings import Settings
 
-
-@functools.cache
-def arrival_timeout_s() -> float:
-    """The SPAMGPT_REQUEST_ARRIVAL_TIMEOUT_S in force; read once per process (uvicorn builds protocols per
-    connection, before and apart from the app)."""
-    return Settings().request_arrival_timeout_s
+ARRIVAL_TIMEOUT_STATE = "spamgpt.request_arrival_timeout_s"  # lifespan state key: seconds, > 0
 
 
 def timeout_response(timeout_s: float) -> bytes:
@@ -40,9 +38,12 @@ def timeout_response(timeout_s: float) -> bytes:
 
 
 class ArrivalDeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's HttpToolsProtocol, with each request's headers due within the lifespan state's
+    ARRIVAL_TIMEOUT_STATE seconds from its first byte (a new connection's first request: from the connection)."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.arrival_timeout_s = arrival_timeout_s()
+        self.arrival_timeout_s: float | None = self.app_state.get(ARRIVAL_TIMEOUT_STATE)
         self.arrival: asyncio.TimerHandle | None = None  # armed from a request's first byte to its headers' end
         self.request_began: float | None = None  # event loop time; None between requests
         self.request_started = False  # a byte of the current request has arrived
@@ -69,7 +70,8 @@ class ArrivalDeadlineProtocol(HttpToolsProtocol):
 
     def _arm(self) -> None:
         self.request_began = self.loop.time()
-        self.arrival = self.loop.call_later(self.arrival_timeout_s, self._too_slow)
+        if self.arrival_timeout_s is not None:
+            self.arrival = self.loop.call_later(self.arrival_timeout_s, self._too_slow)
 
     def _disarm(self) -> None:
         if self.arrival is not None:

@@ -5,6 +5,7 @@ import hashlib
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -152,6 +153,12 @@ def classify(url: str, text: str) -> httpx.Response:
         return http.post(f"{url}/classify", json={"texts": [text]})
 
 
+def answered(url: str, text: str) -> tuple[httpx.Response, float]:
+    """classify's response, and when it came (time.monotonic())."""
+    response = classify(url, text)
+    return response, time.monotonic()
+
+
 def queue_depth(url: str) -> float:
     with client() as http:
         metrics = http.get(f"{url}/metrics").text
@@ -176,26 +183,40 @@ def probe_until_refused(url: str, sent: float, limit_s: float) -> list[tuple[flo
     return seen
 
 
-def sigterm_under_load(checkpoint: Path, drain_delay_s: float, n_in_flight: int = 4):
-    """A real server with `n_in_flight` requests queued when SIGTERM arrives: (their responses, the probes of
+def connectable_until(port: int) -> float:
+    """Open and close bare connections to the port until one is refused; returns when (time.monotonic())."""
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        except ConnectionRefusedError:
+            return time.monotonic()
+        time.sleep(0.01)
+
+
+def sigterm_under_load(checkpoint: Path, drain_delay_s: float, n_in_flight: int = 4, max_wait_s: float = 1):
+    """A real server with `n_in_flight` requests queued when SIGTERM arrives: (their responses, seconds from
+    SIGTERM to the first of them, seconds from SIGTERM to the port refusing bare connections, the probes of
     probe_until_refused, seconds from SIGTERM to exit, exit code, stderr)."""
     port = free_port()
-    # Batches leave max_wait after their oldest text: with 1 s, requests stay in flight long enough to be caught
+    # Batches leave max_wait after their oldest text: requests stay in flight until then
     options = ("--timeout-graceful-shutdown", str(GRACE_S))
-    server = uvicorn(checkpoint, port, *options, max_wait_ms="1000", drain_delay_s=str(drain_delay_s))
+    max_wait_ms = str(int(max_wait_s * 1000))
+    server = uvicorn(checkpoint, port, *options, max_wait_ms=max_wait_ms, drain_delay_s=str(drain_delay_s))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(server, url)
-        with ThreadPoolExecutor(n_in_flight) as pool:
-            in_flight = [pool.submit(classify, url, f"message {i}") for i in range(n_in_flight)]
+        with ThreadPoolExecutor(n_in_flight + 1) as pool:
+            in_flight = [pool.submit(answered, url, f"message {i}") for i in range(n_in_flight)]
             while queue_depth(url) < n_in_flight:
                 time.sleep(0.01)
             sent = time.monotonic()
             server.send_signal(signal.SIGTERM)
+            port_closed = pool.submit(connectable_until, port)
             probes = probe_until_refused(url, sent, drain_delay_s + GRACE_S)
-            responses = [f.result() for f in in_flight]
+            responses, times = zip(*(f.result() for f in in_flight), strict=True)
+            closed = port_closed.result(timeout=drain_delay_s + GRACE_S) - sent
         stderr = server.communicate(timeout=drain_delay_s + GRACE_S + EXIT_SLACK_S)[1]
-        return responses, probes, time.monotonic() - sent, server.returncode, stderr
+        return list(responses), min(times) - sent, closed, probes, time.monotonic() - sent, server.returncode, stderr
     finally:
         if server.poll() is None:
             server.kill()
@@ -210,10 +231,11 @@ def assert_clean_exit(code: int, stderr: str) -> None:
 
 
 def test_sigterm_without_a_drain_delay_finishes_in_flight_requests_refuses_new_ones_and_exits(tiny_checkpoint):
-    responses, probes, took, code, stderr = sigterm_under_load(tiny_checkpoint, drain_delay_s=0)
+    # in flight for 3 s after they queued: the port closing at once comes before they are answered
+    responses, first_answer, closed, probes, took, code, stderr = sigterm_under_load(tiny_checkpoint, 0, max_wait_s=3)
     assert [r.status_code for r in responses] == [200] * len(responses), [r.text for r in responses]
     assert probes[-1][2] == "refused" and {status for _, route, status in probes if route == "/health"} <= {503}
-    assert probes[-1][0] < 1, probes  # the port closes at once
+    assert closed < first_answer, (closed, first_answer)  # the port closes at once, then in-flight work finishes
     assert_clean_exit(code, stderr)
     assert took < GRACE_S + EXIT_SLACK_S
     print(f"SIGTERM -> exit {took:.2f} s with {len(responses)} requests in flight; probes {probes}")
@@ -222,13 +244,13 @@ def test_sigterm_without_a_drain_delay_finishes_in_flight_requests_refuses_new_o
 def test_sigterm_with_a_drain_delay_keeps_serving_with_health_503_then_stops_accepting_and_exits_0(tiny_checkpoint):
     """Closing the port the moment SIGTERM arrives would let no client see /health 503."""
     delay_s = 2.0
-    responses, probes, took, code, stderr = sigterm_under_load(tiny_checkpoint, drain_delay_s=delay_s)
+    responses, _, _, probes, took, code, stderr = sigterm_under_load(tiny_checkpoint, drain_delay_s=delay_s)
     assert [r.status_code for r in responses] == [200] * len(responses), [r.text for r in responses]
     during = [(route, status) for t, route, status in probes if route != "connect"]
     assert {status for route, status in during if route == "/health"} == {503}, probes
     assert {status for route, status in during if route == "/classify"} == {200}, probes  # answered, even if sent
     # just before the port closed: in-flight work finishes
-    assert probes[-1][2] == "refused" and delay_s <= probes[-1][0] < delay_s + 2, probes
+    assert probes[-1][2] == "refused" and delay_s <= probes[-1][0] < took, probes  # after the delay, before exit
     assert_clean_exit(code, stderr)
     assert took < delay_s + GRACE_S + EXIT_SLACK_S
     print(f"SIGTERM -> refused at {probes[-1][0]:.2f} s, exit at {took:.2f} s; probes {probes}")

@@ -5,7 +5,7 @@ import torch
 from pydantic import ValidationError
 
 import training.runtime.precision
-from app.engine import model_name
+from app.service import model_name
 from app.settings import Settings
 from tests.helpers import pretend_cpu
 
@@ -25,7 +25,8 @@ def test_settings_are_read_from_the_environment(monkeypatch):
 
 def test_cpu_defaults_to_float32():
     settings = Settings(device="cpu")
-    assert (settings.torch_device, settings.torch_dtype) == (torch.device("cpu"), torch.float32)
+    options = settings.classifier_options()
+    assert (options.torch_device, options.torch_dtype) == (torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.parametrize(("bfloat16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
@@ -34,15 +35,15 @@ def test_cuda_defaults_to_bfloat16_where_the_gpu_has_it_else_float16(monkeypatch
     monkeypatch.setattr(
         training.runtime.precision, "cuda_supports_bfloat16", lambda device: asked.append(device) or bfloat16
     )
-    assert Settings(device="cuda:1").torch_dtype == expected
+    assert Settings(device="cuda:1").classifier_options().torch_dtype == expected
     assert asked == [torch.device("cuda:1")]
-    assert Settings(device="cuda:1", dtype="float16").torch_dtype == torch.float16
+    assert Settings(device="cuda:1", dtype="float16").classifier_options().torch_dtype == torch.float16
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_auto_dtype_follows_the_device():
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    assert Settings(device="cuda").torch_dtype == expected
+    assert Settings(device="cuda").classifier_options().torch_dtype == expected
 
 
 @pytest.mark.parametrize(
@@ -69,8 +70,8 @@ def test_bfloat16_on_a_cpu_that_would_emulate_it_is_refused_naming_the_missing_f
 @pytest.mark.parametrize("flag", ["avx512_bf16", "amx_bf16"])
 def test_bfloat16_on_a_cpu_that_has_it_natively_is_taken_and_auto_stays_float32(monkeypatch, flag):
     pretend_cpu(monkeypatch, "avx2", flag)
-    assert Settings(device="cpu", dtype="bfloat16").torch_dtype == torch.bfloat16
-    assert Settings(device="cpu").torch_dtype == torch.float32
+    assert Settings(device="cpu", dtype="bfloat16").classifier_options().torch_dtype == torch.bfloat16
+    assert Settings(device="cpu").classifier_options().torch_dtype == torch.float32
     with pytest.raises(ValidationError, match="quantize_int8 quantizes a float32 model, got dtype 'bfloat16'"):
         Settings(device="cpu", dtype="bfloat16", quantize_int8=True)
 

@@ -1,4 +1,9 @@
-"""Which torch device a run uses."""
+"""Which torch device a run uses: one rule for fine-tuning, evaluation, file scoring, Ray and the server.
+
+`auto` takes cuda, then mps, then cpu: the fastest device the machine has, so that a run does the same thing
+whichever command starts it. A CUDA GPU is the fastest where there is one; on an Apple machine MPS runs the model in
+float32 faster than its CPU cores. A server that must stay on the CPU says so (SPAMGPT_DEVICE=cpu).
+"""
 
 import torch
 
@@ -20,3 +25,11 @@ def resolve_device(name: str) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def require_available(device: torch.device) -> None:
+    """Raises RuntimeError naming `device` when it is a CUDA or MPS device this machine does not have."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {str(device)!r} requested but MPS is not available")

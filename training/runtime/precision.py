@@ -1,7 +1,7 @@
 """Which precision a loaded classifier runs in: the dtype "auto" means, which dtypes and int8 each device takes,
-what the CPU computes natively, int8 dynamic quantization, and float32 weights packed for the CPU. One rule for the
-server (app.settings, app.engine), file scoring (training.scoring.scorer) and fine-tuning's precision
-(training.finetune.loop), so that the same options mean the same thing in all of them."""
+what the CPU computes natively, int8 dynamic quantization, and float32 weights packed for the CPU. One rule for every
+consumer that loads a classifier (training.runtime.classifier: the server, file scoring, Ray) and for fine-tuning's
+precision (training.finetune.loop), so that the same options mean the same thing in all of them."""
 
 import contextlib
 import functools

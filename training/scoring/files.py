@@ -6,7 +6,7 @@ In: a .csv / .tsv with a header row (csv quoting; a quoted field may span lines)
 or, for any other suffix, plain text (one text a line). Out: .csv, .tsv or .jsonl, one row per good input row, in
 input order: the input's columns, then `line` (where the row starts in the input), `label`, `probability_<label>`
 for each of the model's labels, `tokens` (after truncation) and `truncated`: what `POST /classify` answers for the
-text (training.scoring.Scorer calls the engine's own functions).
+text (training.scoring.records builds both from training.runtime.classifier.Classifier.predictions).
 
 Rows are read, scored and written `chunk_rows` at a time, so memory is bounded by one chunk whatever the file's size.
 A bad row (not UTF-8, not JSON, no text, wrong number of fields) is reported with its line number on stderr and in
@@ -30,8 +30,9 @@ from typing import IO
 from tqdm import tqdm
 
 from training.config import INPUT_FORMATS, OUTPUT_FORMATS, PredictConfig, file_format
+from training.runtime.classifier import Classifier
 from training.runtime.inference import NonFiniteLogits
-from training.scoring.scorer import Scorer, usable_text
+from training.scoring.records import result_columns, result_record, usable_text
 
 BAD_ROWS_SUFFIX, SUMMARY_SUFFIX = ".bad-rows.jsonl", ".summary.json"
 MAX_PRINTED_BAD_ROWS = 20  # on stderr; all of them go to the bad-rows file
@@ -301,15 +302,16 @@ def predict(config: PredictConfig) -> dict:
 
     Returns the summary also written to OUT.summary.json: rows written in all, scored by this run and kept from an
     earlier one, bad rows, seconds and rows per second.
-    Raises CheckpointError for a checkpoint that cannot be loaded; ValueError for an input without a header or text
-    column, result columns that clash with the input's, or an output to resume that has other columns; OSError.
+    Raises CheckpointError for a checkpoint that cannot be loaded, RuntimeError for a device that is not there
+    (Classifier.load); ValueError for an input without a header or text column, result columns that clash with the
+    input's, or an output to resume that has other columns; OSError.
     """
     data, out = Path(config.data), Path(config.out)
     in_fmt = file_format(config.data, config.input_format, INPUT_FORMATS, default="lines")
     out_fmt = file_format(config.out, config.output_format, OUTPUT_FORMATS)
     bad_path, summary_path = out.with_name(out.name + BAD_ROWS_SUFFIX), out.with_name(out.name + SUMMARY_SUFFIX)
-    scorer = Scorer.load(config.checkpoint, config.scoring)
-    added = [config.output_prefix + name for name in ("line", *scorer.columns())]
+    classifier = Classifier.load(config.checkpoint, config.scoring)
+    added = [config.output_prefix + name for name in ("line", *result_columns(classifier.card.labels))]
     if not config.resume:
         out.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +330,7 @@ def predict(config: PredictConfig) -> dict:
         except ValueError:
             output.close()
             raise
-        run = _Run(scorer, output, added, columns, bad_path, config)
+        run = _Run(classifier, output, added, columns, bad_path, config)
         start = time.perf_counter()
         try:
             run.score(rows, point.last_line)
@@ -361,8 +363,8 @@ def predict(config: PredictConfig) -> dict:
 class _Run:
     """One pass over the remaining input: chunks scored and written, bad rows reported and recorded."""
 
-    def __init__(self, scorer, output, added, columns, bad_path, config: PredictConfig):
-        self.scorer, self.output, self.added, self.columns, self.config = scorer, output, added, columns, config
+    def __init__(self, classifier: Classifier, output, added, columns, bad_path, config: PredictConfig):
+        self.classifier, self.output, self.added, self.columns, self.config = classifier, output, added, columns, config
         self.bad_file = open(bad_path, "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
         self.scored = self.bad = 0
         self.bar = tqdm(desc="scoring", unit="row", disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
@@ -398,15 +400,15 @@ class _Run:
             return
         self.output.start([*(self.columns or list(chunk[0].fields)), *self.added])
         try:
-            results = self.scorer.score([row.text for row in chunk])
+            predictions = self.classifier.classify([row.text for row in chunk])
         except NonFiniteLogits as exc:  # a fault of the model: stop, with every earlier chunk written (resumable)
             lines = ", ".join(str(chunk[i].line) for i in exc.rows)
             raise ValueError(f"{self.config.data}, lines {lines}: {exc}; the output stops before them") from exc
         prefix = self.config.output_prefix
         self.output.write(
             [
-                {**row.fields, self.added[0]: row.line, **{prefix + k: v for k, v in result.items()}}
-                for row, result in zip(chunk, results, strict=True)
+                {**row.fields, self.added[0]: row.line, **{prefix + k: v for k, v in result_record(p).items()}}
+                for row, p in zip(chunk, predictions, strict=True)
             ]
         )
         self.scored += len(chunk)

@@ -1,24 +1,27 @@
-"""Score files on many machines with Ray Data: the scoring of `python -m training predict` (training.scoring.Scorer),
-loaded once per worker, over a Ray dataset. Needs the `ray` extra: pip install 'spamgpt[ray]'.
+"""Score files on many machines with Ray Data: the scoring of `python -m training predict`
+(training.runtime.classifier.Classifier, its predictions as training.scoring.records), loaded once per worker, over
+a Ray dataset. Needs the `ray` extra: pip install 'spamgpt[ray]'.
 
     import ray
-    from training.config import ScoringConfig
+    from training.runtime.options import ClassifierOptions
     from training.scoring.ray_data import score_dataset
 
     ray.init()  # or address="ray://head:10001"; every worker needs spamgpt installed and the checkpoint's path
     ds = ray.data.read_csv("s3://bucket/messages/")  # read_json(..., lines=True) for JSONL; read_text for lines
-    score_dataset(ds, "/models/spamgpt", ScoringConfig(device="cpu"), concurrency=8).write_csv("s3://bucket/scores/")
+    options = ClassifierOptions(device="cpu")
+    score_dataset(ds, "/models/spamgpt", options, concurrency=8).write_csv("s3://bucket/scores/")
 
 Each row gains the columns `predict` adds (label, probability_<label> for each label, tokens, truncated), with the
-same values: the same functions, in the same length-sorted batches within the config's limits. Rows whose text is
+same values: the same functions, in the same length-sorted batches within the options' limits. Rows whose text is
 not a non-blank string are dropped (`predict` reports them by line; a distributed read has no line numbers).
 Ray is imported only by score_dataset, so this module loads without it.
 """
 
 import numpy as np
 
-from training.config import ScoringConfig
-from training.scoring.scorer import Scorer, usable_text
+from training.runtime.classifier import Classifier
+from training.runtime.options import ClassifierOptions
+from training.scoring.records import result_columns, result_record, usable_text
 
 ROWS_PER_CALL = 1024  # rows a worker scores per call: length-sorting within it is what keeps padding low
 
@@ -30,23 +33,26 @@ class RayScorer:
     Raises CheckpointError (in the worker) for a checkpoint that cannot be loaded.
     """
 
-    def __init__(self, checkpoint: str, config: ScoringConfig, text_column: str = "text", prefix: str = ""):
-        self.scorer = Scorer.load(checkpoint, config)
+    def __init__(self, checkpoint: str, options: ClassifierOptions, text_column: str = "text", prefix: str = ""):
+        self.classifier = Classifier.load(checkpoint, options)
         self.text_column, self.prefix = text_column, prefix
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The batch's rows with a usable text (training.scoring.usable_text), with the result columns added."""
+        """The batch's rows with a usable text (training.scoring.records.usable_text), with the result columns
+        added."""
         usable = np.array([usable_text(text) for text in batch[self.text_column]], dtype=bool)
         batch = {name: column[usable] for name, column in batch.items()}
-        results = self.scorer.score([str(text) for text in batch[self.text_column]])
-        added = {self.prefix + name: np.array([r[name] for r in results]) for name in self.scorer.columns()}
+        predictions = self.classifier.classify([str(text) for text in batch[self.text_column]])
+        records = [result_record(p) for p in predictions]
+        columns = result_columns(self.classifier.card.labels)
+        added = {self.prefix + name: np.array([r[name] for r in records]) for name in columns}
         return {**batch, **added}
 
 
 def score_dataset(
     ds,
     checkpoint: str,
-    config: ScoringConfig,
+    options: ClassifierOptions,
     text_column: str = "text",
     prefix: str = "",
     concurrency: int = 1,
@@ -54,7 +60,7 @@ def score_dataset(
 ):
     """`ds` (a ray.data.Dataset) with the result columns added to every row whose text is usable: a lazy
     dataset, computed when written or consumed. `concurrency` workers each hold the model (1 GPU each when the
-    config's device is CUDA). The checkpoint path must be readable by every worker.
+    options' device is CUDA). The checkpoint path must be readable by every worker.
 
     Raises ValueError for result columns that clash with the dataset's (pass `prefix`).
     """
@@ -63,8 +69,8 @@ def score_dataset(
     clash = sorted(name for name in names if name in results or name.startswith(prefix + "probability_"))
     if clash:
         raise ValueError(f"the dataset has columns named like the results {clash}; pass a prefix")
-    gpus = 1 if config.device.startswith("cuda") else 0
-    kwargs = {"checkpoint": checkpoint, "config": config, "text_column": text_column, "prefix": prefix}
+    gpus = 1 if options.device.startswith("cuda") else 0
+    kwargs = {"checkpoint": checkpoint, "options": options, "text_column": text_column, "prefix": prefix}
     return ds.map_batches(
         RayScorer,
         fn_constructor_kwargs=kwargs,

@@ -7,9 +7,9 @@ import torch
 from fastapi.testclient import TestClient
 from torch.testing import assert_close
 
-from app.engine import Engine
 from app.main import create_app
 from tests.helpers import live_server, tiny_settings
+from training.runtime.classifier import Classifier
 
 TEXTS = ["WINNER!! Claim your free prize now", "See you at 5?", "ok", "free entry in 2 a wkly comp"]
 LONG = "x y z " * 40  # over the tiny checkpoint's 48 tokens
@@ -22,8 +22,8 @@ def client(tiny_checkpoint):
 
 
 @pytest.fixture
-def engine(tiny_checkpoint) -> Engine:
-    return Engine.load(tiny_settings(tiny_checkpoint))
+def engine(tiny_checkpoint) -> Classifier:
+    return Classifier.load(tiny_checkpoint, tiny_settings(tiny_checkpoint).classifier_options())
 
 
 def scores_by_label(ranked: list[dict], labels) -> list[float]:

@@ -3,6 +3,7 @@ reported by line, resume after a crash, streaming in chunks."""
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,10 @@ from app.main import create_app
 from tests.helpers import calibrated_checkpoint, edit_tensors, tiny_card, tiny_settings
 from training.cli import main
 from training.runtime.checkpoint import save_checkpoint
+from training.runtime.classifier import Classifier
 from training.runtime.inference import Threshold
 from training.runtime.model import GPTClassifier
-from training.scoring.scorer import Scorer
+from training.scoring.records import result_columns, result_record
 
 TEXTS = [
     "WINNER!! Claim your free prize now",
@@ -97,6 +99,29 @@ def test_every_format_gives_what_classify_answers(checkpoint, tmp_path, source, 
             *(["id"] if source != "in.txt" else []), "text", "line", "label", "probability_ham", "probability_spam",
             "tokens", "truncated",
         ]  # fmt: skip
+
+
+def test_classify_and_file_scoring_build_their_answers_with_one_function(checkpoint, tmp_path, monkeypatch):
+    """/classify and `predict` both turn logits into answers with Classifier.predictions, so they agree by
+    construction: the same Predictions (probabilities compared exactly: one request and one chunk run the same
+    forward pass), and each one's output is those Predictions as it is."""
+    made = []
+    predictions = Classifier.predictions
+
+    def recording(self, rows, truncated, logits):
+        made.append(predictions(self, rows, truncated, logits))
+        return made[-1]
+
+    monkeypatch.setattr(Classifier, "predictions", recording)
+    served = classify(checkpoint, TEXTS)
+    data, out = write_input(tmp_path / "in.jsonl", TEXTS), tmp_path / "out.jsonl"
+    assert predict("--checkpoint", checkpoint, "--data", data, "--out", out) == 0
+    assert len(made) == 2  # one call each: /classify's request, then predict's one chunk
+    by_classify, by_predict = made
+    assert by_classify == by_predict  # dataclass equality: every probability bit for bit
+    assert served == [asdict(p) for p in by_classify]  # JSON floats read back to the same doubles
+    columns = result_columns(("ham", "spam"))
+    assert [{k: row[k] for k in columns} for row in read_output(out)] == [result_record(p) for p in by_predict]
 
 
 def test_int8_gives_what_the_int8_server_answers(tmp_path, tiny_checkpoint):
@@ -239,13 +264,13 @@ def test_result_columns_that_clash_with_the_input_need_a_prefix(tmp_path, tiny_c
 
 def test_rows_are_scored_a_chunk_at_a_time(tmp_path, tiny_checkpoint, monkeypatch):
     sizes = []
-    score = Scorer.score
+    classify = Classifier.classify
 
     def recording(self, texts):
         sizes.append(len(texts))
-        return score(self, texts)
+        return classify(self, texts)
 
-    monkeypatch.setattr(Scorer, "score", recording)
+    monkeypatch.setattr(Classifier, "classify", recording)
     data = write_input(tmp_path / "in.txt", [f"text {i}" for i in range(23)])
     assert (
         predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", tmp_path / "o.csv", "--chunk-rows", "5") == 0

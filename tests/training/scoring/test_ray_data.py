@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from training.config import ScoringConfig
-from training.scoring.scorer import Scorer
+from training.runtime.classifier import Classifier
+from training.runtime.options import ClassifierOptions
+from training.scoring.records import result_record
 
 ray = pytest.importorskip("ray")
 ray_data = pytest.importorskip("ray.data")
@@ -35,19 +36,19 @@ def test_ray_data_gives_the_single_process_results(local_ray, tiny_checkpoint, t
         writer.writerow(["id", "text"])
         writer.writerows([i, text] for i, text in enumerate(texts))
         writer.writerow([300, "   "])  # not a usable text: dropped, as predict skips it
-    config = ScoringConfig(device="cpu")
+    options = ClassifierOptions(device="cpu")
 
     from training.scoring.ray_data import score_dataset
 
     ds = ray_data.read_csv(str(data))
-    score_dataset(ds, str(tiny_checkpoint), config, concurrency=2, rows_per_call=64).write_csv(str(tmp_path / "out"))
+    score_dataset(ds, str(tiny_checkpoint), options, concurrency=2, rows_per_call=64).write_csv(str(tmp_path / "out"))
     rows = []
     for part in sorted((tmp_path / "out").glob("*.csv")):
         with open(part, newline="") as f:
             rows += list(csv.DictReader(f))
     rows.sort(key=lambda row: int(row["id"]))
 
-    expected = Scorer.load(str(tiny_checkpoint), config).score(texts)
+    expected = [result_record(p) for p in Classifier.load(str(tiny_checkpoint), options).classify(texts)]
     assert [int(row["id"]) for row in rows] == list(range(300))
     assert [row["text"] for row in rows] == texts
     assert [row["label"] for row in rows] == [r["label"] for r in expected]

@@ -1,11 +1,15 @@
+"""The classifier every consumer loads: its load sequence, tokenizing, batch-independent probabilities and the
+precisions it runs in."""
+
 import pytest
 import torch
 from torch.testing import assert_close
 
-from app.engine import Engine
-from tests.helpers import pretend_cpu, tiny_settings
+from tests.helpers import pretend_cpu
 from training.runtime.checkpoint import load_checkpoint
+from training.runtime.classifier import Classifier
 from training.runtime.inference import predict_probabilities
+from training.runtime.options import ClassifierOptions
 
 TEXTS = [
     "Free entry in 2 a wkly comp to win FA Cup final tkts",
@@ -15,33 +19,37 @@ TEXTS = [
 ]
 
 
-def test_engine_equals_training_predict_probabilities(tiny_checkpoint):
-    engine = Engine.load(tiny_settings(tiny_checkpoint))
-    rows, _ = engine.tokenize(TEXTS)
+def load(checkpoint, **options) -> Classifier:
+    return Classifier.load(checkpoint, ClassifierOptions(**{"device": "cpu", **options}))
+
+
+def test_classifier_equals_training_predict_probabilities(tiny_checkpoint):
+    classifier = load(tiny_checkpoint)
+    rows, _ = classifier.tokenize(TEXTS)
     checkpoint = load_checkpoint(tiny_checkpoint)
-    assert_close(engine.predict(rows, max_batch_size=2), predict_probabilities(checkpoint.model, rows, 32))
+    assert_close(classifier.predict(rows, max_batch_size=2), predict_probabilities(checkpoint.model, rows, 32))
 
 
 def test_tokenize_truncates_to_the_checkpoints_max_tokens(tiny_checkpoint):
-    engine = Engine.load(tiny_settings(tiny_checkpoint))
-    rows, truncated = engine.tokenize(TEXTS)
+    classifier = load(tiny_checkpoint)
+    rows, truncated = classifier.tokenize(TEXTS)
     assert truncated == [False, False, True, False]
-    assert len(rows[2]) == engine.card.max_tokens
-    assert max(len(r) for r in rows[:2] + rows[3:]) < engine.card.max_tokens
+    assert len(rows[2]) == classifier.card.max_tokens
+    assert max(len(r) for r in rows[:2] + rows[3:]) < classifier.card.max_tokens
 
 
 def test_a_row_scores_the_same_alone_and_in_a_padded_batch(tiny_checkpoint):
-    engine = Engine.load(tiny_settings(tiny_checkpoint))
-    rows, _ = engine.tokenize(TEXTS)
-    together = engine.predict(rows)
-    alone = torch.cat([engine.predict([row]) for row in rows])
+    classifier = load(tiny_checkpoint)
+    rows, _ = classifier.tokenize(TEXTS)
+    together = classifier.predict(rows)
+    alone = torch.cat([classifier.predict([row]) for row in rows])
     assert_close(together, alone, rtol=0, atol=1e-5)
     assert_close(together.sum(dim=1), torch.ones(len(rows)))
 
 
 def test_int8_quantization_stays_close_to_float32(tiny_checkpoint):
-    float32 = Engine.load(tiny_settings(tiny_checkpoint))
-    int8 = Engine.load(tiny_settings(tiny_checkpoint, quantize_int8=True))
+    float32 = load(tiny_checkpoint)
+    int8 = load(tiny_checkpoint, quantize_int8=True)
     assert int8.quantization == "int8-dynamic" and float32.quantization is None
     assert not any(isinstance(m, torch.nn.Linear) for m in int8.checkpoint.model.modules())  # every Linear swapped
     assert int8.parameter_count == float32.parameter_count
@@ -51,8 +59,8 @@ def test_int8_quantization_stays_close_to_float32(tiny_checkpoint):
 
 def test_bfloat16_on_a_cpu_with_native_bfloat16_runs_the_model_in_bfloat16(monkeypatch, tiny_checkpoint):
     pretend_cpu(monkeypatch, "avx512_bf16")  # the path runs on any CPU; only its speed needs the real feature
-    bf16 = Engine.load(tiny_settings(tiny_checkpoint, dtype="bfloat16"))
-    float32 = Engine.load(tiny_settings(tiny_checkpoint))
+    bf16 = load(tiny_checkpoint, dtype="bfloat16")
+    float32 = load(tiny_checkpoint)
     assert {p.dtype for p in bf16.checkpoint.model.parameters()} == {torch.bfloat16}
     rows, _ = float32.tokenize(TEXTS)
     probs = bf16.predict(rows)
@@ -64,8 +72,8 @@ def test_bfloat16_on_a_cpu_with_native_bfloat16_runs_the_model_in_bfloat16(monke
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_on_cuda_stays_close_to_float32_on_cpu(tiny_checkpoint, dtype):
-    cuda = Engine.load(tiny_settings(tiny_checkpoint, device="cuda", dtype=dtype))
-    cpu = Engine.load(tiny_settings(tiny_checkpoint))
+    cuda = load(tiny_checkpoint, device="cuda", dtype=dtype)
+    cpu = load(tiny_checkpoint)
     assert (cuda.device.type, str(cuda.dtype)) == ("cuda", f"torch.{dtype}")
     rows, _ = cpu.tokenize(TEXTS)
     probs = cuda.predict(rows)

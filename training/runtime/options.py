@@ -1,0 +1,63 @@
+"""How a checkpoint is loaded and run for inference: one options type for the server's settings (app.settings builds
+one from its SPAMGPT_* fields) and the scoring commands (`predict`'s options, Ray Data), validated by one set of
+rules. Apart from training.runtime.classifier so that training.config can hold it without importing the checkpoint
+loader."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from training.runtime import precision
+from training.runtime.device import DEVICE_HELP, resolve_device
+
+
+def option(default, help: str, choices: tuple | None = None):
+    """A field whose help text and choices the command line shows (training.cli reads them)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ClassifierOptions:
+    """How a checkpoint is loaded and run: the server's SPAMGPT_DEVICE, _DTYPE, _QUANTIZE_INT8, _TORCH_THREADS,
+    _PRIOR, _MAX_BATCH_SIZE and _MAX_BATCH_TOKENS (app.settings.Settings builds one from them, and takes its
+    defaults from here), and `predict`'s --device, --dtype, --quantize-int8, --threads, --batch-size,
+    --max-batch-tokens and --prior. Validated on construction.
+
+    Raises ValueError showing the bad value: a device torch does not know (training.runtime.device.resolve_device),
+    precision options the device cannot run (training.runtime.precision.check_precision), a prior outside (0, 1), a
+    batch limit below 1, negative threads.
+    """
+
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", precision.DTYPE_HELP, precision.DTYPES)
+    quantize_int8: bool = option(False, "CPU only: int8 weights for every linear layer, 1.5-2.3x float32's speed")
+    threads: int = option(0, "torch intra-op threads; 0 keeps torch's default (all cores)")
+    batch_size: int = option(32, "texts per forward pass: larger raises throughput until the device saturates")
+    max_batch_tokens: int = option(
+        16384, "padded tokens (rows x longest row) per forward pass: bounds activation memory"
+    )
+    prior: float | None = option(
+        None,
+        "binary models: the share of the threshold's label (spam) expected in this traffic; probabilities are "
+        "corrected to it (default: the checkpoint's prior, the source data's rate)",
+    )
+
+    def __post_init__(self):
+        precision.check_precision(self.torch_device, self.dtype, self.quantize_int8)
+        if self.prior is not None and not 0 < self.prior < 1:
+            raise ValueError(f"prior must lie in (0, 1), got {self.prior!r}")
+        for name in ("batch_size", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must not be negative, got {self.threads!r}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The device `device` names (training.runtime.device.resolve_device: auto is cuda, then mps, then cpu)."""
+        return resolve_device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype `dtype` names on torch_device (training.runtime.precision.resolve_dtype)."""
+        return precision.resolve_dtype(self.dtype, self.torch_device)

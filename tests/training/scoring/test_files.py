@@ -13,9 +13,11 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from tests.helpers import calibrated_checkpoint, edit_tensors, tiny_card, tiny_settings
 from training.cli import main
+from training.finetune.data import load_sms_spam
 from training.runtime.checkpoint import save_checkpoint
 from training.runtime.inference import Threshold
 from training.runtime.model import GPTClassifier
+from training.scoring.files import MAX_ROW_CHARS
 from training.scoring.scorer import Scorer
 
 TEXTS = [
@@ -442,3 +444,63 @@ def test_the_input_is_never_written_over(tmp_path, tiny_checkpoint, capsys, data
     assert exit_info.value.code == 2
     assert "which is the input file" in capsys.readouterr().err
     assert data.read_bytes() == content
+
+
+def test_an_sms_spam_collection_file_is_read_as_finetune_reads_it(tmp_path, tiny_checkpoint):
+    """label<TAB>text lines (quotes are text, not CSV quoting): the text is scored, the label kept as true_label;
+    a line without a tab is a bad row, where finetune refuses the file naming it."""
+    lines = ["ham\tGo until jurong point, crazy..", 'spam\tFree "entry" in 2 a wkly comp', "ham\tOk lar..."]
+    good = tmp_path / "good" / "SMSSpamCollection"
+    good.parent.mkdir()
+    good.write_text("".join(line + "\n" for line in lines))
+    data = tmp_path / "SMSSpamCollection"
+    data.write_text("".join(line + "\n" for line in [*lines[:2], "no tab on this line", lines[2]]))
+    out = tmp_path / "out.csv"
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out) == 0
+    rows = read_output(out)
+    assert list(rows[0])[:4] == ["true_label", "text", "line", "label"]
+    dataset = load_sms_spam(good)
+    assert [row["text"] for row in rows] == list(dataset.texts)
+    assert [row["true_label"] for row in rows] == list(dataset.labels)
+    assert [row["line"] for row in rows] == ["1", "2", "4"]
+    assert [json.loads(b)["line"] for b in Path(f"{out}.bad-rows.jsonl").read_text().splitlines()] == [3]
+    assert_results_equal(rows, classify(tiny_checkpoint, list(dataset.texts)))
+
+
+BIG = "spam " * (MAX_ROW_CHARS // 5 + 1)  # one character over the limit once a line or record holds it
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "lines"),
+    [
+        # a quoted field over the limit spanning lines: its remainder ("forged,row") is never read as a row
+        pytest.param("in.csv", f'id,text\n1,hello\n2,"{BIG}\nforged,row"\n3,after\n', [2, 5], id="csv"),
+        pytest.param("in.tsv", f'id\ttext\n1\thello\n2\t"{BIG}\nforged\trow"\n3\tafter\n', [2, 5], id="tsv"),
+        pytest.param(
+            "in.jsonl", '{"text": "hello"}\n' + json.dumps({"text": BIG}) + '\n{"text": "after"}\n', [1, 3], id="jsonl"
+        ),
+        pytest.param("in.txt", f"hello\n{BIG}\nafter\n", [1, 3], id="lines"),
+        pytest.param("SMSSpamCollection", f"ham\thello\nspam\t{BIG}\nham\tafter\n", [1, 3], id="sms"),
+    ],
+)
+def test_a_row_over_the_size_limit_is_one_bad_row_in_every_format(tmp_path, tiny_checkpoint, name, content, lines):
+    """finetune's `field larger than field limit` CSV: here a bad row named by the line it starts on, and the run
+    goes on; the same limit holds in every format, and csv's own limit is left as it was."""
+    limit = csv.field_size_limit()
+    data, out = tmp_path / name, tmp_path / "out.jsonl"
+    data.write_text(content)
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out) == 0
+    rows = read_output(out)
+    assert [row["text"] for row in rows] == ["hello", "after"]
+    assert [row["line"] for row in rows] == lines
+    bad = [json.loads(b) for b in Path(f"{out}.bad-rows.jsonl").read_text().splitlines()]
+    assert bad == [{"line": lines[0] + 1, "error": f"longer than {MAX_ROW_CHARS} characters"}]
+    assert csv.field_size_limit() == limit
+
+
+def test_a_row_just_under_the_size_limit_is_scored_and_reads_back(tmp_path, tiny_checkpoint):
+    text = "spam " * (MAX_ROW_CHARS // 5 - 2)
+    data, out = write_input(tmp_path / "in.csv", ["hello", text]), tmp_path / "out.csv"
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out) == 0
+    assert [row["text"] for row in read_output(out)] == ["hello", text]  # csv's default limit reads it back
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out) == 0  # and a resume does

@@ -2,17 +2,22 @@
 
     python -m training predict --checkpoint checkpoints/spamgpt --data messages.csv --out scores.csv
 
-In: a .csv / .tsv with a header row (csv quoting; a quoted field may span lines), a .jsonl (one JSON object a line)
+In: a .csv / .tsv with a header row (csv quoting; a quoted field may span lines), a .jsonl (one JSON object a line),
+a file named SMSSpamCollection (`label<TAB>text` lines, read as `finetune` reads them: columns true_label and text)
 or, for any other suffix, plain text (one text a line). Out: .csv, .tsv or .jsonl, one row per good input row, in
 input order: the input's columns, then `line` (where the row starts in the input), `label`, `probability_<label>`
 for each of the model's labels, `tokens` (after truncation) and `truncated`: what `POST /classify` answers for the
 text (training.scoring.Scorer calls the engine's own functions).
 
 Rows are read, scored and written `chunk_rows` at a time, so memory is bounded by one chunk whatever the file's size.
-A bad row (not UTF-8, not JSON, no text, wrong number of fields) is reported with its line number on stderr and in
-OUT.bad-rows.jsonl, and the run goes on; OUT.summary.json counts both. Rerun on the same --out, the run resumes: the
-output's complete rows are kept (a row cut short by a crash is removed) and only input rows after the last line
-written are scored (the input is read again up to there, for the bad rows file, which each run writes whole).
+A bad row (not UTF-8, not JSON, no text, wrong number of fields, over MAX_ROW_CHARS) is reported with its line number
+on stderr and in OUT.bad-rows.jsonl, and the run goes on; OUT.summary.json counts both.
+
+Rerun on the same --out, the run resumes when the same run made the output: OUT.summary.json records what made it
+(run_record) before the first row is written, and a rerun with another input, checkpoint or record-changing option
+is refused naming what differs (check_resumable). Resuming keeps the output's complete rows (a row cut short by a
+crash is removed) and scores only input rows after the last line written (the input is read again up to there, for
+the bad rows file, which each run writes whole). No file a run writes may be the input (PredictConfig).
 """
 
 import csv

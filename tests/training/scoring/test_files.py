@@ -504,3 +504,17 @@ def test_a_row_just_under_the_size_limit_is_scored_and_reads_back(tmp_path, tiny
     assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out) == 0
     assert [row["text"] for row in read_output(out)] == ["hello", text]  # csv's default limit reads it back
     assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out) == 0  # and a resume does
+
+
+def test_a_rows_result_moves_only_by_rounding_with_the_shapes_it_is_computed_in(tmp_path, tiny_checkpoint):
+    """The README's batch-independence bound: each row alone (one a chunk, one a batch) against chunks and batches
+    cut elsewhere, probabilities within 1e-6 and the same labels; nothing (resume included) needs them bitwise."""
+    texts = [f"message {i}: " + "win a prize " * (i % 7) for i in range(30)]
+    data = write_input(tmp_path / "in.csv", texts)
+    alone, batched = tmp_path / "alone.jsonl", tmp_path / "batched.jsonl"
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", alone, "--chunk-rows", "1") == 0
+    argv = ["--chunk-rows", "11", "--batch-size", "4"]
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", batched, *argv) == 0
+    for a, b in zip(read_output(alone), read_output(batched), strict=True):
+        assert a["label"] == b["label"] and a["tokens"] == b["tokens"]
+        assert abs(a["probability_spam"] - b["probability_spam"]) <= 1e-6

@@ -3,12 +3,13 @@ raise ValueError with the bad value shown (litgpt's argument groups). Groups com
 its data, base model and training configs. Each field's default and help text are the command line's
 (training.cli); a run's arguments are recorded flat in the checkpoint's config.json under "training"."""
 
+import os
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from training.finetune.data import BALANCING, ROLES
+from training.finetune.data import BALANCING, ROLES, is_sms_spam
 from training.runtime.device import DEVICE_HELP, resolve_device
 from training.runtime.model import PRESETS, GPTConfig
 from training.runtime.options import ClassifierOptions
@@ -180,8 +181,9 @@ class EvaluateConfig:
             raise ValueError(f"split must be one of {('all', *ROLES)}, got {self.split!r}")
 
 
-INPUT_FORMATS = ("csv", "tsv", "jsonl", "lines")
+INPUT_FORMATS = ("csv", "tsv", "jsonl", "lines", "sms")  # sms: the SMS Spam Collection's label<TAB>text lines
 OUTPUT_FORMATS = ("csv", "tsv", "jsonl")
+BAD_ROWS_SUFFIX, SUMMARY_SUFFIX = ".bad-rows.jsonl", ".summary.json"  # files written beside predict's --out
 
 
 def file_format(path: str, given: str, formats: tuple[str, ...], default: str | None = None) -> str:
@@ -206,26 +208,60 @@ class PredictConfig:
     """Everything `predict` needs: the checkpoint, the file to score and where the results go."""
 
     checkpoint: str = opt(help="checkpoint directory written by `finetune`")
-    data: str = opt(help="file to score: .csv / .tsv with a header row, .jsonl, or anything else: one text a line")
+    data: str = opt(
+        help="file to score: .csv / .tsv with a header row, .jsonl, a file named SMSSpamCollection (label<TAB>text "
+        "lines, as `finetune` reads it), or anything else: one text a line"
+    )
     out: str = opt(help="results file, .csv, .tsv or .jsonl: the input's columns, then line, label, probabilities")
     text_column: str = opt("text", "column of the texts in a .csv / .tsv / .jsonl")
     input_format: str = opt(
-        "auto", "auto: from --data's suffix (csv, tsv, jsonl; any other: lines)", ("auto", *INPUT_FORMATS)
+        "auto",
+        "auto: from --data's name (SMSSpamCollection: sms) or suffix (csv, tsv, jsonl; any other: lines)",
+        ("auto", *INPUT_FORMATS),
     )
     output_format: str = opt("auto", "auto: from --out's suffix", ("auto", *OUTPUT_FORMATS))
     output_prefix: str = opt("", "prefix of the added columns, when the input has columns of those names")
     scoring: ClassifierOptions = field(default_factory=ClassifierOptions, metadata=group("scoring"))
     chunk_rows: int = opt(1024, "rows read, scored and written at a time: memory stays bounded by one chunk")
-    resume: bool = opt(True, "when --out exists, keep its rows and score only the input rows after them")
+    resume: bool = opt(
+        True,
+        "when --out exists, keep its rows and score only the input rows after them; refused unless the same input, "
+        "checkpoint and record-changing options made it (OUT.summary.json records them)",
+    )
     progress: bool = opt(True, "show a progress bar (rows and rows per second) on stderr")
 
     def __post_init__(self):
-        file_format(self.data, self.input_format, INPUT_FORMATS, default="lines")
-        file_format(self.out, self.output_format, OUTPUT_FORMATS)
+        self.formats()
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1, got {self.chunk_rows!r}")
-        if Path(self.out).resolve() == Path(self.data).resolve():
-            raise ValueError(f"--out {self.out!r} is the input file; write the results elsewhere")
+        for path in self.written_paths():
+            if _same_file(path, Path(self.data)):
+                raise ValueError(
+                    f"--out {self.out!r} would write {str(path)!r}, which is the input file; pick another --out"
+                )
+
+    def formats(self) -> tuple[str, str]:
+        """(the input's format, the output's): the named ones, or what the file names say.
+
+        Raises ValueError for an unknown format, or an --out suffix that names none.
+        """
+        sms = self.input_format == "auto" and is_sms_spam(self.data)
+        given = "sms" if sms else self.input_format
+        return (
+            file_format(self.data, given, INPUT_FORMATS, default="lines"),
+            file_format(self.out, self.output_format, OUTPUT_FORMATS),
+        )
+
+    def written_paths(self) -> tuple[Path, Path, Path]:
+        """The files a run writes: the results, the bad rows beside them and the summary beside them."""
+        out = Path(self.out)
+        return out, out.with_name(out.name + BAD_ROWS_SUFFIX), out.with_name(out.name + SUMMARY_SUFFIX)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path once symbolic links and ".." are resolved, or (both existing)
+    the same inode, such as a hard link or the same directory mounted twice."""
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
 @dataclass(frozen=True)

@@ -2,24 +2,32 @@
 
     python -m training predict --checkpoint checkpoints/spamgpt --data messages.csv --out scores.csv
 
-In: a .csv / .tsv with a header row (csv quoting; a quoted field may span lines), a .jsonl (one JSON object a line)
+In: a .csv / .tsv with a header row (csv quoting; a quoted field may span lines), a .jsonl (one JSON object a line),
+a file named SMSSpamCollection (`label<TAB>text` lines, read as `finetune` reads them: columns true_label and text)
 or, for any other suffix, plain text (one text a line). Out: .csv, .tsv or .jsonl, one row per good input row, in
 input order: the input's columns, then `line` (where the row starts in the input), `label`, `probability_<label>`
 for each of the model's labels, `tokens` (after truncation) and `truncated`: what `POST /classify` answers for the
 text (training.scoring.records builds both from training.runtime.classifier.Classifier.predictions).
 
 Rows are read, scored and written `chunk_rows` at a time, so memory is bounded by one chunk whatever the file's size.
-A bad row (not UTF-8, not JSON, no text, wrong number of fields) is reported with its line number on stderr and in
-OUT.bad-rows.jsonl, and the run goes on; OUT.summary.json counts both. Rerun on the same --out, the run resumes: the
-output's complete rows are kept (a row cut short by a crash is removed) and only input rows after the last line
-written are scored (the input is read again up to there, for the bad rows file, which each run writes whole).
+A bad row (not UTF-8, not JSON, no text, wrong number of fields, over MAX_ROW_CHARS) is reported with its line number
+on stderr and in OUT.bad-rows.jsonl, and the run goes on; OUT.summary.json counts both.
+
+Rerun on the same --out, the run resumes when the same run made the output: OUT.summary.json records what made it
+(run_record) before the first row is written, and a rerun with another input, checkpoint or record-changing option
+is refused naming what differs (check_resumable). Resuming keeps the output's complete rows (a row cut short by a
+crash is removed) and scores only input rows after the last line written (the input is read again up to there, for
+the bad rows file, which each run writes whole). No file a run writes may be the input (PredictConfig).
 """
 
 import csv
+import hashlib
 import io
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,14 +37,18 @@ from typing import IO
 
 from tqdm import tqdm
 
-from training.config import INPUT_FORMATS, OUTPUT_FORMATS, PredictConfig, file_format
+from training.config import PredictConfig, changed_options
+from training.runtime.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from training.runtime.classifier import Classifier
 from training.runtime.inference import NonFiniteLogits
 from training.scoring.records import result_columns, result_record, usable_text
 
-BAD_ROWS_SUFFIX, SUMMARY_SUFFIX = ".bad-rows.jsonl", ".summary.json"
 MAX_PRINTED_BAD_ROWS = 20  # on stderr; all of them go to the bad-rows file
 LINES_COLUMN = "text"  # the one column of a plain-text input
+SMS_COLUMNS = ("true_label", "text")  # an SMSSpamCollection line's label and text; "label" is the result's column
+# A longer row is a bad row, in every format: it bounds a chunk's memory, and it is csv's default field limit, so
+# every field written to a CSV output reads back (resuming reads it) with Python's csv module, whose limit it is.
+MAX_ROW_CHARS = 131_072
 
 
 @dataclass(frozen=True)
@@ -67,9 +79,13 @@ def open_rows(path: Path, fmt: str, text_column: str) -> Iterator[tuple[list[str
             yield None, _jsonl_rows(file, text_column)
         elif fmt == "lines":
             yield [LINES_COLUMN], _plain_rows(file)
+        elif fmt == "sms":
+            yield list(SMS_COLUMNS), _sms_rows(file)
         else:
             with io.TextIOWrapper(file, encoding="utf-8-sig", errors="surrogateescape", newline="") as text:
-                reader = csv.reader(text, delimiter="\t" if fmt == "tsv" else ",")
+                delimiter = "\t" if fmt == "tsv" else ","
+                lines = _BoundedLines(text, delimiter)
+                reader = csv.reader(lines, delimiter=delimiter)
                 header = next(reader, None)
                 if not header:
                     raise ValueError(f"{path}: no header row")
@@ -77,13 +93,46 @@ def open_rows(path: Path, fmt: str, text_column: str) -> Iterator[tuple[list[str
                     raise ValueError(
                         f"{path}: the header must name distinct columns including {text_column!r}, got {header!r}"
                     )
-                yield header, _csv_rows(reader, header, text_column)
+                limit = csv.field_size_limit(sys.maxsize)  # _BoundedLines bounds a record instead
+                try:
+                    yield header, _csv_rows(reader, lines, header, text_column)
+                finally:
+                    csv.field_size_limit(limit)
 
 
-def _csv_rows(reader, header: list[str], text_column: str) -> Iterator[Row | BadRow]:
+class _BoundedLines:
+    """A text file's lines for csv.reader, each record's bounded: once the record being read passes MAX_ROW_CHARS,
+    each further line of it goes to csv with every run of other characters than quotes, the delimiter and line ends
+    collapsed to one "x". csv's states change on those characters alone, so it still ends the record where the file
+    does (a field over the limit cannot leave csv inside a quoted field, reading the rest of it as rows), and the
+    record in memory stays about MAX_ROW_CHARS whatever the file holds."""
+
+    def __init__(self, lines: Iterator[str], delimiter: str):
+        self.lines, self.chars = lines, 0
+        self.others = re.compile(f'[^"{re.escape(delimiter)}\r\n]+')
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.lines)
+        self.chars += len(line)
+        return self.others.sub("x", line) if self.oversized else line
+
+    @property
+    def oversized(self) -> bool:
+        """Whether the record read since new_record() passed MAX_ROW_CHARS."""
+        return self.chars > MAX_ROW_CHARS
+
+    def new_record(self) -> None:
+        self.chars = 0
+
+
+def _csv_rows(reader, lines: _BoundedLines, header: list[str], text_column: str) -> Iterator[Row | BadRow]:
     column = header.index(text_column)
     while True:
         line = reader.line_num + 1  # where the next record starts
+        lines.new_record()
         try:
             record = next(reader)
         except StopIteration:
@@ -91,9 +140,11 @@ def _csv_rows(reader, header: list[str], text_column: str) -> Iterator[Row | Bad
         except csv.Error as exc:
             yield BadRow(line, f"not CSV: {exc}")
             continue
-        if not record:  # a blank line
+        if lines.oversized:
+            yield BadRow(line, f"longer than {MAX_ROW_CHARS} characters")
+        elif not record:  # a blank line
             continue
-        if len(record) != len(header):
+        elif len(record) != len(header):
             yield BadRow(line, f"{len(record)} fields, the header has {len(header)}")
         elif any(_undecodable(value) for value in record):
             yield BadRow(line, "not UTF-8 text")
@@ -103,8 +154,8 @@ def _csv_rows(reader, header: list[str], text_column: str) -> Iterator[Row | Bad
 
 def _jsonl_rows(file: IO[bytes], text_column: str) -> Iterator[Row | BadRow]:
     for line, source in _numbered_lines(file):
-        if source is None:
-            yield BadRow(line, "not UTF-8 text")
+        if isinstance(source, BadRow):
+            yield source
             continue
         if not source.strip():
             continue
@@ -123,22 +174,36 @@ def _jsonl_rows(file: IO[bytes], text_column: str) -> Iterator[Row | BadRow]:
 
 def _plain_rows(file: IO[bytes]) -> Iterator[Row | BadRow]:
     for line, text in _numbered_lines(file):
-        if text is None:
-            yield BadRow(line, "not UTF-8 text")
+        yield text if isinstance(text, BadRow) else _checked(line, {LINES_COLUMN: text}, text, LINES_COLUMN)
+
+
+def _sms_rows(file: IO[bytes]) -> Iterator[Row | BadRow]:
+    """The SMS Spam Collection's `label<TAB>text` lines, split as training.finetune.data.load_sms_spam splits them
+    (not as CSV: some texts hold quote characters); a line without a tab is a bad row."""
+    label_column, text_column = SMS_COLUMNS
+    for line, source in _numbered_lines(file):
+        if isinstance(source, BadRow):
+            yield source
+            continue
+        label, tab, text = source.partition("\t")
+        if tab:
+            yield _checked(line, {label_column: label, text_column: text}, text, text_column)
         else:
-            yield _checked(line, {LINES_COLUMN: text}, text, LINES_COLUMN)
+            yield BadRow(line, "expected 'label<TAB>text'")
 
 
-def _numbered_lines(file: IO[bytes]) -> Iterator[tuple[int, str | None]]:
-    """(1-based number, the line without "\n" or "\r\n", or None where it is not UTF-8); decoded line by line, so
-    that a bad byte costs only its own line."""
+def _numbered_lines(file: IO[bytes]) -> Iterator[tuple[int, str | BadRow]]:
+    """(1-based number, the line without "\n" or "\r\n", or a BadRow where it is not UTF-8 or longer than
+    MAX_ROW_CHARS); decoded line by line, so that a bad byte costs only its own line."""
     for number, raw in enumerate(file, start=1):
         if number == 1:
             raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
         try:
-            yield number, raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
+            text = raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
         except UnicodeDecodeError:
-            yield number, None
+            yield number, BadRow(number, "not UTF-8 text")
+            continue
+        yield number, BadRow(number, f"longer than {MAX_ROW_CHARS} characters") if len(text) > MAX_ROW_CHARS else text
 
 
 def _checked(line: int, fields: dict, text, column: str) -> Row | BadRow:
@@ -294,27 +359,110 @@ def _complete_records(file: IO[bytes], fmt: str, line_column: str) -> tuple[int,
     return end, last_line, rows, header
 
 
+# --- What made an output -------------------------------------------------------------------------
+
+
+def run_record(config: PredictConfig) -> dict:
+    """What decides an output's records, recorded in OUT.summary.json before the first row is written and compared
+    before a run adds to an output: the input's size and sha256, the sha256 of the checkpoint's config.json (labels,
+    threshold, calibration, tokenizer hashes) and model.safetensors, and every option that changes a record: the
+    input's and output's formats, text column, output prefix, device type, dtype, int8 and prior. Batch and chunk
+    sizes and threads are left out: they move probabilities only within the batch-independence bound (README).
+
+    Hashing reads the input and the weights once more (sha256 runs at about 480 MB/s on a 2-core EPYC: a few seconds
+    a gigabyte, next to hours of scoring one). An input that is not a regular file (a pipe) is not read here; its
+    sha256 is None, and check_resumable refuses to resume from it.
+    """
+    data, checkpoint = Path(config.data), Path(config.checkpoint)
+    in_fmt, out_fmt = config.formats()
+    regular = data.is_file()
+    return {
+        "input": {"bytes": data.stat().st_size if regular else None, "sha256": _sha256(data) if regular else None},
+        "checkpoint": {name: _sha256(checkpoint / name) for name in (CONFIG_FILE, WEIGHTS_FILE)},
+        "input_format": in_fmt,
+        "output_format": out_fmt,
+        "text_column": config.text_column,
+        "output_prefix": config.output_prefix,
+        "device": config.scoring.torch_device.type,
+        "dtype": str(config.scoring.torch_dtype).removeprefix("torch."),
+        "quantize_int8": config.scoring.quantize_int8,
+        "prior": config.scoring.prior,
+    }
+
+
+def check_resumable(config: PredictConfig, record: dict) -> None:
+    """Nothing when --out is absent or empty, or OUT.summary.json records `record` (run_record); else ValueError
+    naming what differs and how to start over, before anything is written."""
+    out, _, summary_path = config.written_paths()
+    if not out.exists() or out.stat().st_size == 0:
+        return
+    start_over = f"write to another --out, or pass --no-resume to score the input again from its start into {out}"
+    try:
+        recorded = json.loads(summary_path.read_text(encoding="utf-8"))["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{out} exists but {summary_path} does not record the run that made it, so resuming could "
+                         f"mix two runs; {start_over}")  # fmt: skip
+    if record["input"]["sha256"] is None:
+        raise ValueError(f"{out} exists and {config.data} is not a regular file, so resuming cannot check that it is "
+                         f"the input the output was made from; {start_over}")  # fmt: skip
+    differ = [_difference(name, recorded.get(name), record[name]) for name in changed_options(record, recorded)]
+    if differ:
+        raise ValueError(f"{out} was made by another run ({'; '.join(differ)}); resuming would mix the two in one "
+                         f"file: {start_over}")  # fmt: skip
+
+
+def _difference(name: str, then, now) -> str:
+    if name == "input":
+        return f"another input: {_brief(then)} then, {_brief(now)} now"
+    if name == "checkpoint":
+        files = sorted(k for k in (now or {}) if (then or {}).get(k) != now[k])
+        return f"another checkpoint: its {' and '.join(files)} differ"
+    return f"{name} {then!r} then, {now!r} now"
+
+
+def _brief(record) -> str:
+    if not isinstance(record, dict):
+        return repr(record)
+    return f"{record.get('bytes')} bytes, sha256 {str(record.get('sha256'))[:12]}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 # --- The command ----------------------------------------------------------------------------------
 
 
 def predict(config: PredictConfig) -> dict:
-    """Score a CSV / TSV / JSONL / plain-text file into a CSV / TSV / JSONL file, in constant memory; resumes.
+    """Score a CSV / TSV / JSONL / SMSSpamCollection / plain-text file into a CSV / TSV / JSONL file, in constant
+    memory; resumes an output that the same run made (run_record), and refuses any other.
 
-    Returns the summary also written to OUT.summary.json: rows written in all, scored by this run and kept from an
-    earlier one, bad rows, seconds and rows per second.
+    Returns the summary also written to OUT.summary.json: what made the output (run_record), rows written in all,
+    scored by this run and kept from an earlier one, bad rows, seconds and rows per second.
     Raises CheckpointError for a checkpoint that cannot be loaded, RuntimeError for a device that is not there
-    (Classifier.load); ValueError for an input without a header or text column, result columns that clash with the
-    input's, or an output to resume that has other columns; OSError.
+    (Classifier.load); ValueError for an input without a header or text
+    column, result columns that clash with the input's, or an output to resume that another run made or that has
+    other columns; OSError.
     """
-    data, out = Path(config.data), Path(config.out)
-    in_fmt = file_format(config.data, config.input_format, INPUT_FORMATS, default="lines")
-    out_fmt = file_format(config.out, config.output_format, OUTPUT_FORMATS)
-    bad_path, summary_path = out.with_name(out.name + BAD_ROWS_SUFFIX), out.with_name(out.name + SUMMARY_SUFFIX)
+    data = Path(config.data)
+    in_fmt, out_fmt = config.formats()
+    out, bad_path, summary_path = config.written_paths()
     classifier = Classifier.load(config.checkpoint, config.scoring)
     added = [config.output_prefix + name for name in ("line", *result_columns(classifier.card.labels))]
-    if not config.resume:
+    record = run_record(config)
+    if config.resume:
+        check_resumable(config, record)
+    else:
         out.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    about = {"input": str(data), "output": str(out), "checkpoint": str(config.checkpoint), "run": record}
+    _write_json(summary_path, {**about, "complete": False})  # before the first row: a crash leaves it resumable
     point = resume_point(out, out_fmt, added[0])
     with open_rows(data, in_fmt, config.text_column) as (columns, rows):
         clash = sorted(set(columns or ()) & set(added))
@@ -338,9 +486,8 @@ def predict(config: PredictConfig) -> dict:
             run.close()
     seconds = time.perf_counter() - start
     summary = {
-        "input": str(data),
-        "output": str(out),
-        "checkpoint": str(config.checkpoint),
+        **about,
+        "complete": True,
         "rows_written": point.rows + run.scored,
         "rows_scored": run.scored,
         "rows_kept_from_earlier_run": point.rows,
@@ -349,7 +496,7 @@ def predict(config: PredictConfig) -> dict:
         "seconds": round(seconds, 3),
         "rows_per_second": round(run.scored / seconds, 2) if seconds > 0 else None,
     }
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    _write_json(summary_path, summary)
     print(
         f"{run.scored} rows scored ({summary['rows_per_second']} rows/s), {point.rows} kept from an earlier run; "
         f"{run.bad} bad rows" + (f", listed in {bad_path}" if run.bad else "") + f"; results in {out}"
@@ -358,6 +505,14 @@ def predict(config: PredictConfig) -> dict:
         print(f"note: fields missing from the CSV header (taken from the first object) were left out: "
               f"{sorted(run.output.dropped)}", file=sys.stderr)  # fmt: skip
     return summary
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """`value` as `path`, whole or not at all: written to a new file beside it (never an existing one, which could be
+    the input), then renamed over it."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, delete=False) as partial:
+        partial.write(json.dumps(value, indent=2) + "\n")
+    Path(partial.name).replace(path)
 
 
 class _Run:

@@ -2,6 +2,7 @@
 reported by line, resume after a crash, streaming in chunks."""
 
 import csv
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -13,10 +14,12 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from tests.helpers import calibrated_checkpoint, edit_tensors, tiny_card, tiny_settings
 from training.cli import main
+from training.finetune.data import load_sms_spam
 from training.runtime.checkpoint import save_checkpoint
 from training.runtime.classifier import Classifier
 from training.runtime.inference import Threshold
 from training.runtime.model import GPTClassifier
+from training.scoring.files import MAX_ROW_CHARS
 from training.scoring.records import result_columns, result_record
 
 TEXTS = [
@@ -196,6 +199,7 @@ def test_a_rerun_after_a_crash_resumes_where_the_output_stops(tmp_path, tiny_che
 
     out = tmp_path / target
     out.write_bytes(whole[: len(whole) * 3 // 5])  # killed mid-write: the last row is cut short
+    Path(f"{out}.summary.json").write_bytes(Path(f"{full}.summary.json").read_bytes())  # with its record of the run
     assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out, "--chunk-rows", "8") == 0
     resumed, expected = read_output(out), read_output(full)
     summary = json.loads(Path(f"{out}.summary.json").read_text())
@@ -342,3 +346,200 @@ def test_a_prior_gives_what_the_server_told_it_answers(tmp_path, tiny_config, bp
         logits = {s["label"]: s["score"] for s in scores}
         p_spam = torch.softmax(torch.tensor([logits["ham"], logits["spam"]]), 0)[1].item()
         assert p_spam == pytest.approx(want["probabilities"]["spam"], abs=1e-6)
+
+
+def _results_made_by(tmp_path, checkpoint, data: Path, *argv) -> Path:
+    """A complete results file of `data`, then cut short as a crash in mid-write leaves it."""
+    out = tmp_path / "out.csv"
+    assert predict("--checkpoint", checkpoint, "--data", data, "--out", out, "--chunk-rows", "4", *argv) == 0
+    whole = out.read_bytes()
+    out.write_bytes(whole[: len(whole) * 3 // 5])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("change", "named", "rows"),
+    [
+        pytest.param("input", "another input", 5, id="another-input"),
+        pytest.param("checkpoint", "another checkpoint: its model.safetensors differ", 40, id="another-checkpoint"),
+        pytest.param(["--prior", "0.02"], "prior None then, 0.02 now", 40, id="another-prior"),
+        pytest.param(["--quantize-int8"], "quantize_int8 False then, True now", 40, id="int8"),
+        pytest.param(["--output-prefix", "p_"], "output_prefix '' then, 'p_' now", 40, id="another-prefix"),
+        pytest.param(["--input-format", "lines"], "input_format 'csv' then, 'lines' now", 41, id="another-reading"),
+    ],
+)
+def test_a_resume_is_refused_when_another_run_made_the_output(
+    tmp_path, tiny_config, bpe_dir, capsys, change, named, rows
+):
+    """The same --out with another input (the issue's 22,296 rows resumed with 81), checkpoint or option that
+    changes records: refused before anything is written, naming what differs and how to start over."""
+    checkpoint = calibrated_checkpoint(tmp_path / "ckpt", tiny_config, bpe_dir)
+    data = write_input(tmp_path / "in.csv", [f"message number {i}" for i in range(40)])
+    out = _results_made_by(tmp_path, checkpoint, data)
+    files = [out, Path(f"{out}.bad-rows.jsonl"), Path(f"{out}.summary.json")]
+    before = {path: path.read_bytes() for path in files}
+    argv = ["--checkpoint", checkpoint, "--data", data, "--out", out]
+    if change == "input":
+        data.unlink()
+        write_input(data, [f"another text {i}" for i in range(5)])  # the same path, other content
+    elif change == "checkpoint":
+        edit_tensors(lambda state: state["score.bias"].add_(1.0))(checkpoint)
+    else:
+        argv += change
+    assert predict(*argv) == 1
+    err = capsys.readouterr().err
+    assert named in err and "another --out" in err and "--no-resume" in err
+    assert {path: path.read_bytes() for path in files} == before
+    assert predict(*argv, "--no-resume") == 0
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert summary["complete"] and summary["rows_kept_from_earlier_run"] == 0
+    assert summary["rows_written"] == len(read_output(out)) == rows  # the header is a line when read as lines
+
+
+def test_the_record_of_the_run_is_written_before_the_first_row(tmp_path, tiny_checkpoint, monkeypatch):
+    """A run killed before its summary is written leaves the record of what made it: the rerun resumes it and
+    gives what one uninterrupted run gives."""
+    data = write_input(tmp_path / "in.csv", [f"message number {i}" for i in range(20)])
+    full = tmp_path / "full.csv"
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", full) == 0
+    chunks, score = [], Classifier.classify
+
+    def killed_in_the_second_chunk(self, texts):
+        chunks.append(len(texts))
+        if len(chunks) == 2:
+            raise KeyboardInterrupt
+        return score(self, texts)
+
+    monkeypatch.setattr(Classifier, "classify", killed_in_the_second_chunk)
+    out = tmp_path / "out.csv"
+    with pytest.raises(KeyboardInterrupt):
+        predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out, "--chunk-rows", "8")
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert not summary["complete"] and "rows_written" not in summary
+    assert summary["run"]["input"] == {
+        "bytes": data.stat().st_size,
+        "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+    }
+    assert (
+        summary["run"]["checkpoint"]["model.safetensors"]
+        == hashlib.sha256((tiny_checkpoint / "model.safetensors").read_bytes()).hexdigest()
+    )
+    assert len(read_output(out)) == 8
+    monkeypatch.setattr(Classifier, "classify", score)
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out) == 0
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert summary["complete"] and (summary["rows_kept_from_earlier_run"], summary["rows_scored"]) == (8, 12)
+    assert_results_equal(read_output(out), [_as_result(row) for row in read_output(full)])
+
+
+def test_results_whose_record_is_gone_are_not_resumed(tmp_path, tiny_checkpoint, capsys):
+    data = write_input(tmp_path / "in.csv", TEXTS)
+    out = _results_made_by(tmp_path, tiny_checkpoint, data)
+    Path(f"{out}.summary.json").unlink()
+    content = out.read_bytes()
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out) == 1
+    assert "does not record the run that made it" in capsys.readouterr().err
+    assert out.read_bytes() == content
+
+
+@pytest.mark.parametrize(
+    ("data", "out"),
+    [
+        pytest.param("in.txt", "sub/../in.txt", id="another-path"),
+        pytest.param("in.txt", "link.txt", id="symlink"),
+        pytest.param("in.txt", "hardlink.txt", id="hard-link"),
+        pytest.param("in.txt", "mirror/in.txt", id="linked-directory"),
+        pytest.param("r.csv.summary.json", "r.csv", id="summary-is-input"),
+        pytest.param("r.csv.bad-rows.jsonl", "r.csv", id="bad-rows-is-input"),
+    ],
+)
+@pytest.mark.parametrize("resume", ["--resume", "--no-resume"])
+def test_the_input_is_never_written_over(tmp_path, tiny_checkpoint, capsys, data, out, resume):
+    """Whatever the flags: an --out (or a file beside it) that is the input by any name is refused up front."""
+    data = tmp_path / data
+    data.write_text("".join(text + "\n" for text in TEXTS if "\n" not in text))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.txt").symlink_to(data)
+    (tmp_path / "hardlink.txt").hardlink_to(data)
+    (tmp_path / "mirror").symlink_to(tmp_path, target_is_directory=True)
+    content = data.read_bytes()
+    argv = ["--data", data, "--out", tmp_path / out, "--input-format", "lines", "--output-format", "csv", resume]
+    with pytest.raises(SystemExit) as exit_info:
+        predict("--checkpoint", tiny_checkpoint, *argv)
+    assert exit_info.value.code == 2
+    assert "which is the input file" in capsys.readouterr().err
+    assert data.read_bytes() == content
+
+
+def test_an_sms_spam_collection_file_is_read_as_finetune_reads_it(tmp_path, tiny_checkpoint):
+    """label<TAB>text lines (quotes are text, not CSV quoting): the text is scored, the label kept as true_label;
+    a line without a tab is a bad row, where finetune refuses the file naming it."""
+    lines = ["ham\tGo until jurong point, crazy..", 'spam\tFree "entry" in 2 a wkly comp', "ham\tOk lar..."]
+    good = tmp_path / "good" / "SMSSpamCollection"
+    good.parent.mkdir()
+    good.write_text("".join(line + "\n" for line in lines))
+    data = tmp_path / "SMSSpamCollection"
+    data.write_text("".join(line + "\n" for line in [*lines[:2], "no tab on this line", lines[2]]))
+    out = tmp_path / "out.csv"
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out) == 0
+    rows = read_output(out)
+    assert list(rows[0])[:4] == ["true_label", "text", "line", "label"]
+    dataset = load_sms_spam(good)
+    assert [row["text"] for row in rows] == list(dataset.texts)
+    assert [row["true_label"] for row in rows] == list(dataset.labels)
+    assert [row["line"] for row in rows] == ["1", "2", "4"]
+    assert [json.loads(b)["line"] for b in Path(f"{out}.bad-rows.jsonl").read_text().splitlines()] == [3]
+    assert_results_equal(rows, classify(tiny_checkpoint, list(dataset.texts)))
+
+
+BIG = "spam " * (MAX_ROW_CHARS // 5 + 1)  # one character over the limit once a line or record holds it
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "lines"),
+    [
+        # a quoted field over the limit spanning lines: its remainder ("forged,row") is never read as a row
+        pytest.param("in.csv", f'id,text\n1,hello\n2,"{BIG}\nforged,row"\n3,after\n', [2, 5], id="csv"),
+        pytest.param("in.tsv", f'id\ttext\n1\thello\n2\t"{BIG}\nforged\trow"\n3\tafter\n', [2, 5], id="tsv"),
+        pytest.param(
+            "in.jsonl", '{"text": "hello"}\n' + json.dumps({"text": BIG}) + '\n{"text": "after"}\n', [1, 3], id="jsonl"
+        ),
+        pytest.param("in.txt", f"hello\n{BIG}\nafter\n", [1, 3], id="lines"),
+        pytest.param("SMSSpamCollection", f"ham\thello\nspam\t{BIG}\nham\tafter\n", [1, 3], id="sms"),
+    ],
+)
+def test_a_row_over_the_size_limit_is_one_bad_row_in_every_format(tmp_path, tiny_checkpoint, name, content, lines):
+    """finetune's `field larger than field limit` CSV: here a bad row named by the line it starts on, and the run
+    goes on; the same limit holds in every format, and csv's own limit is left as it was."""
+    limit = csv.field_size_limit()
+    data, out = tmp_path / name, tmp_path / "out.jsonl"
+    data.write_text(content)
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out) == 0
+    rows = read_output(out)
+    assert [row["text"] for row in rows] == ["hello", "after"]
+    assert [row["line"] for row in rows] == lines
+    bad = [json.loads(b) for b in Path(f"{out}.bad-rows.jsonl").read_text().splitlines()]
+    assert bad == [{"line": lines[0] + 1, "error": f"longer than {MAX_ROW_CHARS} characters"}]
+    assert csv.field_size_limit() == limit
+
+
+def test_a_row_just_under_the_size_limit_is_scored_and_reads_back(tmp_path, tiny_checkpoint):
+    text = "spam " * (MAX_ROW_CHARS // 5 - 2)
+    data, out = write_input(tmp_path / "in.csv", ["hello", text]), tmp_path / "out.csv"
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out) == 0
+    assert [row["text"] for row in read_output(out)] == ["hello", text]  # csv's default limit reads it back
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", out) == 0  # and a resume does
+
+
+def test_a_rows_result_moves_only_by_rounding_with_the_shapes_it_is_computed_in(tmp_path, tiny_checkpoint):
+    """The README's batch-independence bound: each row alone (one a chunk, one a batch) against chunks and batches
+    cut elsewhere, probabilities within 1e-6 and the same labels; nothing (resume included) needs them bitwise."""
+    texts = [f"message {i}: " + "win a prize " * (i % 7) for i in range(30)]
+    data = write_input(tmp_path / "in.csv", texts)
+    alone, batched = tmp_path / "alone.jsonl", tmp_path / "batched.jsonl"
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", alone, "--chunk-rows", "1") == 0
+    argv = ["--chunk-rows", "11", "--batch-size", "4"]
+    assert predict("--checkpoint", tiny_checkpoint, "--data", data, "--out", batched, *argv) == 0
+    for a, b in zip(read_output(alone), read_output(batched), strict=True):
+        assert a["label"] == b["label"] and a["tokens"] == b["tokens"]
+        assert abs(a["probability_spam"] - b["probability_spam"]) <= 1e-6

@@ -11,7 +11,7 @@ import torch
 from app.settings import Settings
 from training.runtime import precision
 from training.runtime.checkpoint import Checkpoint, ModelCard, load_checkpoint
-from training.runtime.inference import nonfinite_rows, predict_logits, probabilities
+from training.runtime.inference import Readout, nonfinite_rows, predict_logits, probabilities
 from training.runtime.tokenizer import encode_batch
 
 
@@ -32,6 +32,11 @@ class Engine:
     def card(self) -> ModelCard:
         """The checkpoint's model card: labels, max_tokens, threshold, provenance."""
         return self.checkpoint.card
+
+    @property
+    def readout(self) -> Readout:
+        """How the routes turn predict_logits' logits into reported scores and labels (the checkpoint's Readout)."""
+        return self.checkpoint.readout
 
     @classmethod
     def load(cls, settings: Settings) -> "Engine":
@@ -64,7 +69,8 @@ class Engine:
 
         The model computes on real tokens only (training.runtime.model.Packing), so a batch in arrival order, its
         lengths mixed, costs about what the same rows sorted by length would, and each row's result is the
-        same whatever it is batched with. A row whose logits are not finite is NaN (the caller refuses it).
+        same whatever it is batched with. A row whose logits are not finite is NaN (the caller refuses it). The
+        probabilities are at the checkpoint's own prior (the routes report at the deployment prior: readout).
         """
         return probabilities(self.predict_logits(rows, max_batch_size, max_batch_tokens))
 

@@ -41,7 +41,7 @@ from app.schemas import (
 )
 from app.service import Service
 from app.settings import Settings
-from training.runtime.inference import decide, nonfinite_rows, probabilities
+from training.runtime.inference import nonfinite_rows, probabilities
 
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>, when an API key is configured")
@@ -170,11 +170,11 @@ async def score_texts(
 
 
 async def classify_texts(texts: list[str], service: Service, request: Request) -> dict:
-    """The /classify response for validated `texts`: tokenize, queue for the model, decide labels."""
+    """The /classify response for validated `texts`: tokenize, queue for the model, read out probabilities and
+    labels (training.runtime.inference.Readout: labels never move with a deployment prior)."""
     rows, truncated, logits = await score_texts(texts, service, request)
-    probs = probabilities(logits)
+    probs, labels = service.engine.readout.read(logits)
     card = service.engine.card
-    labels = decide(probs, card.labels, card.threshold)
     results = [
         {"label": label, "probabilities": dict(zip(card.labels, p, strict=True)), "tokens": len(ids), "truncated": cut}
         for label, p, ids, cut in zip(labels, probs.tolist(), rows, truncated, strict=True)
@@ -217,6 +217,7 @@ def tei_router(settings: Settings) -> APIRouter:
         list of them, for a list of strings a list of such lists, in input order. Scores are probabilities, or
         the logits with raw_scores. A text over max_tokens is refused (422) unless truncate is true."""
         _, _, logits = await score_texts(body.inputs, service, request, "inputs", refuse_truncation=not body.truncate)
+        logits = service.engine.readout.scores(logits)
         scores = logits if body.raw_scores else probabilities(logits)
         ranked = ranked_labels(scores, service.engine.card.labels)
         return ranked[0] if isinstance(body.inputs, str) else ranked
@@ -233,7 +234,7 @@ def tei_router(settings: Settings) -> APIRouter:
         -> one list of `{label, score}` per text, highest first (a list holding one list for one string: the
         client reads the first list). Texts over max_tokens are truncated, as /classify does."""
         _, _, logits = await score_texts(body.inputs, service, request, "inputs")
-        parameters = body.parameters
+        logits, parameters = service.engine.readout.scores(logits), body.parameters
         scores = {
             "softmax": probabilities,
             "sigmoid": torch.sigmoid,

@@ -1,8 +1,7 @@
 """Texts -> labels and probabilities outside the server: the checkpoint loaded once, then the same functions the
-serving engine calls (training.runtime.tokenizer.encode_batch, training.runtime.inference.predict_probabilities,
-decide), so a
-text scored here gets what `POST /classify` answers for it. Used by `python -m training predict`
-(training.scoring.files) and by Ray Data workers (training.scoring.ray_data)."""
+serving engine calls (training.runtime.tokenizer.encode_batch, training.runtime.inference.predict_logits, the
+checkpoint's Readout), so a text scored here gets what `POST /classify` answers for it. Used by
+`python -m training predict` (training.scoring.files) and by Ray Data workers (training.scoring.ray_data)."""
 
 import torch
 
@@ -10,7 +9,7 @@ from training.config import ScoringConfig
 from training.runtime import precision
 from training.runtime.checkpoint import Checkpoint, load_checkpoint
 from training.runtime.device import resolve_device
-from training.runtime.inference import decide, predict_probabilities, require_finite
+from training.runtime.inference import predict_logits, require_finite
 from training.runtime.text import has_visible_characters
 from training.runtime.tokenizer import encode_batch
 
@@ -53,7 +52,8 @@ class Scorer:
 
     def score(self, texts: list[str]) -> list[dict]:
         """One record per text, in order: {"label", "probability_<label>": float in 0..1 (float32 softmax; they
-        sum to 1), "tokens": int, "truncated": bool}; label is the card's decision rule (threshold or argmax).
+        sum to 1; at the deployment prior), "tokens": int, "truncated": bool}; label is the checkpoint's decision rule
+        (threshold or argmax, at its own prior: training.runtime.inference.Readout).
 
         Texts run in length-sorted batches within the config's limits; a text's result does not depend on the
         others (training.runtime.inference.predict_probabilities).
@@ -66,8 +66,8 @@ class Scorer:
         card = self.checkpoint.card
         rows, truncated = encode_batch(self.checkpoint.tokenizer, texts, card.max_tokens)
         o = self.config
-        probs = require_finite(predict_probabilities(self.checkpoint.model, rows, o.batch_size, o.max_batch_tokens))
-        labels = decide(probs, card.labels, card.threshold)
+        logits = require_finite(predict_logits(self.checkpoint.model, rows, o.batch_size, o.max_batch_tokens))
+        probs, labels = self.checkpoint.readout.read(logits)
         names = [f"probability_{label}" for label in card.labels]
         return [
             {"label": label, **dict(zip(names, p, strict=True)), "tokens": len(ids), "truncated": cut}

@@ -78,14 +78,17 @@ def has_visible_characters(text: str) -> bool:
 @functools.cache
 def visible_character_pattern() -> str:
     """A regular expression that a text contains (re.search; JSON Schema's `pattern`) exactly when
-    has_visible_characters(text): a class of every character but the invisible ones, written so that Python's
-    and ECMAScript's (with the u flag) regular expressions read it alike: BMP code points as \\uXXXX escapes (the
-    surrogates as one range, so no lead escape ever precedes a trail escape and pairs with it), the others as
-    themselves. Built once, by asking every code point's category (about 1 s)."""
+    has_visible_characters(text): a class of every visible character, read alike by Python's and ECMAScript's (with
+    the u flag) regular expressions: BMP code points as \\uXXXX escapes, the others as themselves. A class of the
+    visible rather than a negated one of the invisible, so that it names no surrogate: validators whose engines read
+    UTF-8 (jsonschema-rs, Rust's regex) refuse a pattern with a surrogate escape. Built once, by asking every code
+    point's category (about 1 s)."""
     by_category = (c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in INVISIBLE_CATEGORIES)
-    invisible = sorted({*by_category, *_NONCHARACTERS, _BRAILLE_BLANK}.union(*_DEFAULT_IGNORABLE))
-    ranges = []  # [first, last] of each run of consecutive code points
-    for code in invisible:
+    invisible = {*by_category, *_NONCHARACTERS, _BRAILLE_BLANK}.union(*_DEFAULT_IGNORABLE)
+    ranges = []  # [first, last] of each run of consecutive visible code points
+    for code in range(sys.maxunicode + 1):
+        if code in invisible:
+            continue
         if ranges and ranges[-1][1] == code - 1:
             ranges[-1][1] = code
         else:
@@ -94,4 +97,4 @@ def visible_character_pattern() -> str:
     def char(code: int) -> str:
         return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
 
-    return "[^" + "".join(char(a) if a == b else f"{char(a)}-{char(b)}" for a, b in ranges) + "]"
+    return "[" + "".join(char(a) if a == b else f"{char(a)}-{char(b)}" for a, b in ranges) + "]"

@@ -111,6 +111,15 @@ def test_ecmascript_reads_the_pattern_as_python_does(tmp_path):
     assert json.loads(done.stdout) == []
 
 
+def test_a_rust_json_schema_validator_reads_the_pattern_as_python_does():
+    """jsonschema-rs (schemathesis' validator) compiles patterns with Rust's regex, which reads UTF-8 and refuses a
+    surrogate escape; over every code point a Rust string can hold, it agrees with the rule."""
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    validator = jsonschema_rs.validator_for({"type": "string", "pattern": visible_character_pattern()})
+    scalars = (c for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF)
+    assert [c for c in scalars if validator.is_valid(chr(c)) != has_visible_characters(chr(c))] == []
+
+
 @pytest.mark.parametrize(
     "text",
     [

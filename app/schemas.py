@@ -14,8 +14,8 @@ from training.runtime.text import NO_VISIBLE_CHARACTERS, has_visible_characters,
 def bounded_text(max_chars: int) -> type:
     """A str of 1..max_chars characters with at least one visible (training.runtime.text.has_visible_characters, the
     rule training applies to its rows), checked in Python: pydantic's own length check reads the string as
-    UTF-8 and refuses a lone surrogate (valid JSON, and classified like any other text); the same bounds go into
-    the JSON schema beside the check."""
+    UTF-8 and refuses a lone surrogate (valid JSON; among visible characters it is classified like any other
+    character, alone it shows nothing); the same bounds go into the JSON schema beside the check."""
 
     def check(text: str) -> str:
         if not text:

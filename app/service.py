@@ -143,12 +143,13 @@ class Service:
     async def label_logits(
         self, inputs: str | list[str], receive: Receive, field: str, refuse_truncation: bool = False
     ) -> LabelLogits:
-        """The logits of validated `inputs` (one text or a list), for the dialects that rank labels by scores.
+        """The logits of validated `inputs` (one text or a list) at the deployment prior
+        (training.runtime.inference.Readout.scores), for the dialects that rank labels by scores.
 
         Raises what _score raises.
         """
         _, _, logits = await self._score(inputs, receive, field, refuse_truncation)
-        return LabelLogits(self.classifier.card.labels, logits)
+        return LabelLogits(self.classifier.card.labels, self.classifier.checkpoint.readout.scores(logits))
 
     async def _score(
         self, inputs: str | list[str], receive: Receive, field: str = "texts", refuse_truncation: bool = False

@@ -6,9 +6,9 @@
 Results go to benchmarks/results/batch_independence_<preset>.json.
 
 Random weights (the head scaled so that logits are of unit size and P(spam) spreads over 0..1), the real SMS texts
-and GPT-2's tokenizer, float32 on the CPU through training.scoring.Scorer, as `predict` scores. The baseline is
-each text alone: a batch of one, no padding. Against it: the texts as `predict` scores one chunk (default batch
-limits), in two chunks cut at three places (a resume whose chunk boundary fell elsewhere), and in batches of 8.
+and GPT-2's tokenizer, float32 on the CPU through training.runtime.classifier.Classifier, as `predict` scores. The
+baseline is each text alone: a batch of one, no padding. Against it: the texts as `predict` scores one chunk (default
+batch limits), in two chunks cut at three places (a resume whose chunk boundary fell elsewhere), and in batches of 8.
 Reported: how many rows differ from the baseline at all, the largest |difference| of P(spam) over every pair of
 shapes, and the time of scoring alone against batched (what bitwise independence by scoring alone would cost).
 """
@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-from training.scoring.scorer import Scorer
 
 from benchmarks.common import BPE_DIR, SMS_FILE, print_table, require_shared_data, write_result
-from training.config import ScoringConfig
 from training.finetune.data import load_sms_spam
 from training.runtime.checkpoint import ModelCard, save_checkpoint
+from training.runtime.classifier import Classifier, Prediction
 from training.runtime.model import GPTClassifier, GPTConfig
+from training.runtime.options import ClassifierOptions
 
 
 def random_checkpoint(directory: Path, preset: str) -> Path:
@@ -39,23 +39,25 @@ def random_checkpoint(directory: Path, preset: str) -> Path:
     return save_checkpoint(directory, model, BPE_DIR, card)
 
 
-def p_spam(results: list[dict]) -> torch.Tensor:
-    return torch.tensor([r["probability_spam"] for r in results], dtype=torch.float64)
+def p_spam(predictions: list[Prediction]) -> torch.Tensor:
+    return torch.tensor([p.probabilities["spam"] for p in predictions], dtype=torch.float64)
 
 
 def measure(preset: str, n: int) -> dict:
     texts = load_sms_spam(SMS_FILE).texts[:n]
     with tempfile.TemporaryDirectory() as tmp:
-        scorer = Scorer.load(str(random_checkpoint(Path(tmp) / "ckpt", preset)), ScoringConfig(device="cpu"))
+        classifier = Classifier.load(random_checkpoint(Path(tmp) / "ckpt", preset), ClassifierOptions(device="cpu"))
         start = time.perf_counter()
-        alone = p_spam([scorer.score([text])[0] for text in texts])
+        alone = p_spam([classifier.classify([text])[0] for text in texts])
         alone_s, start = time.perf_counter() - start, time.perf_counter()
-        shapes = {"one chunk, default batches": p_spam(scorer.score(texts))}
+        shapes = {"one chunk, default batches": p_spam(classifier.classify(texts))}
         batched_s = time.perf_counter() - start
         for cut in (n // 7, n // 3, n // 2):
-            shapes[f"two chunks, cut at row {cut}"] = p_spam(scorer.score(texts[:cut]) + scorer.score(texts[cut:]))
-        scorer.config = ScoringConfig(device="cpu", batch_size=8)
-        shapes["batches of 8"] = p_spam(scorer.score(texts))
+            shapes[f"two chunks, cut at row {cut}"] = p_spam(
+                classifier.classify(texts[:cut]) + classifier.classify(texts[cut:])
+            )
+        classifier.options = ClassifierOptions(device="cpu", batch_size=8)
+        shapes["batches of 8"] = p_spam(classifier.classify(texts))
     every = [alone, *shapes.values()]
     return {
         "preset": preset,

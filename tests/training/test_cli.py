@@ -74,6 +74,16 @@ def test_evaluate_command(trained, csv_data, tmp_path, capsys):
     assert f"({spam['count']:,} / {spam['of']:,})" in printed.split("spam: ")[-1]  # ham flagged, as counted
 
 
+def test_the_threshold_decides_the_selection_rows_as_the_export_serves_them(trained, csv_data, tmp_path):
+    """The threshold is chosen on the probabilities the exported head gives: re-evaluated, the selection rows
+    it was chosen on fall on the same sides of it."""
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", "--checkpoint", str(trained), "--data", str(csv_data), "--split", "selection"]
+    assert main([*argv, "--device", "cpu", "--out", str(out)]) == 0
+    recorded = json.loads((trained / "report" / "metrics.json").read_text())["selection"]["threshold"]
+    assert json.loads(out.read_text())["threshold"]["confusion_matrix"] == recorded["confusion_matrix"]
+
+
 def test_skip_existing(trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "copy"
     shutil.copytree(trained, out)

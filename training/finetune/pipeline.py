@@ -61,7 +61,6 @@ from training.runtime.checkpoint import (
 from training.runtime.device import resolve_device
 from training.runtime.inference import (
     Calibration,
-    calibrate_logits,
     fold_calibration,
     predict_logits,
     prior_shift,
@@ -136,10 +135,11 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     deployment_prior = label_rates(unique, label_names)
     calibration, raw = calibrate(model, enc, parts, label_names, base.max_tokens, training_prior, deployment_prior)
     shift = prior_shift(training_prior, deployment_prior, label_names)
-    calibrated = {
-        name: Predictions(probabilities(calibrate_logits(p.logits, calibration.temperature, shift)), p.targets)
-        for name, p in raw.items()
-    }
+    fold_calibration(model, calibration.temperature, shift)
+    # The threshold is chosen on what the exported head computes, not on raw logits calibrated apart: the two
+    # differ by float rounding, which would move the row chosen as the threshold to either side of it.
+    judged = role_logits(model, enc, parts, ("selection", "test", "evaluation"), label_names, base.max_tokens)
+    calibrated = {name: Predictions(probabilities(p.logits), p.targets) for name, p in judged.items()}
     uncalibrated = Predictions(probabilities(raw["evaluation"].logits), raw["evaluation"].targets)
     report = evaluation_report(
         label_names,
@@ -150,7 +150,6 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         config.target_fpr,
         uncalibrated,
     )
-    fold_calibration(model, calibration.temperature, shift)
     headline = summary(report)
     card = ModelCard(
         labels=tuple(label_names),
@@ -220,22 +219,36 @@ def calibrate(
     deployment_prior: dict[str, float],
 ) -> tuple[Calibration, dict[str, Logits]]:
     """The temperature fitted on the validation rows, weighed so that their labels count at the training prior
-    (training.finetune.calibration.fit_temperature), and the raw logits of the validation, selection, test and
-    evaluation rows it was fitted from and will be judged on.
+    (training.finetune.calibration.fit_temperature), and the raw logits of the validation rows it was fitted from and
+    of the evaluation rows (the reliability diagram's "before").
 
     Raises training.runtime.inference.NonFiniteLogits naming rows whose logits are not finite.
     """
-    raw = {}
-    for name in ("validation", "selection", "test", "evaluation"):
-        ds = getattr(parts, name)
-        rows = encode(enc, ds, label_names, max_tokens)
-        logits = predict_logits(model, rows.rows, EVAL_BATCH_SIZE)
-        require_finite(logits)
-        raw[name] = Logits(logits, torch.tensor(rows.targets, dtype=torch.long))
+    raw = role_logits(model, enc, parts, ("validation", "evaluation"), label_names, max_tokens)
     validation_rates = label_rates(parts.validation, label_names)
     weights = torch.tensor([training_prior[label] / max(validation_rates[label], 1e-12) for label in label_names])
     temperature = fit_temperature(raw["validation"].logits, raw["validation"].targets, weights)
     return Calibration(temperature, training_prior, deployment_prior), raw
+
+
+def role_logits(
+    model: GPTClassifier,
+    enc: tiktoken.Encoding,
+    parts: Partition,
+    roles: tuple[str, ...],
+    label_names: list[str],
+    max_tokens: int,
+) -> dict[str, Logits]:
+    """{role: the model's (N, n_labels) logits of the rows of that role of `parts`, with their label indices}.
+
+    Raises training.runtime.inference.NonFiniteLogits naming rows whose logits are not finite.
+    """
+    out = {}
+    for name in roles:
+        rows = encode(enc, getattr(parts, name), label_names, max_tokens)
+        logits = require_finite(predict_logits(model, rows.rows, EVAL_BATCH_SIZE))
+        out[name] = Logits(logits, torch.tensor(rows.targets, dtype=torch.long))
+    return out
 
 
 def resolve_precision(config: FinetuneConfig) -> FinetuneConfig:

@@ -22,12 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from training.runtime.inference import (
     Calibration,
+    Readout,
     Threshold,
     binary_prior,
     check_prior,
-    fold_calibration,
     prior_shift,
-    shift_threshold,
 )
 from training.runtime.model import GPTClassifier, GPTConfig
 from training.runtime.record import from_flat
@@ -73,7 +72,9 @@ class ModelCard:
 
     labels: tuple[str, ...]  # in the head's index order
     max_tokens: int  # texts are truncated to this many tokens, in training and serving
-    threshold: Threshold | None  # a binary model's decision rule, on the served (calibrated) scale; None: argmax
+    # a binary model's decision rule on its calibrated probabilities; None: argmax. Served at another prior: the
+    # threshold in force on the reported probabilities (decisions stay the saved threshold's, see Readout)
+    threshold: Threshold | None
     base_model: str  # e.g. "gpt2", or "gpt2 (random init)"
     metrics: dict[str, Any] = field(default_factory=dict)  # the evaluation summary, as training recorded it
     # the run's arguments, flat ({option: JSON value}), as fine-tuning recorded them: a record the runtime carries
@@ -103,12 +104,13 @@ class ModelCard:
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint directory: the classifier, its tokenizer and its card."""
+    """A loaded checkpoint directory: the classifier, its tokenizer, its card and how its logits are read out."""
 
     path: Path
-    model: GPTClassifier  # in eval mode, on the requested device and dtype
+    model: GPTClassifier  # in eval mode, on the requested device and dtype; its weights as the file holds them
     tokenizer: tiktoken.Encoding
     card: ModelCard
+    readout: Readout  # probabilities at the card's prior, labels by the checkpoint's own threshold
 
 
 def package_version() -> str:
@@ -151,10 +153,11 @@ def load_checkpoint(
     """Rebuild the classifier from the directory alone, after checking every part of it.
 
     prior: for a binary model, the rate of its positive label (training.runtime.inference.positive_label: spam) expected
-    where it serves, instead of the card's deployment prior (training.runtime.inference.Calibration): the head's bias
-    moves by log(prior / card prior), and the returned card states the prior in force and a threshold moved to
-    the new scale, so that probabilities change and decisions do not (a false-positive rate does not depend on
-    the spam rate).
+    where it serves, instead of the card's deployment prior (training.runtime.inference.Calibration). The weights
+    stay as saved; the returned readout reports probabilities at the new prior (logits + log(prior / card prior))
+    and decides on the saved logits by the saved threshold, so that probabilities change and decisions cannot (a
+    false-positive rate does not depend on the spam rate). The returned card states the prior in force and the
+    threshold on the reported probabilities that makes the same decisions (Readout.threshold_in_force).
 
     Raises CheckpointError naming the file and what is wrong with it; ValueError for a prior outside (0, 1), a
     model that is not binary, or a checkpoint without a calibration record (its training prior is unknown).
@@ -177,24 +180,25 @@ def load_checkpoint(
     with torch.device("meta"):  # no random init: every parameter comes from the file
         model = GPTClassifier(config)
     model.load_state_dict(state, strict=True, assign=True)
+    readout = Readout(card.labels, card.threshold)
     if prior is not None:
-        card = _serve_at(model, card, prior)
+        card, readout = _serve_at(card, prior)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return Checkpoint(path=path, model=model, tokenizer=tokenizer, card=card)
+    return Checkpoint(path=path, model=model, tokenizer=tokenizer, card=card, readout=readout)
 
 
-def _serve_at(model: GPTClassifier, card: ModelCard, rate: float) -> ModelCard:
-    """Shift the float32 model's head from the card's deployment prior to `rate`; the card saying so."""
+def _serve_at(card: ModelCard, rate: float) -> tuple[ModelCard, Readout]:
+    """The card as served at a positive-label `rate` (its prior and threshold in force) and the readout that
+    reports probabilities there and decides at the card's own prior; ValueError as load_checkpoint says."""
     prior = binary_prior(rate, card.labels)
     if card.calibration is None:
         raise ValueError(
             "this checkpoint records no calibration (it was not written by finetune), so its training prior is "
             "unknown and no deployment prior can be applied; serve it without one"
         )
-    shift = prior_shift(card.calibration.prior, prior, card.labels)
-    fold_calibration(model, 1.0, shift)
-    threshold = None if card.threshold is None else shift_threshold(card.threshold, shift, card.labels)
-    return replace(card, calibration=card.calibration.with_prior(prior), threshold=threshold)
+    readout = Readout(card.labels, card.threshold, prior_shift(card.calibration.prior, prior, card.labels))
+    served = replace(card, calibration=card.calibration.with_prior(prior), threshold=readout.threshold_in_force)
+    return served, readout
 
 
 def _read_json(file: Path) -> dict:

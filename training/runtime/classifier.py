@@ -15,7 +15,7 @@ import torch
 from training.runtime import precision
 from training.runtime.checkpoint import Checkpoint, ModelCard, load_checkpoint
 from training.runtime.device import require_available
-from training.runtime.inference import decide, nonfinite_rows, predict_logits, probabilities, require_finite
+from training.runtime.inference import nonfinite_rows, predict_logits, probabilities, require_finite
 from training.runtime.options import ClassifierOptions
 from training.runtime.tokenizer import encode_batch
 
@@ -86,20 +86,20 @@ class Classifier:
     def predict(
         self, rows: list[list[int]], max_batch_size: int | None = None, max_batch_tokens: int | None = None
     ) -> torch.Tensor:
-        """predict_logits' rows -> (N, n_labels) float32 probabilities on the CPU; a row whose logits are not
-        finite is NaN."""
+        """predict_logits' rows -> (N, n_labels) float32 probabilities on the CPU, at the checkpoint's own prior
+        (predictions reports at the deployment prior); a row whose logits are not finite is NaN."""
         return probabilities(self.predict_logits(rows, max_batch_size, max_batch_tokens))
 
     def predictions(self, rows: list[list[int]], truncated: list[bool], logits: torch.Tensor) -> list[Prediction]:
         """N texts' token rows, truncation flags and (N, n_labels) logits -> their Predictions, in order: float32
-        softmax (training.runtime.inference.probabilities), then the card's decision rule (decide).
+        softmax at the deployment prior, labels by the checkpoint's decision rule at its own prior
+        (training.runtime.inference.Readout: a deployment prior never moves a label).
 
         The logits must be finite: callers refuse the texts whose rows are not first (nonfinite_rows,
         require_finite), since no probability is made up for them.
         """
-        probs = probabilities(logits)
+        probs, labels = self.checkpoint.readout.read(logits)
         card = self.card
-        labels = decide(probs, card.labels, card.threshold)
         return [
             Prediction(label, dict(zip(card.labels, p, strict=True)), len(ids), cut)
             for label, p, ids, cut in zip(labels, probs.tolist(), rows, truncated, strict=True)

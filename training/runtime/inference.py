@@ -5,7 +5,8 @@ the decision rule (argmax, or a binary threshold chosen on held-out rows).
 Calibration lives in the head: the served logits are the trained ones divided by a temperature and shifted by
 the log ratio of the deployment prior to the training prior (calibrate_logits), and fold_calibration writes that
 into the score layer's weight and bias, so every consumer of the model (evaluation, serving, file scoring, the
-Hugging Face and ONNX exports) gives the calibrated probabilities without knowing about it.
+Hugging Face and ONNX exports) gives the calibrated probabilities without knowing about it. A deployment prior
+chosen when serving (Readout) is not folded: decisions stay on the checkpoint's own logits.
 """
 
 import math
@@ -40,7 +41,7 @@ class Calibration:
 
     temperature: float
     training_prior: dict[str, float]  # what the loss saw: the train split's rates, uniform when class-weighted
-    prior: dict[str, float]  # the deployment prior the weights serve at
+    prior: dict[str, float]  # the deployment prior: in config.json the weights'; when served, the one in force
 
     def with_prior(self, prior: dict[str, float]) -> "Calibration":
         """The same calibration at another deployment prior."""
@@ -217,3 +218,37 @@ def decide(probs: torch.Tensor, labels: list[str] | tuple[str, ...], threshold: 
     positive = labels.index(threshold.label)
     other = labels[1 - positive]
     return [labels[positive] if p >= threshold.value else other for p in probs[:, positive].tolist()]
+
+
+@dataclass(frozen=True)
+class Readout:
+    """How every consumer (the server's routes, file scoring, Ray) turns a checkpoint's logits into what it reports:
+    probabilities at the deployment prior, labels decided at the checkpoint's own.
+
+    The model's weights are the checkpoint's, unshifted: a label is decide() on softmax(logits) against the
+    threshold the checkpoint chose on those same probabilities, so it is the same number compared with the same
+    number whatever the deployment prior, and a prior cannot move a decision, not even by rounding. The reported
+    logits are logits + shift (Bayes' rule, Saerens et al. 2002), their softmax the reported probabilities.
+    """
+
+    labels: tuple[str, ...]
+    threshold: Threshold | None  # the checkpoint's decision rule, on softmax(logits); None: argmax of those
+    # (n_labels,) float64 prior_shift from the checkpoint's prior to the deployment's; None: served at the checkpoint's
+    shift: torch.Tensor | None = None
+
+    @property
+    def threshold_in_force(self) -> Threshold | None:
+        """The threshold on the reported probabilities that makes the same decisions, up to float rounding (what
+        /info states); None for argmax."""
+        if self.threshold is None or self.shift is None:
+            return self.threshold
+        return shift_threshold(self.threshold, self.shift, self.labels)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, n_labels) float32 logits -> (N, n_labels) float32 logits at the deployment prior (TEI's raw scores)."""
+        return logits if self.shift is None else calibrate_logits(logits, 1.0, self.shift)
+
+    def read(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """(N, n_labels) finite float32 logits -> ((N, n_labels) float32 probabilities at the deployment prior,
+        N labels decided on softmax(logits) by the checkpoint's threshold or argmax)."""
+        return probabilities(self.scores(logits)), decide(probabilities(logits), self.labels, self.threshold)

@@ -1,31 +1,74 @@
 """What counts as a text: the rule by which training refuses a row and every serving route a text that shows
-nothing (whitespace, invisible format characters)."""
+nothing. A text shows something when it holds at least one visible character; by Unicode general category:
+
+- Cc controls, Cf format characters (zero width space and joiners, bidi marks, the byte order mark, soft hyphen,
+  tags; also the prepended concatenation marks such as U+0600, which draw only over the digits that follow), and
+  Zs, Zl, Zp separators (every whitespace character is Cc, Zs, Zl or Zp): invisible.
+- Cs surrogates: invisible. A lone surrogate (JSON carries one as a "\\ud800" escape) is no character: UTF-8
+  cannot encode it, and the tokenizer reads it as U+FFFD.
+- Cn unassigned: visible, since a newer Unicode than this Python's may have assigned it (a new emoji) and a
+  renderer shows a box; except the 66 noncharacters (U+FDD0..U+FDEF and the last two of each plane, e.g. U+FFFF),
+  never assigned and not for interchange, and those reserved as default ignorable (below): invisible.
+- Co private use: visible: fonts give them glyphs (icon fonts, U+F8FF) that sender and reader agree on.
+- Mn and Me combining marks, even alone: visible (a mark without a base still draws, on a dotted circle), except
+  the default ignorable ones (variation selectors, the combining grapheme joiner, Mongolian free variation
+  selectors): invisible.
+- Every other category (letters, Mc marks, numbers, punctuation, symbols): visible, except the default ignorable
+  Hangul fillers (Lo) and the braille blank U+2800 (So), which draw nothing.
+
+Default ignorable: Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt), the code points a renderer
+shows as nothing, assigned or not.
+"""
 
 import functools
 import sys
 import unicodedata
 
 NO_VISIBLE_CHARACTERS = "has no visible characters (only whitespace or invisible format characters)"
-# Characters that show nothing yet are neither whitespace nor format characters: Hangul fillers, the braille
-# blank, the combining grapheme joiner. Variation selectors (which only modify the character before) are ranges.
-_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f")
-_VARIATION_SELECTORS = (range(0xFE00, 0xFE10), range(0xE0100, 0xE01F0))
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
+# Default_Ignorable_Code_Point, Unicode 15.1, as inclusive [first, last] code point ranges
+_DEFAULT_IGNORABLE = tuple(
+    range(first, last + 1)
+    for first, last in (
+        (0x00AD, 0x00AD),
+        (0x034F, 0x034F),
+        (0x061C, 0x061C),
+        (0x115F, 0x1160),
+        (0x17B4, 0x17B5),
+        (0x180B, 0x180F),
+        (0x200B, 0x200F),
+        (0x202A, 0x202E),
+        (0x2060, 0x206F),
+        (0x3164, 0x3164),
+        (0xFE00, 0xFE0F),
+        (0xFEFF, 0xFEFF),
+        (0xFFA0, 0xFFA0),
+        (0xFFF0, 0xFFF8),
+        (0x1BCA0, 0x1BCA3),
+        (0x1D173, 0x1D17A),
+        (0xE0000, 0xE0FFF),
+    )
+)
+_NONCHARACTERS = frozenset(range(0xFDD0, 0xFDF0)) | {
+    plane + last for plane in range(0, 0x110000, 0x10000) for last in (0xFFFE, 0xFFFF)
+}
+_BRAILLE_BLANK = 0x2800
 
 
 def _invisible(char: str) -> bool:
-    """Whitespace, a control character (Cc), a format character (Cf: zero width space and joiners, bidi marks,
-    the byte order mark, soft hyphen, tags) or one of the blanks above."""
+    """Whether one character shows nothing, by the module's rule."""
+    code = ord(char)
     return (
-        char.isspace()
-        or unicodedata.category(char) in ("Cc", "Cf")
-        or char in _BLANK
-        or any(ord(char) in selectors for selectors in _VARIATION_SELECTORS)
+        unicodedata.category(char) in INVISIBLE_CATEGORIES
+        or code in _NONCHARACTERS
+        or code == _BRAILLE_BLANK
+        or any(code in ignorable for ignorable in _DEFAULT_IGNORABLE)
     )
 
 
 def has_visible_characters(text: str) -> bool:
     """Whether `text` has at least one character that shows: the one rule for an empty text, by which training
-    refuses a row and serving a text (e.g. " ", "\\n\\t ", "\\u200b", "\\u3000" have none)."""
+    refuses a row and serving a text (e.g. " ", "\\n\\t ", "\\u200b", "\\u3000", "\\ud800", "\\uffff" have none)."""
     stripped = text.strip()
     if stripped and not _invisible(stripped[0]):  # the common case, at once
         return True
@@ -35,16 +78,17 @@ def has_visible_characters(text: str) -> bool:
 @functools.cache
 def visible_character_pattern() -> str:
     """A regular expression that a text contains (re.search; JSON Schema's `pattern`) exactly when
-    has_visible_characters(text): a class of every character but the invisible ones, written so that Python's
-    and ECMAScript's (with the u flag) regular expressions read it alike. Built once, by asking every code point."""
-    # every whitespace character is Cc, Zs, Zl or Zp: this cheap test finds all candidates (about 1 s)
-    kinds = ("Cc", "Cf", "Zs", "Zl", "Zp")
-    candidates = (c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in kinds)
-    invisible = sorted(
-        {*(c for c in candidates if _invisible(chr(c))), *map(ord, _BLANK)} | set().union(*_VARIATION_SELECTORS)
-    )
-    ranges = []  # [first, last] of each run of consecutive code points
-    for code in invisible:
+    has_visible_characters(text): a class of every visible character, read alike by Python's and ECMAScript's (with
+    the u flag) regular expressions: BMP code points as \\uXXXX escapes, the others as themselves. A class of the
+    visible rather than a negated one of the invisible, so that it names no surrogate: validators whose engines read
+    UTF-8 (jsonschema-rs, Rust's regex) refuse a pattern with a surrogate escape. Built once, by asking every code
+    point's category (about 1 s)."""
+    by_category = (c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in INVISIBLE_CATEGORIES)
+    invisible = {*by_category, *_NONCHARACTERS, _BRAILLE_BLANK}.union(*_DEFAULT_IGNORABLE)
+    ranges = []  # [first, last] of each run of consecutive visible code points
+    for code in range(sys.maxunicode + 1):
+        if code in invisible:
+            continue
         if ranges and ranges[-1][1] == code - 1:
             ranges[-1][1] = code
         else:
@@ -53,4 +97,4 @@ def visible_character_pattern() -> str:
     def char(code: int) -> str:
         return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
 
-    return "[^" + "".join(char(a) if a == b else f"{char(a)}-{char(b)}" for a, b in ranges) + "]"
+    return "[" + "".join(char(a) if a == b else f"{char(a)}-{char(b)}" for a, b in ranges) + "]"

@@ -75,14 +75,14 @@ def test_checkpoint_served_at_another_prior(tmp_path, tiny_config, bpe_dir, toke
     told = load_checkpoint(ckpt, prior=0.01)
     assert told.card.calibration.prior == pytest.approx({"spam": 0.01, "ham": 0.99})
     assert list(told.card.calibration.prior) == list(LABELS)  # in label order, as /info shows the card's own
-    p, q = (predict_probabilities(c.model, rows)[:, 1].double() for c in (default, told))
+    (p, decided), (q, told_decided) = (c.readout.read(predict_logits(c.model, rows)) for c in (default, told))
+    p, q = p[:, 1].double(), q[:, 1].double()
     odds_ratio = (q / (1 - q)) / (p / (1 - p))
     expected = torch.full_like(odds_ratio, (0.01 / 0.99) / (0.13 / 0.87))
     torch.testing.assert_close(odds_ratio, expected, rtol=1e-4, atol=0)
-    # decisions stay: the threshold moved with the probabilities
+    # decisions stay: the card states the threshold moved with the probabilities; the readout decides as before
     assert told.card.threshold.value < default.card.threshold.value
-    decisions = [decide(torch.stack([1 - s, s], 1), LABELS, c.card.threshold) for s, c in ((p, default), (q, told))]
-    assert decisions[0] == decisions[1]
+    assert told_decided == decided == decide(torch.stack([1 - p, p], 1), LABELS, default.card.threshold)
 
 
 def test_an_uncalibrated_checkpoint_serves_as_before_and_refuses_a_prior(tiny_checkpoint):

@@ -1,11 +1,14 @@
 """SPAMGPT_* settings. Nothing about the model lives here: sizes, labels and max tokens come from the checkpoint."""
 
+import os
 import re
+import types
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.runtime.options import ClassifierOptions
@@ -98,6 +101,14 @@ class Settings(BaseSettings):
     # line per request carrying its id (app.edge.request_log). Every response carries X-Request-ID either way.
     log_format: Literal["text", "json"] = "text"
 
+    @field_validator("checkpoint_dir", mode="before")
+    @classmethod
+    def _named_directory(cls, value: object) -> object:
+        # Path("") is the current directory: an empty variable would serve whatever the server was started in
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("checkpoint_dir must not be empty: name a checkpoint directory, e.g. checkpoints/spamgpt")
+        return value
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
@@ -110,6 +121,13 @@ class Settings(BaseSettings):
     def _non_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value():
             raise ValueError("api_key must not be empty (leave it unset to disable authentication)")
+        return value
+
+    @field_validator("model_name")
+    @classmethod
+    def _non_empty_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("model_name must not be empty (leave it unset for the checkpoint's own name)")
         return value
 
     @model_validator(mode="after")
@@ -144,3 +162,70 @@ class Settings(BaseSettings):
     def batch_limits(self) -> BatchLimits:
         """The micro-batcher's limits (app.batcher.BatchLimits), which /info reports too."""
         return BatchLimits(**{f.name: getattr(self, f.name) for f in fields(BatchLimits)})
+
+
+class SettingsError(ValueError):
+    """SPAMGPT_* variables that cannot be used; its message has one line per refused variable (or group of
+    variables that contradict each other), naming it, its value and what would work."""
+
+
+def settings_from_environment() -> Settings:
+    """Settings from the SPAMGPT_* variables, as Settings() reads them.
+
+    Raises SettingsError naming the variables rather than pydantic's field names, without pydantic's report.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError("\n".join(refusal(error) for error in exc.errors(include_url=False))) from None
+
+
+def variable(name: str) -> str:
+    """The environment variable of the setting `name`: max_batch_size -> SPAMGPT_MAX_BATCH_SIZE."""
+    return f"{Settings.model_config['env_prefix']}{name.upper()}"
+
+
+def refusal(error: dict) -> str:
+    """One pydantic error as one line: `SPAMGPT_NAME='value': what is wrong (what would work)`. An error of the whole
+    model (settings that contradict each other) names each variable its message mentions that the environment sets."""
+    reason = error["msg"].removeprefix("Value error, ").replace("Input should", "should")
+    reason = re.sub(r"\b(" + "|".join(Settings.model_fields) + r")\b", lambda m: variable(m.group(1)), reason)
+    if error["loc"]:
+        name = error["loc"][0]
+        shown = f"{variable(name)}={_shown(error['input'])}"
+        reason = reason.removeprefix(f"{variable(name)} ")
+        hint = _what_works(name) if error["type"] != "value_error" else None
+        return f"{shown}: {reason}" + (f" (use {hint})" if hint else "")
+    environment = {key.upper(): value for key, value in os.environ.items()}
+    mentioned = [name for name in Settings.model_fields if re.search(rf"\b{variable(name)}\b", reason)]
+    given = [name for name in mentioned if variable(name) in environment] or mentioned
+    shown = ", ".join(f"{variable(name)}={_shown(environment.get(variable(name)))}" for name in given)
+    return f"{shown}: {reason}"
+
+
+def _shown(value: object) -> str:
+    """The value as the line shows it: quoted, or "unset"."""
+    return "unset" if value is None else repr(str(value))
+
+
+BOUND_WORDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _what_works(name: str) -> str | None:
+    """The values the setting `name` takes, from its type and bounds: "an integer >= 1", "true or false"; None
+    where pydantic's own message lists them (a Literal)."""
+    field = Settings.model_fields[name]
+    kinds = [kind for kind in typing.get_args(field.annotation) if kind is not types.NoneType] or [field.annotation]
+    kind = kinds[0]
+    optional = ", or leave it unset" if len(typing.get_args(field.annotation)) > len(kinds) else ""
+    if kind is bool:
+        return "true or false"
+    if kind in (int, float):
+        bounds = [
+            f"{BOUND_WORDS[attr]} {getattr(limit, attr)}"
+            for limit in field.metadata
+            for attr in BOUND_WORDS
+            if getattr(limit, attr, None) is not None
+        ]
+        return f"{'an integer' if kind is int else 'a number'} {' and '.join(bounds)}".rstrip() + optional
+    return None

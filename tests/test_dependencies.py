@@ -67,7 +67,7 @@ def test_the_app_does_not_import_the_train_extra():
 
 
 # Imports an extra satisfies, each imported where used and guarded: the code runs without it.
-OPTIONAL_IMPORTS = {"matplotlib": "plots", "tokenizers": "export"}
+OPTIONAL_IMPORTS = {"matplotlib": "plots", "tokenizers": "export", "ray": "ray"}
 
 
 def runtime_closure() -> set[str]:

@@ -86,6 +86,57 @@ def test_the_server_starts_from_the_environment_and_serves(tiny_checkpoint):
     assert "Application startup complete" in stderr
 
 
+# --- Start-up refusals: one line on stderr, a status of its own, before the model loads ---------------------------
+
+
+def refusal(port: int, **settings: str) -> tuple[int, str]:
+    """`python -m app` on `port` with `settings` as SPAMGPT_* variables (on top of the environment's), run to its
+    exit: the exit status and the one line it wrote to stderr, checked to be a refusal and no traceback."""
+    env = {**os.environ, "SPAMGPT_DEVICE": "cpu"}
+    env.update({f"SPAMGPT_{name.upper()}": value for name, value in settings.items()})
+    command = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in done.stderr and "Waiting for application startup" not in done.stderr, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("python -m app: error: "), line
+    return done.returncode, line
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        pytest.param("prior", "1.5", id="prior-above-1"),
+        pytest.param("prior", "0", id="prior-0"),
+        pytest.param("prior", "-0.1", id="prior-negative"),
+        pytest.param("max_batch_size", "abc", id="batch-size-not-a-number"),
+        pytest.param("max_batch_size", "0", id="batch-size-0"),
+        pytest.param("checkpoint_dir", "", id="empty-checkpoint-dir"),
+    ],
+)
+def test_a_bad_variable_exits_2_naming_it_and_its_value(tiny_checkpoint, name, value):
+    settings = {"checkpoint_dir": str(tiny_checkpoint), name: value}
+    code, line = refusal(free_port(), **settings)
+    assert code == 2, line
+    assert f"SPAMGPT_{name.upper()}={value!r}: " in line
+
+
+def test_a_missing_checkpoint_exits_3_saying_to_train_one_or_set_the_variable(tmp_path):
+    code, line = refusal(free_port(), checkpoint_dir=str(tmp_path / "nothing"))
+    assert code == 3, line
+    assert f"SPAMGPT_CHECKPOINT_DIR={str(tmp_path / 'nothing')!r}: no checkpoint directory" in line
+    assert f"spamgpt train --out {tmp_path / 'nothing'}" in line
+
+
+def test_a_port_in_use_exits_4_before_the_model_loads(tiny_checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, line = refusal(port, checkpoint_dir=str(tiny_checkpoint))
+    assert code == 4, line
+    assert f"--host 127.0.0.1 --port {port}: address already in use" in line
+
+
 # --- Broken checkpoints: the server refuses to start ----------------------------------------------------------
 
 

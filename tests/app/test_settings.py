@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,7 @@ from pydantic import ValidationError
 
 import training.runtime.precision
 from app.service import model_name
-from app.settings import Settings
+from app.settings import Settings, SettingsError, settings_from_environment
 from tests.helpers import pretend_cpu
 
 
@@ -86,3 +87,82 @@ def test_bfloat16_on_a_cpu_that_has_it_natively_is_taken_and_auto_stays_float32(
 )
 def test_model_name_from_base_model_and_size(base, parameters, expected):
     assert model_name(base, parameters) == expected
+
+
+# One value each setting refuses, as its SPAMGPT_ variable would give it, and what the refusal must say it takes
+BAD_VALUES = {
+    "checkpoint_dir": ("", "must not be empty"),
+    "device": ("gpu", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    "dtype": ("half", "'auto', 'float32', 'float16' or 'bfloat16'"),
+    "quantize_int8": ("maybe", "true or false"),
+    "prior": ("1.5", "a number > 0 and < 1, or leave it unset"),
+    "torch_threads": ("-1", "an integer >= 0"),
+    "batching": ("yes please", "true or false"),
+    "max_batch_size": ("0", "an integer >= 1"),
+    "max_batch_tokens": ("1e3", "an integer >= 1"),
+    "max_wait_ms": ("-0.5", "a number >= 0"),
+    "max_queue_texts": ("0", "an integer >= 1"),
+    "request_timeout_s": ("0", "a number > 0"),
+    "max_texts_per_request": ("-3", "an integer >= 1"),
+    "max_text_chars": ("many", "an integer >= 1"),
+    "max_body_bytes": ("0", "an integer >= 1"),
+    "request_arrival_timeout_s": ("inf?", "a number > 0"),
+    "max_body_bytes_in_flight": ("1", "at least SPAMGPT_MAX_BODY_BYTES (4194304)"),
+    "max_connections": ("0", "an integer >= 1"),
+    "drain_delay_s": ("-1", "a number >= 0"),
+    "api_key": ("", "leave it unset to disable authentication"),
+    "model_name": (" ", "leave it unset for the checkpoint's own name"),
+    "log_format": ("xml", "'text' or 'json'"),
+}
+
+
+def test_every_setting_has_a_bad_value_below():
+    assert set(BAD_VALUES) == set(Settings.model_fields)
+
+
+@pytest.mark.parametrize(("name", "value", "works"), [pytest.param(n, *v, id=n) for n, v in BAD_VALUES.items()])
+def test_a_bad_variable_is_refused_in_one_line_naming_it_its_value_and_what_works(monkeypatch, name, value, works):
+    monkeypatch.setenv(f"SPAMGPT_{name.upper()}", value)
+    with pytest.raises(SettingsError) as refused:
+        settings_from_environment()
+    (line,) = str(refused.value).splitlines()
+    assert line.startswith(f"SPAMGPT_{name.upper()}={value!r}: "), line
+    assert works in line, line
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param("1.5", "should be less than 1", id="above-1"),
+        pytest.param("0", "should be greater than 0", id="zero"),
+        pytest.param("-0.1", "should be greater than 0", id="negative"),
+        pytest.param("abc", "should be a valid number", id="not-a-number"),
+    ],
+)
+def test_a_prior_outside_0_1_names_the_variable_and_the_range(monkeypatch, value, message):
+    monkeypatch.setenv("SPAMGPT_PRIOR", value)
+    with pytest.raises(SettingsError, match="^" + re.escape(f"SPAMGPT_PRIOR={value!r}: {message}")) as refused:
+        settings_from_environment()
+    assert str(refused.value).endswith("(use a number > 0 and < 1, or leave it unset)")
+
+
+def test_contradicting_variables_name_the_ones_set(monkeypatch):
+    monkeypatch.setenv("SPAMGPT_DEVICE", "cuda")
+    monkeypatch.setenv("SPAMGPT_QUANTIZE_INT8", "true")
+    with pytest.raises(SettingsError) as refused:
+        settings_from_environment()
+    assert str(refused.value) == (
+        "SPAMGPT_DEVICE='cuda', SPAMGPT_QUANTIZE_INT8='true': SPAMGPT_QUANTIZE_INT8 runs on CPU only, got "
+        "SPAMGPT_DEVICE 'cuda'; use SPAMGPT_DTYPE float16 on CUDA"
+    )
+
+
+def test_every_refused_variable_gets_its_line(monkeypatch):
+    monkeypatch.setenv("SPAMGPT_MAX_BATCH_SIZE", "0")
+    monkeypatch.setenv("SPAMGPT_LOG_FORMAT", "xml")
+    with pytest.raises(SettingsError) as refused:
+        settings_from_environment()
+    assert [line.split("=")[0] for line in str(refused.value).splitlines()] == [
+        "SPAMGPT_MAX_BATCH_SIZE",
+        "SPAMGPT_LOG_FORMAT",
+    ]

@@ -8,6 +8,7 @@ import pytest
 
 import app.cli
 import training.cli
+from app.settings import Settings
 from training.config import FinetuneConfig, from_flat
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +57,7 @@ def test_serve_hands_its_options_to_uvicorn_after_the_defaults(monkeypatch):
 
     monkeypatch.setattr(app.cli.uvicorn, "main", uvicorn_main)
     monkeypatch.setattr(app.cli.signal, "signal", lambda signum, handler: None)  # this process keeps its SIGTERM
+    monkeypatch.setattr(app.cli, "startup_checks", lambda argv: Settings())  # no checkpoint here, port 9000 unbound
     with pytest.raises(SystemExit):
         app.cli.main(["serve", "--port", "9000", "--timeout-graceful-shutdown", "5"])
     ((args, prog),) = calls
@@ -64,3 +66,29 @@ def test_serve_hands_its_options_to_uvicorn_after_the_defaults(monkeypatch):
     assert defaults[defaults.index("--timeout-graceful-shutdown") + 1] == str(app.cli.GRACEFUL_SHUTDOWN_S)
     assert "--limit-concurrency" in defaults and "--http" in defaults
     assert args[-4:] == ["--port", "9000", "--timeout-graceful-shutdown", "5"]  # click keeps the last value
+
+
+def test_serve_refuses_a_bad_variable_in_one_line_before_uvicorn(monkeypatch, capsys):
+    monkeypatch.setattr(app.cli.uvicorn, "main", lambda args, prog_name: pytest.fail("uvicorn ran"))
+    monkeypatch.setattr(app.cli.signal, "signal", lambda signum, handler: None)
+    monkeypatch.setenv("SPAMGPT_PRIOR", "1.5")
+    with pytest.raises(SystemExit) as exited:
+        app.cli.main(["serve"])
+    assert exited.value.code == app.cli.EXIT_USAGE == 2
+    expected = "SPAMGPT_PRIOR='1.5': should be less than 1 (use a number > 0 and < 1, or leave it unset)"
+    assert capsys.readouterr().err == f"spamgpt serve: error: {expected}\n"
+
+
+def test_serve_help_needs_no_checkpoint(monkeypatch, tmp_path):
+    calls = []
+
+    def uvicorn_main(args, prog_name):
+        calls.append(args)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(app.cli.uvicorn, "main", uvicorn_main)
+    monkeypatch.setattr(app.cli.signal, "signal", lambda signum, handler: None)
+    monkeypatch.setenv("SPAMGPT_CHECKPOINT_DIR", str(tmp_path / "nothing"))
+    with pytest.raises(SystemExit):
+        app.cli.main(["serve", "--help"])
+    assert calls == [["app.main:create_app", "--factory", "--help"]]

@@ -6,15 +6,18 @@ a Ray dataset. Needs the `ray` extra: pip install 'spamgpt[ray]'.
     from training.runtime.options import ClassifierOptions
     from training.scoring.ray_data import score_dataset
 
-    ray.init()  # or address="ray://head:10001"; every worker needs spamgpt installed and the checkpoint's path
-    ds = ray.data.read_csv("s3://bucket/messages/")  # read_json(..., lines=True) for JSONL; read_text for lines
-    options = ClassifierOptions(device="cpu")
-    score_dataset(ds, "/models/spamgpt", options, concurrency=8).write_csv("s3://bucket/scores/")
+    ray.init()  # or ray.init(address="auto") on a cluster; workers need spamgpt installed and the checkpoint's path
+    ds = ray.data.read_csv("/data/messages/")  # read_json(..., lines=True) for JSONL; read_text for lines
+    score_dataset(ds, "/models/spamgpt", ClassifierOptions(device="cpu")).write_csv("/data/scores/")
 
 Each row gains the columns `predict` adds (label, probability_<label> for each label, tokens, truncated), with the
 same values: the same functions, in the same length-sorted batches within the options' limits. Rows whose text is
 not a non-blank string are dropped (`predict` reports them by line; a distributed read has no line numbers).
 Ray is imported only by score_dataset, so this module loads without it.
+
+Workers: by default as many as the cluster's free resources hold beside the reads and writes (worker_count): on two
+CPUs, one. A fixed pool larger than what fits would leave its pending actors waiting for CPUs that the running ones
+hold and the reads starved of one, so nothing would finish.
 """
 
 import numpy as np
@@ -24,6 +27,7 @@ from training.runtime.options import ClassifierOptions
 from training.scoring.records import result_columns, result_record, usable_text
 
 ROWS_PER_CALL = 1024  # rows a worker scores per call: length-sorting within it is what keeps padding low
+READ_CPUS = 1  # CPUs worker_count leaves free, so that reads can feed the workers and writes drain them
 
 
 class RayScorer:
@@ -49,33 +53,56 @@ class RayScorer:
         return {**batch, **added}
 
 
+def worker_count(cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """How many scoring workers the Ray cluster's free resources (ray.available_resources) hold at once, with
+    READ_CPUS left for the read and write tasks that feed and drain them; at least 1."""
+    import ray
+
+    free = ray.available_resources()
+    fits = [(free.get("CPU", 0) - READ_CPUS) // cpus_per_worker] if cpus_per_worker else []
+    fits += [free.get("GPU", 0) // gpus_per_worker] if gpus_per_worker else []
+    return max(1, int(min(fits, default=1)))
+
+
 def score_dataset(
     ds,
     checkpoint: str,
     options: ClassifierOptions,
     text_column: str = "text",
     prefix: str = "",
-    concurrency: int = 1,
+    concurrency: int | None = None,
     rows_per_call: int = ROWS_PER_CALL,
+    cpus_per_worker: float = 1,
 ):
     """`ds` (a ray.data.Dataset) with the result columns added to every row whose text is usable: a lazy
-    dataset, computed when written or consumed. `concurrency` workers each hold the model (1 GPU each when the
-    options' device is CUDA). The checkpoint path must be readable by every worker.
+    dataset, computed when written or consumed. Each worker (a Ray actor holding the model) reserves
+    `cpus_per_worker` CPUs, and 1 GPU when the options' device is CUDA; `concurrency` of them, or by default a pool
+    that grows from 1 to what the free resources hold (worker_count). The checkpoint path must be readable by every
+    worker.
 
-    Raises ValueError for result columns that clash with the dataset's (pass `prefix`).
+    Raises ValueError for result columns that clash with the dataset's (pass `prefix`), or `concurrency` below 1.
     """
+    import ray
+
     names = ds.schema().names if ds.schema() is not None else []
     results = {prefix + name for name in ("label", "tokens", "truncated")}
     clash = sorted(name for name in names if name in results or name.startswith(prefix + "probability_"))
     if clash:
         raise ValueError(f"the dataset has columns named like the results {clash}; pass a prefix")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1 (or None: from the free resources), got {concurrency!r}")
     gpus = 1 if options.device.startswith("cuda") else 0
+    if concurrency is None:
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=worker_count(cpus_per_worker, gpus))
+    else:
+        pool = ray.data.ActorPoolStrategy(size=concurrency)
     kwargs = {"checkpoint": checkpoint, "options": options, "text_column": text_column, "prefix": prefix}
     return ds.map_batches(
         RayScorer,
         fn_constructor_kwargs=kwargs,
         batch_size=rows_per_call,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=pool,
+        num_cpus=cpus_per_worker,
         num_gpus=gpus,
     )

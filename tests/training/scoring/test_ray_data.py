@@ -3,6 +3,7 @@
 
 import csv
 import random
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,58 @@ ray = pytest.importorskip("ray")
 ray_data = pytest.importorskip("ray.data")
 ROOT = Path(__file__).resolve().parents[3]
 WORDS = ["win", "prize", "cash", "see", "you", "at", "lunch", "free", "call", "now", "mum", "thanks", "ok", "£1000"]
+
+
+def docstring_example() -> str:
+    """The example in training.scoring.ray_data's docstring (the README's), dedented."""
+    import training.scoring.ray_data
+
+    lines = training.scoring.ray_data.__doc__.splitlines()
+    start = lines.index("    import ray")
+    end = next(i for i, line in enumerate(lines) if ".write_csv(" in line)
+    return textwrap.dedent("\n".join(lines[start : end + 1]))
+
+
+def write_texts(path: Path, texts: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text"])
+        writer.writerows([i, text] for i, text in enumerate(texts))
+
+
+def read_scores(folder: Path) -> list[dict]:
+    rows = []
+    for part in sorted(folder.glob("*.csv")):
+        with open(part, newline="") as f:
+            rows += list(csv.DictReader(f))
+    return sorted(rows, key=lambda row: int(row["id"]))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::ResourceWarning")
+def test_the_example_runs_as_written_on_two_cpus(tiny_checkpoint, tmp_path):
+    # Before the module's 4-CPU cluster starts: a fixed pool of more workers than fit (concurrency=8 here) never
+    # finished; the default pool fits the free CPUs beside the reads
+    assert not ray.is_initialized()
+    texts = [f"free prize number {i}" if i % 2 else f"see you at {i}" for i in range(100)]
+    (tmp_path / "messages").mkdir()
+    write_texts(tmp_path / "messages" / "part-0.csv", texts)
+    runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT)}}
+    example = (
+        docstring_example()
+        .replace("ray.init()", f"ray.init(num_cpus=2, include_dashboard=False, runtime_env={runtime_env!r})")
+        .replace("/data/messages/", str(tmp_path / "messages"))
+        .replace("/models/spamgpt", str(tiny_checkpoint))
+        .replace("/data/scores/", str(tmp_path / "scores"))
+    )
+    assert "concurrency" not in example
+    try:
+        exec(example, {})
+    finally:
+        ray.shutdown()
+    rows = read_scores(tmp_path / "scores")
+    assert [row["text"] for row in rows] == texts
+    expected = Classifier.load(str(tiny_checkpoint), ClassifierOptions(device="cpu")).classify(texts)
+    assert [row["label"] for row in rows] == [p.label for p in expected]
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +111,11 @@ def test_ray_data_gives_the_single_process_results(local_ray, tiny_checkpoint, t
     for label in ("ham", "spam"):
         column = f"probability_{label}"
         assert [float(row[column]) for row in rows] == pytest.approx([r[column] for r in expected], abs=1e-6)
+
+
+def test_the_default_pool_fits_the_free_cpus_beside_the_reads(local_ray):
+    from training.scoring.ray_data import worker_count
+
+    assert worker_count(cpus_per_worker=1, gpus_per_worker=0) == 3  # 4 CPUs, one left for reads and writes
+    assert worker_count(cpus_per_worker=2, gpus_per_worker=0) == 1
+    assert worker_count(cpus_per_worker=1, gpus_per_worker=1) == 1  # no GPU here: still one worker, never none

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import tiktoken
 import torch
+from tqdm import tqdm
 
 from training.config import BaseModelConfig, EvaluateConfig, FinetuneConfig, changed_options, flatten, from_flat
 from training.finetune.base import base_classifier, pretrained_classifier
@@ -141,7 +142,8 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     fold_calibration(model, calibration.temperature, shift)
     # The threshold is chosen on what the exported head computes, not on raw logits calibrated apart: the two
     # differ by float rounding, which would move the row chosen as the threshold to either side of it.
-    judged = role_logits(model, enc, parts, ("selection", "test", "evaluation"), label_names, max_tokens)
+    roles = ("selection", "test", "evaluation")
+    judged = role_logits(model, enc, parts, roles, label_names, max_tokens, "threshold and metrics")
     calibrated = {name: Predictions(probabilities(p.logits), p.targets) for name, p in judged.items()}
     uncalibrated = Predictions(probabilities(raw["evaluation"].logits), raw["evaluation"].targets)
     report = evaluation_report(
@@ -171,6 +173,7 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         ),
         calibration=calibration,
     )
+    print(f"writing the checkpoint, metrics.json and plots to {out}", file=sys.stderr)
     with staged(out) as staging:
         save_checkpoint(staging, model, tokenizer_dir, card)
         before_after = (uncalibrated, calibrated["evaluation"])
@@ -227,7 +230,7 @@ def calibrate(
 
     Raises training.runtime.inference.NonFiniteLogits naming rows whose logits are not finite.
     """
-    raw = role_logits(model, enc, parts, ("validation", "evaluation"), label_names, max_tokens)
+    raw = role_logits(model, enc, parts, ("validation", "evaluation"), label_names, max_tokens, "calibration")
     validation_rates = label_rates(parts.validation, label_names)
     weights = torch.tensor([training_prior[label] / max(validation_rates[label], 1e-12) for label in label_names])
     temperature = fit_temperature(raw["validation"].logits, raw["validation"].targets, weights)
@@ -241,16 +244,20 @@ def role_logits(
     roles: tuple[str, ...],
     label_names: list[str],
     max_tokens: int,
+    desc: str,
 ) -> dict[str, Logits]:
-    """{role: the model's (N, n_labels) logits of the rows of that role of `parts`, with their label indices}.
+    """{role: the model's (N, n_labels) logits of the rows of that role of `parts`, with their label indices}; a
+    progress bar named `desc` counts the rows on stderr.
 
     Raises training.runtime.inference.NonFiniteLogits naming rows whose logits are not finite.
     """
     out = {}
-    for name in roles:
-        rows = encode(enc, getattr(parts, name), label_names, max_tokens)
-        logits = require_finite(predict_logits(model, rows.rows, EVAL_BATCH_SIZE))
-        out[name] = Logits(logits, torch.tensor(rows.targets, dtype=torch.long))
+    total = sum(len(getattr(parts, name).texts) for name in roles)
+    with tqdm(total=total, desc=f"{desc}: {', '.join(roles)}", unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
+        for name in roles:
+            rows = encode(enc, getattr(parts, name), label_names, max_tokens)
+            logits = require_finite(predict_logits(model, rows.rows, EVAL_BATCH_SIZE, on_batch=bar.update))
+            out[name] = Logits(logits, torch.tensor(rows.targets, dtype=torch.long))
     return out
 
 

@@ -246,8 +246,10 @@ def test_random_weights_with_frozen_blocks_warn_and_max_tokens_follows_the_model
     assert "warning: --init random with --trainable last-blocks keeps random blocks frozen" in captured.err
     card = load_checkpoint(tmp_path / "ckpt").card
     assert card.max_tokens == 64 and card.training["max_tokens"] is None  # min(256, tiny's 64 positions)
-    for phase in ("calibration", "threshold"):
-        assert phase in captured.err, phase
+    for phase in ("calibration: validation, evaluation", "threshold and metrics: selection, test, evaluation"):
+        assert phase in captured.err and "row/s" in captured.err, phase
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "--device", "cpu"]) == 0
+    assert "scoring: 100%" in capsys.readouterr().err
 
 
 def test_a_preset_without_weights_and_init_pretrained_is_refused_naming_what_works(tmp_path, capsys):

@@ -2,6 +2,7 @@
 checkpoints and engines they measure; and the contenders and timing that the engine benchmarks (serve_engine on
 CPU, serve_gpu on CUDA) both run. Each benchmark is a script of its own that imports only this module."""
 
+import argparse
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from app.settings import Settings
-from training.config import BaseModelConfig
+from training.config import MAX_TOKENS
 from training.export.formats import hf_state_dict
 from training.finetune.data import deduplicate, load_sms_spam
 from training.runtime.checkpoint import CheckpointError, ModelCard, load_checkpoint, save_checkpoint
@@ -78,6 +79,13 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
+def require_checkpoint(parser: argparse.ArgumentParser, option: str, path: Path, *files: str) -> None:
+    """Exit through `parser` (status 2, before anything is measured) unless `path` holds config.json and `files`."""
+    missing = [name for name in ("config.json", *files) if not (path / name).is_file()]
+    if missing:
+        parser.error(f"{option} {str(path)!r} is not a trained checkpoint: no {', '.join(missing)} there")
+
+
 def write_result(name: str, result: dict) -> Path:
     """benchmarks/results/<name>.json with the machine and time of the run added."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -114,7 +122,7 @@ def random_checkpoint(directory: Path, seed: int = 0) -> Path:
     model = GPTClassifier(GPTConfig.from_preset("gpt2"))
     card = ModelCard(
         labels=("ham", "spam"),
-        max_tokens=BaseModelConfig.max_tokens,
+        max_tokens=MAX_TOKENS,
         threshold=None,
         base_model="gpt2 (random weights)",
     )

@@ -24,7 +24,14 @@ from collections import Counter
 from pathlib import Path
 
 from app.settings import Settings
-from benchmarks.common import cached_random_checkpoint, print_table, require_shared_data, rss_mib, write_result
+from benchmarks.common import (
+    cached_random_checkpoint,
+    print_table,
+    require_checkpoint,
+    require_shared_data,
+    rss_mib,
+    write_result,
+)
 from tests.live_server import live_server
 
 HEAD = "POST /classify HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
@@ -124,6 +131,8 @@ def main() -> None:
     parser.add_argument("--hold-s", type=float, default=14.0, help="past the default 10 s arrival timeout")
     parser.add_argument("--checkpoint", type=Path, default=None)
     args = parser.parse_args()
+    if args.checkpoint is not None:
+        require_checkpoint(parser, "--checkpoint", args.checkpoint, "model.safetensors")
     if args.checkpoint is None:
         require_shared_data()
     checkpoint = args.checkpoint or cached_random_checkpoint()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import BPE_DIR, SMS_FILE, print_table, reference_logits, require_shared_data, write_result
-from training.config import BaseModelConfig, TrainConfig
+from training.config import MAX_TOKENS, TrainConfig
 from training.finetune.data import balance, deduplicate, load_sms_spam, stratified_split
 from training.finetune.loop import Examples, prepare_trainable, train
 from training.finetune.pipeline import encode
@@ -45,9 +45,7 @@ def sms_split(enc: tiktoken.Encoding, seed: int) -> tuple[Examples, Examples, di
     prepared = balance(deduplicate(load_sms_spam(SMS_FILE)), seed)
     split = stratified_split(prepared, seed)
     labels = prepared.label_names()
-    train_data, val_data = (
-        encode(enc, ds, labels, BaseModelConfig.max_tokens) for ds in (split.train, split.validation)
-    )
+    train_data, val_data = (encode(enc, ds, labels, MAX_TOKENS) for ds in (split.train, split.validation))
     sizes = {name: len(getattr(split, name).texts) for name in ("train", "validation", "test")}
     return train_data, val_data, {**sizes, "labels": labels}
 

@@ -12,6 +12,15 @@ from training.runtime.model import GPTClassifier, GPTConfig
 from training.runtime.tokenizer import load_tokenizer
 
 
+@pytest.fixture(autouse=True)
+def hub_on_loopback(monkeypatch):
+    """The Hugging Face Hub's endpoint is a closed loopback port: a test that reaches for the Hub is refused at once,
+    and nothing leaves the machine."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+
+
 @pytest.fixture(scope="session")
 def bpe_dir(tmp_path_factory) -> Path:
     return make_bpe_files(tmp_path_factory.mktemp("bpe"))

@@ -12,6 +12,7 @@ from dataclasses import MISSING
 
 from training.config import EvaluateConfig, ExportConfig, FinetuneConfig, PredictConfig, from_flat, option_fields
 from training.export.formats import export
+from training.finetune.base import UnsupportedBase
 from training.finetune.pipeline import evaluate, finetune
 from training.runtime.checkpoint import CheckpointError
 from training.runtime.inference import NonFiniteLogits
@@ -28,7 +29,8 @@ COMMANDS = {
 ALIASES = {"finetune": ["train"]}
 WEIGHTS_HELP = (
     "Ways out: pass --weights PATH (a local GPT-2 model.safetensors, or a directory holding one), "
-    "or --init random to train from random weights on purpose."
+    "or --init random --trainable all to train every block from random weights on purpose "
+    "(./run.sh: SPAMGPT_INIT=random SPAMGPT_TRAINABLE=all ./run.sh)."
 )
 
 
@@ -82,7 +84,7 @@ def build_parser(
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     """Parse `argv` with `parser` (build_parser()'s by default), run the command; the exit status: 0 done, 1 failed
-    (the message on stderr), 2 bad arguments or base weights that cannot be had."""
+    (the message on stderr), 2 bad arguments, base weights that cannot be had or a base our model cannot compute."""
     namespace = vars((parser or build_parser()).parse_args(argv))
     command, cls = COMMANDS[namespace.pop("command")]
     subparser = namespace.pop("subparser")
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         subparser.error(str(exc))  # exits with status 2 after the usage line
     try:
         command(config)
+    except UnsupportedBase as exc:
+        print(f"error: the base model is not supported: {exc}", file=sys.stderr)
+        return 2
     except WeightsError as exc:
         print(f"error: could not get the base GPT-2 weights: {exc}\n{WEIGHTS_HELP}", file=sys.stderr)
         return 2

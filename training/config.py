@@ -9,6 +9,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from training.finetune.base import HF_REPOS
 from training.finetune.data import BALANCING, ROLES, is_sms_spam
 from training.runtime.device import DEVICE_HELP, resolve_device
 from training.runtime.model import PRESETS, GPTConfig
@@ -20,6 +21,7 @@ from training.runtime.precision import (
 from training.runtime.record import from_flat as from_flat
 
 TRAINABLE = ("last-blocks", "all", "lora")
+MAX_TOKENS = 256  # the default token budget of a text, where the model has that many positions
 THRESHOLD_OBJECTIVES = ("fpr", "f1")
 
 
@@ -60,7 +62,11 @@ class BaseModelConfig:
     tokenizer_dir: str | None = opt(
         None, "directory with GPT-2's vocab.bpe and encoder.json instead of the copy packaged with spamgpt"
     )
-    max_tokens: int = opt(256, "texts are truncated to this many tokens, in training and in serving")
+    max_tokens: int | None = opt(
+        None,
+        f"texts are truncated to this many tokens, in training and in serving; when not given, min({MAX_TOKENS}, the "
+        "model's positions): 256 for gpt2, 64 for tiny, a --base's n_positions where fewer; the card records it",
+    )
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -69,17 +75,26 @@ class BaseModelConfig:
             raise ValueError(f"init must be 'pretrained' or 'random', got {self.init!r}")
         if self.weights is not None and self.init == "random":
             raise ValueError(f"--weights {self.weights!r} has no use with --init random")
+        if self.init == "pretrained" and self.base is None and self.weights is None and self.preset not in HF_REPOS:
+            raise ValueError(
+                f"preset {self.preset!r} has no pretrained weights: add --init random --trainable all (./run.sh: "
+                f"SPAMGPT_INIT=random SPAMGPT_TRAINABLE=all), or pick a preset of {sorted(HF_REPOS)}"
+            )
         if self.base is not None:
             if self.weights is not None:
                 raise ValueError(f"--weights {self.weights!r} and --base {self.base!r}: give one")
-            if self.max_tokens < 1:  # the base's n_positions bounds it once its config.json is read
+            if self.max_tokens is not None and self.max_tokens < 1:  # the base's n_positions bounds it later
                 raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
             return
         block_size = GPTConfig.from_preset(self.preset).block_size
-        if not 1 <= self.max_tokens <= block_size:
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= block_size:
             raise ValueError(
                 f"max_tokens must lie in 1..{block_size} for preset {self.preset!r}, got {self.max_tokens!r}"
             )
+
+    def resolved_max_tokens(self, block_size: int) -> int:
+        """max_tokens as given, or for None min(MAX_TOKENS, `block_size`: the model's positions)."""
+        return min(MAX_TOKENS, block_size) if self.max_tokens is None else self.max_tokens
 
 
 @dataclass(frozen=True)

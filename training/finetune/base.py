@@ -2,13 +2,18 @@
 Face repo id or a local directory (its sizes from its config.json, its weights from model.safetensors or a sharded
 model.safetensors.index.json), or a preset's size with OpenAI's GPT-2 weights. distilgpt2, OpenAI's four sizes or
 a user's own GPT-2: one architecture, any size. Downloads go through huggingface_hub into its cache (HF_HOME),
-and HF_HUB_OFFLINE=1 serves them from there without the network.
+and HF_HUB_OFFLINE=1 serves them from there without the network. A Hub that does not answer one connection within
+HUB_PROBE_SECONDS is treated as offline mode: the cache serves, or the run fails at once instead of retrying.
 
     model = base_classifier("distilbert/distilgpt2", n_labels=2, vocab_size=50257)
 """
 
 import json
+import socket
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from safetensors.torch import load_file
 
@@ -26,35 +31,76 @@ GPT2_CHOICES = {
     "scale_attn_weights": (True,),
     "scale_attn_by_inverse_layer_idx": (False,),
 }
+# One TCP connection to the Hub (or the proxy in front of it) must open this fast, else the download is not tried:
+# huggingface_hub retries a missing file for a minute and more before it gives up
+HUB_PROBE_SECONDS = 3.0
+
+
+class UnsupportedBase(WeightsError):
+    """A base whose config.json asks for computation our model does not do: no choice of --init helps."""
 
 
 def resolve_base(base: str, weights: bool = True) -> Path:
     """A local directory as given, or the snapshot of a Hugging Face repo (an alias such as "gpt2", or any repo
     id) with only its config.json and (when `weights`) its safetensors files, downloaded into the Hugging Face
-    cache.
+    cache. When the Hub does not answer (hub_unreachable), the cache alone serves, as with HF_HUB_OFFLINE=1.
 
     Raises WeightsError when a download fails (network, offline mode, an unknown repo).
     """
     if Path(base).is_dir():
         return Path(base)
     repo = ALIASES.get(base, base)
-    from huggingface_hub import snapshot_download  # honours HF_HUB_OFFLINE and HF_HOME; shows progress
+    from huggingface_hub import constants, snapshot_download  # honours HF_HUB_OFFLINE and HF_HOME; shows progress
 
+    unreachable = None if constants.HF_HUB_OFFLINE else hub_unreachable()
     try:
         patterns = [CONFIG_FILE, "*.safetensors", INDEX_FILE] if weights else [CONFIG_FILE]
-        return Path(snapshot_download(repo, allow_patterns=patterns))
+        with offline_mode(unreachable is not None):
+            return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as exc:  # network, offline mode, auth, an unknown repo: all end the same way for the user
+        searched = "" if unreachable is None else f" ({unreachable}, so only the cache was searched)"
         raise WeightsError(
-            f"could not get {repo!r} from the Hugging Face Hub, nor is it a local directory: {exc}"
+            f"could not get {repo!r} from the Hugging Face Hub, nor is it a local directory: {exc}{searched}"
         ) from exc
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """None when a TCP connection to the Hub's endpoint (HF_ENDPOINT), or to the proxy the environment names for
+    it, opens within `timeout` seconds; otherwise what failed, naming the address."""
+    from huggingface_hub import constants
+
+    endpoint = urlsplit(constants.ENDPOINT)
+    host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        address = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = address.hostname, address.port or 80
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"the Hub at {constants.ENDPOINT} did not answer via {host}:{port} within {timeout:g} s ({exc})"
+    return None
+
+
+@contextmanager
+def offline_mode(on: bool):
+    """huggingface_hub's offline mode (HF_HUB_OFFLINE=1) for the duration when `on`: files come from the cache only."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or on
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 def base_config(directory: Path, n_labels: int, vocab_size: int) -> GPTConfig:
     """Our model config from `directory`/config.json: layers, heads, width, positions and vocabulary.
 
     `vocab_size` is the tokenizer's; the base's own must hold it (a larger one, padded for speed, is kept).
-    Raises WeightsError naming the file and what it found: not a GPT-2 config, an option our model does not
-    compute, or a vocabulary smaller than the tokenizer's.
+    Raises WeightsError naming the file and what it found: not a GPT-2 config, every option our model does not
+    compute (with what works instead), or a vocabulary smaller than the tokenizer's.
     """
     file = directory / CONFIG_FILE
     if not file.is_file():
@@ -70,11 +116,19 @@ def base_config(directory: Path, n_labels: int, vocab_size: int) -> GPTConfig:
             f"{file}: not a GPT-2-family model: model_type {found!r}, architectures {architectures!r} "
             "(expected model_type 'gpt2')"
         )
-    for name, allowed in GPT2_CHOICES.items():
-        if name in raw and raw[name] not in allowed:
-            raise WeightsError(f"{file}: {name} {raw[name]!r} is not supported (supported: {list(allowed)})")
+    unsupported = [
+        f"{name} {raw[name]!r} is not supported (supported: {list(allowed)})"
+        for name, allowed in GPT2_CHOICES.items()
+        if name in raw and raw[name] not in allowed
+    ]
     if raw.get("n_inner") not in (None, 4 * raw.get("n_embd", 768)):
-        raise WeightsError(f"{file}: n_inner {raw['n_inner']!r} is not supported (only 4 * n_embd)")
+        unsupported.append(f"n_inner {raw['n_inner']!r} is not supported (only 4 * n_embd)")
+    if unsupported:
+        raise UnsupportedBase(
+            f"{file}: {'; '.join(unsupported)}. Neither --init pretrained nor --init random can "
+            "use this base; what works: a GPT-2 base without these settings (--base gpt2, distilgpt2 or any "
+            "openai-community/gpt2* repo), or --preset with --init random --trainable all"
+        )
     # GPT2Config's defaults are GPT-2 124M's, for the keys a config leaves out
     sizes = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}
     sizes = {name: raw.get(name, default) for name, default in sizes.items()}

@@ -2,7 +2,7 @@
 the selection rows (never on evaluation rows), calibration before and after, plots.
 
 It knows nothing about how training runs: it plots the History the loop returns. Probabilities and thresholded
-labels come from training.runtime.inference (predict_probabilities, decide), the same code the server runs. Curves
+labels come from training.runtime.inference (predict_logits, decide), the same code the server runs. Curves
 and metrics come from torchmetrics, the plots from matplotlib (the plots extra; the report is written without them
 when it is absent). The report is typed (Report, SplitMetrics, Metrics, ClassMetrics, Rate); metrics.json holds
 its to_json().
@@ -10,6 +10,7 @@ its to_json().
 
 import json
 import math
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -27,9 +28,10 @@ from torchmetrics.functional.classification import (
     multiclass_precision,
     multiclass_recall,
 )
+from tqdm import tqdm
 
 from training.finetune.loop import History
-from training.runtime.inference import Threshold, decide, positive_label, predict_probabilities, require_finite
+from training.runtime.inference import Threshold, decide, positive_label, predict_logits, probabilities, require_finite
 from training.runtime.model import GPTClassifier
 
 EVAL_BATCH_SIZE = 32  # rows per forward pass: no gradients, so larger than training's batches
@@ -53,7 +55,9 @@ def predict(model: GPTClassifier, rows: list[list[int]], labels: list[str], labe
     if unknown:
         raise ValueError(f"labels {unknown!r} are not among the model's labels {label_names!r}")
     targets = torch.tensor([label_names.index(label) for label in labels], dtype=torch.long)
-    return Predictions(require_finite(predict_probabilities(model, rows, EVAL_BATCH_SIZE)), targets)
+    with tqdm(total=len(rows), desc="scoring", unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
+        logits = predict_logits(model, rows, EVAL_BATCH_SIZE, on_batch=bar.update)
+    return Predictions(require_finite(probabilities(logits)), targets)
 
 
 # --- Curves and metrics ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ exported checkpoint. The command line (training.cli) only maps options to these 
 
 import json
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import tiktoken
 import torch
+from tqdm import tqdm
 
 from training.config import BaseModelConfig, EvaluateConfig, FinetuneConfig, changed_options, flatten, from_flat
 from training.finetune.base import base_classifier, pretrained_classifier
@@ -114,8 +116,10 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     parts = partition(unique, config.train.seed, config.balance)
     label_names = unique.label_names()
     print(data_summary_line(data.data, source, dropped, parts))
+    warn_random_frozen(config)
     model = base_model(base, len(label_names), enc.n_vocab, config.train.seed)
-    train_data, val_data = (encode(enc, ds, label_names, base.max_tokens) for ds in (parts.train, parts.validation))
+    max_tokens = base.resolved_max_tokens(model.config.block_size)
+    train_data, val_data = (encode(enc, ds, label_names, max_tokens) for ds in (parts.train, parts.validation))
     training_prior, class_weights = loss_prior(parts.train, label_names, config.balance)
     record = {"arguments": compared_arguments(config), "data": source_fingerprint}
     history = train(
@@ -133,12 +137,13 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         return out
 
     deployment_prior = label_rates(unique, label_names)
-    calibration, raw = calibrate(model, enc, parts, label_names, base.max_tokens, training_prior, deployment_prior)
+    calibration, raw = calibrate(model, enc, parts, label_names, max_tokens, training_prior, deployment_prior)
     shift = prior_shift(training_prior, deployment_prior, label_names)
     fold_calibration(model, calibration.temperature, shift)
     # The threshold is chosen on what the exported head computes, not on raw logits calibrated apart: the two
     # differ by float rounding, which would move the row chosen as the threshold to either side of it.
-    judged = role_logits(model, enc, parts, ("selection", "test", "evaluation"), label_names, base.max_tokens)
+    roles = ("selection", "test", "evaluation")
+    judged = role_logits(model, enc, parts, roles, label_names, max_tokens, "threshold and metrics")
     calibrated = {name: Predictions(probabilities(p.logits), p.targets) for name, p in judged.items()}
     uncalibrated = Predictions(probabilities(raw["evaluation"].logits), raw["evaluation"].targets)
     report = evaluation_report(
@@ -153,7 +158,7 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     headline = summary(report)
     card = ModelCard(
         labels=tuple(label_names),
-        max_tokens=base.max_tokens,
+        max_tokens=max_tokens,
         threshold=report.threshold,
         base_model=(base.base or base.preset) + ("" if base.init == "pretrained" else " (random init)"),
         metrics=headline.to_json() | {"best_epoch": history.best_epoch},
@@ -168,6 +173,7 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         ),
         calibration=calibration,
     )
+    print(f"writing the checkpoint, metrics.json and plots to {out}", file=sys.stderr)
     with staged(out) as staging:
         save_checkpoint(staging, model, tokenizer_dir, card)
         before_after = (uncalibrated, calibrated["evaluation"])
@@ -224,7 +230,7 @@ def calibrate(
 
     Raises training.runtime.inference.NonFiniteLogits naming rows whose logits are not finite.
     """
-    raw = role_logits(model, enc, parts, ("validation", "evaluation"), label_names, max_tokens)
+    raw = role_logits(model, enc, parts, ("validation", "evaluation"), label_names, max_tokens, "calibration")
     validation_rates = label_rates(parts.validation, label_names)
     weights = torch.tensor([training_prior[label] / max(validation_rates[label], 1e-12) for label in label_names])
     temperature = fit_temperature(raw["validation"].logits, raw["validation"].targets, weights)
@@ -238,16 +244,20 @@ def role_logits(
     roles: tuple[str, ...],
     label_names: list[str],
     max_tokens: int,
+    desc: str,
 ) -> dict[str, Logits]:
-    """{role: the model's (N, n_labels) logits of the rows of that role of `parts`, with their label indices}.
+    """{role: the model's (N, n_labels) logits of the rows of that role of `parts`, with their label indices}; a
+    progress bar named `desc` counts the rows on stderr.
 
     Raises training.runtime.inference.NonFiniteLogits naming rows whose logits are not finite.
     """
     out = {}
-    for name in roles:
-        rows = encode(enc, getattr(parts, name), label_names, max_tokens)
-        logits = require_finite(predict_logits(model, rows.rows, EVAL_BATCH_SIZE))
-        out[name] = Logits(logits, torch.tensor(rows.targets, dtype=torch.long))
+    total = sum(len(getattr(parts, name).texts) for name in roles)
+    with tqdm(total=total, desc=f"{desc}: {', '.join(roles)}", unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
+        for name in roles:
+            rows = encode(enc, getattr(parts, name), label_names, max_tokens)
+            logits = require_finite(predict_logits(model, rows.rows, EVAL_BATCH_SIZE, on_batch=bar.update))
+            out[name] = Logits(logits, torch.tensor(rows.targets, dtype=torch.long))
     return out
 
 
@@ -313,6 +323,17 @@ def data_summary_line(source_name: str, source: Dataset, dropped: Duplicates, pa
     )
 
 
+def warn_random_frozen(config: FinetuneConfig) -> None:
+    """One line on stderr when random initial weights meet frozen blocks (--trainable last-blocks or lora): the
+    frozen random blocks are poor features, and the model trained on them is weak."""
+    if config.base.init == "random" and config.train.trainable != "all":
+        print(
+            f"warning: --init random with --trainable {config.train.trainable} keeps random blocks frozen, which "
+            "trains a weak model; --trainable all trains every block (./run.sh: SPAMGPT_TRAINABLE=all)",
+            file=sys.stderr,
+        )
+
+
 def base_model(base: BaseModelConfig, n_labels: int, vocab_size: int, seed: int) -> GPTClassifier:
     """The classifier before fine-tuning, sized by base.base's config.json or by the preset: its base's weights
     (OpenAI's, base.weights or base.base's) with a seeded head, or all random.
@@ -323,7 +344,7 @@ def base_model(base: BaseModelConfig, n_labels: int, vocab_size: int, seed: int)
     torch.manual_seed(seed)  # the head (and everything, with init random) starts from the seed
     if base.base is not None:
         model = base_classifier(base.base, n_labels, vocab_size, pretrained=base.init == "pretrained")
-        if base.max_tokens > model.config.block_size:
+        if base.max_tokens is not None and base.max_tokens > model.config.block_size:
             raise ValueError(
                 f"max_tokens must lie in 1..{model.config.block_size} for base {base.base!r}, got {base.max_tokens!r}"
             )

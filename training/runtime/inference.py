@@ -10,6 +10,7 @@ chosen when serving (Readout) is not folded: decisions stay on the checkpoint's 
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -183,9 +184,11 @@ def predict_logits(
     rows: list[list[int]],
     max_batch_size: int | None = None,
     max_batch_tokens: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Rows of token ids (already truncated to the model's max_tokens) -> (N, n_labels) float32 logits on the
-    CPU, in input order (the model's own, maybe +-inf in a low-precision dtype: see probabilities).
+    CPU, in input order (the model's own, maybe +-inf in a low-precision dtype: see probabilities). `on_batch` is
+    told each batch's row count once it is done (a progress bar's update).
 
     Rows run in length-sorted batches of at most max_batch_size rows and max_batch_tokens padded tokens (None: no
     limit, so a batch the caller already bounded runs as one forward pass). A row's result does not depend on
@@ -197,6 +200,8 @@ def predict_logits(
     for batch in length_sorted_batches([len(r) for r in rows], max_batch_size, max_batch_tokens):
         idx, lengths = pad_right([rows[i] for i in batch], PAD_ID, device)
         out[batch] = model(idx, lengths).float().cpu()
+        if on_batch is not None:
+            on_batch(len(batch))
     return out
 
 

@@ -2,6 +2,8 @@
 GPT2Model; other architectures refused by name; a repo id resolved through the Hugging Face cache."""
 
 import json
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,68 @@ def test_a_preset_without_pretrained_weights_is_refused_without_a_download(monke
     monkeypatch.setattr(huggingface_hub, "snapshot_download", pytest.fail)  # must not be reached
     with pytest.raises(WeightsError, match=r"preset 'tiny' has no pretrained weights"):
         pretrained_classifier(GPTConfig.from_preset("tiny"), "tiny")
+
+
+def test_a_config_with_several_unsupported_options_names_them_all_and_what_works(tmp_path, tokenizer, bpe_dir, capsys):
+    config = {"model_type": "gpt2", "activation_function": "relu", "scale_attn_weights": False, "n_inner": 100}
+    base = write_config(tmp_path / "base", **config)
+    data = write_messages_csv(tmp_path / "messages.csv", n=40)
+    argv = ["finetune", "--base", str(base), "--data", str(data), "--tokenizer-dir", str(bpe_dir), "--device", "cpu"]
+    assert main([*argv, "--init", "random", "--out", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "activation_function 'relu'" in err and "scale_attn_weights False" in err and "n_inner 100" in err
+    assert "--preset with --init random --trainable all" in err and "Ways out" not in err
+
+
+def test_an_unreachable_hub_fails_at_once_naming_the_whole_way_out(tmp_path, bpe_dir, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    data = write_messages_csv(tmp_path / "messages.csv", n=40)
+    argv = ["finetune", "--data", str(data), "--tokenizer-dir", str(bpe_dir), "--out", str(tmp_path / "ckpt")]
+    started = time.monotonic()
+    assert main(argv) == 2  # the endpoint is a closed loopback port (conftest)
+    assert time.monotonic() - started < 5
+    err = capsys.readouterr().err
+    assert "'openai-community/gpt2'" in err and "http://127.0.0.1:9 did not answer" in err
+    assert "--init random --trainable all" in err and "SPAMGPT_INIT=random SPAMGPT_TRAINABLE=all" in err
+    assert constants.HF_HUB_OFFLINE is False  # offline mode lasted only for the one download
+
+
+def test_a_hub_that_does_not_answer_in_time_is_not_retried(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def silent(address, timeout):
+        raise TimeoutError("timed out")
+
+    asked = []
+    monkeypatch.setattr(socket, "create_connection", silent)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: asked.append(offline()) or str(tmp_path))
+    assert resolve_base("gpt2") == tmp_path and asked == [True]  # the cache alone served
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE
+
+
+def test_random_weights_with_frozen_blocks_warn_and_max_tokens_follows_the_model(tmp_path, bpe_dir, capsys):
+    data = write_messages_csv(tmp_path / "messages.csv", n=40)
+    argv = ["finetune", "--preset", "tiny", "--init", "random", "--data", str(data), "--tokenizer-dir", str(bpe_dir)]
+    assert main([*argv, "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "ckpt")]) == 0
+    captured = capsys.readouterr()
+    assert "warning: --init random with --trainable last-blocks keeps random blocks frozen" in captured.err
+    card = load_checkpoint(tmp_path / "ckpt").card
+    assert card.max_tokens == 64 and card.training["max_tokens"] is None  # min(256, tiny's 64 positions)
+    for phase in ("calibration: validation, evaluation", "threshold and metrics: selection, test, evaluation"):
+        assert phase in captured.err and "row/s" in captured.err, phase
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "--device", "cpu"]) == 0
+    assert "scoring: 100%" in capsys.readouterr().err
+
+
+def test_a_preset_without_weights_and_init_pretrained_is_refused_naming_what_works(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--preset", "tiny", "--out", str(tmp_path / "ckpt")])
+    err = capsys.readouterr().err
+    assert "preset 'tiny' has no pretrained weights: add --init random --trainable all" in err

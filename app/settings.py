@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     device: str = DEFAULTS["device"]
     # "auto": float32 on CPU (even where bfloat16 is native: see training.runtime.precision.resolve_dtype); on CUDA
     # bfloat16 where the GPU computes it natively (float32's range: GPT-2's large activations cannot overflow it),
-    # else float16. "bfloat16" on CPU only where the CPU computes it natively (training.runtime.precision.check_precision).
+    # else float16. "bfloat16" on CPU only where the CPU computes it natively
+    # (training.runtime.precision.check_precision).
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = DEFAULTS["dtype"]
     # CPU only: int8 weights for every nn.Linear. Faster and 4x smaller; probabilities move by ~1e-2.
     quantize_int8: bool = DEFAULTS["quantize_int8"]

@@ -32,6 +32,9 @@ class BatchLimits:
 
 
 class Settings(BaseSettings):
+    """One server's settings, from SPAMGPT_<NAME> variables unless given. Validation raises pydantic's
+    ValidationError naming the setting and showing its value."""
+
     model_config = SettingsConfigDict(env_prefix="SPAMGPT_")
 
     checkpoint_dir: Path = Path("checkpoints/spamgpt")

@@ -17,7 +17,8 @@ from training.config import BaseModelConfig, DataConfig, FinetuneConfig, TrainCo
 from training.finetune.pipeline import ReplaceRefused, finetune, training_config
 from training.finetune.resume import state_dir
 from training.runtime.checkpoint import load_checkpoint
-from training.runtime.inference import Threshold
+from training.runtime.inference import Threshold, predict_logits, probabilities
+from training.runtime.tokenizer import encode_batch
 
 
 @pytest.fixture(scope="module")
@@ -382,3 +383,20 @@ def test_run_sh_resumes_an_interrupted_run(csv_data, bpe_dir, tmp_path, monkeypa
     assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing", "--resume")) == 0
     assert f"resuming after epoch 2 from {state_dir(out)}" in capsys.readouterr().out
     assert load_checkpoint(out).card.training["epochs"] == 2 and not state_dir(out).exists()
+
+
+def test_a_small_separable_csv_keeps_probabilities_informative_and_warns(bpe_dir, tmp_path, capsys):
+    """240 rows that every model separates: the temperature used to collapse (served probabilities exactly 0 or 1,
+    threshold 1.0); 12 selection ham cannot show a 1% false-positive rate, which the last line and the card say."""
+    data = write_messages_csv(tmp_path / "small.csv", n=240)
+    out = tmp_path / "ckpt"
+    assert main(finetune_argv(data, bpe_dir, out, "--epochs", "6", "--trainable", "all")) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "; warning: too few selection rows for --target-fpr 0.01: 12 'ham' rows" in last
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.card.metrics["warning"].startswith("too few selection rows")
+    assert checkpoint.card.calibration.temperature > 1 and checkpoint.card.threshold.value < 1
+    texts = ["hi", "hello there", "see you at lunch", "win cash now", *(" ".join(SPAM_WORDS + HAM_WORDS),)]
+    rows, _ = encode_batch(checkpoint.tokenizer, texts, 48)
+    served = probabilities(predict_logits(checkpoint.model, rows, 8))
+    assert ((served > 0) & (served < 1)).all(), served

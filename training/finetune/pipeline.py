@@ -40,6 +40,7 @@ from training.finetune.evaluate import (
     SplitMetrics,
     evaluation_report,
     predict,
+    selection_warning,
     split_metrics,
     summary,
     write_report,
@@ -86,7 +87,9 @@ def finetune(config: FinetuneConfig) -> Path:
     Under torchrun, every process runs this: each trains on its share of every batch (training.finetune.distributed),
     rank 0 evaluates, exports and keeps the resume state, the others wait for it at a barrier.
 
-    The card records the precision that ran (train.precision resolved, training.runtime.precision.training_precision).
+    The card records the precision that ran (train.precision resolved, training.runtime.precision.training_precision),
+    and in its metrics a "warning", also printed on the last line, when the selection rows are too few to show the
+    false-positive rate --target-fpr asks for (training.finetune.evaluate.selection_warning).
 
     Nothing is replaced unasked: without `overwrite` (or `skip_existing`, which replaces a checkpoint of other
     arguments or data by design), a checkpoint in `out` trained with other arguments or data is refused; a rerun with
@@ -160,12 +163,13 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         uncalibrated,
     )
     headline = summary(report)
+    warning = selection_warning(label_names, calibrated["selection"], config.threshold_objective, config.target_fpr)
     card = ModelCard(
         labels=tuple(label_names),
         max_tokens=base.max_tokens,
         threshold=report.threshold,
         base_model=(base.base or base.preset) + ("" if base.init == "pretrained" else " (random init)"),
-        metrics=headline.to_json() | {"best_epoch": history.best_epoch},
+        metrics=headline.to_json() | {"best_epoch": history.best_epoch} | ({"warning": warning} if warning else {}),
         training=flatten(config),
         data=DataSummary(
             source=data.data,
@@ -183,7 +187,10 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         write_report(staging / REPORT_DIR, report, calibrated["test"], history, before_after)
         write_split(staging / SPLIT_FILE, parts)
     shutil.rmtree(state_dir(out), ignore_errors=True)  # the run is complete: nothing left to resume
-    print(f"{headline.headline(card.threshold)}; checkpoint exported to {out}")
+    print(
+        f"{headline.headline(card.threshold)}; checkpoint exported to {out}"
+        + (f"; warning: {warning}" if warning else "")
+    )
     group.barrier()
     return out
 

@@ -400,3 +400,14 @@ def test_a_small_separable_csv_keeps_probabilities_informative_and_warns(bpe_dir
     rows, _ = encode_batch(checkpoint.tokenizer, texts, 48)
     served = probabilities(predict_logits(checkpoint.model, rows, 8))
     assert ((served > 0) & (served < 1)).all(), served
+
+
+def test_a_field_over_csvs_limit_is_refused_naming_the_file_and_line(bpe_dir, tmp_path, capsys):
+    """A 1 MB field used to end finetune in `_csv.Error: field larger than field limit (131072)`, naming nothing."""
+    data = write_messages_csv(tmp_path / "big.csv")
+    with open(data, "a", newline="") as f:
+        csv.writer(f).writerow(["x" * 1_000_000, "spam"])
+    assert main(finetune_argv(data, bpe_dir, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert f"error: {data}, line 62: not a CSV record this reader takes (field larger than field limit" in err
+    assert not (tmp_path / "out").exists()

@@ -26,8 +26,10 @@ if [[ $(cat .venv/.spamgpt-installed 2>/dev/null) != "$installed" ]]; then
 fi
 
 export SPAMGPT_CHECKPOINT_DIR=${SPAMGPT_CHECKPOINT_DIR:-checkpoints/spamgpt}
-# --skip-existing: exits at once when the checkpoint there was trained with these arguments on this data.
-spamgpt train --out "$SPAMGPT_CHECKPOINT_DIR" --skip-existing \
+# --skip-existing: exits at once when the checkpoint there was trained with these arguments on this data (and
+# replaces one of other arguments or data); --resume: continues a run that was interrupted (Ctrl-C, a crash) after
+# its last completed epoch, or starts one when there is none. Pass --no-resume --overwrite to start over instead.
+spamgpt train --out "$SPAMGPT_CHECKPOINT_DIR" --skip-existing --resume \
   --init "${SPAMGPT_INIT:-pretrained}" --trainable "${SPAMGPT_TRAINABLE:-last-blocks}" \
   --preset "${SPAMGPT_PRESET:-gpt2}" --epochs "${SPAMGPT_EPOCHS:-5}" --device "${SPAMGPT_TRAIN_DEVICE:-auto}" "$@"
 

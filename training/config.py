@@ -155,8 +155,20 @@ class FinetuneConfig:
         THRESHOLD_OBJECTIVES,
     )
     target_fpr: float = opt(0.01, "the false-positive rate (share of ham flagged) --threshold-objective fpr allows")
-    out: str = opt("checkpoints/spamgpt", "checkpoint directory to write (replaced whole at the end)")
-    skip_existing: bool = opt(False, "exit at once when --out holds a checkpoint of these arguments and data")
+    out: str = opt(
+        "checkpoints/spamgpt",
+        "checkpoint directory to write (replaced whole at the end); one there trained with other arguments or data "
+        "is replaced only with --overwrite or --skip-existing",
+    )
+    skip_existing: bool = opt(
+        False,
+        "exit at once when --out holds a checkpoint of these arguments and data; otherwise train and replace it",
+    )
+    overwrite: bool = opt(
+        False,
+        "replace a checkpoint in --out trained with other arguments or data, and discard the state an interrupted "
+        "run saved beside it (without --resume); refused otherwise",
+    )
     resume: bool = opt(
         False, "continue an interrupted run from the state saved beside --out after its last completed epoch"
     )

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 
 import training.finetune.pipeline
-from tests.helpers import DELETE, HAM_WORDS, SPAM_WORDS, edit_card, finetune_argv, write_messages_csv
+from tests.helpers import DELETE, HAM_WORDS, ROOT, SPAM_WORDS, edit_card, finetune_argv, write_messages_csv
 from training.cli import main
 from training.config import BaseModelConfig, DataConfig, FinetuneConfig, TrainConfig
-from training.finetune.pipeline import finetune, training_config
+from training.finetune.pipeline import ReplaceRefused, finetune, training_config
+from training.finetune.resume import state_dir
 from training.runtime.checkpoint import load_checkpoint
-from training.runtime.inference import Threshold
+from training.runtime.inference import Threshold, predict_logits, probabilities
+from training.runtime.tokenizer import encode_batch
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,7 @@ def test_crash_keeps_the_old_checkpoint(trained, csv_data, bpe_dir, tmp_path, mo
         raise OSError("disk full")
 
     monkeypatch.setattr(training.finetune.pipeline, "write_report", crash)
-    assert main(finetune_argv(csv_data, bpe_dir, out, "--seed", "7")) == 1
+    assert main(finetune_argv(csv_data, bpe_dir, out, "--seed", "7", "--overwrite")) == 1
     assert (out / "model.safetensors").read_bytes() == before
     # no staging directory left; the resume state stays, for --resume
     assert sorted(p.name for p in tmp_path.iterdir()) == [".copy.resume", "copy"]
@@ -302,3 +304,110 @@ def test_finetune_prints_the_labels_and_duplicates_before_training(bpe_dir, tmp_
     card = load_checkpoint(tmp_path / "out").card
     assert card.labels == ("ham", "spam")
     assert card.data.duplicates_dropped == {"exact": 5, "near": 4}
+
+
+def test_a_checkpoint_of_other_arguments_is_replaced_only_when_told(
+    trained, csv_data, bpe_dir, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    before = (out / "model.safetensors").read_bytes()
+    real_train = training.finetune.pipeline.train
+    monkeypatch.setattr(training.finetune.pipeline, "train", lambda *a, **k: pytest.fail("trains"))
+    assert main(finetune_argv(csv_data, bpe_dir, out, "--seed", "7")) == 1
+    err = capsys.readouterr().err
+    assert f"{out} was trained with other arguments (seed): seed 123 -> 7" in err
+    assert "pass --overwrite to replace it, or another --out" in err
+    other_data = write_messages_csv(tmp_path / "other.csv", seed=1)
+    assert main(finetune_argv(other_data, bpe_dir, out)) == 1
+    assert "was trained on other data (sha256 " in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
+    monkeypatch.setattr(training.finetune.pipeline, "train", real_train)
+    assert main(finetune_argv(csv_data, bpe_dir, out, "--seed", "7", "--overwrite")) == 0
+    assert load_checkpoint(out).card.training["seed"] == 7
+
+
+def test_the_python_api_refuses_to_replace_a_checkpoint_of_other_arguments(trained, csv_data, bpe_dir):
+    """The README's example run with its default --out, where ./run.sh's checkpoint lies: refused, not replaced."""
+    config = FinetuneConfig(
+        DataConfig(str(csv_data)),
+        BaseModelConfig(preset="tiny", init="random", tokenizer_dir=str(bpe_dir), max_tokens=48),
+        TrainConfig(epochs=1, lr=1e-3, device="cpu"),
+        out=str(trained),
+    )
+    before = (trained / "model.safetensors").read_bytes()
+    with pytest.raises(ReplaceRefused, match=r"other arguments \(epochs\): epochs 2 -> 1"):
+        finetune(config)
+    assert (trained / "model.safetensors").read_bytes() == before
+
+
+def test_a_rerun_with_the_same_arguments_and_data_replaces_the_checkpoint(trained, csv_data, bpe_dir, tmp_path):
+    """It trains the same model again, so nothing is lost; --skip-existing is the way to keep it instead."""
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    (out / "report" / "marker").write_text("")
+    assert main(finetune_argv(csv_data, bpe_dir, out)) == 0
+    assert not (out / "report" / "marker").exists()
+    assert load_checkpoint(out).card.metrics == load_checkpoint(trained).card.metrics
+
+
+def test_an_interrupted_runs_state_is_kept_unless_told(csv_data, bpe_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    state = state_dir(out)
+    state.mkdir()
+    (state / "state.json").write_text("{}")
+    monkeypatch.setattr(training.finetune.pipeline, "train", lambda *a, **k: pytest.fail("trains"))
+    assert main(finetune_argv(csv_data, bpe_dir, out)) == 1
+    err = capsys.readouterr().err
+    assert f"{state} holds the state of an interrupted run writing {out}" in err
+    assert "pass --resume to continue it, or --overwrite to start over and discard it" in err
+    assert (state / "state.json").read_text() == "{}"
+    monkeypatch.undo()
+    assert main(finetune_argv(csv_data, bpe_dir, out, "--overwrite")) == 0
+    assert load_checkpoint(out).card.training["epochs"] == 2 and not state.exists()
+
+
+def test_run_sh_resumes_an_interrupted_run(csv_data, bpe_dir, tmp_path, monkeypatch, capsys):
+    """run.sh trains with --skip-existing --resume: after a crash, running it again continues the saved epochs."""
+    assert 'spamgpt train --out "$SPAMGPT_CHECKPOINT_DIR" --skip-existing --resume' in (ROOT / "run.sh").read_text()
+    out = tmp_path / "out"
+    real_write_report = training.finetune.pipeline.write_report
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training.finetune.pipeline, "write_report", crash)
+    assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing", "--resume")) == 1
+    assert (state_dir(out) / "state.json").is_file()
+    monkeypatch.setattr(training.finetune.pipeline, "write_report", real_write_report)
+    assert main(finetune_argv(csv_data, bpe_dir, out, "--skip-existing", "--resume")) == 0
+    assert f"resuming after epoch 2 from {state_dir(out)}" in capsys.readouterr().out
+    assert load_checkpoint(out).card.training["epochs"] == 2 and not state_dir(out).exists()
+
+
+def test_a_small_separable_csv_keeps_probabilities_informative_and_warns(bpe_dir, tmp_path, capsys):
+    """240 rows that every model separates: the temperature used to collapse (served probabilities exactly 0 or 1,
+    threshold 1.0); 12 selection ham cannot show a 1% false-positive rate, which the last line and the card say."""
+    data = write_messages_csv(tmp_path / "small.csv", n=240)
+    out = tmp_path / "ckpt"
+    assert main(finetune_argv(data, bpe_dir, out, "--epochs", "6", "--trainable", "all")) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "; warning: too few selection rows for --target-fpr 0.01: 12 'ham' rows" in last
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.card.metrics["warning"].startswith("too few selection rows")
+    assert checkpoint.card.calibration.temperature > 1 and checkpoint.card.threshold.value < 1
+    texts = ["hi", "hello there", "see you at lunch", "win cash now", *(" ".join(SPAM_WORDS + HAM_WORDS),)]
+    rows, _ = encode_batch(checkpoint.tokenizer, texts, 48)
+    served = probabilities(predict_logits(checkpoint.model, rows, 8))
+    assert ((served > 0) & (served < 1)).all(), served
+
+
+def test_a_field_over_csvs_limit_is_refused_naming_the_file_and_line(bpe_dir, tmp_path, capsys):
+    """A 1 MB field used to end finetune in `_csv.Error: field larger than field limit (131072)`, naming nothing."""
+    data = write_messages_csv(tmp_path / "big.csv")
+    with open(data, "a", newline="") as f:
+        csv.writer(f).writerow(["x" * 1_000_000, "spam"])
+    assert main(finetune_argv(data, bpe_dir, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert f"error: {data}, line 62: not a CSV record this reader takes (field larger than field limit" in err
+    assert not (tmp_path / "out").exists()

@@ -30,6 +30,19 @@ SMS_CREDIT = (
     "CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/)"
 )
 SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+# A longer row is refused by finetune (by line) and is a bad row to predict, in every format: it bounds a chunk's
+# memory, and it is csv's default field limit, so every field written to a CSV output reads back (resuming reads it)
+# with Python's csv module, whose limit it is.
+MAX_ROW_CHARS = 131_072
+# Cyrillic and Greek letters that look like a Latin letter of the same case, each mapped to that letter (the entries
+# of Unicode's confusables.txt, UTS #39, whose prototype is one ASCII letter, for the two scripts whose keyboards type
+# Latin look-alikes). A label set is a few words a person typed: these are the look-alikes that occur there, and the
+# full table (confusable-homoglyphs ships it as 1 MB of JSON, without a skeleton function) is no runtime dependency's
+# worth for it.
+_LATIN_LOOK_ALIKES = str.maketrans(
+    "АВЕЅІЈКМНОРСТХԚԜӀаеѕіјорсхуүԁԛԝһӏΑΒΕΖΗΙΚΜΝΟΡΤΥΧαιονρυϲϳ",
+    "ABESIJKMHOPCTXQWlaesijopcxyydqwhlABEZHIKMNOPTYXaiovpucj",
+)
 
 
 @dataclass(frozen=True)
@@ -133,7 +146,8 @@ def load_table(path: str | Path, text_column: str = "text", label_column: str = 
     Raises ValueError naming the file, the line and the value for: an unknown suffix, text that is not UTF-8, a
     CSV / TSV record whose field count differs from the header's, a JSONL line that is not a JSON object, a row
     without the text or label column, a label that is empty or not a string, a text with no visible characters
-    (has_visible_characters), labels that differ only by case, or fewer than 2 labels.
+    (has_visible_characters) or longer than MAX_ROW_CHARS, labels that differ only by case or by look-alike letters
+    (label_skeleton), or fewer than 2 labels.
     """
     path = Path(path)
     readers = {".csv": _csv_rows, ".tsv": _csv_rows, ".jsonl": _jsonl_rows}
@@ -162,7 +176,16 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
     if repeated:
         raise ValueError(f"{path}, line 1: the header names column {repeated[0]!r} more than once: {header!r}")
     start = reader.line_num + 1
-    for fields in reader:
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # csv's field limit is MAX_ROW_CHARS: a longer field raises here
+            raise ValueError(
+                f"{path}, line {start}: not a CSV record this reader takes ({exc}); a text may hold at most "
+                f"{MAX_ROW_CHARS:,} characters"
+            ) from exc
         if fields:  # a blank line is no record
             if len(fields) != len(header):
                 which = "too many" if len(fields) > len(header) else "too few"
@@ -208,28 +231,52 @@ def _row(path: Path, number: int, text, label) -> tuple[int, str, str]:
         raise ValueError(f"{path}, line {number}: text must be a non-empty string, got {_clip(text)!r}")
     if not has_visible_characters(text):
         raise ValueError(f"{path}, line {number}: text {NO_VISIBLE_CHARACTERS}, got {_clip(text)!r}")
+    if len(text) > MAX_ROW_CHARS:
+        raise ValueError(
+            f"{path}, line {number}: text of {len(text):,} characters, longer than the {MAX_ROW_CHARS:,} a text may "
+            f"hold: {_clip(text)!r}"
+        )
     return number, text, label.strip()
 
 
 def _dataset(path: Path, rows: list[tuple[int, str, str]]) -> Dataset:
-    """The rows (line, text, label) as a Dataset, once its labels are at least 2 and none differ only by case."""
+    """The rows (line, text, label) as a Dataset, once its labels are at least 2 and no two share a label_skeleton
+    (differ only by case or by look-alike letters)."""
     if not rows:
         raise ValueError(f"{path}: no rows")
     first_line = {}  # label -> the line it first appears on
     for number, _, label in rows:
         first_line.setdefault(label, number)
-    by_folded = {}
+    by_skeleton = {}
     for label, number in first_line.items():
-        other = by_folded.setdefault(label.casefold(), label)
+        other = by_skeleton.setdefault(label_skeleton(label), label)
         if other != label:
+            how = (
+                "only by case"
+                if other.casefold() == label.casefold()
+                else f"by look-alike letters ({_odd(other + label)})"
+            )
             raise ValueError(
-                f"{path}: labels {other!r} (line {first_line[other]}) and {label!r} (line {number}) differ only by "
-                "case; write them the same way if they are one label"
+                f"{path}: labels {other!r} (line {first_line[other]}) and {label!r} (line {number}) differ {how}; "
+                "write them the same way if they are one label"
             )
     ds = Dataset([text for _, text, _ in rows], [label for _, _, label in rows])
     if len(ds.label_names()) < 2:
         raise ValueError(f"{path}: a classifier needs at least 2 labels, found only {ds.label_names()!r}")
     return ds
+
+
+def label_skeleton(label: str) -> str:
+    """What two labels that read the same share: Unicode NFKC (full-width and styled letters to plain ones),
+    Cyrillic and Greek look-alikes to the Latin letters they look like (_LATIN_LOOK_ALIKES), case folded. "Spam",
+    "ｓｐａｍ" and "ѕpam" (a Cyrillic dze) share "spam"."""
+    return unicodedata.normalize("NFKC", label).translate(_LATIN_LOOK_ALIKES).casefold()
+
+
+def _odd(text: str) -> str:
+    """The characters of `text` beyond ASCII, each with its code point and name."""
+    odd = sorted({c for c in text if not c.isascii()})
+    return ", ".join(f"{c!r} U+{ord(c):04X} {unicodedata.name(c, 'unnamed')}" for c in odd)
 
 
 def _clip(value, limit: int = 80):

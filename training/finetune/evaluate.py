@@ -143,6 +143,31 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def selection_warning(
+    label_names: list[str], selection: Predictions, objective: str, target_fpr: float, z: float = Z95
+) -> str | None:
+    """Why the selection rows cannot show the false-positive rate `target_fpr` asks for (objective "fpr", binary
+    labels), or None when they can.
+
+    The rule is the Wilson interval's: with no negative row flagged among n, its 95% upper bound of the rate is
+    z^2 / (n + z^2), so n must reach z^2 (1 - target) / target (381 for 1%) before any threshold can be shown to hold
+    the target; fewer, and the threshold chosen meets the target only on rows too few to tell.
+    """
+    positive = positive_label(label_names)
+    if objective != "fpr" or positive is None:
+        return None
+    negatives = int((selection.targets != label_names.index(positive)).sum())
+    upper = 1.0 if negatives == 0 else wilson_interval(0, negatives, z)[1]
+    if upper <= target_fpr:
+        return None
+    others = ", ".join(repr(label) for label in label_names if label != positive)
+    needed = f"at least {math.ceil(z * z * (1 - target_fpr) / target_fpr)}" if target_fpr > 0 else "no number of"
+    return (
+        f"too few selection rows for --target-fpr {target_fpr}: {negatives} {others} rows, where even none flagged "
+        f"leaves a 95% upper bound of {upper:.3f} on the false-positive rate; {needed} rows can show it"
+    )
+
+
 @dataclass(frozen=True)
 class Rate:
     """`count` of `of` rows: `value` their share (None for of = 0), `ci95` its 95% Wilson interval (None for

@@ -42,6 +42,7 @@ from training.finetune.evaluate import (
     SplitMetrics,
     evaluation_report,
     predict,
+    selection_warning,
     split_metrics,
     summary,
     write_report,
@@ -75,7 +76,7 @@ from training.runtime.tokenizer import encode_batch, load_gpt2_bpe
 
 # Arguments that change where or how fast a run happens, not what it produces: skip_existing and resume ignore them.
 # The data is compared by content (its fingerprint), not by the path or name that found it.
-NOT_COMPARED = ("out", "device", "skip_existing", "cache_prefix", "resume", "save_state", "data")
+NOT_COMPARED = ("out", "device", "skip_existing", "overwrite", "cache_prefix", "resume", "save_state", "data")
 PATHS = ("weights", "tokenizer_dir")  # compared as the files they name, wherever the run started
 
 
@@ -88,10 +89,18 @@ def finetune(config: FinetuneConfig) -> Path:
     Under torchrun, every process runs this: each trains on its share of every batch (training.finetune.distributed),
     rank 0 evaluates, exports and keeps the resume state, the others wait for it at a barrier.
 
-    The card records the precision that ran (train.precision resolved, training.runtime.precision.training_precision).
+    The card records the precision that ran (train.precision resolved, training.runtime.precision.training_precision),
+    and in its metrics a "warning", also printed on the last line, when the selection rows are too few to show the
+    false-positive rate --target-fpr asks for (training.finetune.evaluate.selection_warning).
 
-    Raises ValueError for an `out` that holds files but no checkpoint, data that cannot be split, or a precision
-    the device cannot compute natively;
+    Nothing is replaced unasked: without `overwrite` (or `skip_existing`, which replaces a checkpoint of other
+    arguments or data by design), a checkpoint in `out` trained with other arguments or data is refused; a rerun with
+    the same arguments and data replaces it (it trains the same model). Without `resume` or `overwrite`, the state an
+    interrupted run saved beside `out` is refused rather than discarded.
+
+    Raises ValueError for an `out` that holds files but no checkpoint, or a checkpoint or saved state that this run
+    would replace unasked (ReplaceRefused), data that cannot be split, or a precision the device cannot compute
+    natively;
     training.finetune.resume.ResumeError (a ValueError) for `resume` with state saved by other arguments or data;
     training.runtime.model.WeightsError when the base weights cannot be had; TokenizerError, OSError.
     """
@@ -111,6 +120,9 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     if config.skip_existing and matching_checkpoint(out, config, source_fingerprint, dropped):
         print(f"skip: {out} already holds a checkpoint trained with these arguments on this data")
         return out
+    refuse_to_replace(config, source_fingerprint, dropped)
+    if config.overwrite and not config.resume and group.is_main:
+        shutil.rmtree(state_dir(out), ignore_errors=True)  # told to start over
     base = config.base
     tokenizer_dir, enc = load_gpt2_bpe(base.tokenizer_dir)
     parts = partition(unique, config.train.seed, config.balance)
@@ -156,12 +168,13 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         uncalibrated,
     )
     headline = summary(report)
+    warning = selection_warning(label_names, calibrated["selection"], config.threshold_objective, config.target_fpr)
     card = ModelCard(
         labels=tuple(label_names),
         max_tokens=max_tokens,
         threshold=report.threshold,
         base_model=(base.base or base.preset) + ("" if base.init == "pretrained" else " (random init)"),
-        metrics=headline.to_json() | {"best_epoch": history.best_epoch},
+        metrics=headline.to_json() | {"best_epoch": history.best_epoch} | ({"warning": warning} if warning else {}),
         training=flatten(config),
         data=DataSummary(
             source=data.data,
@@ -180,7 +193,10 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         write_report(staging / REPORT_DIR, report, calibrated["test"], history, before_after)
         write_split(staging / SPLIT_FILE, parts)
     shutil.rmtree(state_dir(out), ignore_errors=True)  # the run is complete: nothing left to resume
-    print(f"{headline.headline(card.threshold)}; checkpoint exported to {out}")
+    print(
+        f"{headline.headline(card.threshold)}; checkpoint exported to {out}"
+        + (f"; warning: {warning}" if warning else "")
+    )
     group.barrier()
     return out
 
@@ -273,14 +289,13 @@ def resolve_precision(config: FinetuneConfig) -> FinetuneConfig:
 
 def saved_state(config: FinetuneConfig, record: dict, group: Group) -> TrainState | None:
     """With `config.resume`, the state an interrupted run writing `config.out` saved (None when there is none);
-    else None, with a note when such a state exists. record: this run's arguments and data (state_saver's).
+    else None (refuse_to_replace has made sure there is none to lose). record: this run's arguments and data
+    (state_saver's).
 
     Raises training.finetune.resume.ResumeError when the saved state is of other arguments or data.
     """
     directory = state_dir(config.out)
     if not config.resume:
-        if group.is_main and (directory / STATE_FILE).is_file():
-            print(f"note: {directory} holds an interrupted run's state; starting over (--resume continues it)")
         return None
     state = load_state(directory, record)
     if group.is_main:
@@ -361,31 +376,64 @@ def encode(enc: tiktoken.Encoding, ds: Dataset, label_names: list[str], max_toke
     return Examples(rows, [label_names.index(label) for label in ds.labels])
 
 
+class ReplaceRefused(ValueError):
+    """A run that would replace, unasked, a checkpoint of other arguments or data, or an interrupted run's state; the
+    message says what differs and which option goes on."""
+
+
+def refuse_to_replace(config: FinetuneConfig, data_fingerprint: dict, dropped: Duplicates) -> None:
+    """Raise ReplaceRefused when this run would replace what it was not told to: a checkpoint in `config.out`
+    trained with other arguments or data (unless `overwrite` or `skip_existing`), or the state an interrupted run
+    saved beside it (unless `resume` or `overwrite`)."""
+    out = Path(config.out)
+    if not (config.overwrite or config.skip_existing) and (out / CONFIG_FILE).is_file():
+        difference = checkpoint_difference(out, config, data_fingerprint, dropped)
+        if difference is not None:
+            raise ReplaceRefused(
+                f"{out} {difference}; refusing to replace it: pass --overwrite to replace it, or another --out"
+            )
+    state = state_dir(out) / STATE_FILE
+    if not (config.resume or config.overwrite) and state.is_file():
+        raise ReplaceRefused(
+            f"{state.parent} holds the state of an interrupted run writing {out}; pass --resume to continue it, or "
+            "--overwrite to start over and discard it"
+        )
+
+
+def checkpoint_difference(out: Path, config: FinetuneConfig, data_fingerprint: dict, dropped: Duplicates) -> str | None:
+    """Why the checkpoint in `out` (which holds config.json) is not one of this run's arguments and data,
+    deduplicated the same way, as words that follow its path; None when it is."""
+    try:
+        checkpoint = load_checkpoint(out)
+        trained_with = training_config(checkpoint)
+    except (CheckpointError, ValueError) as exc:
+        return f"holds no usable checkpoint ({exc})"
+    card = checkpoint.card
+    recorded = {} if trained_with is None else compared_arguments(trained_with)
+    wanted = compared_arguments(config)
+    changed = changed_options(wanted, recorded)
+    if changed:
+        was = ", ".join(f"{k} {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
+        return f"was trained with other arguments ({', '.join(changed)}): {was}"
+    if card.data is None or card.data.fingerprint != data_fingerprint:
+        recorded_sha = None if card.data is None else card.data.fingerprint.get("sha256")
+        return f"was trained on other data (sha256 {recorded_sha}, this data {data_fingerprint.get('sha256')})"
+    if card.data.duplicates_dropped != asdict(dropped):
+        was, now = card.data.duplicates_dropped, asdict(dropped)
+        return f"was trained on data deduplicated another way (dropped {was}, this run {now})"
+    return None
+
+
 def matching_checkpoint(out: Path, config: FinetuneConfig, data_fingerprint: dict, dropped: Duplicates) -> bool:
     """Whether `out` holds a valid checkpoint whose arguments and data are this run's, deduplicated the same way;
     prints why not."""
     if not (out / CONFIG_FILE).is_file():
         print(f"no checkpoint at {out} yet; training one")
         return False
-    try:
-        checkpoint = load_checkpoint(out)
-        trained_with = training_config(checkpoint)
-    except (CheckpointError, ValueError) as exc:
-        print(f"{out} holds no usable checkpoint ({exc}); training a new one")
-        return False
-    card = checkpoint.card
-    recorded = {} if trained_with is None else compared_arguments(trained_with)
-    changed = changed_options(compared_arguments(config), recorded)
-    if changed:
-        print(f"{out} was trained with other arguments ({', '.join(changed)}); training a new one")
-        return False
-    if card.data is None or card.data.fingerprint != data_fingerprint:
-        print(f"{out} was trained on other data; training a new one")
-        return False
-    if card.data.duplicates_dropped != asdict(dropped):
-        print(f"{out} was trained on data deduplicated another way; training a new one")
-        return False
-    return True
+    difference = checkpoint_difference(out, config, data_fingerprint, dropped)
+    if difference is not None:
+        print(f"{out} {difference}; training a new one")
+    return difference is None
 
 
 def training_config(checkpoint: Checkpoint) -> FinetuneConfig | None:

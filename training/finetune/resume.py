@@ -94,12 +94,13 @@ def load_state(directory: Path, record: dict) -> TrainState | None:
         was = ", ".join(f"{k} {recorded['arguments'].get(k)!r} -> {record['arguments'].get(k)!r}" for k in changed)
         raise ResumeError(
             f"{directory} holds the state of a run with other arguments ({was}); resume with the same arguments, "
-            "or run without --resume to start over"
+            "or pass --overwrite without --resume to start over"
         )
     if recorded["data"] != record["data"]:
         raise ResumeError(
             f"{directory} holds the state of a run on other data (sha256 {recorded['data'].get('sha256')}, this "
-            f"data {record['data'].get('sha256')}); resume on the same data, or run without --resume to start over"
+            f"data {record['data'].get('sha256')}); resume on the same data, or pass --overwrite without --resume "
+            "to start over"
         )
     tensor_file = directory / meta["tensors"]
     try:

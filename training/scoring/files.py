@@ -38,6 +38,7 @@ from typing import IO
 from tqdm import tqdm
 
 from training.config import PredictConfig, changed_options
+from training.finetune.data import MAX_ROW_CHARS
 from training.runtime.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from training.runtime.classifier import Classifier
 from training.runtime.inference import NonFiniteLogits
@@ -46,9 +47,6 @@ from training.scoring.records import result_columns, result_record, usable_text
 MAX_PRINTED_BAD_ROWS = 20  # on stderr; all of them go to the bad-rows file
 LINES_COLUMN = "text"  # the one column of a plain-text input
 SMS_COLUMNS = ("true_label", "text")  # an SMSSpamCollection line's label and text; "label" is the result's column
-# A longer row is a bad row, in every format: it bounds a chunk's memory, and it is csv's default field limit, so
-# every field written to a CSV output reads back (resuming reads it) with Python's csv module, whose limit it is.
-MAX_ROW_CHARS = 131_072
 
 
 @dataclass(frozen=True)

@@ -215,6 +215,51 @@ def test_load_table_error_names_the_line_of_a_multiline_record(tmp_path):
         ),
         pytest.param(
             "a.csv",
+            "text,label\nhi,spam\nyo,ham\nwin,\u0455pam\n",
+            r"a\.csv: labels 'spam' \(line 2\) and '\u0455pam' \(line 4\) differ by look-alike letters \('\u0455' "
+            r"U\+0455 CYRILLIC SMALL LETTER DZE\); write them the same way",
+            id="labels-differ-by-a-cyrillic-look-alike",
+        ),
+        pytest.param(
+            "a.csv",
+            "text,label\nhi,\u0405PAM\nyo,ham\nwin,spam\n",
+            r"labels '\u0405PAM' \(line 2\) and 'spam' \(line 4\) differ by look-alike letters",
+            id="labels-differ-by-case-and-a-look-alike",
+        ),
+        pytest.param(
+            "a.csv",
+            "text,label\nhi,\u039d\u039f\nyo,ham\nwin,no\n",
+            r"labels '\u039d\u039f' \(line 2\) and 'no' \(line 4\) differ by look-alike letters \('\u039d' U\+039D "
+            r"GREEK CAPITAL LETTER NU, '\u039f' U\+039F GREEK CAPITAL LETTER OMICRON\)",
+            id="labels-differ-by-greek-look-alikes",
+        ),
+        pytest.param(
+            "a.csv",
+            "text,label\nhi,\uff53\uff50\uff41\uff4d\nyo,ham\nwin,spam\n",
+            r"labels '\uff53\uff50\uff41\uff4d' \(line 2\) and 'spam' \(line 4\) differ by look-alike letters",
+            id="labels-differ-by-full-width-letters",
+        ),
+        pytest.param(
+            "a.csv",
+            "text,label\nhi,ham\n" + "x" * 131_073 + ",spam\n",
+            r"a\.csv, line 3: not a CSV record this reader takes \(field larger than field limit \(131072\)\); a "
+            r"text may hold at most 131,072 characters",
+            id="csv-field-over-the-limit",
+        ),
+        pytest.param(
+            "a.tsv",
+            'text\tlabel\nhi\tham\n"one\n' + "x" * 131_073 + '"\tspam\n',
+            r"a\.tsv, line 3: not a CSV record this reader takes \(field larger than field limit",
+            id="tsv-multiline-field-over-the-limit",
+        ),
+        pytest.param(
+            "a.jsonl",
+            '{"text": "hi", "label": "ham"}\n{"text": "' + "x" * 131_073 + '", "label": "spam"}\n',
+            r"a\.jsonl, line 2: text of 131,073 characters, longer than the 131,072 a text may hold: 'xxx",
+            id="jsonl-text-over-the-limit",
+        ),
+        pytest.param(
+            "a.csv",
             "text,label\nhi,ham\n\u200b,spam\n",
             r"a\.csv, line 3: text has no visible characters .*'\\u200b'",
             id="zero-width-space",
@@ -256,6 +301,20 @@ def test_load_table_refuses(tmp_path, name, content, match):
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=match):
         load_table(path)
+
+
+def test_a_text_of_the_limit_is_read_whole(tmp_path):
+    """131,072 characters, the most predict scores, in a field csv reads at its default limit."""
+    path = tmp_path / "a.csv"
+    path.write_text("text,label\nhi,ham\n" + "x" * 131_072 + ",spam\n", encoding="utf-8")
+    assert [len(text) for text in load_table(path).texts] == [2, 131_072]
+
+
+def test_an_sms_line_over_the_limit_is_refused_by_line(tmp_path):
+    path = tmp_path / "SMSSpamCollection"
+    path.write_text("ham\thi\nspam\t" + "x" * 131_073 + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"SMSSpamCollection, line 2: text of 131,073 characters, longer than"):
+        load_sms_spam(path)
 
 
 def test_load_table_refuses_non_utf8(tmp_path):

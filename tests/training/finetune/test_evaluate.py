@@ -19,6 +19,7 @@ from training.finetune.evaluate import (
     predict,
     roc_auc,
     roc_curve,
+    selection_warning,
     summary,
     write_plots,
     write_report,
@@ -339,3 +340,26 @@ def test_predict_refuses_rows_whose_logits_are_not_finite(tiny_config):
     with pytest.raises(NonFiniteLogits, match=r"for 2 of the rows: 1, 3;") as caught:
         predict(model, rows, ["ham", "spam", "ham", "spam"], LABELS)  # not P = 0.5 made up for rows 1 and 3
     assert caught.value.rows == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("ham", "objective", "target_fpr", "warned"),
+    [
+        pytest.param(12, "fpr", 0.01, True, id="12-ham-for-1%"),
+        pytest.param(380, "fpr", 0.01, True, id="one-short"),
+        pytest.param(381, "fpr", 0.01, False, id="enough"),
+        pytest.param(12, "f1", 0.01, False, id="no-rate-asked"),
+        pytest.param(5000, "fpr", 0.0, True, id="zero-never-shown"),
+    ],
+)
+def test_selection_warning_when_the_ham_cannot_show_the_target_rate(ham, objective, target_fpr, warned):
+    """381 ham with none flagged is the fewest whose 95% Wilson upper bound reaches 1%."""
+    targets = torch.tensor([0] * ham + [1] * 10)
+    probs = torch.stack([1 - targets.double(), targets.double()], dim=1)
+    warning = selection_warning(["ham", "spam"], Predictions(probs, targets), objective, target_fpr)
+    assert (warning is not None) == warned
+    if ham == 12 and warned:
+        assert warning == (
+            "too few selection rows for --target-fpr 0.01: 12 'ham' rows, where even none flagged leaves a 95% upper "
+            "bound of 0.242 on the false-positive rate; at least 381 rows can show it"
+        )

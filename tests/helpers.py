@@ -68,7 +68,8 @@ def readme_python(containing: str, page: str | None = None) -> str:
         for block in re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
         if containing in block
     ]
-    assert len(found) == 1, f"{len(found)} python blocks in {[str(p.relative_to(ROOT)) for p, _ in found] or pages} hold {containing!r}"
+    where = [str(path.relative_to(ROOT)) for path, _ in found] or [str(path.relative_to(ROOT)) for path in pages]
+    assert len(found) == 1, f"{len(found)} python blocks in {where} hold {containing!r}"
     return found[0][1]
 
 

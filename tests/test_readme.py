@@ -59,7 +59,7 @@ def heading_anchors(text: str) -> set[str]:
 
 def test_every_link_in_the_readme_and_docs_lands():
     broken = []
-    for page in documentation_pages():
+    for page in [*documentation_pages(), ROOT / "benchmarks" / "README.md"]:
         text = page.read_text(encoding="utf-8")
         prose = re.sub(r"```.*?```", "", text, flags=re.S)
         for target in re.findall(r"\]\(([^)\s]+)\)", prose):

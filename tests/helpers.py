@@ -52,12 +52,25 @@ def make_bpe_files(directory: Path, merges: list[str] = MERGES) -> Path:
     return directory
 
 
-def readme_python(containing: str) -> str:
-    """The README's one ```python block holding `containing`, so a test can run the example a user copies."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    found = [block for block in blocks if containing in block]
-    assert len(found) == 1, f"{len(found)} README python blocks hold {containing!r}"
-    return found[0]
+def documentation_pages() -> list[Path]:
+    """README.md and the reference pages under docs/ it links to."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def readme_python(containing: str, page: str | None = None) -> str:
+    """The one ```python block holding `containing` in `page` (a path from the repository root, e.g.
+    "docs/exports.md"; by default README.md and every page under docs/), so a test can run the example a user
+    copies."""
+    pages = [ROOT / page] if page else documentation_pages()
+    found = [
+        (path, block)
+        for path in pages
+        for block in re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+        if containing in block
+    ]
+    where = [str(path.relative_to(ROOT)) for path, _ in found] or [str(path.relative_to(ROOT)) for path in pages]
+    assert len(found) == 1, f"{len(found)} python blocks in {where} hold {containing!r}"
+    return found[0][1]
 
 
 def tiny_card(**overrides) -> ModelCard:

@@ -375,9 +375,10 @@ def test_onnx_real_sms_texts_through_tokenizer_json(real_vocab_checkpoint, tmp_p
 
 @pytest.mark.skipif(importlib.util.find_spec("optimum") is None, reason="optimum-onnx is not installed")
 def test_the_readme_optimum_example_gives_our_probabilities(onnx_dir, checkpoint):
-    """Optimum's ORTModelForSequenceClassification in transformers' pipeline, as the README shows it (optimum-onnx
+    """Optimum's ORTModelForSequenceClassification in transformers' pipeline, as docs/exports.md shows it (optimum-onnx
     needs transformers < 4.58, so this runs only where that pair is installed)."""
-    code = readme_python("ORTModelForSequenceClassification").replace('"exports/spamgpt-onnx"', repr(str(onnx_dir)))
+    code = readme_python("ORTModelForSequenceClassification", "docs/exports.md")
+    code = code.replace('"exports/spamgpt-onnx"', repr(str(onnx_dir)))
     texts = [*TEXTS, "free entry " * 60]
     code = code.replace('classify(["WINNER!! Claim your free prize now", "See you at 5?"], truncation=True)', "")
     namespace = {}
@@ -391,10 +392,11 @@ def test_the_readme_optimum_example_gives_our_probabilities(onnx_dir, checkpoint
 
 
 def test_the_readme_onnx_example_truncates_to_the_checkpoints_max_tokens(onnx_dir, checkpoint):
-    """The README's ONNX example, run as a user copies it onto an export whose max_tokens (48) is not the default
+    """docs/exports.md's ONNX example, run as a user copies it onto an export whose max_tokens (48) is not the default
     256: a text over it must give our probabilities, not a broadcast error or another budget's answer."""
     texts = ["See you at 5?", "free entry " * 60]
-    code = readme_python("onnxruntime.InferenceSession").replace('"exports/spamgpt-onnx"', repr(str(onnx_dir)))
+    code = readme_python("onnxruntime.InferenceSession", "docs/exports.md")
+    code = code.replace('"exports/spamgpt-onnx"', repr(str(onnx_dir)))
     code = code.replace('["See you at 5?"]', repr(texts))
     namespace = {}
     exec(code, namespace)

@@ -532,8 +532,9 @@ def test_a_row_just_under_the_size_limit_is_scored_and_reads_back(tmp_path, tiny
 
 
 def test_a_rows_result_moves_only_by_rounding_with_the_shapes_it_is_computed_in(tmp_path, tiny_checkpoint):
-    """The README's batch-independence bound: each row alone (one a chunk, one a batch) against chunks and batches
-    cut elsewhere, probabilities within 1e-6 and the same labels; nothing (resume included) needs them bitwise."""
+    """The batch-independence bound docs/scoring.md states: each row alone (one a chunk, one a batch) against chunks
+    and batches cut elsewhere, probabilities within 1e-6 and the same labels; nothing (resume included) needs them
+    bitwise."""
     texts = [f"message {i}: " + "win a prize " * (i % 7) for i in range(30)]
     data = write_input(tmp_path / "in.csv", texts)
     alone, batched = tmp_path / "alone.jsonl", tmp_path / "batched.jsonl"

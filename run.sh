@@ -11,7 +11,7 @@
 # Environment, as in docker-compose.yml: SPAMGPT_INIT (pretrained | random), SPAMGPT_TRAINABLE (last-blocks | all
 # | lora), SPAMGPT_PRESET (gpt2), SPAMGPT_EPOCHS (5), SPAMGPT_TRAIN_DEVICE (auto), SPAMGPT_PORT (8000); PYTHON
 # (python3) makes the .venv.
-# The server reads every other SPAMGPT_* setting (README: Configuration), SPAMGPT_CHECKPOINT_DIR included.
+# The server reads every other SPAMGPT_* setting (docs/serving.md: Configuration), SPAMGPT_CHECKPOINT_DIR included.
 set -euo pipefail
 cd "$(dirname "$0")"
 

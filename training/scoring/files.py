@@ -365,7 +365,7 @@ def run_record(config: PredictConfig) -> dict:
     before a run adds to an output: the input's size and sha256, the sha256 of the checkpoint's config.json (labels,
     threshold, calibration, tokenizer hashes) and model.safetensors, and every option that changes a record: the
     input's and output's formats, text column, output prefix, device type, dtype, int8 and prior. Batch and chunk
-    sizes and threads are left out: they move probabilities only within the batch-independence bound (README).
+    sizes and threads are left out: they move probabilities only within the batch-independence bound (docs/scoring.md).
 
     Hashing reads the input and the weights once more (sha256 runs at about 480 MB/s on a 2-core EPYC: a few seconds
     a gigabyte, next to hours of scoring one). An input that is not a regular file (a pipe) is not read here; its

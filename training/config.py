@@ -5,7 +5,7 @@ its data, base model and training configs. Each field's default and help text ar
 
 import os
 import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from training.finetune.base import HF_REPOS
 from training.finetune.data import BALANCING, ROLES, is_sms_spam
 from training.runtime.device import DEVICE_HELP, resolve_device
 from training.runtime.model import PRESETS, GPTConfig
-from training.runtime.options import ClassifierOptions
+from training.runtime.options import ClassifierOptions, opt
 from training.runtime.precision import (
     TRAINING_PRECISION_HELP,
     TRAINING_PRECISIONS,
@@ -23,11 +23,6 @@ from training.runtime.record import from_flat as from_flat
 TRAINABLE = ("last-blocks", "all", "lora")
 MAX_TOKENS = 256  # the default token budget of a text, where the model has that many positions
 THRESHOLD_OBJECTIVES = ("fpr", "f1")
-
-
-def opt(default=MISSING, help: str = "", choices: tuple | None = None, positional: bool = False):
-    """A dataclass field whose help text and choices the command line shows; positional: an argument, not --name."""
-    return field(default=default, metadata={"help": help, "choices": choices, "positional": positional})
 
 
 def group(title: str) -> dict:

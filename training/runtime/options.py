@@ -3,7 +3,7 @@ one from its SPAMGPT_* fields) and the scoring commands (`predict`'s options, Ra
 rules. Apart from training.runtime.classifier so that training.config can hold it without importing the checkpoint
 loader."""
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 
 import torch
 
@@ -11,9 +11,10 @@ from training.runtime import precision
 from training.runtime.device import DEVICE_HELP, resolve_device
 
 
-def option(default, help: str, choices: tuple | None = None):
-    """A field whose help text and choices the command line shows (training.cli reads them)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default=MISSING, help: str = "", choices: tuple | None = None, positional: bool = False):
+    """A dataclass field whose help text and choices the command line shows (training.cli reads them); positional:
+    an argument, not --name. The one definition for every command's options (training.config uses it too)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "positional": positional})
 
 
 @dataclass(frozen=True)
@@ -28,15 +29,13 @@ class ClassifierOptions:
     batch limit below 1, negative threads.
     """
 
-    device: str = option("auto", DEVICE_HELP)
-    dtype: str = option("auto", precision.DTYPE_HELP, precision.DTYPES)
-    quantize_int8: bool = option(False, "CPU only: int8 weights for every linear layer, 1.5-2.3x float32's speed")
-    threads: int = option(0, "torch intra-op threads; 0 keeps torch's default (all cores)")
-    batch_size: int = option(32, "texts per forward pass: larger raises throughput until the device saturates")
-    max_batch_tokens: int = option(
-        16384, "padded tokens (rows x longest row) per forward pass: bounds activation memory"
-    )
-    prior: float | None = option(
+    device: str = opt("auto", DEVICE_HELP)
+    dtype: str = opt("auto", precision.DTYPE_HELP, precision.DTYPES)
+    quantize_int8: bool = opt(False, "CPU only: int8 weights for every linear layer, 1.5-2.3x float32's speed")
+    threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default (all cores)")
+    batch_size: int = opt(32, "texts per forward pass: larger raises throughput until the device saturates")
+    max_batch_tokens: int = opt(16384, "padded tokens (rows x longest row) per forward pass: bounds activation memory")
+    prior: float | None = opt(
         None,
         "binary models: the share of the threshold's label (spam) expected in this traffic; probabilities are "
         "corrected to it (default: the checkpoint's prior, the source data's rate)",

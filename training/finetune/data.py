@@ -1,5 +1,5 @@
-"""Labelled texts: the SMS Spam Collection (packaged with spamgpt) or any CSV / TSV / JSONL table, deduplicated,
-balanced and split.
+"""Labelled texts: the SMS Spam Collection (packaged with spamgpt), any CSV / TSV / JSONL table or a directory of mail
+(one folder or mbox per label, training.runtime.mail_sources), deduplicated, balanced and split.
 
 Loaders check every row at the boundary and name the file, the line and the offending value.
 """
@@ -9,7 +9,9 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import random
+import sys
 import unicodedata
 import zlib
 from collections import Counter
@@ -17,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.runtime.mail import DEFAULT_EXTRACTION, Extraction
+from training.runtime.mail_sources import Unreadable, display, label_entries, read_mail
 from training.runtime.text import NO_VISIBLE_CHARACTERS, has_visible_characters
 
 _SMS_FILE = "SMSSpamCollection"
@@ -95,13 +99,17 @@ def is_sms_spam(source: str) -> bool:
     return source == "sms" or Path(source).name == _SMS_FILE
 
 
-def load_dataset(source: str, text_column: str = "text", label_column: str = "label") -> Dataset:
-    """The source "sms" (the packaged copy: no network), a local SMSSpamCollection file, or a .csv / .tsv / .jsonl
-    table."""
+def load_dataset(
+    source: str, text_column: str = "text", label_column: str = "label", extraction: Extraction = DEFAULT_EXTRACTION
+) -> Dataset:
+    """The source "sms" (the packaged copy: no network), a local SMSSpamCollection file, a .csv / .tsv / .jsonl
+    table, or a directory of mail read with `extraction` (load_mail)."""
     if source == "sms":
         return load_sms_spam()
     if is_sms_spam(source):
         return load_sms_spam(source)
+    if Path(source).is_dir():
+        return load_mail(source, extraction)
     return load_table(source, text_column, label_column)
 
 
@@ -123,6 +131,56 @@ def load_sms_spam(path: str | Path | None = None) -> Dataset:
             raise ValueError(f"{path}, line {number}: expected 'label<TAB>text', got {_clip(line)!r}")
         rows.append(_row(path, number, text, label))
     return _dataset(path, rows)
+
+
+MAX_PRINTED_SKIPPED = 20  # messages load_mail names on stderr one by one; then how many more
+
+
+def load_mail(directory: str | Path, extraction: Extraction = DEFAULT_EXTRACTION) -> Dataset:
+    """A labelled mail directory (training.runtime.mail_sources: a folder or a <label>.mbox file per label, holding
+    message files, a Maildir or mbox files) as the text read_message makes of each message (`extraction`) and its
+    folder's label, in the directory's sorted order, one message in memory at a time.
+
+    A message that cannot be read (mail_sources.read_mail's Unreadable: an empty file, a file of NUL bytes, no
+    readable text, an mbox that is not one) and a file beside the label folders are skipped, each named on stderr
+    with why (the first MAX_PRINTED_SKIPPED, then a count), as `sa-learn` skips them: one broken file in a mail
+    folder does not stop training. Raises ValueError naming the directory for no label folder, fewer than 2
+    labels, two labels that differ only by case or look-alike letters (label_skeleton), or a label folder left
+    without a readable message.
+    """
+    directory = Path(directory)
+    labels = list(label_entries(directory))
+    if not labels:
+        raise ValueError(
+            f"{display(directory)}: no label folders: put each label's messages in a folder named after it (spam/, "
+            "ham/: message files, a Maildir or .mbox files) or in a <label>.mbox file"
+        )
+    if len(labels) < 2:
+        raise ValueError(f"{display(directory)}: a classifier needs at least 2 labels, found only {labels!r}")
+    by_skeleton = {}
+    for label in labels:
+        other = by_skeleton.setdefault(label_skeleton(label), label)
+        if other != label:
+            raise ValueError(
+                f"{display(directory)}: the label folders {other!r} and {label!r} differ only by case or look-alike "
+                "letters; put their messages in one folder if they are one label"
+            )
+    texts, names, skipped = [], [], 0
+    for item in read_mail(directory, extraction):
+        why = item.error if isinstance(item, Unreadable) else "not in a label folder" if item.label is None else None
+        if why is None:
+            texts.append(item.mail.text)
+            names.append(item.label)
+            continue
+        skipped += 1
+        if skipped <= MAX_PRINTED_SKIPPED:
+            print(f"{display(directory)}{os.sep}{item.origin}: {why}; skipped", file=sys.stderr)
+    if skipped > MAX_PRINTED_SKIPPED:
+        print(f"{display(directory)}: {skipped - MAX_PRINTED_SKIPPED} more messages skipped", file=sys.stderr)
+    empty = sorted(set(labels) - set(names))
+    if empty:
+        raise ValueError(f"{display(directory)}: no readable message for the label(s) {empty!r}")
+    return Dataset(texts, names)
 
 
 def _packaged_sms() -> bytes:

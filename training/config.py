@@ -35,7 +35,9 @@ class DataConfig:
     """Which labelled texts: "sms" or a file, and the columns of a table."""
 
     data: str = opt(
-        "sms", '"sms" (the UCI SMS Spam Collection, packaged with spamgpt) or a SMSSpamCollection, .csv, .tsv, .jsonl'
+        "sms",
+        '"sms" (the UCI SMS Spam Collection, packaged with spamgpt), a SMSSpamCollection, .csv, .tsv, .jsonl, or a '
+        "directory of mail: a folder (message files or a Maildir) or a <label>.mbox file per label, e.g. spam/ ham/",
     )
     text_column: str = opt("text", "column of the texts in a .csv / .tsv / .jsonl")
     label_column: str = opt("label", "column of the labels in a .csv / .tsv / .jsonl")
@@ -203,7 +205,8 @@ class EvaluateConfig:
             raise ValueError(f"split must be one of {('all', *ROLES)}, got {self.split!r}")
 
 
-INPUT_FORMATS = ("csv", "tsv", "jsonl", "lines", "sms")  # sms: the SMS Spam Collection's label<TAB>text lines
+# sms: the SMS Spam Collection's label<TAB>text lines; mail: a directory of mail or one message (.eml); mbox
+INPUT_FORMATS = ("csv", "tsv", "jsonl", "lines", "sms", "mail", "mbox")
 OUTPUT_FORMATS = ("csv", "tsv", "jsonl")
 BAD_ROWS_SUFFIX, SUMMARY_SUFFIX = ".bad-rows.jsonl", ".summary.json"  # files written beside predict's --out
 
@@ -232,13 +235,15 @@ class PredictConfig:
     checkpoint: str = opt(help="checkpoint directory written by `finetune`")
     data: str = opt(
         help="file to score: .csv / .tsv with a header row, .jsonl, a file named SMSSpamCollection (label<TAB>text "
-        "lines, as `finetune` reads it), or anything else: one text a line"
+        "lines, as `finetune` reads it), mail (a directory of message files, Maildirs, .mbox files or label folders; "
+        "an .eml message; an .mbox file), or anything else: one text a line"
     )
     out: str = opt(help="results file, .csv, .tsv or .jsonl: the input's columns, then line, label, probabilities")
     text_column: str = opt("text", "column of the texts in a .csv / .tsv / .jsonl")
     input_format: str = opt(
         "auto",
-        "auto: from --data's name (SMSSpamCollection: sms) or suffix (csv, tsv, jsonl; any other: lines)",
+        "auto: from --data's name (SMSSpamCollection: sms; a directory or .eml: mail) or suffix (csv, tsv, jsonl, "
+        "mbox; any other: lines)",
         ("auto", *INPUT_FORMATS),
     )
     output_format: str = opt("auto", "auto: from --out's suffix", ("auto", *OUTPUT_FORMATS))
@@ -261,14 +266,22 @@ class PredictConfig:
                 raise ValueError(
                     f"--out {self.out!r} would write {str(path)!r}, which is the input file; pick another --out"
                 )
+            if Path(self.data).is_dir() and Path(self.data).resolve() in path.resolve().parents:
+                raise ValueError(
+                    f"--out {self.out!r} would write {str(path)!r} inside the input folder, where it would be read as "
+                    "mail; pick another --out"
+                )
 
     def formats(self) -> tuple[str, str]:
         """(the input's format, the output's): the named ones, or what the file names say.
 
         Raises ValueError for an unknown format, or an --out suffix that names none.
         """
-        sms = self.input_format == "auto" and is_sms_spam(self.data)
-        given = "sms" if sms else self.input_format
+        given = self.input_format
+        if given == "auto" and is_sms_spam(self.data):
+            given = "sms"
+        elif given == "auto" and (Path(self.data).is_dir() or Path(self.data).suffix.lower() == ".eml"):
+            given = "mail"
         return (
             file_format(self.data, given, INPUT_FORMATS, default="lines"),
             file_format(self.out, self.output_format, OUTPUT_FORMATS),

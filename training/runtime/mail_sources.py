@@ -21,6 +21,7 @@ why; the callers decide what that costs (finetune skips it, naming it on stderr;
 import hashlib
 import mailbox
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,10 @@ MBOX_SUFFIX = ".mbox"
 # (the parser holds about three copies of it). Mail servers refuse far less by default (Postfix 10 MB, Gmail 25 MB),
 # so only a file that is not one message (an archive, a disk image) reaches it.
 MAX_MESSAGE_BYTES = 64 * 2**20
+# A message starts with a header field (RFC 5322 2.2: a name of printable ASCII but the colon, then a colon), after
+# the "From " line an mbox or the SpamAssassin corpus may keep above it. A file that does not (a text, a picture, NUL
+# bytes) is no mail: read_message would read all of it as a body.
+_MESSAGE_START = re.compile(rb"(From [^\n]*\n)?[!-9;-~]+:")
 
 
 @dataclass(frozen=True)
@@ -65,12 +70,6 @@ class Unreadable:
     error: str
 
 
-def is_mail_source(path: str | Path) -> bool:
-    """Whether a --data path names mail: a directory, an mbox file or an `.eml` message file."""
-    path = Path(path)
-    return path.is_dir() or path.suffix.lower() in (MBOX_SUFFIX, ".eml")
-
-
 def is_maildir(directory: Path) -> bool:
     """Whether `directory` is a Maildir: it has a `cur/` or a `new/` folder."""
     return (directory / "cur").is_dir() or (directory / "new").is_dir()
@@ -88,14 +87,17 @@ def label_entries(directory: Path) -> dict[str, list[Path]]:
     return labels
 
 
-def read_mail(path: str | Path, extraction: Extraction) -> Iterator[Mail | Unreadable]:
+def read_mail(path: str | Path, extraction: Extraction, mbox: bool = False) -> Iterator[Mail | Unreadable]:
     """Every message under `path` (the module's layouts), in order, one in memory at a time: each read by
-    read_message with `extraction`, labelled by its label folder when `path` is a labelled directory.
+    read_message with `extraction`, labelled by its label folder when `path` is a labelled directory. A file `path`
+    is read as an mbox when `mbox` is true or its name ends in .mbox (mbox files often have no suffix: ~/mbox,
+    /var/mail/alice), else as one message.
 
     A message is Unreadable when its file cannot be opened or is not a regular file (a FIFO, a device), is empty, is
-    larger than MAX_MESSAGE_BYTES, or has no visible text once read (no readable part, an empty subject, a file of NUL
-    bytes); an mbox whose first line is not a `From ` line (not an mbox, or one cut at its start) and a folder that
-    cannot be listed are one Unreadable each. Raises OSError only for a `path` that does not exist.
+    larger than MAX_MESSAGE_BYTES, does not start with a header field (a text, a picture, NUL bytes: no mail), or has
+    no visible text once read (no readable part and an empty subject); an mbox whose first line is not a `From `
+    line (not an mbox, or one cut at its start) and a folder that cannot be listed are one Unreadable each. Raises
+    FileNotFoundError only for a `path` that does not exist.
     """
     root = Path(path)
     if not root.exists():
@@ -107,13 +109,15 @@ def read_mail(path: str | Path, extraction: Extraction) -> Iterator[Mail | Unrea
         label = display(relative.parts[0] if len(relative.parts) > 1 else relative.stem) if labelled else None
         if labelled and len(relative.parts) == 1 and not _is_mbox(file):
             label = None  # a file beside the label folders: in no label
-        for mbox_message, raw in _raw_messages(file):
+        for mbox_message, raw in _raw_messages(file, mbox and file == root):
             number += 1
             origin = Origin(number, display(relative), mbox_message)
             yield Unreadable(origin, label, raw) if isinstance(raw, str) else _read(origin, label, raw, extraction)
 
 
 def _read(origin: Origin, label: str | None, raw: bytes, extraction: Extraction) -> Mail | Unreadable:
+    if not _MESSAGE_START.match(raw):
+        return Unreadable(origin, label, f"not a message: it does not start with a header field ({raw[:20]!r})")
     mail = read_message(raw, extraction)
     if not has_visible_characters(mail.text):
         return Unreadable(origin, label, "no readable text (no text part, or nothing visible in it or the subject)")
@@ -150,7 +154,7 @@ def _is_mbox(path: Path) -> bool:
     return path.suffix.lower() == MBOX_SUFFIX and not path.is_dir()
 
 
-def _raw_messages(file: Path) -> Iterator[tuple[int | None, bytes | str]]:
+def _raw_messages(file: Path, mbox: bool) -> Iterator[tuple[int | None, bytes | str]]:
     """(the message's number in an mbox or None, its bytes or why they cannot be had) for each message in `file`."""
     if file.is_dir():
         yield None, "a folder that cannot be listed"
@@ -159,7 +163,7 @@ def _raw_messages(file: Path) -> Iterator[tuple[int | None, bytes | str]]:
         yield None, "not a regular file" if file.exists() else "a link to nothing"
         return
     try:
-        if not _is_mbox(file):
+        if not (mbox or _is_mbox(file)):
             yield None, _message_file(file)
             return
         with open(file, "rb") as head:
@@ -172,7 +176,7 @@ def _raw_messages(file: Path) -> Iterator[tuple[int | None, bytes | str]]:
             for number, key in enumerate(box.iterkeys(), start=1):  # the keys in file order
                 with box.get_file(key) as message:
                     raw = message.read(MAX_MESSAGE_BYTES + 1)
-                yield number, _bounded(raw)
+                yield number, _bounded(raw) if raw.strip() else "an empty message"
         finally:
             box.close()
     except OSError as exc:

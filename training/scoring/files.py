@@ -3,15 +3,19 @@
     python -m training predict --checkpoint checkpoints/spamgpt --data messages.csv --out scores.csv
 
 In: a .csv / .tsv with a header row (csv quoting; a quoted field may span lines), a .jsonl (one JSON object a line),
-a file named SMSSpamCollection (`label<TAB>text` lines, read as `finetune` reads them: columns true_label and text)
-or, for any other suffix, plain text (one text a line). Out: .csv, .tsv or .jsonl, one row per good input row, in
-input order: the input's columns, then `line` (where the row starts in the input), `label`, `probability_<label>`
+a file named SMSSpamCollection (`label<TAB>text` lines, read as `finetune` reads them: columns true_label and text),
+mail (a directory of message files, Maildirs, mbox files or label folders, an .eml message or an mbox file, read by
+training.runtime.mail_sources: columns path, mbox_message, message_id, and true_label for label folders) or, for any
+other suffix, plain text (one text a line). Out: .csv, .tsv or .jsonl, one row per good input row, in
+input order: the input's columns, then `line` (where the row starts in the input; for mail, `message`: the message's
+number in the input's sorted order), `label`, `probability_<label>`
 for each of the model's labels, `tokens` (after truncation) and `truncated`: what `POST /classify` answers for the
 text (training.scoring.records builds both from training.runtime.classifier.Classifier.predictions).
 
 Rows are read, scored and written `chunk_rows` at a time, so memory is bounded by one chunk whatever the file's size.
-A bad row (not UTF-8, not JSON, no text, wrong number of fields, over MAX_ROW_CHARS) is reported with its line number
-on stderr and in OUT.bad-rows.jsonl, and the run goes on; OUT.summary.json counts both.
+A bad row (not UTF-8, not JSON, no text, wrong number of fields, over MAX_ROW_CHARS; a message that cannot be read)
+is reported with its line number (a message with its number and path) on stderr and in OUT.bad-rows.jsonl, and the
+run goes on; OUT.summary.json counts both.
 
 Rerun on the same --out, the run resumes when the same run made the output: OUT.summary.json records what made it
 (run_record) before the first row is written, and a rerun with another input, checkpoint or record-changing option
@@ -42,16 +46,23 @@ from training.finetune.data import MAX_ROW_CHARS
 from training.runtime.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from training.runtime.classifier import Classifier
 from training.runtime.inference import NonFiniteLogits
+from training.runtime.mail import DEFAULT_EXTRACTION, Extraction
+from training.runtime.mail_sources import Unreadable, label_entries, read_mail
+from training.runtime.mail_sources import fingerprint as mail_fingerprint
 from training.scoring.records import result_columns, result_record, usable_text
 
 MAX_PRINTED_BAD_ROWS = 20  # on stderr; all of them go to the bad-rows file
 LINES_COLUMN = "text"  # the one column of a plain-text input
 SMS_COLUMNS = ("true_label", "text")  # an SMSSpamCollection line's label and text; "label" is the result's column
+# a message's file (relative to a directory input), its number within an mbox file, its Message-ID; and for a
+# directory of label folders, the folder's label
+MAIL_COLUMNS, MAIL_LABEL_COLUMN = ("path", "mbox_message", "message_id"), "true_label"
+MAIL_FORMATS = ("mail", "mbox")
 
 
 @dataclass(frozen=True)
 class Row:
-    line: int  # 1-based line of the input where the row starts
+    line: int  # 1-based line of the input where the row starts; for mail, the message's number
     fields: dict  # the input's columns (a JSON object's fields) as read
     text: str
 
@@ -66,12 +77,18 @@ class BadRow:
 
 
 @contextmanager
-def open_rows(path: Path, fmt: str, text_column: str) -> Iterator[tuple[list[str] | None, Iterator[Row | BadRow]]]:
+def open_rows(
+    path: Path, fmt: str, text_column: str, extraction: Extraction = DEFAULT_EXTRACTION
+) -> Iterator[tuple[list[str] | None, Iterator[Row | BadRow]]]:
     """The input's columns (None for JSONL, whose objects name their own) and its rows, read lazily while the
-    context is open.
+    context is open; mail is read with `extraction`.
 
     Raises ValueError for a CSV / TSV without a header row or without `text_column`, OSError for a missing file.
     """
+    if fmt in MAIL_FORMATS:
+        labelled = path.is_dir() and bool(label_entries(path))
+        yield [*MAIL_COLUMNS, *[MAIL_LABEL_COLUMN] * labelled], _mail_rows(path, fmt, extraction, labelled)
+        return
     with open(path, "rb") as file:
         if fmt == "jsonl":
             yield None, _jsonl_rows(file, text_column)
@@ -188,6 +205,20 @@ def _sms_rows(file: IO[bytes]) -> Iterator[Row | BadRow]:
             yield _checked(line, {label_column: label, text_column: text}, text, text_column)
         else:
             yield BadRow(line, "expected 'label<TAB>text'")
+
+
+def _mail_rows(path: Path, fmt: str, extraction: Extraction, labelled: bool) -> Iterator[Row | BadRow]:
+    """Each message of a mail input as a row numbered by its place in the input, its text what read_message makes of
+    it; a message that cannot be read (mail_sources.Unreadable) is a bad row naming its file."""
+    for item in read_mail(path, extraction, mbox=fmt == "mbox"):
+        if isinstance(item, Unreadable):
+            yield BadRow(item.origin.number, f"{item.origin}: {item.error}")
+            continue
+        origin = item.origin
+        fields = dict(zip(MAIL_COLUMNS, (origin.path, origin.mbox_message, item.mail.message_id), strict=True))
+        if labelled:
+            fields[MAIL_LABEL_COLUMN] = item.label or ""
+        yield Row(origin.number, fields, item.mail.text)
 
 
 def _numbered_lines(file: IO[bytes]) -> Iterator[tuple[int, str | BadRow]]:
@@ -367,6 +398,8 @@ def run_record(config: PredictConfig) -> dict:
     input's and output's formats, text column, output prefix, device type, dtype, int8 and prior. Batch and chunk
     sizes and threads are left out: they move probabilities only within the batch-independence bound (docs/scoring.md).
 
+    A directory of mail is identified by its files' relative paths, sizes and sha256 in reading order
+    (mail_sources.fingerprint), so resuming against another folder, or one with a file added or changed, is refused.
     Hashing reads the input and the weights once more (sha256 runs at about 480 MB/s on a 2-core EPYC: a few seconds
     a gigabyte, next to hours of scoring one). An input that is not a regular file (a pipe) is not read here; its
     sha256 is None, and check_resumable refuses to resume from it.
@@ -374,8 +407,12 @@ def run_record(config: PredictConfig) -> dict:
     data, checkpoint = Path(config.data), Path(config.checkpoint)
     in_fmt, out_fmt = config.formats()
     regular = data.is_file()
+    if data.is_dir():
+        given = mail_fingerprint(data)
+    else:
+        given = {"bytes": data.stat().st_size if regular else None, "sha256": _sha256(data) if regular else None}
     return {
-        "input": {"bytes": data.stat().st_size if regular else None, "sha256": _sha256(data) if regular else None},
+        "input": given,
         "checkpoint": {name: _sha256(checkpoint / name) for name in (CONFIG_FILE, WEIGHTS_FILE)},
         "input_format": in_fmt,
         "output_format": out_fmt,
@@ -452,7 +489,8 @@ def predict(config: PredictConfig) -> dict:
     in_fmt, out_fmt = config.formats()
     out, bad_path, summary_path = config.written_paths()
     classifier = Classifier.load(config.checkpoint, config.scoring)
-    added = [config.output_prefix + name for name in ("line", *result_columns(classifier.card.labels))]
+    index = _index_column(in_fmt)
+    added = [config.output_prefix + name for name in (index, *result_columns(classifier.card.labels))]
     record = run_record(config)
     if config.resume:
         check_resumable(config, record)
@@ -468,7 +506,7 @@ def predict(config: PredictConfig) -> dict:
             raise ValueError(f"{data}: the input has columns named like the results {clash}; pass --output-prefix, "
                              "e.g. --output-prefix predicted_")  # fmt: skip
         if point.rows:
-            print(f"resuming: {point.rows} rows already in {out}; scoring the input after line {point.last_line}")
+            print(f"resuming: {point.rows} rows already in {out}; scoring the input after {index} {point.last_line}")
         output = Output(out, out_fmt, point.header)
         try:
             if columns is not None:  # known before any row: the header goes out (or is checked) even with no rows
@@ -505,6 +543,11 @@ def predict(config: PredictConfig) -> dict:
     return summary
 
 
+def _index_column(in_fmt: str) -> str:
+    """The column numbering the input's rows: `line` where a row starts, or for mail the `message`'s number."""
+    return "message" if in_fmt in MAIL_FORMATS else "line"
+
+
 def _write_json(path: Path, value: dict) -> None:
     """`value` as `path`, whole or not at all: written to a new file beside it (never an existing one, which could be
     the input), then renamed over it."""
@@ -520,6 +563,7 @@ class _Run:
         self.classifier, self.output, self.added, self.columns, self.config = classifier, output, added, columns, config
         self.bad_file = open(bad_path, "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
         self.scored = self.bad = 0
+        self.index = _index_column(config.formats()[0])
         self.bar = tqdm(desc="scoring", unit="row", disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
 
     def score(self, items: Iterator[Row | BadRow], done_through: int) -> None:
@@ -569,12 +613,12 @@ class _Run:
 
     def _report(self, bad: BadRow, quiet: bool) -> None:
         self.bad += 1
-        self.bad_file.write(json.dumps({"line": bad.line, "error": bad.error}) + "\n")
+        self.bad_file.write(json.dumps({self.index: bad.line, "error": bad.error}) + "\n")
         self.bar.set_postfix(bad=self.bad, refresh=False)
         if quiet:
             return
         if self.bad <= MAX_PRINTED_BAD_ROWS:
-            self.bar.write(f"{self.config.data}, line {bad.line}: {bad.error}; skipped", file=sys.stderr)
+            self.bar.write(f"{self.config.data}, {self.index} {bad.line}: {bad.error}; skipped", file=sys.stderr)
         elif self.bad == MAX_PRINTED_BAD_ROWS + 1:
             self.bar.write(f"more bad rows: see {self.bad_file.name}", file=sys.stderr)
 

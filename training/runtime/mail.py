@@ -20,10 +20,12 @@ The text is the chosen header fields, one `Name: value` line each, a blank line,
   charset is read with replacement characters;
 - attachments (a filename, `Content-Disposition: attachment`, or a type that is not text) named and never decoded.
 
-What a message may cost is bounded: the body's text is cut at Extraction.max_chars characters (each part's decoded
-text too, before any HTML conversion; later parts are then not read), a header field's value at MAX_HEADER_CHARS,
-the parts read at MAX_PARTS, and a message nested deeper than the parser's recursion allows (the feed parser
-recurses once per multipart level) is read from its headers alone and counted as a defect.
+What a message may cost is bounded: its first Extraction.max_bytes bytes are read; the body's text is cut at
+Extraction.max_chars characters (each part's decoded text too, before any HTML conversion; later parts are then not
+read); a header field's value at MAX_HEADER_CHARS, for the parser too (the standard library's parameter parsing is
+quadratic in a field's length: a 1 MB Content-Type field took a minute); the parts read at MAX_PARTS; and a message
+nested deeper than the parser's recursion allows (the feed parser recurses once per multipart level) is read from
+its headers alone and counted as a defect.
 """
 
 import codecs
@@ -34,6 +36,7 @@ from email.message import Message
 from email.parser import BytesParser
 from email.policy import Compat32
 
+import torch
 from bs4 import BeautifulSoup
 
 from training.runtime.record import from_flat
@@ -57,6 +60,9 @@ class Extraction:
     # header fields read, in this order, each as a `Name: value` line above the body (absent fields are skipped)
     headers: tuple[str, ...] = ("Subject",)
     html: str = HTML_CONVERTER  # how text/html is turned into text
+    # bytes of the raw message parsed: the parser holds about 8 bytes per byte it reads (lines as strings), and the
+    # text sits before the attachments; what lies past this is not read
+    max_bytes: int = 1 << 20
     # characters of body text read: bounds what a huge body costs; far beyond what the model's windows read (a
     # GPT-2 token is about 4 characters of English), and below training's limit on a row (131,072 characters)
     max_chars: int = 100_000
@@ -71,8 +77,9 @@ class Extraction:
             raise ValueError(f"html converter {self.html!r} is not implemented (this spamgpt has {HTML_CONVERTER!r})")
         if not all(isinstance(h, str) and re.fullmatch(r"[!-9;-~]+", h) for h in self.headers):
             raise ValueError(f"headers must be header field names (RFC 5322 2.2), got {self.headers!r}")
-        if self.max_chars < 1:
-            raise ValueError(f"max_chars must be at least 1, got {self.max_chars!r}")
+        for name in ("max_bytes", "max_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
 
     def to_json(self) -> dict:
         """The extraction in config.json's shape."""
@@ -102,8 +109,9 @@ class MailText:
     text: str  # what the model reads: the header lines, a blank line, the readable body
     subject: str  # decoded; "" when absent
     message_id: str | None  # the Message-ID field as written, None when absent
-    # malformations the parser recorded (RFC 5322 / MIME), plus one for a body cut at max_chars or a message too
-    # deeply nested to read past its headers
+    # malformations the parser recorded (RFC 5322 / MIME), plus one for each bound it met (module docstring): a
+    # message cut at max_bytes, a body at max_chars, parts past MAX_PARTS, a nesting too deep to read past its
+    # headers, a header value over MAX_HEADER_CHARS
     defects: int
     attachments: tuple[str, ...] = field(default_factory=tuple)  # filenames, or the content type of unnamed ones
 
@@ -115,14 +123,15 @@ def read_message(raw: bytes, extraction: Extraction = DEFAULT_EXTRACTION) -> Mai
     the malformations are counted in `defects`. The text may show nothing (no readable part, empty subject):
     callers refuse that by training.runtime.text.has_visible_characters, as for any text.
     """
-    parser = BytesParser(policy=_RAW_HEADERS)
+    parser, cut = BytesParser(policy=_RAW_HEADERS), len(raw) > extraction.max_bytes
+    raw = raw[: extraction.max_bytes]
     try:
         message = parser.parsebytes(raw)
         too_deep = 0
     except RecursionError:  # the feed parser recurses once per multipart level
         message = parser.parsebytes(raw, headersonly=True)
         too_deep = 1
-    defects = too_deep + len(message.defects)
+    defects = cut + too_deep + len(message.defects)
     lines = []
     for name in extraction.headers:
         value, header_defects = _header(message, name)
@@ -142,11 +151,12 @@ def read_message(raw: bytes, extraction: Extraction = DEFAULT_EXTRACTION) -> Mai
 
 
 class _RawHeaders(Compat32):
-    """compat32, with each header field's value as the parser stored it: ASCII, undecodable bytes as surrogate
-    escapes (BytesParser's reading), folds kept. _header decodes the fields the model reads."""
+    """compat32, with each header field's value as the parser stored it (ASCII, undecodable bytes as surrogate
+    escapes: BytesParser's reading; folds kept), cut after MAX_HEADER_CHARS + 1 characters (one more, so that a
+    cut shows). _header decodes the fields the model reads."""
 
     def header_fetch_parse(self, name: str, value: str) -> str:
-        return value
+        return value[: MAX_HEADER_CHARS + 1]
 
 
 _RAW_HEADERS = _RawHeaders()
@@ -265,3 +275,38 @@ def _scrub(text: str) -> str:
     """Lone surrogates as U+FFFD; runs of blank lines as one."""
     text = re.sub("[\ud800-\udfff]", "\ufffd", text)
     return re.sub(r"\n\s*\n\s*", "\n\n", text)
+
+
+# --- Long mail: windows ------------------------------------------------------------------------------------------
+
+# How a message longer than max_tokens is read: "first": its first max_tokens tokens, as training reads every row;
+# "mean": the mean of its windows' logits; "max": the window that gives the positive label (spam) the highest
+# probability (for more than two labels, the window whose top label is most probable), as a reader who stops at
+# the first spammy passage.
+WINDOW_RULES = ("first", "mean", "max")
+
+
+def windows(ids: list[int], max_tokens: int, max_windows: int) -> tuple[list[list[int]], bool]:
+    """A text's token ids cut into consecutive windows of max_tokens (the last shorter), at most max_windows of
+    them, and whether tokens were left unread. An empty text is one window of no tokens (the caller's tokenizer
+    gives it its end-of-text token)."""
+    rows = [ids[start : start + max_tokens] for start in range(0, max(len(ids), 1), max_tokens)]
+    return rows[:max_windows], len(rows) > max_windows
+
+
+def combine_windows(logits: torch.Tensor, counts: list[int], rule: str, positive: int | None) -> torch.Tensor:
+    """(sum(counts), n_labels) window logits, each message's windows consecutive in message order ->
+    (len(counts), n_labels) message logits by `rule` (WINDOW_RULES); `positive`: the positive label's column
+    (training.runtime.inference.positive_label), None beyond two labels. The logits must be finite."""
+    assert logits.shape[0] == sum(counts), (logits.shape, sum(counts))
+    out = []
+    for window_logits in torch.split(logits, counts):
+        if rule == "first":
+            out.append(window_logits[0])
+        elif rule == "mean":
+            out.append(window_logits.mean(dim=0))
+        else:
+            log_probs = torch.log_softmax(window_logits, dim=1)
+            score = log_probs[:, positive] if positive is not None else log_probs.max(dim=1).values
+            out.append(window_logits[score.argmax()])
+    return torch.stack(out) if out else logits.new_empty(0, logits.shape[1])

@@ -220,7 +220,7 @@ def test_combine_windows_by_rule():
     assert_close(combine_windows(logits, counts, "first", 1), torch.tensor([[0.0, 1.0], [2.0, 0.0]]))
     assert_close(combine_windows(logits, counts, "mean", 1), torch.tensor([[0.0, -1.0], [1.0, 5 / 3]]))
     assert_close(combine_windows(logits, counts, "max", 1), torch.tensor([[0.0, 1.0], [0.0, 5.0]]))
-    assert_close(combine_windows(logits, counts, "max", 0), torch.tensor([[0.0, 1.0], [2.0, 0.0]]))
+    assert_close(combine_windows(logits, counts, "max", 0), torch.tensor([[0.0, -3.0], [2.0, 0.0]]))
     assert_close(combine_windows(logits, counts, "max", None), torch.tensor([[0.0, -3.0], [0.0, 5.0]]))
 
 

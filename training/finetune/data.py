@@ -99,6 +99,11 @@ def is_sms_spam(source: str) -> bool:
     return source == "sms" or Path(source).name == _SMS_FILE
 
 
+def is_mail_folder(source: str) -> bool:
+    """Whether a --data argument names a directory of mail (load_mail)."""
+    return Path(source).is_dir()
+
+
 def load_dataset(
     source: str, text_column: str = "text", label_column: str = "label", extraction: Extraction = DEFAULT_EXTRACTION
 ) -> Dataset:
@@ -108,7 +113,7 @@ def load_dataset(
         return load_sms_spam()
     if is_sms_spam(source):
         return load_sms_spam(source)
-    if Path(source).is_dir():
+    if is_mail_folder(source):
         return load_mail(source, extraction)
     return load_table(source, text_column, label_column)
 
@@ -167,7 +172,7 @@ def load_mail(directory: str | Path, extraction: Extraction = DEFAULT_EXTRACTION
             )
     texts, names, skipped = [], [], 0
     for item in read_mail(directory, extraction):
-        why = item.error if isinstance(item, Unreadable) else "not in a label folder" if item.label is None else None
+        why = "not in a label folder" if item.label is None else item.error if isinstance(item, Unreadable) else None
         if why is None:
             texts.append(item.mail.text)
             names.append(item.label)

@@ -30,6 +30,7 @@ from training.finetune.data import (
     deduplicate,
     deduplicate_counted,
     fingerprint,
+    is_mail_folder,
     load_dataset,
     partition,
     select_split,
@@ -70,6 +71,7 @@ from training.runtime.inference import (
     probabilities,
     require_finite,
 )
+from training.runtime.mail import DEFAULT_EXTRACTION
 from training.runtime.model import GPTClassifier, GPTConfig
 from training.runtime.precision import training_precision
 from training.runtime.tokenizer import encode_batch, load_gpt2_bpe
@@ -185,6 +187,7 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
             labels_before_balancing=dict(sorted(Counter(unique.labels).items())),
         ),
         calibration=calibration,
+        extraction=DEFAULT_EXTRACTION if is_mail_folder(data.data) else None,  # how load_dataset read the messages
     )
     print(f"writing the checkpoint, metrics.json and plots to {out}", file=sys.stderr)
     with staged(out) as staging:
@@ -461,7 +464,9 @@ def evaluate(config: EvaluateConfig) -> SplitMetrics:
     """
     checkpoint = load_checkpoint(config.checkpoint, device=resolve_device(config.device))
     card, data = checkpoint.card, config.data
-    ds = deduplicate(load_dataset(data.data, data.text_column, data.label_column))
+    # messages are read as the checkpoint's training read them (a checkpoint of plain texts: the default)
+    extraction = card.extraction or DEFAULT_EXTRACTION
+    ds = deduplicate(load_dataset(data.data, data.text_column, data.label_column, extraction))
     if config.split != "all":
         rows_given = len(ds.texts)
         ds = select_split(ds, checkpoint.path / SPLIT_FILE, config.split)

@@ -147,14 +147,15 @@ class Classifier:
         """Raw RFC 5322 messages -> their text by the card's extraction (training.runtime.mail.read_message, which
         never raises) and their windows of token ids: the first max_tokens for the options' mail_windows "first",
         else up to mail_max_windows windows of max_tokens. Check `readable` before scoring."""
-        mails = [read_message(raw, self.extraction) for raw in raws]
+        return [self.message_rows(read_message(raw, self.extraction)) for raw in raws]
+
+    def message_rows(self, mail: MailText) -> MessageRows:
+        """A message already read (by the card's extraction: self.extraction) and its windows of token ids, as
+        read_messages cuts them; for callers that read the message themselves (file scoring reads mail folders)."""
         max_windows = 1 if self.options.mail_windows == "first" else self.options.mail_max_windows
-        messages = []
-        for mail in mails:
-            ids = self.checkpoint.tokenizer.encode_ordinary(mail.text) or [self.checkpoint.tokenizer.eot_token]
-            rows, truncated = windows(ids, self.card.max_tokens, max_windows)
-            messages.append(MessageRows(mail, rows, truncated))
-        return messages
+        ids = self.checkpoint.tokenizer.encode_ordinary(mail.text) or [self.checkpoint.tokenizer.eot_token]
+        rows, truncated = windows(ids, self.card.max_tokens, max_windows)
+        return MessageRows(mail, rows, truncated)
 
     def message_predictions(self, messages: list[MessageRows], logits: torch.Tensor) -> list[Prediction]:
         """Messages and the (total windows, n_labels) logits of their windows, in order (every row finite) -> one

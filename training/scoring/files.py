@@ -45,8 +45,8 @@ from training.config import PredictConfig, changed_options
 from training.finetune.data import MAX_ROW_CHARS
 from training.runtime.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from training.runtime.classifier import Classifier
-from training.runtime.inference import NonFiniteLogits
-from training.runtime.mail import DEFAULT_EXTRACTION, Extraction
+from training.runtime.inference import NonFiniteLogits, require_finite
+from training.runtime.mail import DEFAULT_EXTRACTION, Extraction, MailText
 from training.runtime.mail_sources import Unreadable, label_entries, read_mail
 from training.runtime.mail_sources import fingerprint as mail_fingerprint
 from training.scoring.records import result_columns, result_record, usable_text
@@ -65,6 +65,7 @@ class Row:
     line: int  # 1-based line of the input where the row starts; for mail, the message's number
     fields: dict  # the input's columns (a JSON object's fields) as read
     text: str
+    mail: MailText | None = None  # a message as read_message read it (text is its text); None for a table's row
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def _mail_rows(path: Path, fmt: str, extraction: Extraction, labelled: bool) -> 
         fields = dict(zip(MAIL_COLUMNS, (origin.path, origin.mbox_message, item.mail.message_id), strict=True))
         if labelled:
             fields[MAIL_LABEL_COLUMN] = item.label or ""
-        yield Row(origin.number, fields, item.mail.text)
+        yield Row(origin.number, fields, item.mail.text, item.mail)
 
 
 def _numbered_lines(file: IO[bytes]) -> Iterator[tuple[int, str | BadRow]]:
@@ -395,8 +396,9 @@ def run_record(config: PredictConfig) -> dict:
     """What decides an output's records, recorded in OUT.summary.json before the first row is written and compared
     before a run adds to an output: the input's size and sha256, the sha256 of the checkpoint's config.json (labels,
     threshold, calibration, tokenizer hashes) and model.safetensors, and every option that changes a record: the
-    input's and output's formats, text column, output prefix, device type, dtype, int8 and prior. Batch and chunk
-    sizes and threads are left out: they move probabilities only within the batch-independence bound (docs/scoring.md).
+    input's and output's formats, text column, output prefix, device type, dtype, int8 and prior; for mail, how long
+    messages are read (mail_windows, mail_max_windows). Batch and chunk sizes and threads are left out: they move
+    probabilities only within the batch-independence bound (docs/scoring.md).
 
     A directory of mail is identified by its files' relative paths, sizes and sha256 in reading order
     (mail_sources.fingerprint), so resuming against another folder, or one with a file added or changed, is refused.
@@ -422,7 +424,11 @@ def run_record(config: PredictConfig) -> dict:
         "dtype": str(config.scoring.torch_dtype).removeprefix("torch."),
         "quantize_int8": config.scoring.quantize_int8,
         "prior": config.scoring.prior,
-    }
+    } | (
+        {"mail_windows": config.scoring.mail_windows, "mail_max_windows": config.scoring.mail_max_windows}
+        if in_fmt in MAIL_FORMATS
+        else {}
+    )
 
 
 def check_resumable(config: PredictConfig, record: dict) -> None:
@@ -500,7 +506,7 @@ def predict(config: PredictConfig) -> dict:
     about = {"input": str(data), "output": str(out), "checkpoint": str(config.checkpoint), "run": record}
     _write_json(summary_path, {**about, "complete": False})  # before the first row: a crash leaves it resumable
     point = resume_point(out, out_fmt, added[0])
-    with open_rows(data, in_fmt, config.text_column) as (columns, rows):
+    with open_rows(data, in_fmt, config.text_column, classifier.extraction) as (columns, rows):
         clash = sorted(set(columns or ()) & set(added))
         if clash:
             raise ValueError(f"{data}: the input has columns named like the results {clash}; pass --output-prefix, "
@@ -597,7 +603,7 @@ class _Run:
             return
         self.output.start([*(self.columns or list(chunk[0].fields)), *self.added])
         try:
-            predictions = self.classifier.classify([row.text for row in chunk])
+            predictions = self._predictions(chunk)
         except NonFiniteLogits as exc:  # a fault of the model: stop, with every earlier chunk written (resumable)
             lines = ", ".join(str(chunk[i].line) for i in exc.rows)
             raise ValueError(f"{self.config.data}, lines {lines}: {exc}; the output stops before them") from exc
@@ -610,6 +616,23 @@ class _Run:
         )
         self.scored += len(chunk)
         self.bar.update(len(chunk))
+
+    def _predictions(self, chunk: list[Row]) -> list:
+        """The chunk's Predictions: texts by Classifier.classify; messages as the server reads them, in windows
+        combined by the options' rule (Classifier.message_rows, message_predictions). Raises NonFiniteLogits naming
+        rows of the chunk."""
+        if chunk[0].mail is None:
+            return self.classifier.classify([row.text for row in chunk])
+        messages = [self.classifier.message_rows(row.mail) for row in chunk]
+        owner = [i for i, m in enumerate(messages) for _ in m.rows]  # each window's message
+        options = self.classifier.options
+        try:
+            logits = self.classifier.predict_logits([w for m in messages for w in m.rows], options.batch_size,
+                                                    options.max_batch_tokens)  # fmt: skip
+            require_finite(logits)
+        except NonFiniteLogits as exc:
+            raise NonFiniteLogits(sorted({owner[i] for i in exc.rows})) from exc
+        return self.classifier.message_predictions(messages, logits)
 
     def _report(self, bad: BadRow, quiet: bool) -> None:
         self.bad += 1

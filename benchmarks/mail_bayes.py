@@ -64,7 +64,7 @@ ROUNDS = 3
 # over the data and the run fits in an hour on 2 shared cores; a rate above the fine-tuning default, since the
 # trainable block starts from random weights too. Both batch by 16.
 RECIPES = {
-    "tiny": {"train": dict(trainable="all", epochs=6, batch_size=16, lr=1e-3), "max_tokens": 64},
+    "tiny": {"train": dict(trainable="all", epochs=4, batch_size=32, lr=2e-3), "max_tokens": 64},
     "gpt2": {"train": dict(trainable="last-blocks", epochs=3, batch_size=16, lr=3e-4), "max_tokens": 64},
 }
 BAYES_RULE_FILES = ("23_bayes.cf", "20_aux_tlds.cf")  # the Bayes rules, and the TLD lists URI tokens are cut by

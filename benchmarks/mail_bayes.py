@@ -62,7 +62,7 @@ ROUNDS = 3
 # rate, more epochs: it learns from nothing. gpt2 (124M): the last block, final norm and head on the cached output
 # of the 11 frozen random blocks, 64 tokens (subject and the start of the body) and 3 epochs, so the prefix runs once
 # over the data and the run fits in an hour on 2 shared cores; a rate above the fine-tuning default, since the
-# trainable block starts from random weights too. Both batch by 16.
+# trainable block starts from random weights too.
 RECIPES = {
     "tiny": {"train": dict(trainable="all", epochs=4, batch_size=32, lr=2e-3), "max_tokens": 64},
     "gpt2": {"train": dict(trainable="last-blocks", epochs=3, batch_size=16, lr=3e-4), "max_tokens": 64},

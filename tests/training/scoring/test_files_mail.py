@@ -2,7 +2,9 @@
 message with its path, mbox number, Message-ID and folder label, scored as the server scores a message; unreadable
 messages are bad rows naming their file; resuming is refused against another folder."""
 
+import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,32 @@ def test_an_output_inside_the_input_folder_is_refused(tmp_path, tiny_checkpoint,
     with pytest.raises(SystemExit):
         predict("--checkpoint", tiny_checkpoint, "--data", root, "--out", root / "scores.jsonl")
     assert "inside the input folder, where it would be read as mail" in capsys.readouterr().err
+
+
+def test_each_bad_input_is_a_bad_row_naming_its_file_and_the_run_goes_on(tmp_path, tiny_checkpoint, capsys):
+    root = tmp_path / "mail"
+    (root / "spam").mkdir(parents=True)
+    bad = {
+        "empty.eml": b"",
+        "zeros.eml": b"\0" * 4096,
+        "notes.txt": b"not a message, just notes\n",
+        "broken.mbox": b"Fro m a@example.com Thu Aug 22 13:17:22 2002\nSubject: x\n\nbody\n",
+    }
+    for name, content in bad.items():
+        (root / "spam" / name).write_bytes(content)
+    (root / "spam" / os.fsdecode(b"caf\xe9.eml")).write_bytes(message("a name that is not UTF-8"))
+    out = tmp_path / "scores.csv"
+    assert predict("--checkpoint", tiny_checkpoint, "--data", root, "--out", out) == 0
+    errors = dict(row["error"].split(": ", 1) for row in read_jsonl(tmp_path / "scores.csv.bad-rows.jsonl"))
+    no_header = "not a message: it does not start with a header field"
+    assert errors == {
+        "spam/broken.mbox": "not an mbox: its first line starts b'Fro m', not with a 'From ' line",
+        "spam/empty.eml": "an empty file",
+        "spam/notes.txt": f"{no_header} (b'not a message, just ')",
+        "spam/zeros.eml": f"{no_header} ({bytes(20)!r})",
+    }
+    err = capsys.readouterr().err
+    assert all(f"{root}, message " in line for line in err.splitlines() if "skipped" in line)
+    with open(out, newline="", encoding="utf-8") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["path"] == "spam/caf\\xe9.eml" and row["true_label"] == "spam"

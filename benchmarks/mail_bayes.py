@@ -304,7 +304,7 @@ def run(
             "seed": SEED,
             "fractions": dict(zip(("train", "validation", "test"), FRACTIONS, strict=True)),
             "sizes": {name: _counts([m.group for m in ms]) for name, ms in parts.items()},
-            "files": {name: sorted(str(m.path.relative_to(corpus)) for m in ms) for name, ms in parts.items()},
+            "files": {name: [str(m.path.relative_to(corpus)) for m in ms] for name, ms in parts.items()},
         },
     }
     workdir = Path(tempfile.mkdtemp(prefix="mail_bayes-"))
@@ -351,6 +351,7 @@ def run(
     for name, entry in contenders.items():
         key = "bayes" if name == "bayes" else name.removeprefix("spamgpt ")
         entry["test"] = rates(scores[key], test)
+        entry["spam_probability_on_test"] = [round(p, 4) for p in scores[key]]  # in the order of split.files.test
         entry["train_seconds"] = clock.seconds[f"{key} train"]
         entry["score_seconds"] = clock.seconds[f"{key} score"]
         entry["score_ms_per_message"] = round(1000 * clock.seconds[f"{key} score"]["wall"] / len(test), 2)

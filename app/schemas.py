@@ -106,8 +106,9 @@ def classify_request_model(settings: Settings) -> type[BaseModel]:
         "ClassifyRequest",
         __config__=ConfigDict(extra="forbid"),
         __validators__={"one_kind": model_validator(mode="after")(one_kind)},
-        texts=(list[text] | None, texts),
-        messages=(list[message] | None, messages),
+        # absent is None (the default is not validated), while null is no list: the schema declares plain arrays
+        texts=(list[text], texts),
+        messages=(list[message], messages),
     )
 
 

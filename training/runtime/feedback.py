@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from training.finetune.data import near_duplicate_key
+from training.runtime.mail import DEFAULT_EXTRACTION, Extraction, read_message
 from training.runtime.text import NO_VISIBLE_CHARACTERS, has_visible_characters
 
 # PRAGMA user_version of the schema below; a database of another version is refused, never rewritten
@@ -269,3 +270,9 @@ class _Transaction:
 
     def __exit__(self, kind, exc, tb) -> None:
         self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def correction_text(correction: Correction, extraction: Extraction = DEFAULT_EXTRACTION) -> str:
+    """The text the model reads for a correction: a text as it is, a message through read_message with the
+    model's `extraction` (training.runtime.mail), as serving reads it."""
+    return correction.content if correction.kind == "text" else read_message(correction.content, extraction).text

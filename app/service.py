@@ -22,6 +22,7 @@ from app.errors import ClientClosedRequest, ErrorDetail, InvalidInput, ModelErro
 from app.metrics import Metrics
 from app.schemas import Health, Info
 from app.settings import Settings
+from app.spamd import SpamdServer
 from training.runtime.classifier import Classifier
 from training.runtime.inference import nonfinite_rows
 
@@ -244,8 +245,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, float]]:
     app.edge.protocol reads the arrival deadline of these settings there."""
     service: Service = app.state.service
     await service.start()
+    spamd = SpamdServer(service) if service.settings.spamd_port is not None else None
+    if spamd is not None:  # the spamd-protocol listener, on its own port: accepts until the server stops accepting
+        await spamd.start()
     with draining_on_sigterm(service, service.settings.drain_delay_s):
         yield {ARRIVAL_TIMEOUT_STATE: service.settings.request_arrival_timeout_s}
+    if spamd is not None:
+        await spamd.stop()
     await service.stop()
 
 

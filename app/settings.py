@@ -6,10 +6,10 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from training.runtime.options import ClassifierOptions
 
@@ -101,6 +101,32 @@ class Settings(BaseSettings):
     # The name in responses; default derived from the checkpoint, e.g. "spamgpt-gpt2-124m".
     model_name: str | None = None
 
+    # The spamd-protocol listener (app.spamd), for spamc, Exim, Haraka and Rspamd's spamassassin service. Its port;
+    # unset: no listener. Off by default: it has no API key (spamd's protocol carries none), only spamd_allowed_ips.
+    spamd_port: int | None = Field(None, ge=1, le=65535)
+    # Its address: loopback by default, as spamd's, so only this machine's MTA reaches it; 0.0.0.0 opens it to the
+    # networks spamd_allowed_ips admits.
+    spamd_host: str = "127.0.0.1"
+    # Clients allowed to connect, as spamd's --allowed-ips: addresses or networks, comma-separated. Others are
+    # answered EX_NOPERM and closed. Wider admits more MTAs; each one admitted can use the model and its queue.
+    spamd_allowed_ips: Annotated[list[IPvAnyNetwork], NoDecode] = ["127.0.0.0/8", "::1/128"]
+    # TELL (learning from a user's correction) refused unless true, as spamd's --allow-tell: a client that may TELL
+    # writes into the feedback store that the next fine-tune reads.
+    spamd_allow_tell: bool = False
+    # Clients whose TELL is taken when spamd_allow_tell is true: addresses or networks, comma-separated. Narrower
+    # than spamd_allowed_ips where only some hosts (the mail admin's) may teach the model.
+    spamd_tell_allowed_ips: Annotated[list[IPvAnyNetwork], NoDecode] = ["127.0.0.0/8", "::1/128"]
+    # The `required` score clients see, and the score a message exactly on the model's threshold gets (score =
+    # required + log-odds of P(spam) - log-odds of the threshold: docs/mailserver.md). SpamAssassin's 5.0 keeps an
+    # MTA's required_score habits; the decisions are the model's whatever the value.
+    spamd_required_score: float = Field(5.0, ge=-100, le=100)
+    # Bytes of one message (after zlib decompression too): larger ones are answered EX_DATAERR, unread. spamc
+    # skips messages above 500 KB itself; larger admits big attachments, at this much memory per connection.
+    spamd_max_message_bytes: int = Field(1024 * 1024, ge=1)
+    # Open spamd connections; the next one is answered EX_TEMPFAIL (the MTA retries later) and closed. Together with
+    # spamd_max_message_bytes it bounds the memory spamd clients can pin (64 x 1 MiB by default).
+    spamd_max_connections: int = Field(64, ge=1)
+
     # Log lines: "text" (uvicorn's own) or "json", one JSON object a line for cluster log collectors, with one
     # line per request carrying its id (app.edge.request_log). Every response carries X-Request-ID either way.
     log_format: Literal["text", "json"] = "text"
@@ -119,6 +145,12 @@ class Settings(BaseSettings):
         if not DEVICE_PATTERN.fullmatch(value):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
         return value
+
+    @field_validator("spamd_allowed_ips", "spamd_tell_allowed_ips", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        # "127.0.0.1, 10.0.0.0/8" from the environment, as spamd's --allowed-ips takes them
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
     @field_validator("api_key")
     @classmethod

@@ -19,6 +19,7 @@ from starlette.types import Receive
 from app.batcher import Batcher
 from app.edge.protocol import ARRIVAL_TIMEOUT_STATE
 from app.errors import ClientClosedRequest, ErrorDetail, InvalidInput, ModelError, NotReady
+from app.feedback import Feedback
 from app.metrics import Metrics
 from app.schemas import Health, Info
 from app.settings import Settings
@@ -63,6 +64,7 @@ class Service:
         # that the running one needs.
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spamgpt-model")
         self.model_name = settings.model_name
+        self.feedback: Feedback | None = None  # the corrections store, when settings.feedback_enabled
 
     async def start(self) -> None:
         """Load and warm up in a thread, so the event loop stays free (and /health answers 503) meanwhile.
@@ -74,6 +76,8 @@ class Service:
             self.classifier = await asyncio.get_running_loop().run_in_executor(
                 self.model_thread, Classifier.load, s.checkpoint_dir, s.classifier_options()
             )
+            if s.feedback_enabled:  # a damaged database stops the start, naming its file
+                self.feedback = await Feedback.open(s.feedback_path, self.classifier.card.labels)
         except Exception as exc:
             self.status, self.detail = "failed", f"{type(exc).__name__}: {exc}"
             raise
@@ -93,6 +97,8 @@ class Service:
         if self._batcher is not None:
             await self._batcher.stop()
         self.model_thread.shutdown()
+        if self.feedback is not None:
+            self.feedback.close()
 
     def require_ready(self) -> None:
         """Raises NotReady (503) unless the model is loaded: while loading, after a failed load. While draining,

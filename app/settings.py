@@ -126,6 +126,14 @@ class Settings(BaseSettings):
     # Open spamd connections; the next one is answered EX_TEMPFAIL (the MTA retries later) and closed. Together with
     # spamd_max_message_bytes it bounds the memory spamd clients can pin (64 x 1 MiB by default).
     spamd_max_connections: int = Field(64, ge=1)
+    # Corrections users report (POST /feedback; spamd's TELL) go to an SQLite file that finetune reads as data
+    # (docs/feedback.md). Off: /feedback answers 403 and nothing is written; on: reports need the API key when one
+    # is set, and each is acknowledged only once it is on disk.
+    feedback_enabled: bool = False
+    # The feedback database, created with its directory when missing. On a local disk: SQLite's write-ahead log
+    # needs shared memory that network filesystems do not give. One file per server: replicas writing one file
+    # over a shared volume would corrupt it; give each its own and merge them as data (docs/feedback.md).
+    feedback_path: Path = Path("feedback/feedback.db")
 
     # Log lines: "text" (uvicorn's own) or "json", one JSON object a line for cluster log collectors, with one
     # line per request carrying its id (app.edge.request_log). Every response carries X-Request-ID either way.
@@ -137,6 +145,13 @@ class Settings(BaseSettings):
         # Path("") is the current directory: an empty variable would serve whatever the server was started in
         if isinstance(value, str) and not value.strip():
             raise ValueError("checkpoint_dir must not be empty: name a checkpoint directory, e.g. checkpoints/spamgpt")
+        return value
+
+    @field_validator("feedback_path", mode="before")
+    @classmethod
+    def _named_file(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("feedback_path must not be empty: name a file, e.g. feedback/feedback.db")
         return value
 
     @field_validator("device")

@@ -112,6 +112,8 @@ BAD_VALUES = {
     "drain_delay_s": ("-1", "a number >= 0"),
     "api_key": ("", "leave it unset to disable authentication"),
     "model_name": (" ", "leave it unset for the checkpoint's own name"),
+    "feedback_enabled": ("on-ish", "true or false"),
+    "feedback_path": (" ", "must not be empty"),
     "log_format": ("xml", "'text' or 'json'"),
 }
 

@@ -126,6 +126,7 @@ class Settings(BaseSettings):
     # Open spamd connections; the next one is answered EX_TEMPFAIL (the MTA retries later) and closed. Together with
     # spamd_max_message_bytes it bounds the memory spamd clients can pin (64 x 1 MiB by default).
     spamd_max_connections: int = Field(64, ge=1)
+
     # Corrections users report (POST /feedback; spamd's TELL) go to an SQLite file that finetune reads as data
     # (docs/feedback.md). Off: /feedback answers 403 and nothing is written; on: reports need the API key when one
     # is set, and each is acknowledged only once it is on disk.

@@ -13,11 +13,12 @@ answers them, never with a silent close:
   EX_DATAERR 65     message over spamd_max_message_bytes (libspamc's own code for a message too big to send), a
                     broken zlib stream, a message with nothing readable
   EX_NOPERM 77      a client outside spamd_allowed_ips, or a TELL from outside spamd_tell_allowed_ips
-  EX_UNAVAILABLE 69 TELL while spamd_allow_tell is off; the model not loaded; the server shutting down
+  EX_UNAVAILABLE 69 TELL while spamd_allow_tell or feedback_enabled is off; the model not loaded; shutting down
   EX_TEMPFAIL 75    the model's queue full, or spamd_max_connections open (the MTA retries later)
   EX_TIMEOUT 79     the request not whole within request_arrival_timeout_s of the connection (HTTP's deadline), or
                     its message not started within request_timeout_s (HTTP's 504)
   EX_SOFTWARE 70    the model failed on the message (non-finite logits)
+  EX_IOERR 74       the feedback store could not write a TELL
 
 Messages go through the Service as HTTP texts do (app.service): read into text by training.runtime.mail, tokenized,
 queued on the same micro-batcher with the same limits, deadlines and metrics; the protocol's own requests are counted
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from app.errors import APIError, DeadlineExceeded, InvalidInput, ModelError, NotReady, Overloaded
+from training.runtime.feedback import FeedbackStoreError
 from training.runtime.inference import positive_label
 from training.runtime.mail import read_message
 from training.runtime.text import has_visible_characters
@@ -54,6 +56,7 @@ EX = {
     "EX_DATAERR": 65,
     "EX_UNAVAILABLE": 69,
     "EX_SOFTWARE": 70,
+    "EX_IOERR": 74,
     "EX_TEMPFAIL": 75,
     "EX_PROTOCOL": 76,
     "EX_NOPERM": 77,
@@ -264,7 +267,7 @@ class SpamdServer:
         else:
             expected = int(length)
             if expected > limit:  # zlib stream or not: nothing bigger is ever read
-                raise _too_big(expected)
+                raise _too_big(expected, limit)
             try:
                 body = await reader.readexactly(expected)
             except asyncio.IncompleteReadError as short:
@@ -275,7 +278,7 @@ class SpamdServer:
         if compress is not None:
             body = _inflate(body, limit)
         if len(body) > limit:
-            raise _too_big(len(body))
+            raise _too_big(len(body), limit)
         return body
 
     async def _answer(self, request: Request, writer: asyncio.StreamWriter) -> bytes:
@@ -306,7 +309,38 @@ class SpamdServer:
         return verdict(result["probabilities"][spam], threshold, result["label"] == spam, required)
 
     async def _tell(self, request: Request) -> bytes:
-        raise SpamdError("EX_UNAVAILABLE", "Service Unavailable: no feedback store")
+        """TELL: `Set: local` records the message as its Message-class in the feedback store (app.feedback) and
+        answers `DidSet: local` once the record is durable. Nothing else is done: `remote` (reporting to shared
+        networks such as Razor) has no meaning here, and the store keeps every report, so `Remove: local` (forget)
+        is answered without DidRemove, which tells the client nothing was removed (PROTOCOL: "It is up to the
+        caller to determine if the proper action happened"). Raises SpamdError."""
+        feedback = self.service.feedback
+        if feedback is None:
+            raise SpamdError("EX_UNAVAILABLE", "Service Unavailable: no feedback store (SPAMGPT_FEEDBACK_ENABLED)")
+        did_set = ""
+        if "local" in _actions(request.headers.get("set", "")):
+            label = self._label_of(request.headers["message-class"].strip().lower())
+            try:
+                await feedback.record(request.body, label, source="spamd")
+            except FeedbackStoreError as error:
+                raise SpamdError("EX_IOERR", str(error)) from None
+            except ValueError as error:  # UnknownLabel, an empty message
+                raise SpamdError("EX_DATAERR", str(error)) from None
+            did_set = "DidSet: local\r\n"
+        return f"SPAMD/1.1 0 EX_OK\r\n{did_set}\r\n".encode()
+
+    def _label_of(self, message_class: str) -> str:
+        """The model's label for a TELL's Message-class: spam is the spam label; ham the other label of a binary
+        model, else the label named "ham". Raises SpamdError when the model has none."""
+        if message_class == "spam":
+            return self.spam_label
+        labels = self.service.classifier.card.labels
+        others = [label for label in labels if label != self.spam_label]
+        if len(others) == 1:
+            return others[0]
+        if "ham" in others:
+            return "ham"
+        raise SpamdError("EX_DATAERR", f"Message-class ham names none of the model's labels {list(labels)}")
 
     async def _send_and_close(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes, deadline: float
@@ -442,8 +476,8 @@ def _inflate(data: bytes, limit: int) -> bytes:
     return body
 
 
-def _too_big(size: int) -> SpamdError:
-    return SpamdError("EX_DATAERR", f"Message too big: {size} bytes, at most SPAMGPT_SPAMD_MAX_MESSAGE_BYTES")
+def _too_big(size: int, limit: int) -> SpamdError:
+    return SpamdError("EX_DATAERR", f"Message too big: {size} bytes, at most {limit} (SPAMGPT_SPAMD_MAX_MESSAGE_BYTES)")
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

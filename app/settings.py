@@ -162,6 +162,14 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
         return value
 
+    @field_validator("spamd_host")
+    @classmethod
+    def _named_host(cls, value: str) -> str:
+        # an empty host would listen on every interface
+        if not value.strip():
+            raise ValueError("spamd_host must not be empty: name an address, e.g. 127.0.0.1 (0.0.0.0 for all)")
+        return value
+
     @field_validator("spamd_allowed_ips", "spamd_tell_allowed_ips", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:

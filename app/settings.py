@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     # Characters per text, checked before tokenizing so a huge string cannot eat CPU. GPT-2 contexts end
     # at 1024 tokens (~4,000 characters of English), so longer texts would only be truncated anyway.
     max_text_chars: int = Field(20_000, ge=1)
+    # Bytes of one raw message (/classify's `messages`, after base64; a message/rfc822 body, which max_body_bytes
+    # bounds too), checked before it is parsed. Larger admits mail with bigger attachments, which are never decoded
+    # and whose bytes past the first MiB are not read (training.runtime.mail.Extraction.max_bytes); smaller holds
+    # less memory per request and refuses big mail (422 in a list, 413 as a body) instead of reading its start.
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    # How a message longer than max_tokens is read (training.runtime.mail.WINDOW_RULES): "first" its first
+    # max_tokens tokens, "mean" or "max" over its windows of max_tokens tokens; every window is a text in the
+    # batches and the queue (max_queue_texts), so a long message costs up to mail_max_windows texts.
+    mail_windows: Literal["first", "mean", "max"] = DEFAULTS["mail_windows"]
+    mail_max_windows: int = Field(DEFAULTS["mail_max_windows"], ge=1)
     # Request body bytes, counted as they arrive before any parsing: bounds memory per request.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
     # Slow and stalled clients. Seconds a request may take to arrive whole, headers and body, from
@@ -120,12 +130,10 @@ class Settings(BaseSettings):
     # required + log-odds of P(spam) - log-odds of the threshold: docs/mailserver.md). SpamAssassin's 5.0 keeps an
     # MTA's required_score habits; the decisions are the model's whatever the value.
     spamd_required_score: float = Field(5.0, ge=-100, le=100)
-    # Bytes of one message (after zlib decompression too): larger ones are answered EX_DATAERR, unread. spamc
-    # skips messages above 500 KB itself; larger admits big attachments, at this much memory per connection.
-    spamd_max_message_bytes: int = Field(1024 * 1024, ge=1)
-    # Open spamd connections; the next one is answered EX_TEMPFAIL (the MTA retries later) and closed. Together with
-    # spamd_max_message_bytes it bounds the memory spamd clients can pin (64 x 1 MiB by default).
-    spamd_max_connections: int = Field(64, ge=1)
+    # Open spamd connections; the next one is answered EX_TEMPFAIL (the MTA retries later) and closed. With
+    # max_message_bytes (one message, after zlib decompression too, as on HTTP) it bounds the memory spamd clients
+    # can pin: 32 x 4 MiB by default. More admits more MTA processes scanning at once.
+    spamd_max_connections: int = Field(32, ge=1)
 
     # Corrections users report (POST /feedback; spamd's TELL) go to an SQLite file that finetune reads as data
     # (docs/feedback.md). Off: /feedback answers 403 and nothing is written; on: reports need the API key when one
@@ -217,6 +225,8 @@ class Settings(BaseSettings):
             batch_size=self.max_batch_size,
             max_batch_tokens=self.max_batch_tokens,
             prior=self.prior,
+            mail_windows=self.mail_windows,
+            mail_max_windows=self.mail_max_windows,
         )
 
     def batch_limits(self) -> BatchLimits:

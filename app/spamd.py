@@ -10,7 +10,7 @@ the client before the close. Every failure is answered with its sysexits code (E
 answers them, never with a silent close:
 
   EX_PROTOCOL 76    unknown command, malformed line, bad Content-length or Compress, Content-length longer than the body
-  EX_DATAERR 65     message over spamd_max_message_bytes (libspamc's own code for a message too big to send), a
+  EX_DATAERR 65     message over max_message_bytes (libspamc's own code for a message too big to send), a
                     broken zlib stream, a message with nothing readable
   EX_NOPERM 77      a client outside spamd_allowed_ips, or a TELL from outside spamd_tell_allowed_ips
   EX_UNAVAILABLE 69 TELL while spamd_allow_tell or feedback_enabled is off; the model not loaded; shutting down
@@ -42,8 +42,6 @@ from typing import TYPE_CHECKING
 from app.errors import APIError, DeadlineExceeded, InvalidInput, ModelError, NotReady, Overloaded
 from training.runtime.feedback import FeedbackStoreError
 from training.runtime.inference import positive_label
-from training.runtime.mail import read_message
-from training.runtime.text import has_visible_characters
 
 if TYPE_CHECKING:  # app.service imports this module for its lifespan
     from app.service import Service
@@ -250,8 +248,8 @@ class SpamdServer:
     async def _body(self, reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
         """The message: Content-length bytes, or all bytes to the client's end of file without the header;
         inflated when Compress is zlib. Raises SpamdError for a bad header, a body shorter than its
-        Content-length, a broken zlib stream, or a message over spamd_max_message_bytes."""
-        limit = self.settings.spamd_max_message_bytes
+        Content-length, a broken zlib stream, or a message over max_message_bytes."""
+        limit = self.settings.max_message_bytes
         length = headers.get("content-length")
         if length is not None and not re.fullmatch(r"\s*\d+\s*", length):
             raise SpamdError("EX_PROTOCOL", f"Bad header line: (Content-length is not a number: {length!r})")
@@ -292,14 +290,12 @@ class SpamdServer:
         return answer_scan(request, await self._verdict(request.body))
 
     async def _verdict(self, raw: bytes) -> Verdict:
-        """The model's verdict on one raw message, through the Service's path for texts. Raises SpamdError."""
+        """The model's verdict on one raw message, through the Service's path for messages (read, cut into
+        windows, batched; Service.classify_messages). Raises SpamdError."""
         service = self.service
         try:
             service.require_ready()
-            text = read_message(raw).text
-            if not has_visible_characters(text):
-                raise InvalidInput("the message has nothing readable (no visible characters in its subject or text)")
-            result = (await service.classify([text[: self.settings.max_text_chars]], _stays))["results"][0]
+            result = (await service.classify_messages([raw], _stays, field="body"))["results"][0]
         except APIError as error:
             code = next(code for kind, code in SERVICE_ERRORS.items() if isinstance(error, kind))
             raise SpamdError(code, error.message) from None
@@ -477,7 +473,7 @@ def _inflate(data: bytes, limit: int) -> bytes:
 
 
 def _too_big(size: int, limit: int) -> SpamdError:
-    return SpamdError("EX_DATAERR", f"Message too big: {size} bytes, at most {limit} (SPAMGPT_SPAMD_MAX_MESSAGE_BYTES)")
+    return SpamdError("EX_DATAERR", f"Message too big: {size} bytes, at most {limit} (SPAMGPT_MAX_MESSAGE_BYTES)")
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

@@ -19,7 +19,7 @@ machine hits them alike:
 Every spamd verdict is checked against HTTP's label for the same message.
 
 Memory: the server's VmRSS idle, and at its peak (sampled every 0.1 s) while, at once, --stalled connections send a
-Content-length of spamd_max_message_bytes and all but 1 KiB of it, --stalled connections send a header and
+Content-length of max_message_bytes and all but 1 KiB of it, --stalled connections send a header and
 nothing, and 8 clients each pipeline 10,000 PINGs; then how each ended and a CHECK's answer meanwhile.
 """
 
@@ -52,7 +52,7 @@ from training.runtime.model import GPTClassifier, GPTConfig
 
 CORPUS = SHARED_DATA / "spamassassin-public-corpus"
 JSON = "Content-Type: application/json\r\n"
-MAX_MESSAGE_BYTES = 1024 * 1024  # the listener's default spamd_max_message_bytes
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # the default max_message_bytes
 
 
 def sample_messages(n: int, seed: int) -> list[bytes]:

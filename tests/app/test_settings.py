@@ -118,7 +118,6 @@ BAD_VALUES = {
     "spamd_allow_tell": ("perhaps", "true or false"),
     "spamd_tell_allowed_ips": ("localhost", "not a valid IPv4 or IPv6 network"),
     "spamd_required_score": ("1e9", "a number >= -100 and <= 100"),
-    "spamd_max_message_bytes": ("0", "an integer >= 1"),
     "spamd_max_connections": ("0", "an integer >= 1"),
     "feedback_enabled": ("on-ish", "true or false"),
     "feedback_path": (" ", "must not be empty"),

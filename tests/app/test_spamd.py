@@ -84,7 +84,7 @@ def server(tmp_path_factory, tiny_config, bpe_dir):
         "feedback_enabled": "true",
         "feedback_path": database,
         "request_arrival_timeout_s": ARRIVAL_TIMEOUT_S,
-        "spamd_max_message_bytes": 64 * 1024,
+        "max_message_bytes": 64 * 1024,
     }
     with live_server(checkpoint, directory / "server.log", **settings) as (url, _):
         yield url, port, database
@@ -274,7 +274,7 @@ def test_metrics_count_spamd_requests_by_command_and_answer(server):
 
 # --- bad input: each answered with the protocol's code, or at the deadline; the server keeps serving
 
-TOO_BIG = b"SPAMD/1.0 65 EX_DATAERR Message too big: %d bytes, at most 65536 (SPAMGPT_SPAMD_MAX_MESSAGE_BYTES)\r\n"
+TOO_BIG = b"SPAMD/1.0 65 EX_DATAERR Message too big: %d bytes, at most 65536 (SPAMGPT_MAX_MESSAGE_BYTES)\r\n"
 UNKNOWN = b"SPAMD/1.0 76 EX_PROTOCOL Bad header line: (unknown command or no SPAMC/version) "
 BIG = b"Subject: big\r\n\r\n" + b"x" * (64 * 1024)
 
@@ -367,7 +367,7 @@ BIG = b"Subject: big\r\n\r\n" + b"x" * (64 * 1024)
         pytest.param(
             request("CHECK", b"\x00\x01\x02\x03"),
             True,
-            b"SPAMD/1.0 65 EX_DATAERR the message has nothing readable",
+            b"SPAMD/1.0 65 EX_DATAERR body: nothing readable",
             id="binary-nothing-readable",
         ),
         pytest.param(

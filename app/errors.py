@@ -163,6 +163,9 @@ def validation_details(exc: RequestValidationError, content_type: str | None = N
             "empty_text",
             "text_too_long",
             "no_visible_characters",
+            "texts_or_messages",
+            "invalid_base64",
+            "message_too_large",
         ):
             # a wrong type names the type given; a wrong value of the right type ("top_k": 0) shows the value
             wrong_type = err["type"].endswith("_type") or err["type"] == "text_or_texts"

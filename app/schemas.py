@@ -1,9 +1,21 @@
 """Request and response bodies. The request's limits (texts per request, characters per text, non-empty) are
 constraints on its model, built per app from its settings, so validation and the OpenAPI document agree."""
 
+import base64
+import binascii
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    create_model,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from app.settings import Settings
@@ -31,20 +43,72 @@ def bounded_text(max_chars: int) -> type:
     return Annotated[str, AfterValidator(check), Field(json_schema_extra=schema)]
 
 
+class Base64Message(BaseModel):
+    """A raw message's bytes, exact whatever they hold (8-bit, any charset)."""
+
+    model_config = ConfigDict(extra="forbid")
+    base64: str = Field(description="The message's bytes in base64 (RFC 4648 standard alphabet; line breaks allowed)")
+
+
+def bounded_message(max_bytes: int) -> type:
+    """A raw RFC 5322 message: a string (sent as its UTF-8 bytes) or `{"base64": ...}`; validated into its bytes,
+    at most max_bytes of them."""
+
+    def check(value: str | Base64Message) -> bytes:
+        if isinstance(value, str):
+            raw = value.encode("utf-8", "surrogatepass")  # JSON may carry a lone surrogate: kept, never an error
+        else:
+            try:
+                raw = base64.b64decode("".join(value.base64.split()), validate=True)
+            except binascii.Error as exc:
+                raise PydanticCustomError("invalid_base64", "base64 not valid ({error})", {"error": str(exc)}) from None
+        if len(raw) > max_bytes:
+            context = {"size": len(raw), "max_bytes": max_bytes}
+            raise PydanticCustomError("message_too_large", "{size} bytes, at most {max_bytes}", context)
+        return raw
+
+    return Annotated[str | Base64Message, AfterValidator(check)]
+
+
 def classify_request_model(settings: Settings) -> type[BaseModel]:
-    """The /classify body, `{"texts": [...]}`, with this app's limits declared on its fields."""
+    """The /classify body, `{"texts": [...]}` or `{"messages": [...]}`, with this app's limits declared on its
+    fields. (A message/rfc822 body is read by the route itself.)"""
     texts = Field(
+        None,
         min_length=1,
         max_length=settings.max_texts_per_request,
         description=(
-            "Messages to classify; each with a visible character (not only whitespace or invisible format "
-            "characters), at most max_text_chars characters (see /info)"
+            "Texts to classify; each with a visible character (not only whitespace or invisible format "
+            "characters), at most max_text_chars characters (see /info). Give texts or messages"
         ),
         examples=[["WINNER!! Claim your free prize now", "See you at 5?"]],
     )
-    text = bounded_text(settings.max_text_chars)
+    messages = Field(
+        None,
+        min_length=1,
+        max_length=settings.max_texts_per_request,
+        description=(
+            "Raw e-mail messages (RFC 5322, headers and body) to classify, read as training read them "
+            "(docs/mail.md): each a string, or {'base64': ...} for bytes a JSON string cannot carry; at most "
+            "max_message_bytes bytes each (see /info). Give texts or messages"
+        ),
+        examples=[["Subject: Lunch?\r\n\r\nSee you at noon."]],
+    )
+    text, message = bounded_text(settings.max_text_chars), bounded_message(settings.max_message_bytes)
+
+    def one_kind(body: BaseModel) -> BaseModel:
+        if (body.texts is None) == (body.messages is None):
+            raise PydanticCustomError("texts_or_messages", "give either texts or messages")
+        return body
+
     # extra="forbid": a misspelt field ("text") is an error, not silently ignored
-    return create_model("ClassifyRequest", __config__=ConfigDict(extra="forbid"), texts=(list[text], texts))
+    return create_model(
+        "ClassifyRequest",
+        __config__=ConfigDict(extra="forbid"),
+        __validators__={"one_kind": model_validator(mode="after")(one_kind)},
+        texts=(list[text] | None, texts),
+        messages=(list[message] | None, messages),
+    )
 
 
 # The tags of each tagged union in a request body, by the field that holds it: pydantic writes the member it chose
@@ -124,11 +188,23 @@ class LabelScore(BaseModel):
     score: float
 
 
+class MailRead(BaseModel):
+    """What was read of one raw message (training.runtime.mail.read_message)."""
+
+    windows: int = Field(description="Windows of max_tokens tokens the model read (mail_windows in /info)")
+    defects: int = Field(description="Malformations found, and bounds met, reading it (0 for well-formed mail)")
+    attachments: int = Field(description="Attachments named and left unread")
+    message_id: str | None = Field(description="Its Message-ID field, null when absent")
+
+
 class Result(BaseModel):
     label: str
     probabilities: dict[str, float] = Field(description="One per label, summing to 1")
-    tokens: int = Field(description="Tokens the model read, after truncation")
-    truncated: bool = Field(description="Whether the text was longer than the model's max_tokens")
+    tokens: int = Field(description="Tokens the model read, after truncation (a message: over all its windows)")
+    truncated: bool = Field(
+        description="Whether the text was longer than the model's max_tokens (a message: than its windows read)"
+    )
+    mail: MailRead | None = Field(None, description="For a message only: what was read of it")
 
 
 class ClassifyResponse(BaseModel):
@@ -165,3 +241,7 @@ class Info(BaseModel):
     dtype: str
     quantization: str | None
     limits: dict[str, int | float | bool]
+    mail: dict = Field(
+        description="How raw messages are read: the extraction in force (the checkpoint's, or the default for a "
+        "checkpoint trained on texts: extraction_source says which), the window rule and the windows read at most"
+    )

@@ -23,13 +23,15 @@ from app.feedback import Feedback
 from app.metrics import Metrics
 from app.schemas import Health, Info
 from app.settings import Settings
-from training.runtime.classifier import Classifier
+from app.spamd import SpamdServer
+from training.runtime.classifier import Classifier, MessageRows
 from training.runtime.inference import nonfinite_rows
 
 # /info's limits beside the batcher's (app.batcher.BatchLimits): what one request and one connection may hold
 REQUEST_LIMITS = (
     "max_texts_per_request",
     "max_text_chars",
+    "max_message_bytes",
     "max_body_bytes",
     "request_arrival_timeout_s",
     "max_body_bytes_in_flight",
@@ -131,6 +133,12 @@ class Service:
             dtype=str(classifier.dtype).removeprefix("torch."),
             quantization=classifier.quantization,
             limits={**asdict(self.batch_limits), **{name: getattr(self.settings, name) for name in REQUEST_LIMITS}},
+            mail={
+                "extraction": classifier.extraction.to_json(),
+                "extraction_source": "checkpoint" if card.extraction else "default (checkpoint trained on texts)",
+                "windows": classifier.options.mail_windows,
+                "max_windows": classifier.options.mail_max_windows,
+            },
         )
 
     async def classify(self, texts: list[str], receive: Receive) -> dict:
@@ -145,6 +153,48 @@ class Service:
             for p in self.classifier.predictions(rows, truncated, logits)
         ]
         return {"model": self.model_name, "results": results}
+
+    async def classify_messages(self, raws: list[bytes], receive: Receive, field: str = "messages") -> dict:
+        """The /classify response for validated raw messages, as classify's for texts, each result with what was
+        read of its message (`mail`). `field`: where the messages sit in the request, for errors ("messages", or
+        "body" for one message/rfc822 body).
+
+        Each message is read (training.runtime.mail.read_message, by the checkpoint's extraction) and cut into
+        windows in a thread; the windows go through the batcher as texts do; each message's windows are combined
+        (Classifier.message_predictions). Raises InvalidInput naming each message with nothing readable; ModelError
+        naming each message whose windows gave non-finite logits; else what _score raises.
+        """
+        paths = text_paths(field, raws) if field != "body" else [field]
+        messages = await asyncio.to_thread(self._read_messages, raws)
+        unreadable = [path for path, m in zip(paths, messages, strict=True) if not m.readable]
+        if unreadable:
+            cause = (
+                "nothing readable: no visible characters in its subject or any readable part (attachments are not read)"
+            )
+            raise InvalidInput.of([ErrorDetail(field=path, message=cause) for path in unreadable])
+        rows = [row for m in messages for row in m.rows]
+        logits = torch.stack(await unless_client_leaves(receive, self._batcher.submit(rows)))
+        self._refuse_nonfinite(logits, [path for path, m in zip(paths, messages, strict=True) for _ in m.rows])
+        results = [
+            {
+                "label": p.label,
+                "probabilities": p.probabilities,
+                "tokens": p.tokens,
+                "truncated": p.truncated,
+                "mail": {
+                    "windows": len(m.rows),
+                    "defects": m.mail.defects,
+                    "attachments": len(m.mail.attachments),
+                    "message_id": m.mail.message_id,
+                },
+            }
+            for m, p in zip(messages, self.classifier.message_predictions(messages, logits), strict=True)
+        ]
+        return {"model": self.model_name, "results": results}
+
+    def _read_messages(self, raws: list[bytes]) -> list[MessageRows]:
+        with self.metrics.tokenize.time():
+            return self.classifier.read_messages(raws)
 
     async def label_logits(
         self, inputs: str | list[str], receive: Receive, field: str, refuse_truncation: bool = False
@@ -191,16 +241,16 @@ class Service:
             return self.classifier.tokenize(texts)
 
     def _refuse_nonfinite(self, logits: torch.Tensor, paths: list[str]) -> None:
-        """Raises ModelError naming each text (by its path in the request, one per row) whose row of (N, n_labels)
-        logits is not finite, and counts those texts in spamgpt_model_errors_total; the request's other texts are
-        not answered either."""
-        bad = nonfinite_rows(logits)
+        """Raises ModelError naming each text (by its path in the request, one per row: a message's path for each of
+        its windows) whose row of (N, n_labels) logits is not finite, and counts those texts in
+        spamgpt_model_errors_total; the request's other texts are not answered either."""
+        bad = list(dict.fromkeys(paths[i] for i in nonfinite_rows(logits)))  # a message's windows name it once
         if not bad:
             return
         self.metrics.model_errors.labels(cause="non_finite_logits").inc(len(bad))
         cause = "the model gave non-finite logits (NaN or inf): a fault of the model, not of the text"
-        details = [ErrorDetail(field=paths[i], message=cause) for i in bad]
-        raise ModelError(f"{', '.join(paths[i] for i in bad)}: {cause}", details)
+        details = [ErrorDetail(field=path, message=cause) for path in bad]
+        raise ModelError(f"{', '.join(bad)}: {cause}", details)
 
 
 def text_paths(field: str, inputs: str | list[str]) -> list[str]:
@@ -250,8 +300,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, float]]:
     app.edge.protocol reads the arrival deadline of these settings there."""
     service: Service = app.state.service
     await service.start()
+    spamd = SpamdServer(service) if service.settings.spamd_port is not None else None
+    if spamd is not None:  # the spamd-protocol listener, on its own port: accepts until the server stops accepting
+        await spamd.start()
     with draining_on_sigterm(service, service.settings.drain_delay_s):
         yield {ARRIVAL_TIMEOUT_STATE: service.settings.request_arrival_timeout_s}
+    if spamd is not None:
+        await spamd.stop()
     await service.stop()
 
 

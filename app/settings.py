@@ -6,10 +6,10 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from training.runtime.options import ClassifierOptions
 
@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     # Characters per text, checked before tokenizing so a huge string cannot eat CPU. GPT-2 contexts end
     # at 1024 tokens (~4,000 characters of English), so longer texts would only be truncated anyway.
     max_text_chars: int = Field(20_000, ge=1)
+    # Bytes of one raw message (/classify's `messages`, after base64; a message/rfc822 body, which max_body_bytes
+    # bounds too), checked before it is parsed. Larger admits mail with bigger attachments, which are never decoded
+    # and whose bytes past the first MiB are not read (training.runtime.mail.Extraction.max_bytes); smaller holds
+    # less memory per request and refuses big mail (422 in a list, 413 as a body) instead of reading its start.
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    # How a message longer than max_tokens is read (training.runtime.mail.WINDOW_RULES): "first" its first
+    # max_tokens tokens, "mean" or "max" over its windows of max_tokens tokens; every window is a text in the
+    # batches and the queue (max_queue_texts), so a long message costs up to mail_max_windows texts.
+    mail_windows: Literal["first", "mean", "max"] = DEFAULTS["mail_windows"]
+    mail_max_windows: int = Field(DEFAULTS["mail_max_windows"], ge=1)
     # Request body bytes, counted as they arrive before any parsing: bounds memory per request.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
     # Slow and stalled clients. Seconds a request may take to arrive whole, headers and body, from
@@ -100,6 +110,30 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     # The name in responses; default derived from the checkpoint, e.g. "spamgpt-gpt2-124m".
     model_name: str | None = None
+
+    # The spamd-protocol listener (app.spamd), for spamc, Exim, Haraka and Rspamd's spamassassin service. Its port;
+    # unset: no listener. Off by default: it has no API key (spamd's protocol carries none), only spamd_allowed_ips.
+    spamd_port: int | None = Field(None, ge=1, le=65535)
+    # Its address: loopback by default, as spamd's, so only this machine's MTA reaches it; 0.0.0.0 opens it to the
+    # networks spamd_allowed_ips admits.
+    spamd_host: str = "127.0.0.1"
+    # Clients allowed to connect, as spamd's --allowed-ips: addresses or networks, comma-separated. Others are
+    # answered EX_NOPERM and closed. Wider admits more MTAs; each one admitted can use the model and its queue.
+    spamd_allowed_ips: Annotated[list[IPvAnyNetwork], NoDecode] = ["127.0.0.0/8", "::1/128"]
+    # TELL (learning from a user's correction) refused unless true, as spamd's --allow-tell: a client that may TELL
+    # writes into the feedback store that the next fine-tune reads.
+    spamd_allow_tell: bool = False
+    # Clients whose TELL is taken when spamd_allow_tell is true: addresses or networks, comma-separated. Narrower
+    # than spamd_allowed_ips where only some hosts (the mail admin's) may teach the model.
+    spamd_tell_allowed_ips: Annotated[list[IPvAnyNetwork], NoDecode] = ["127.0.0.0/8", "::1/128"]
+    # The `required` score clients see, and the score a message exactly on the model's threshold gets (score =
+    # required + log-odds of P(spam) - log-odds of the threshold: docs/mailserver.md). SpamAssassin's 5.0 keeps an
+    # MTA's required_score habits; the decisions are the model's whatever the value.
+    spamd_required_score: float = Field(5.0, ge=-100, le=100)
+    # Open spamd connections; the next one is answered EX_TEMPFAIL (the MTA retries later) and closed. With
+    # max_message_bytes (one message, after zlib decompression too, as on HTTP) it bounds the memory spamd clients
+    # can pin: 32 x 4 MiB by default. More admits more MTA processes scanning at once.
+    spamd_max_connections: int = Field(32, ge=1)
 
     # Corrections users report (POST /feedback; spamd's TELL) go to an SQLite file that finetune reads as data
     # (docs/feedback.md). Off: /feedback answers 403 and nothing is written; on: reports need the API key when one
@@ -135,6 +169,20 @@ class Settings(BaseSettings):
         if not DEVICE_PATTERN.fullmatch(value):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
         return value
+
+    @field_validator("spamd_host")
+    @classmethod
+    def _named_host(cls, value: str) -> str:
+        # an empty host would listen on every interface
+        if not value.strip():
+            raise ValueError("spamd_host must not be empty: name an address, e.g. 127.0.0.1 (0.0.0.0 for all)")
+        return value
+
+    @field_validator("spamd_allowed_ips", "spamd_tell_allowed_ips", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        # "127.0.0.1, 10.0.0.0/8" from the environment, as spamd's --allowed-ips takes them
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
     @field_validator("api_key")
     @classmethod
@@ -177,6 +225,8 @@ class Settings(BaseSettings):
             batch_size=self.max_batch_size,
             max_batch_tokens=self.max_batch_tokens,
             prior=self.prior,
+            mail_windows=self.mail_windows,
+            mail_max_windows=self.mail_max_windows,
         )
 
     def batch_limits(self) -> BatchLimits:

@@ -28,6 +28,7 @@ from training.runtime.inference import (
     check_prior,
     prior_shift,
 )
+from training.runtime.mail import Extraction
 from training.runtime.model import GPTClassifier, GPTConfig
 from training.runtime.record import from_flat
 from training.runtime.tokenizer import BPE_FILES, TokenizerError, bpe_hashes, load_tokenizer
@@ -43,6 +44,7 @@ SPLIT_FILE = f"{REPORT_DIR}/split.json"
 POOLING = "last_token"
 # config.json fields written by save_checkpoint around the card's own
 REQUIRED_FIELDS = ("format_version", "model", "pooling", "tokenizer")
+OPTIONAL_FIELDS = ("extraction",)  # card fields a config.json of this format may lack: they read as None
 
 
 class CheckpointError(RuntimeError):
@@ -85,6 +87,9 @@ class ModelCard:
     calibration: Calibration | None = None
     created: str | None = None  # ISO 8601, UTC
     version: str | None = None  # of the spamgpt package that wrote it
+    # how raw messages became its training texts (training.runtime.mail); None: trained on plain texts, so that a
+    # message is read by training.runtime.mail.DEFAULT_EXTRACTION. Absent from config.json reads as None
+    extraction: Extraction | None = None
 
     def to_json(self) -> dict:
         """The card's fields in config.json's on-disk shape."""
@@ -99,6 +104,7 @@ class ModelCard:
             "calibration": None if self.calibration is None else asdict(self.calibration),
             "created": self.created,
             "version": self.version,
+            "extraction": None if self.extraction is None else self.extraction.to_json(),
         }
 
 
@@ -213,7 +219,7 @@ def _read_json(file: Path) -> dict:
     if "format_version" not in raw:
         raise CheckpointError(f"{file}: missing field 'format_version'")
     _check_format_version(file, raw["format_version"])
-    wanted = (*REQUIRED_FIELDS, *(f.name for f in fields(ModelCard)))
+    wanted = (*REQUIRED_FIELDS, *(f.name for f in fields(ModelCard) if f.name not in OPTIONAL_FIELDS))
     missing = [name for name in wanted if name not in raw]
     if missing:
         raise CheckpointError(f"{file}: missing field {missing[0]!r}")
@@ -279,7 +285,21 @@ def _card(file: Path, raw: dict, config: GPTConfig) -> ModelCard:
         calibration=_calibration(file, raw["calibration"], labels),
         created=raw["created"],
         version=raw["version"],
+        extraction=_extraction(file, raw.get("extraction")),
     )
+
+
+def _extraction(file: Path, record: object) -> Extraction | None:
+    """How the checkpoint's messages were read; refused when this spamgpt reads messages otherwise (another
+    extraction version or HTML converter), since serving would then feed the model text unlike its training's."""
+    if record is None:
+        return None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{file}: 'extraction' must be an object or null, got {record!r}")
+    try:
+        return Extraction.from_json(record)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: 'extraction' cannot be applied: {exc}") from exc
 
 
 def _record(file: Path, raw: dict, name: str, cls: type) -> Any:

@@ -5,6 +5,11 @@ with Classifier.load and turn logits into answers with Classifier.predictions, s
 bit-identical probabilities from each of them. The server runs the forward pass through its micro-batcher
 (Classifier.predict_logits on batches it forms); the others call Classifier.classify, which runs it in
 length-sorted batches within the options' limits.
+
+Raw e-mail goes through the same calls: read_messages turns each message into its text
+(training.runtime.mail.read_message, by the card's extraction) and its windows of token ids, the windows run as rows,
+and message_predictions combines each message's windows (training.runtime.mail.combine_windows) before the same
+readout; classify_messages does all of it for file scoring and training's mail data.
 """
 
 from dataclasses import dataclass
@@ -15,8 +20,16 @@ import torch
 from training.runtime import precision
 from training.runtime.checkpoint import Checkpoint, ModelCard, load_checkpoint
 from training.runtime.device import require_available
-from training.runtime.inference import nonfinite_rows, predict_logits, probabilities, require_finite
+from training.runtime.inference import (
+    nonfinite_rows,
+    positive_label,
+    predict_logits,
+    probabilities,
+    require_finite,
+)
+from training.runtime.mail import DEFAULT_EXTRACTION, MailText, combine_windows, read_message, windows
 from training.runtime.options import ClassifierOptions
+from training.runtime.text import NO_VISIBLE_CHARACTERS, has_visible_characters
 from training.runtime.tokenizer import encode_batch
 
 
@@ -27,7 +40,27 @@ class Prediction:
     label: str  # the card's decision rule (threshold or argmax) applied to the probabilities
     probabilities: dict[str, float]  # by label in the card's order: float32 softmax, in 0..1, summing to 1
     tokens: int  # token ids the model read, after truncation
-    truncated: bool  # the text was longer than the card's max_tokens
+    truncated: bool  # the text was longer than the card's max_tokens (a message: than the windows read)
+
+
+@dataclass(slots=True)
+class MessageRows:
+    """One raw message as the model reads it: its text and the windows of token ids cut from it."""
+
+    mail: MailText
+    rows: list[list[int]]  # windows of at most the card's max_tokens ids, in order; one for the "first" rule
+    truncated: bool  # tokens were left unread beyond the windows
+
+    @property
+    def tokens(self) -> int:
+        """Token ids the model reads, over all windows."""
+        return sum(map(len, self.rows))
+
+    @property
+    def readable(self) -> bool:
+        """Whether its text shows anything (training.runtime.text.has_visible_characters): a message without a
+        readable part or subject is refused, as an empty text is."""
+        return has_visible_characters(self.mail.text)
 
 
 class Classifier:
@@ -41,6 +74,8 @@ class Classifier:
         first = next(checkpoint.model.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.quantization = "int8-dynamic" if options.quantize_int8 else None
+        # messages are read as the checkpoint's training read them; a checkpoint trained on plain texts by the default
+        self.extraction = checkpoint.card.extraction or DEFAULT_EXTRACTION
         precision.prepare_for_inference(checkpoint.model, options.quantize_int8)
 
     @classmethod
@@ -98,12 +133,56 @@ class Classifier:
         The logits must be finite: callers refuse the texts whose rows are not first (nonfinite_rows,
         require_finite), since no probability is made up for them.
         """
+        return self._answers([len(ids) for ids in rows], truncated, logits)
+
+    def _answers(self, tokens: list[int], truncated: list[bool], logits: torch.Tensor) -> list[Prediction]:
         probs, labels = self.checkpoint.readout.read(logits)
         card = self.card
         return [
-            Prediction(label, dict(zip(card.labels, p, strict=True)), len(ids), cut)
-            for label, p, ids, cut in zip(labels, probs.tolist(), rows, truncated, strict=True)
+            Prediction(label, dict(zip(card.labels, p, strict=True)), n, cut)
+            for label, p, n, cut in zip(labels, probs.tolist(), tokens, truncated, strict=True)
         ]
+
+    def read_messages(self, raws: list[bytes]) -> list[MessageRows]:
+        """Raw RFC 5322 messages -> their text by the card's extraction (training.runtime.mail.read_message, which
+        never raises) and their windows of token ids: the first max_tokens for the options' mail_windows "first",
+        else up to mail_max_windows windows of max_tokens. Check `readable` before scoring."""
+        mails = [read_message(raw, self.extraction) for raw in raws]
+        max_windows = 1 if self.options.mail_windows == "first" else self.options.mail_max_windows
+        messages = []
+        for mail in mails:
+            ids = self.checkpoint.tokenizer.encode_ordinary(mail.text) or [self.checkpoint.tokenizer.eot_token]
+            rows, truncated = windows(ids, self.card.max_tokens, max_windows)
+            messages.append(MessageRows(mail, rows, truncated))
+        return messages
+
+    def message_predictions(self, messages: list[MessageRows], logits: torch.Tensor) -> list[Prediction]:
+        """Messages and the (total windows, n_labels) logits of their windows, in order (every row finite) -> one
+        Prediction per message: its windows' logits combined by the options' mail_windows rule, then read out as
+        predictions does; `tokens` counts every window's."""
+        positive = positive_label(self.card.labels)
+        combined = combine_windows(
+            logits,
+            [len(m.rows) for m in messages],
+            self.options.mail_windows,
+            None if positive is None else self.card.labels.index(positive),
+        )
+        return self._answers([m.tokens for m in messages], [m.truncated for m in messages], combined)
+
+    def classify_messages(self, raws: list[bytes]) -> list[tuple[MailText, Prediction]]:
+        """What each raw message was read as, and its Prediction, in order: read_messages, the windows run in
+        length-sorted batches within the options' limits, then message_predictions.
+
+        Raises ValueError naming (by index) the messages with nothing readable; NonFiniteLogits naming the windows
+        (by row) the model gave non-finite logits for.
+        """
+        messages = self.read_messages(raws)
+        unreadable = [i for i, m in enumerate(messages) if not m.readable]
+        if unreadable:
+            raise ValueError(f"messages {unreadable}: {NO_VISIBLE_CHARACTERS}")
+        rows = [row for m in messages for row in m.rows]
+        logits = require_finite(self.predict_logits(rows, self.options.batch_size, self.options.max_batch_tokens))
+        return [(m.mail, p) for m, p in zip(messages, self.message_predictions(messages, logits), strict=True)]
 
     def classify(self, texts: list[str]) -> list[Prediction]:
         """One Prediction per text, in order: tokenized, run in length-sorted batches within the options'

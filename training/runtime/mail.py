@@ -3,31 +3,40 @@ scoring and every serving route call, so the model sees the same text everywhere
 
 The text is the chosen header fields, one `Name: value` line each, a blank line, then the readable body:
 
-- parsed by the standard library's `email` package (policy.default), which never raises on malformed MIME but
-  records defects on the parts; the count of them is returned;
+- parsed by the standard library's `email` feed parser, which never raises on malformed MIME but records defects on
+  the parts; the count of them is returned. The MIME structure is read with policy.compat32's header handling,
+  the header fields the model reads are decoded by policy.default's (RFC 2047 encoded words, folding): under
+  policy.default the parser runs the full RFC 5322 grammar over every part's Content-Type field, several times
+  per part, at about 30 us a character (measured: a 4 MiB message of 4,140 parts with 998-character Content-Type
+  fields took 125 s to parse, 0.16 s with compat32's);
 - inside a multipart/alternative, the text/plain alternative when there is one, else the text/html one (RFC 2046
   5.1.4: the alternatives say the same thing);
 - every other text/plain or text/html leaf that is not an attachment is read, in order; text/html converted to
   text by Beautiful Soup (beautifulsoup4, MIT) with Python's own html.parser, which reads broken markup as
   browsers do and leaves out script, style and comments;
-- transfer encodings (base64, quoted-printable) decoded; the body's bytes decoded by the declared charset, else,
+- transfer encodings (base64, quoted-printable) decoded; a body's bytes decoded by the declared charset, else,
   when that charset is unknown or the bytes are not valid in it, as UTF-8, else as Windows-1252, else as Latin-1
-  (which decodes any byte);
+  (which decodes any byte); raw 8-bit bytes in a header field alike, from UTF-8 on; an encoded word in an unknown
+  charset is read with replacement characters;
 - attachments (a filename, `Content-Disposition: attachment`, or a type that is not text) named and never decoded.
 
-What a message may cost is bounded: each readable part's decoded text is cut at Extraction.max_chars characters
-before any HTML conversion, and a message nested deeper than the parser's recursion allows (the `email` feed parser
-recurses once per multipart level) is read from its headers alone and counted as a defect.
+What a message may cost is bounded: its first Extraction.max_bytes bytes are read; the body's text is cut at
+Extraction.max_chars characters (each part's decoded text too, before any HTML conversion; later parts are then not
+read); a header field's value at MAX_HEADER_CHARS, for the parser too (the standard library's parameter parsing is
+quadratic in a field's length: a 1 MB Content-Type field took a minute); the parts read at MAX_PARTS; and a message
+nested deeper than the parser's recursion allows (the feed parser recurses once per multipart level) is read from
+its headers alone and counted as a defect.
 """
 
-import binascii
 import codecs
 import re
 from dataclasses import asdict, dataclass, field
 from email import errors, policy
-from email.message import EmailMessage
+from email.message import Message
 from email.parser import BytesParser
+from email.policy import Compat32
 
+import torch
 from bs4 import BeautifulSoup
 
 from training.runtime.record import from_flat
@@ -51,8 +60,11 @@ class Extraction:
     # header fields read, in this order, each as a `Name: value` line above the body (absent fields are skipped)
     headers: tuple[str, ...] = ("Subject",)
     html: str = HTML_CONVERTER  # how text/html is turned into text
-    # characters read from each part's decoded text: bounds what a huge body costs; far beyond what the model's
-    # windows read (a GPT-2 token is about 4 characters of English)
+    # bytes of the raw message parsed: the parser holds about 8 bytes per byte it reads (lines as strings), and the
+    # text sits before the attachments; what lies past this is not read
+    max_bytes: int = 1 << 20
+    # characters of body text read: bounds what a huge body costs; far beyond what the model's windows read (a
+    # GPT-2 token is about 4 characters of English), and below training's limit on a row (131,072 characters)
     max_chars: int = 100_000
 
     def __post_init__(self):
@@ -65,8 +77,9 @@ class Extraction:
             raise ValueError(f"html converter {self.html!r} is not implemented (this spamgpt has {HTML_CONVERTER!r})")
         if not all(isinstance(h, str) and re.fullmatch(r"[!-9;-~]+", h) for h in self.headers):
             raise ValueError(f"headers must be header field names (RFC 5322 2.2), got {self.headers!r}")
-        if self.max_chars < 1:
-            raise ValueError(f"max_chars must be at least 1, got {self.max_chars!r}")
+        for name in ("max_bytes", "max_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
 
     def to_json(self) -> dict:
         """The extraction in config.json's shape."""
@@ -96,7 +109,10 @@ class MailText:
     text: str  # what the model reads: the header lines, a blank line, the readable body
     subject: str  # decoded; "" when absent
     message_id: str | None  # the Message-ID field as written, None when absent
-    defects: int  # malformations the parser recorded (RFC 5322 / MIME), plus one for each part cut or left unread
+    # malformations the parser recorded (RFC 5322 / MIME), plus one for each bound it met (module docstring): a
+    # message cut at max_bytes, a body at max_chars, parts past MAX_PARTS, a nesting too deep to read past its
+    # headers, a header value over MAX_HEADER_CHARS
+    defects: int
     attachments: tuple[str, ...] = field(default_factory=tuple)  # filenames, or the content type of unnamed ones
 
 
@@ -107,14 +123,15 @@ def read_message(raw: bytes, extraction: Extraction = DEFAULT_EXTRACTION) -> Mai
     the malformations are counted in `defects`. The text may show nothing (no readable part, empty subject):
     callers refuse that by training.runtime.text.has_visible_characters, as for any text.
     """
-    parser = BytesParser(policy=policy.default)
+    parser, cut = BytesParser(policy=_RAW_HEADERS), len(raw) > extraction.max_bytes
+    raw = raw[: extraction.max_bytes]
     try:
         message = parser.parsebytes(raw)
         too_deep = 0
     except RecursionError:  # the feed parser recurses once per multipart level
         message = parser.parsebytes(raw, headersonly=True)
         too_deep = 1
-    defects = too_deep + len(message.defects)
+    defects = cut + too_deep + len(message.defects)
     lines = []
     for name in extraction.headers:
         value, header_defects = _header(message, name)
@@ -133,47 +150,69 @@ def read_message(raw: bytes, extraction: Extraction = DEFAULT_EXTRACTION) -> Mai
     )
 
 
-def _header(message: EmailMessage, name: str) -> tuple[str, int]:
-    """A header field's decoded value ("" when absent) and the defects found parsing it."""
-    try:
-        value = message.get(name)
-    except (errors.HeaderParseError, ValueError, IndexError, LookupError, AttributeError, TypeError):
-        return "", 1  # a value policy.default's parser cannot read at all
-    if value is None:
+class _RawHeaders(Compat32):
+    """compat32, with each header field's value as the parser stored it (ASCII, undecodable bytes as surrogate
+    escapes: BytesParser's reading; folds kept), cut after MAX_HEADER_CHARS + 1 characters (one more, so that a
+    cut shows). _header decodes the fields the model reads."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        return value[: MAX_HEADER_CHARS + 1]
+
+
+_RAW_HEADERS = _RawHeaders()
+MAX_HEADER_CHARS = 4096  # of a header field's value read: policy.default's parser costs ~30 us a character
+# parts of a message read (multiparts included); the rest is left unread and counted as one defect. Reading a
+# part's MIME fields costs up to ~1 ms (998-character Content-Type fields); real mail has a few dozen parts
+MAX_PARTS = 256
+# what the stdlib's header parsers raise on some malformed values instead of recording a defect
+_PARSE_ERRORS = (errors.HeaderParseError, ValueError, IndexError, LookupError, AttributeError, TypeError)
+
+
+def _header(message: Message, name: str) -> tuple[str, int]:
+    """A header field's value (its first occurrence; "" when absent), decoded and unfolded, and the defects found
+    reading it."""
+    raw = message.get(name)
+    if raw is None:
         return "", 0
-    text = " ".join(str(value).split())
-    return _scrub(text), len(getattr(value, "defects", ()))
+    unfolded = re.sub(r"\r?\n(?=[ \t])", "", raw[:MAX_HEADER_CHARS])
+    try:
+        value = policy.default.header_factory(name, _decode(unfolded.encode("ascii", "surrogateescape"), None))
+    except _PARSE_ERRORS:
+        return _scrub(" ".join(unfolded.split())), 1  # a value policy.default's parser cannot read: as written
+    return _scrub(" ".join(str(value).split())), len(value.defects) + int(len(raw) > MAX_HEADER_CHARS)
 
 
-def _read_parts(message: EmailMessage, max_chars: int) -> tuple[list[str], list[str], int]:
-    """The readable bodies, the attachments' names and the parts' defects, in document order (iteratively: the
-    depth of a message that parsed is bounded by the parser's recursion, but a walk needs no stack)."""
-    body, attachments, defects = [], [], 0
+def _read_parts(message: Message, max_chars: int) -> tuple[list[str], list[str], int]:
+    """The readable bodies (max_chars characters in all), the attachments' names and the parts' defects, in
+    document order (iteratively: the depth of a message that parsed is bounded by the parser's recursion, but a
+    walk needs no stack)."""
+    body, attachments, defects, left = [], [], 0, max_chars
     stack = [message]
-    while stack:
+    for _ in range(MAX_PARTS):
+        if not stack:
+            break
         part = stack.pop()
         defects += len(part.defects)
         if part.is_multipart():
             children = part.get_payload()
-            if not isinstance(children, list):  # multipart whose body did not parse into parts
-                continue
             if part.get_content_subtype() == "alternative":
                 children = [_preferred_alternative(children)] if children else []
             stack.extend(reversed(children))
         elif _is_attachment(part):
             attachments.append(_attachment_name(part))
-        elif part.get_content_type() in ("text/plain", "text/html"):
-            text, cut = _decoded_text(part, max_chars)
+        elif part.get_content_type() in ("text/plain", "text/html") and left > 0:
+            text, cut = _decoded_text(part, left)
             if part.get_content_type() == "text/html":
                 text = _html_to_text(text)
             text = _scrub(text).strip()
+            left -= len(text)
             defects += cut
             if text:
                 body.append(text)
-    return body, attachments, defects
+    return body, attachments, defects + int(bool(stack))
 
 
-def _preferred_alternative(children: list) -> EmailMessage:
+def _preferred_alternative(children: list[Message]) -> Message:
     """text/plain when an alternative is one, else text/html, else the last (RFC 2046: the richest is last)."""
     for wanted in ("text/plain", "text/html"):
         for child in children:
@@ -182,29 +221,31 @@ def _preferred_alternative(children: list) -> EmailMessage:
     return children[-1]
 
 
-def _is_attachment(part: EmailMessage) -> bool:
+def _is_attachment(part: Message) -> bool:
     """A part the reader does not read: a filename, an attachment disposition, or a type that is not text."""
-    try:
-        named = part.get_filename() is not None
-    except (errors.HeaderParseError, ValueError, IndexError, LookupError, AttributeError, TypeError):
-        named = True  # a disposition so malformed its filename cannot be read: not safe to read as body
-    return named or part.get_content_disposition() == "attachment" or part.get_content_maintype() != "text"
+    return (
+        _filename(part) is not None
+        or part.get_content_disposition() == "attachment"
+        or part.get_content_maintype() != "text"
+    )
 
 
-def _attachment_name(part: EmailMessage) -> str:
-    try:
-        name = part.get_filename()
-    except (errors.HeaderParseError, ValueError, IndexError, LookupError, AttributeError, TypeError):
-        name = None
-    return _scrub(" ".join(name.split())) if name else part.get_content_type()
+def _filename(part: Message) -> str | None:
+    """The part's filename (Content-Disposition's, else Content-Type's name; RFC 2231 and encoded words decoded)."""
+    name = part.get_filename()
+    if name is None:
+        return None
+    decoded = policy.default.header_factory("subject", _decode(name.encode("utf-8", "surrogateescape"), None))
+    return _scrub(" ".join(str(decoded).split())) or "unnamed"
 
 
-def _decoded_text(part: EmailMessage, max_chars: int) -> tuple[str, int]:
+def _attachment_name(part: Message) -> str:
+    return _filename(part) or part.get_content_type()
+
+
+def _decoded_text(part: Message, max_chars: int) -> tuple[str, int]:
     """A text part's content, transfer encoding and charset decoded, cut at max_chars; and 1 when it was cut."""
-    try:
-        payload = part.get_payload(decode=True) or b""
-    except (binascii.Error, ValueError):
-        payload = b""
+    payload = part.get_payload(decode=True) or b""
     # a character is at most 4 bytes in any charset read here, so this cut never shortens the text itself
     payload = payload[: 4 * max_chars + 4]
     text = _decode(payload, part.get_content_charset())
@@ -231,6 +272,41 @@ def _html_to_text(html: str) -> str:
 
 
 def _scrub(text: str) -> str:
-    """Lone surrogates (the parser's stand-ins for undecodable header bytes) as U+FFFD, runs of blank lines as one."""
+    """Lone surrogates as U+FFFD; runs of blank lines as one."""
     text = re.sub("[\ud800-\udfff]", "\ufffd", text)
     return re.sub(r"\n\s*\n\s*", "\n\n", text)
+
+
+# --- Long mail: windows ------------------------------------------------------------------------------------------
+
+# How a message longer than max_tokens is read: "first": its first max_tokens tokens, as training reads every row;
+# "mean": the mean of its windows' logits; "max": the window that gives the positive label (spam) the highest
+# probability (for more than two labels, the window whose top label is most probable), as a reader who stops at
+# the first spammy passage.
+WINDOW_RULES = ("first", "mean", "max")
+
+
+def windows(ids: list[int], max_tokens: int, max_windows: int) -> tuple[list[list[int]], bool]:
+    """A text's token ids cut into consecutive windows of max_tokens (the last shorter), at most max_windows of
+    them, and whether tokens were left unread. An empty text is one window of no tokens (the caller's tokenizer
+    gives it its end-of-text token)."""
+    rows = [ids[start : start + max_tokens] for start in range(0, max(len(ids), 1), max_tokens)]
+    return rows[:max_windows], len(rows) > max_windows
+
+
+def combine_windows(logits: torch.Tensor, counts: list[int], rule: str, positive: int | None) -> torch.Tensor:
+    """(sum(counts), n_labels) window logits, each message's windows consecutive in message order ->
+    (len(counts), n_labels) message logits by `rule` (WINDOW_RULES); `positive`: the positive label's column
+    (training.runtime.inference.positive_label), None beyond two labels. The logits must be finite."""
+    assert logits.shape[0] == sum(counts), (logits.shape, sum(counts))
+    out = []
+    for window_logits in torch.split(logits, counts):
+        if rule == "first":
+            out.append(window_logits[0])
+        elif rule == "mean":
+            out.append(window_logits.mean(dim=0))
+        else:
+            log_probs = torch.log_softmax(window_logits, dim=1)
+            score = log_probs[:, positive] if positive is not None else log_probs.max(dim=1).values
+            out.append(window_logits[score.argmax()])
+    return torch.stack(out) if out else logits.new_empty(0, logits.shape[1])

@@ -9,6 +9,7 @@ import torch
 
 from training.runtime import precision
 from training.runtime.device import DEVICE_HELP, resolve_device
+from training.runtime.mail import WINDOW_RULES
 
 
 def opt(default=MISSING, help: str = "", choices: tuple | None = None, positional: bool = False):
@@ -20,13 +21,13 @@ def opt(default=MISSING, help: str = "", choices: tuple | None = None, positiona
 @dataclass(frozen=True)
 class ClassifierOptions:
     """How a checkpoint is loaded and run: the server's SPAMGPT_DEVICE, _DTYPE, _QUANTIZE_INT8, _TORCH_THREADS,
-    _PRIOR, _MAX_BATCH_SIZE and _MAX_BATCH_TOKENS (app.settings.Settings builds one from them, and takes its
-    defaults from here), and `predict`'s --device, --dtype, --quantize-int8, --threads, --batch-size,
-    --max-batch-tokens and --prior. Validated on construction.
+    _PRIOR, _MAX_BATCH_SIZE, _MAX_BATCH_TOKENS, _MAIL_WINDOWS and _MAIL_MAX_WINDOWS (app.settings.Settings builds one
+    from them, and takes its defaults from here), and `predict`'s --device, --dtype, --quantize-int8, --threads,
+    --batch-size, --max-batch-tokens, --prior, --mail-windows and --mail-max-windows. Validated on construction.
 
     Raises ValueError showing the bad value: a device torch does not know (training.runtime.device.resolve_device),
     precision options the device cannot run (training.runtime.precision.check_precision), a prior outside (0, 1), a
-    batch limit below 1, negative threads.
+    batch or window limit below 1, negative threads, a window rule not in WINDOW_RULES.
     """
 
     device: str = opt("auto", DEVICE_HELP)
@@ -40,12 +41,21 @@ class ClassifierOptions:
         "binary models: the share of the threshold's label (spam) expected in this traffic; probabilities are "
         "corrected to it (default: the checkpoint's prior, the source data's rate)",
     )
+    mail_windows: str = opt(
+        "mean",
+        "how a message longer than max_tokens is read (training.runtime.mail.WINDOW_RULES): first: its first "
+        "max_tokens tokens; mean: the mean of its windows' logits; max: its spammiest window",
+        WINDOW_RULES,
+    )
+    mail_max_windows: int = opt(8, "windows of max_tokens read from one message at most: bounds what one message costs")
 
     def __post_init__(self):
         precision.check_precision(self.torch_device, self.dtype, self.quantize_int8)
         if self.prior is not None and not 0 < self.prior < 1:
             raise ValueError(f"prior must lie in (0, 1), got {self.prior!r}")
-        for name in ("batch_size", "max_batch_tokens"):
+        if self.mail_windows not in WINDOW_RULES:
+            raise ValueError(f"mail_windows must be one of {WINDOW_RULES}, got {self.mail_windows!r}")
+        for name in ("batch_size", "max_batch_tokens", "mail_max_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.threads < 0:

@@ -116,9 +116,7 @@ def test_stats_count_by_label_and_score_with_the_serving_model(client, settings)
         pytest.param({"text": "hi", "label": "spam", "texts": ["hi"]}, "texts", "Extra inputs", id="unknown-field"),
     ],
 )
-def test_bad_reports_are_refused_naming_the_field(
-    tiny_checkpoint, tmp_path, body, field, message
-):
+def test_bad_reports_are_refused_naming_the_field(tiny_checkpoint, tmp_path, body, field, message):
     limits = {"max_text_chars": 40, "max_message_bytes": 100}
     with TestClient(create_app(feedback_settings(tiny_checkpoint, tmp_path, **limits))) as client:
         error = error_of(client.post("/feedback", json=body), 422)

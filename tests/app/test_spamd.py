@@ -3,6 +3,7 @@
 HTTP's answer for the same message's text; the tests that need spamc skip where it is not installed."""
 
 import asyncio
+import base64
 import shutil
 import socket
 import subprocess
@@ -23,7 +24,6 @@ from tests.helpers import calibrated_checkpoint, edit_card, tiny_card, tiny_sett
 from tests.live_server import free_port, live_server
 from training.runtime.checkpoint import save_checkpoint
 from training.runtime.feedback import FeedbackStore
-from training.runtime.mail import read_message
 from training.runtime.model import GPTClassifier
 
 SPAMC = shutil.which("spamc")
@@ -92,11 +92,11 @@ def server(tmp_path_factory, tiny_config, bpe_dir):
 
 @pytest.fixture(scope="module")
 def expected(server) -> dict[str, Verdict]:
-    """Each message's verdict from HTTP /classify on the text read from it, and the threshold in force."""
+    """Each message's verdict from HTTP /classify given the same message, and the threshold in force."""
     url = server[0]
     with httpx.Client(trust_env=False, timeout=30) as http:
-        texts = [read_message(raw).text for raw in MESSAGES.values()]
-        results = http.post(f"{url}/classify", json={"texts": texts}).json()["results"]
+        messages = [{"base64": base64.b64encode(raw).decode()} for raw in MESSAGES.values()]
+        results = http.post(f"{url}/classify", json={"messages": messages}).json()["results"]
         threshold = http.get(f"{url}/info").json()["threshold"]
     t = 0.5 if threshold is None else threshold["value"]
     return {
@@ -430,12 +430,12 @@ def test_tell_from_a_client_outside_the_allowed_set_is_refused(server):
 
 @pytest.fixture(scope="module", params=["on", "below"])
 def boundary(request, tmp_path_factory, tiny_config, bpe_dir) -> tuple[Path, bool]:
-    """A calibrated checkpoint whose threshold is the served P(spam) of the plain message's text ("on": spam) or
+    """A calibrated checkpoint whose threshold is the served P(spam) of the plain message ("on": spam) or
     the next float32 above it ("below": ham), and whether the message is spam."""
     checkpoint = calibrated_checkpoint(tmp_path_factory.mktemp("ckpt"), tiny_config, bpe_dir)
-    text = read_message(MESSAGES["plain"]).text
+    message = {"base64": base64.b64encode(MESSAGES["plain"]).decode()}
     with TestClient(create_app(tiny_settings(checkpoint))) as client:
-        p = client.post("/classify", json={"texts": [text]}).json()["results"][0]["probabilities"]["spam"]
+        p = client.post("/classify", json={"messages": [message]}).json()["results"][0]["probabilities"]["spam"]
     value = p if request.param == "on" else torch.nextafter(torch.tensor(p), torch.tensor(1.0)).item()
     edit_card(threshold={"label": "spam", "value": value})(checkpoint)
     return checkpoint, request.param == "on"

@@ -6,6 +6,7 @@ rspamd starts from the system's configuration (/etc/rspamd) with its local direc
 moved into the test's directory; hyperscan is off, which spares its start the regular expression compilation (75 s
 measured on this project's 2 busy cores). No network is used: the rules that query DNS find none and add nothing."""
 
+import base64
 import os
 import shutil
 import socket
@@ -19,7 +20,6 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from tests.helpers import calibrated_checkpoint, edit_card, tiny_settings
 from tests.live_server import free_port, live_server
-from training.runtime.mail import read_message
 
 RSPAMD, RSPAMC = shutil.which("rspamd"), shutil.which("rspamc")
 pytestmark = pytest.mark.skipif(
@@ -84,9 +84,9 @@ def wait_listening(process: subprocess.Popen, port: int, log: Path) -> None:
 def split_checkpoint(tmp_path, tiny_config, bpe_dir) -> tuple[Path, str, str]:
     """A tiny calibrated checkpoint whose threshold sits between the two messages' P(spam): one is spam, one ham."""
     checkpoint = calibrated_checkpoint(tmp_path / "ckpt", tiny_config, bpe_dir)
-    texts = [read_message(raw).text for raw in MESSAGES.values()]
+    messages = [{"base64": base64.b64encode(raw).decode()} for raw in MESSAGES.values()]
     with TestClient(create_app(tiny_settings(checkpoint))) as client:
-        results = client.post("/classify", json={"texts": texts}).json()["results"]
+        results = client.post("/classify", json={"messages": messages}).json()["results"]
     p = {name: r["probabilities"]["spam"] for name, r in zip(MESSAGES, results, strict=True)}
     assert p["prize"] != p["lunch"]
     spam, ham = ("prize", "lunch") if p["prize"] > p["lunch"] else ("lunch", "prize")

@@ -145,7 +145,7 @@ def test_the_marked_message_drops_a_senders_verdict_and_keeps_line_endings():
         b"X-Spam-Prev-Subject: old",
         b"X-Spam-Score: 2.8",
         b"X-Spam-Level: **",
-        b"X-Spam-Status: No, score=2.8 required=5.0 tests=SPAMGPT_HAM autolearn=no version=spamgpt",
+        b"X-Spam-Status: No, score=2.8 required=5.0 tests=GPT_HAM autolearn=no version=spamgpt",
     ]
     spam = marked_message(b"Subject: x\r\n\r\nbody", verdict(0.9, 0.5, True, 5.0), headers_only=True)
     assert spam.startswith(b"Subject: x\r\nX-Spam-Flag: YES\r\nX-Spam-Score: 7.2\r\n") and spam.endswith(b"\r\n\r\n")
@@ -163,7 +163,7 @@ def test_spamc_every_command(server, expected, name):
     check = spamc(port, "-c", message=raw)
     assert (check.stdout.decode(), check.returncode) == (f"{score}/{required}\n", int(result.is_spam))
     symbols = spamc(port, "-y", message=raw)
-    assert symbols.stdout.decode() == ("SPAMGPT_SPAM" if result.is_spam else "SPAMGPT_HAM"), symbols.stderr
+    assert symbols.stdout.decode() == ("GPT_SPAM" if result.is_spam else "GPT_HAM"), symbols.stderr
     report = spamc(port, "-R", message=raw).stdout.decode()
     assert report.startswith(f"{score}/{required}\n") and f"({score} points, {required} required)" in report
     if_spam = spamc(port, "-r", message=raw).stdout.decode()
@@ -208,7 +208,7 @@ def test_aiospamc_every_command(server, expected):
             compressed = await aiospamc.check(raw, host="127.0.0.1", port=port, compress=True)
             assert compressed.headers["Spam"].score == score
             symbols = await aiospamc.symbols(raw, host="127.0.0.1", port=port)
-            assert symbols.body == (b"SPAMGPT_SPAM" if is_spam else b"SPAMGPT_HAM")
+            assert symbols.body == (b"GPT_SPAM" if is_spam else b"GPT_HAM")
             processed = await aiospamc.process(raw, host="127.0.0.1", port=port)
             assert processed.body == marked_message(raw, result)
             if_spam = await aiospamc.report_if_spam(raw, host="127.0.0.1", port=port)
@@ -257,7 +257,7 @@ def test_one_request_per_connection_as_spamd_serves_them(server, expected):
 def test_symbols_as_each_protocol_version_writes_them(server, expected, version, answer):
     raw, result = MESSAGES["plain"], expected["plain"]
     sent = f"SYMBOLS SPAMC/{version}\r\nContent-length: {len(raw)}\r\n\r\n".encode() + raw
-    body = "SPAMGPT_SPAM" if result.is_spam else "SPAMGPT_HAM"
+    body = "GPT_SPAM" if result.is_spam else "GPT_HAM"
     shown = answer.format(n=len(body), spam=spam_line(result), body=body)
     assert exchange(server[1], sent).decode() == shown
 

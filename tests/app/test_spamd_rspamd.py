@@ -48,7 +48,7 @@ def rspamd_config(directory: Path, spamd_port: int) -> tuple[list[str], int]:
     # docs/mailserver.md's configuration: one symbol per decision
     (local / "external_services.conf").write_text(
         f'spamgpt {{\n  type = "spamassassin";\n  servers = "127.0.0.1:{spamd_port}";\n  symbol = "SPAMGPT";\n'
-        '  patterns {\n    SPAMGPT_SPAM = "^SPAMGPT_SPAM$";\n    SPAMGPT_HAM = "^SPAMGPT_HAM$";\n  }\n'
+        '  patterns {\n    GPT_SPAM = "^GPT_SPAM$";\n    GPT_HAM = "^GPT_HAM$";\n  }\n'
         "  timeout = 30;\n  retransmits = 0;\n  log_clean = true;\n}\n"
     )
     variables = [f"LOCAL_CONFDIR={directory}", f"DBDIR={directory}/db", f"RUNDIR={directory}/run"]
@@ -105,11 +105,11 @@ def test_rspamd_inserts_the_models_verdict_symbol(split_checkpoint, tmp_path):
         try:
             wait_listening(rspamd, port, log)
             spam_symbols = rspamc(port, MESSAGES[spam])
-            assert "Symbol: SPAMGPT_SPAM " in spam_symbols and "SPAMGPT_HAM" not in spam_symbols, spam_symbols
+            assert "Symbol: GPT_SPAM " in spam_symbols and "GPT_HAM" not in spam_symbols, spam_symbols
             # rspamd's spamassassin service inserts a symbol only for a score above 0 and logs the rest as clean
             ham_symbols = rspamc(port, MESSAGES[ham])
-            assert "SPAMGPT_SPAM" not in ham_symbols and "SPAMGPT_FAIL" not in ham_symbols, ham_symbols
-            assert "no spam detected - spam score: " in log.read_text() and "symbols: SPAMGPT_HAM" in log.read_text()
+            assert "GPT_SPAM" not in ham_symbols and "SPAMGPT_FAIL" not in ham_symbols, ham_symbols
+            assert "no spam detected - spam score: " in log.read_text() and "symbols: GPT_HAM" in log.read_text()
         finally:
             rspamd.terminate()
             rspamd.wait(timeout=60)

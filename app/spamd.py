@@ -66,7 +66,7 @@ REQUEST_LINE = re.compile(rb"([A-Z_]+) SPAMC/(\d+)\.(\d+)\r?\n")
 MAX_LINE_BYTES = 8 * 1024  # a command or header line; spamc's own lines are under 8 KiB (its buffer)
 MAX_HEADERS = 255  # header lines per request, as spamd allows
 LINGER_S = 2.0  # after answering, how long dropped bytes are read before the close (within the deadline)
-SYMBOL = {True: "SPAMGPT_SPAM", False: "SPAMGPT_HAM"}  # the one rule "hit": the model's decision
+SYMBOL = {True: "GPT_SPAM", False: "GPT_HAM"}  # the one rule "hit": the model's decision
 EPSILON = 1e-7  # probabilities are clamped to [EPSILON, 1 - EPSILON] before their log-odds: float32 gives 0 and 1
 
 

@@ -14,8 +14,7 @@ machine hits them alike:
 - spamd xN: N asyncio clients speaking the protocol on raw sockets (CHECK), one connection per message as the protocol
   has it, each sending its next message when the last is answered (N = 1 and --clients);
 - http xN: N asyncio clients on keep-alive HTTP/1.1 connections (a minimal client, as light as the spamd one), one
-  POST /classify per message carrying the text training.runtime.mail.read_message makes of it (read on the client,
-  untimed: the spamd listener reads the raw message itself, so its numbers include the extraction).
+  POST /classify per message, `{"messages": [{"base64": ...}]}`: the same reading, windows and batcher server-side.
 Every spamd verdict is checked against HTTP's label for the same message.
 
 Memory: the server's VmRSS idle, and at its peak (sampled every 0.1 s) while, at once, --stalled connections send a
@@ -25,6 +24,7 @@ nothing, and 8 clients each pipeline 10,000 PINGs; then how each ended and a CHE
 
 import argparse
 import asyncio
+import base64
 import json
 import random
 import shutil
@@ -47,7 +47,6 @@ from benchmarks.common import (
 )
 from tests.live_server import free_port, live_server
 from training.runtime.checkpoint import ModelCard, save_checkpoint
-from training.runtime.mail import read_message
 from training.runtime.model import GPTClassifier, GPTConfig
 
 CORPUS = SHARED_DATA / "spamassassin-public-corpus"
@@ -83,12 +82,12 @@ async def spamd_client(port: int, raws: list[bytes], latencies: list[float], ver
         verdicts[index] = answer.split(b"Spam: ", 1)[1].startswith(b"True")
 
 
-async def http_client(port: int, texts: list, latencies: list[float], labels: dict[int, bool]) -> None:
-    """POST /classify one text at a time on one keep-alive connection; latencies in seconds."""
+async def http_client(port: int, raws: list, latencies: list[float], labels: dict[int, bool]) -> None:
+    """POST /classify one message at a time on one keep-alive connection; latencies in seconds."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        for index, text in texts:
-            body = json.dumps({"texts": [text]}).encode()
+        for index, raw in raws:
+            body = json.dumps({"messages": [{"base64": base64.b64encode(raw).decode()}]}).encode()
             head = f"POST /classify HTTP/1.1\r\nHost: bench\r\n{JSON}Content-Length: {len(body)}\r\n\r\n"
             start = time.perf_counter()
             writer.write(head.encode() + body)
@@ -116,11 +115,11 @@ def spamc_run(port: int, raws: list, latencies: list[float], verdicts: dict[int,
         verdicts[index] = done.returncode == 1
 
 
-def run_contender(name: str, clients: int, ports: tuple[int, int], raws: list[bytes], texts: list[str], seen: dict):
+def run_contender(name: str, clients: int, ports: tuple[int, int], raws: list[bytes], seen: dict):
     """One pass of every message through `name` with `clients` clients: (wall seconds, latencies in seconds)."""
     latencies: list[float] = []
     verdicts = seen.setdefault(name, {})
-    work = list(enumerate(raws if name != "http" else texts))
+    work = list(enumerate(raws))
     shares = [work[i::clients] for i in range(clients)]
     start = time.perf_counter()
     if name == "spamc":
@@ -219,7 +218,6 @@ def main() -> None:
     if shutil.which("spamc") is None:
         raise SystemExit("needs Debian's spamc (apt-get install spamc)")
     raws = sample_messages(args.messages, args.seed)
-    texts = [read_message(raw).text for raw in raws]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = cached_random_checkpoint() if args.weights == "gpt2" else tiny_checkpoint(Path(tmp) / "tiny")
         spamd_port = free_port()
@@ -229,11 +227,11 @@ def main() -> None:
             contenders = [("spamc", 1), ("spamd", 1), ("http", 1), ("spamd", args.clients), ("http", args.clients)]
             seen: dict = {}
             for name, clients in contenders:  # warm-up, untimed
-                run_contender(name, clients, ports, raws[:4], texts[:4], {})
+                run_contender(name, clients, ports, raws[:4], {})
             timings: dict = {c: [] for c in contenders}
             for r in range(args.rounds):
                 for name, clients in contenders[r % len(contenders) :] + contenders[: r % len(contenders)]:
-                    timings[(name, clients)].append(run_contender(name, clients, ports, raws, texts, seen))
+                    timings[(name, clients)].append(run_contender(name, clients, ports, raws, seen))
             assert seen["spamd"] == seen["http"] == seen["spamc"], "a spamd verdict differs from HTTP's label"
             memory = memory_under_bad_clients(server.pid, spamd_port, args.stalled, hold_s=30)
     rows = []

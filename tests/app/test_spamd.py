@@ -3,6 +3,7 @@
 HTTP's answer for the same message's text; the tests that need spamc skip where it is not installed."""
 
 import asyncio
+import base64
 import shutil
 import socket
 import subprocess
@@ -23,7 +24,6 @@ from tests.helpers import calibrated_checkpoint, edit_card, tiny_card, tiny_sett
 from tests.live_server import free_port, live_server
 from training.runtime.checkpoint import save_checkpoint
 from training.runtime.feedback import FeedbackStore
-from training.runtime.mail import read_message
 from training.runtime.model import GPTClassifier
 
 SPAMC = shutil.which("spamc")
@@ -92,11 +92,11 @@ def server(tmp_path_factory, tiny_config, bpe_dir):
 
 @pytest.fixture(scope="module")
 def expected(server) -> dict[str, Verdict]:
-    """Each message's verdict from HTTP /classify on the text read from it, and the threshold in force."""
+    """Each message's verdict from HTTP /classify given the same message, and the threshold in force."""
     url = server[0]
     with httpx.Client(trust_env=False, timeout=30) as http:
-        texts = [read_message(raw).text for raw in MESSAGES.values()]
-        results = http.post(f"{url}/classify", json={"texts": texts}).json()["results"]
+        messages = [{"base64": base64.b64encode(raw).decode()} for raw in MESSAGES.values()]
+        results = http.post(f"{url}/classify", json={"messages": messages}).json()["results"]
         threshold = http.get(f"{url}/info").json()["threshold"]
     t = 0.5 if threshold is None else threshold["value"]
     return {
@@ -145,7 +145,7 @@ def test_the_marked_message_drops_a_senders_verdict_and_keeps_line_endings():
         b"X-Spam-Prev-Subject: old",
         b"X-Spam-Score: 2.8",
         b"X-Spam-Level: **",
-        b"X-Spam-Status: No, score=2.8 required=5.0 tests=SPAMGPT_HAM autolearn=no version=spamgpt",
+        b"X-Spam-Status: No, score=2.8 required=5.0 tests=GPT_HAM autolearn=no version=spamgpt",
     ]
     spam = marked_message(b"Subject: x\r\n\r\nbody", verdict(0.9, 0.5, True, 5.0), headers_only=True)
     assert spam.startswith(b"Subject: x\r\nX-Spam-Flag: YES\r\nX-Spam-Score: 7.2\r\n") and spam.endswith(b"\r\n\r\n")
@@ -163,7 +163,7 @@ def test_spamc_every_command(server, expected, name):
     check = spamc(port, "-c", message=raw)
     assert (check.stdout.decode(), check.returncode) == (f"{score}/{required}\n", int(result.is_spam))
     symbols = spamc(port, "-y", message=raw)
-    assert symbols.stdout.decode() == ("SPAMGPT_SPAM" if result.is_spam else "SPAMGPT_HAM"), symbols.stderr
+    assert symbols.stdout.decode() == ("GPT_SPAM" if result.is_spam else "GPT_HAM"), symbols.stderr
     report = spamc(port, "-R", message=raw).stdout.decode()
     assert report.startswith(f"{score}/{required}\n") and f"({score} points, {required} required)" in report
     if_spam = spamc(port, "-r", message=raw).stdout.decode()
@@ -208,7 +208,7 @@ def test_aiospamc_every_command(server, expected):
             compressed = await aiospamc.check(raw, host="127.0.0.1", port=port, compress=True)
             assert compressed.headers["Spam"].score == score
             symbols = await aiospamc.symbols(raw, host="127.0.0.1", port=port)
-            assert symbols.body == (b"SPAMGPT_SPAM" if is_spam else b"SPAMGPT_HAM")
+            assert symbols.body == (b"GPT_SPAM" if is_spam else b"GPT_HAM")
             processed = await aiospamc.process(raw, host="127.0.0.1", port=port)
             assert processed.body == marked_message(raw, result)
             if_spam = await aiospamc.report_if_spam(raw, host="127.0.0.1", port=port)
@@ -257,7 +257,7 @@ def test_one_request_per_connection_as_spamd_serves_them(server, expected):
 def test_symbols_as_each_protocol_version_writes_them(server, expected, version, answer):
     raw, result = MESSAGES["plain"], expected["plain"]
     sent = f"SYMBOLS SPAMC/{version}\r\nContent-length: {len(raw)}\r\n\r\n".encode() + raw
-    body = "SPAMGPT_SPAM" if result.is_spam else "SPAMGPT_HAM"
+    body = "GPT_SPAM" if result.is_spam else "GPT_HAM"
     shown = answer.format(n=len(body), spam=spam_line(result), body=body)
     assert exchange(server[1], sent).decode() == shown
 
@@ -430,12 +430,12 @@ def test_tell_from_a_client_outside_the_allowed_set_is_refused(server):
 
 @pytest.fixture(scope="module", params=["on", "below"])
 def boundary(request, tmp_path_factory, tiny_config, bpe_dir) -> tuple[Path, bool]:
-    """A calibrated checkpoint whose threshold is the served P(spam) of the plain message's text ("on": spam) or
+    """A calibrated checkpoint whose threshold is the served P(spam) of the plain message ("on": spam) or
     the next float32 above it ("below": ham), and whether the message is spam."""
     checkpoint = calibrated_checkpoint(tmp_path_factory.mktemp("ckpt"), tiny_config, bpe_dir)
-    text = read_message(MESSAGES["plain"]).text
+    message = {"base64": base64.b64encode(MESSAGES["plain"]).decode()}
     with TestClient(create_app(tiny_settings(checkpoint))) as client:
-        p = client.post("/classify", json={"texts": [text]}).json()["results"][0]["probabilities"]["spam"]
+        p = client.post("/classify", json={"messages": [message]}).json()["results"][0]["probabilities"]["spam"]
     value = p if request.param == "on" else torch.nextafter(torch.tensor(p), torch.tensor(1.0)).item()
     edit_card(threshold={"label": "spam", "value": value})(checkpoint)
     return checkpoint, request.param == "on"

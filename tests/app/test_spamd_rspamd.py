@@ -6,6 +6,7 @@ rspamd starts from the system's configuration (/etc/rspamd) with its local direc
 moved into the test's directory; hyperscan is off, which spares its start the regular expression compilation (75 s
 measured on this project's 2 busy cores). No network is used: the rules that query DNS find none and add nothing."""
 
+import base64
 import os
 import shutil
 import socket
@@ -19,7 +20,6 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from tests.helpers import calibrated_checkpoint, edit_card, tiny_settings
 from tests.live_server import free_port, live_server
-from training.runtime.mail import read_message
 
 RSPAMD, RSPAMC = shutil.which("rspamd"), shutil.which("rspamc")
 pytestmark = pytest.mark.skipif(
@@ -48,7 +48,7 @@ def rspamd_config(directory: Path, spamd_port: int) -> tuple[list[str], int]:
     # docs/mailserver.md's configuration: one symbol per decision
     (local / "external_services.conf").write_text(
         f'spamgpt {{\n  type = "spamassassin";\n  servers = "127.0.0.1:{spamd_port}";\n  symbol = "SPAMGPT";\n'
-        '  patterns {\n    SPAMGPT_SPAM = "^SPAMGPT_SPAM$";\n    SPAMGPT_HAM = "^SPAMGPT_HAM$";\n  }\n'
+        '  patterns {\n    GPT_SPAM = "^GPT_SPAM$";\n    GPT_HAM = "^GPT_HAM$";\n  }\n'
         "  timeout = 30;\n  retransmits = 0;\n  log_clean = true;\n}\n"
     )
     variables = [f"LOCAL_CONFDIR={directory}", f"DBDIR={directory}/db", f"RUNDIR={directory}/run"]
@@ -84,9 +84,9 @@ def wait_listening(process: subprocess.Popen, port: int, log: Path) -> None:
 def split_checkpoint(tmp_path, tiny_config, bpe_dir) -> tuple[Path, str, str]:
     """A tiny calibrated checkpoint whose threshold sits between the two messages' P(spam): one is spam, one ham."""
     checkpoint = calibrated_checkpoint(tmp_path / "ckpt", tiny_config, bpe_dir)
-    texts = [read_message(raw).text for raw in MESSAGES.values()]
+    messages = [{"base64": base64.b64encode(raw).decode()} for raw in MESSAGES.values()]
     with TestClient(create_app(tiny_settings(checkpoint))) as client:
-        results = client.post("/classify", json={"texts": texts}).json()["results"]
+        results = client.post("/classify", json={"messages": messages}).json()["results"]
     p = {name: r["probabilities"]["spam"] for name, r in zip(MESSAGES, results, strict=True)}
     assert p["prize"] != p["lunch"]
     spam, ham = ("prize", "lunch") if p["prize"] > p["lunch"] else ("lunch", "prize")
@@ -105,11 +105,11 @@ def test_rspamd_inserts_the_models_verdict_symbol(split_checkpoint, tmp_path):
         try:
             wait_listening(rspamd, port, log)
             spam_symbols = rspamc(port, MESSAGES[spam])
-            assert "Symbol: SPAMGPT_SPAM " in spam_symbols and "SPAMGPT_HAM" not in spam_symbols, spam_symbols
+            assert "Symbol: GPT_SPAM " in spam_symbols and "GPT_HAM" not in spam_symbols, spam_symbols
             # rspamd's spamassassin service inserts a symbol only for a score above 0 and logs the rest as clean
             ham_symbols = rspamc(port, MESSAGES[ham])
-            assert "SPAMGPT_SPAM" not in ham_symbols and "SPAMGPT_FAIL" not in ham_symbols, ham_symbols
-            assert "no spam detected - spam score: " in log.read_text() and "symbols: SPAMGPT_HAM" in log.read_text()
+            assert "GPT_SPAM" not in ham_symbols and "SPAMGPT_FAIL" not in ham_symbols, ham_symbols
+            assert "no spam detected - spam score: " in log.read_text() and "symbols: GPT_HAM" in log.read_text()
         finally:
             rspamd.terminate()
             rspamd.wait(timeout=60)

@@ -70,6 +70,16 @@ class Unauthorized(APIError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class FeedbackDisabled(APIError):
+    status_code, type = 403, "feedback_disabled"
+    description = "This server takes no feedback: SPAMGPT_FEEDBACK_ENABLED is not true"
+
+
+class FeedbackNotStored(APIError):
+    status_code, type = 503, "feedback_not_stored"
+    description = "The feedback database refused the write (disk full, read-only, damaged): nothing was recorded"
+
+
 class Overloaded(APIError):
     status_code, type = 429, "overloaded"
     description = "The queue cannot take the request's texts now; retry after Retry-After seconds"

@@ -31,6 +31,11 @@ class Metrics:
         # Texts answered with a model_error (500) instead of probabilities, by cause ("non_finite_logits")
         self.model_errors = Counter("spamgpt_model_errors", "Texts the model failed on", ["cause"], registry=r)
 
+        # spamd-protocol requests (app.spamd) by command ("-" when unreadable) and answer (EX_OK, EX_PROTOCOL, ...)
+        self.spamd_requests = Counter(
+            "spamgpt_spamd_requests", "spamd-protocol requests", ["command", "status"], registry=r
+        )
+
     def render(self) -> bytes:
         """The registry in Prometheus' text format."""
         return generate_latest(self.registry)

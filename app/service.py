@@ -19,9 +19,11 @@ from starlette.types import Receive
 from app.batcher import Batcher
 from app.edge.protocol import ARRIVAL_TIMEOUT_STATE
 from app.errors import ClientClosedRequest, ErrorDetail, InvalidInput, ModelError, NotReady
+from app.feedback import Feedback
 from app.metrics import Metrics
 from app.schemas import Health, Info
 from app.settings import Settings
+from app.spamd import SpamdServer
 from training.runtime.classifier import Classifier, MessageRows
 from training.runtime.inference import nonfinite_rows
 
@@ -63,6 +65,7 @@ class Service:
         # that the running one needs.
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spamgpt-model")
         self.model_name = settings.model_name
+        self.feedback: Feedback | None = None  # the corrections store, when settings.feedback_enabled
 
     async def start(self) -> None:
         """Load and warm up in a thread, so the event loop stays free (and /health answers 503) meanwhile.
@@ -74,6 +77,8 @@ class Service:
             self.classifier = await asyncio.get_running_loop().run_in_executor(
                 self.model_thread, Classifier.load, s.checkpoint_dir, s.classifier_options()
             )
+            if s.feedback_enabled:  # a damaged database stops the start, naming its file
+                self.feedback = await Feedback.open(s.feedback_path, self.classifier.card.labels)
         except Exception as exc:
             self.status, self.detail = "failed", f"{type(exc).__name__}: {exc}"
             raise
@@ -93,6 +98,8 @@ class Service:
         if self._batcher is not None:
             await self._batcher.stop()
         self.model_thread.shutdown()
+        if self.feedback is not None:
+            self.feedback.close()
 
     def require_ready(self) -> None:
         """Raises NotReady (503) unless the model is loaded: while loading, after a failed load. While draining,
@@ -293,8 +300,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, float]]:
     app.edge.protocol reads the arrival deadline of these settings there."""
     service: Service = app.state.service
     await service.start()
+    spamd = SpamdServer(service) if service.settings.spamd_port is not None else None
+    if spamd is not None:  # the spamd-protocol listener, on its own port: accepts until the server stops accepting
+        await spamd.start()
     with draining_on_sigterm(service, service.settings.drain_delay_s):
         yield {ARRIVAL_TIMEOUT_STATE: service.settings.request_arrival_timeout_s}
+    if spamd is not None:
+        await spamd.stop()
     await service.stop()
 
 

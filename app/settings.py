@@ -6,10 +6,10 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from training.runtime.options import ClassifierOptions
 
@@ -111,6 +111,39 @@ class Settings(BaseSettings):
     # The name in responses; default derived from the checkpoint, e.g. "spamgpt-gpt2-124m".
     model_name: str | None = None
 
+    # The spamd-protocol listener (app.spamd), for spamc, Exim, Haraka and Rspamd's spamassassin service. Its port;
+    # unset: no listener. Off by default: it has no API key (spamd's protocol carries none), only spamd_allowed_ips.
+    spamd_port: int | None = Field(None, ge=1, le=65535)
+    # Its address: loopback by default, as spamd's, so only this machine's MTA reaches it; 0.0.0.0 opens it to the
+    # networks spamd_allowed_ips admits.
+    spamd_host: str = "127.0.0.1"
+    # Clients allowed to connect, as spamd's --allowed-ips: addresses or networks, comma-separated. Others are
+    # answered EX_NOPERM and closed. Wider admits more MTAs; each one admitted can use the model and its queue.
+    spamd_allowed_ips: Annotated[list[IPvAnyNetwork], NoDecode] = ["127.0.0.0/8", "::1/128"]
+    # TELL (learning from a user's correction) refused unless true, as spamd's --allow-tell: a client that may TELL
+    # writes into the feedback store that the next fine-tune reads.
+    spamd_allow_tell: bool = False
+    # Clients whose TELL is taken when spamd_allow_tell is true: addresses or networks, comma-separated. Narrower
+    # than spamd_allowed_ips where only some hosts (the mail admin's) may teach the model.
+    spamd_tell_allowed_ips: Annotated[list[IPvAnyNetwork], NoDecode] = ["127.0.0.0/8", "::1/128"]
+    # The `required` score clients see, and the score a message exactly on the model's threshold gets (score =
+    # required + log-odds of P(spam) - log-odds of the threshold: docs/mailserver.md). SpamAssassin's 5.0 keeps an
+    # MTA's required_score habits; the decisions are the model's whatever the value.
+    spamd_required_score: float = Field(5.0, ge=-100, le=100)
+    # Open spamd connections; the next one is answered EX_TEMPFAIL (the MTA retries later) and closed. With
+    # max_message_bytes (one message, after zlib decompression too, as on HTTP) it bounds the memory spamd clients
+    # can pin: 32 x 4 MiB by default. More admits more MTA processes scanning at once.
+    spamd_max_connections: int = Field(32, ge=1)
+
+    # Corrections users report (POST /feedback; spamd's TELL) go to an SQLite file that finetune reads as data
+    # (docs/feedback.md). Off: /feedback answers 403 and nothing is written; on: reports need the API key when one
+    # is set, and each is acknowledged only once it is on disk.
+    feedback_enabled: bool = False
+    # The feedback database, created with its directory when missing. On a local disk: SQLite's write-ahead log
+    # needs shared memory that network filesystems do not give. One file per server: replicas writing one file
+    # over a shared volume would corrupt it; give each its own and merge them as data (docs/feedback.md).
+    feedback_path: Path = Path("feedback/feedback.db")
+
     # Log lines: "text" (uvicorn's own) or "json", one JSON object a line for cluster log collectors, with one
     # line per request carrying its id (app.edge.request_log). Every response carries X-Request-ID either way.
     log_format: Literal["text", "json"] = "text"
@@ -123,12 +156,33 @@ class Settings(BaseSettings):
             raise ValueError("checkpoint_dir must not be empty: name a checkpoint directory, e.g. checkpoints/spamgpt")
         return value
 
+    @field_validator("feedback_path", mode="before")
+    @classmethod
+    def _named_file(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("feedback_path must not be empty: name a file, e.g. feedback/feedback.db")
+        return value
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
         if not DEVICE_PATTERN.fullmatch(value):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
         return value
+
+    @field_validator("spamd_host")
+    @classmethod
+    def _named_host(cls, value: str) -> str:
+        # an empty host would listen on every interface
+        if not value.strip():
+            raise ValueError("spamd_host must not be empty: name an address, e.g. 127.0.0.1 (0.0.0.0 for all)")
+        return value
+
+    @field_validator("spamd_allowed_ips", "spamd_tell_allowed_ips", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        # "127.0.0.1, 10.0.0.0/8" from the environment, as spamd's --allowed-ips takes them
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
     @field_validator("api_key")
     @classmethod

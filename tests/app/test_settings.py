@@ -115,6 +115,15 @@ BAD_VALUES = {
     "drain_delay_s": ("-1", "a number >= 0"),
     "api_key": ("", "leave it unset to disable authentication"),
     "model_name": (" ", "leave it unset for the checkpoint's own name"),
+    "spamd_port": ("70000", "an integer >= 1 and <= 65535, or leave it unset"),
+    "spamd_host": ("", "must not be empty"),
+    "spamd_allowed_ips": ("10.0.0.0/33", "not a valid IPv4 or IPv6 network"),
+    "spamd_allow_tell": ("perhaps", "true or false"),
+    "spamd_tell_allowed_ips": ("localhost", "not a valid IPv4 or IPv6 network"),
+    "spamd_required_score": ("1e9", "a number >= -100 and <= 100"),
+    "spamd_max_connections": ("0", "an integer >= 1"),
+    "feedback_enabled": ("on-ish", "true or false"),
+    "feedback_path": (" ", "must not be empty"),
     "log_format": ("xml", "'text' or 'json'"),
 }
 
@@ -169,3 +178,8 @@ def test_every_refused_variable_gets_its_line(monkeypatch):
         "SPAMGPT_MAX_BATCH_SIZE",
         "SPAMGPT_LOG_FORMAT",
     ]
+
+
+def test_spamd_allowed_ips_are_read_comma_separated_as_spamd_takes_them(monkeypatch):
+    monkeypatch.setenv("SPAMGPT_SPAMD_ALLOWED_IPS", "10.0.0.1, 192.168.0.0/16,::1")
+    assert [str(n) for n in Settings().spamd_allowed_ips] == ["10.0.0.1/32", "192.168.0.0/16", "::1/128"]

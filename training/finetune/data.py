@@ -107,14 +107,19 @@ def is_mail_folder(source: str) -> bool:
 def load_dataset(
     source: str, text_column: str = "text", label_column: str = "label", extraction: Extraction = DEFAULT_EXTRACTION
 ) -> Dataset:
-    """The source "sms" (the packaged copy: no network), a local SMSSpamCollection file, a .csv / .tsv / .jsonl
-    table, or a directory of mail read with `extraction` (load_mail)."""
+    """The source "sms" (the packaged copy: no network), a local SMSSpamCollection file, a directory of mail read
+    with `extraction` (load_mail), a feedback store's SQLite file (training.finetune.feedback.load_corrections), or
+    a .csv / .tsv / .jsonl table."""
     if source == "sms":
         return load_sms_spam()
     if is_sms_spam(source):
         return load_sms_spam(source)
     if is_mail_folder(source):
         return load_mail(source, extraction)
+    from training.finetune.feedback import is_feedback_store, load_corrections  # it reads rows as this module does
+
+    if is_feedback_store(source):
+        return load_corrections(source)
     return load_table(source, text_column, label_column)
 
 

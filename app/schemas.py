@@ -3,7 +3,17 @@ constraints on its model, built per app from its settings, so validation and the
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    create_model,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from app.settings import Settings
@@ -44,7 +54,41 @@ def classify_request_model(settings: Settings) -> type[BaseModel]:
     )
     text = bounded_text(settings.max_text_chars)
     # extra="forbid": a misspelt field ("text") is an error, not silently ignored
-    return create_model("ClassifyRequest", __config__=ConfigDict(extra="forbid"), texts=(list[text], texts))
+    return create_model(
+        "ClassifyRequest",
+        __config__=ConfigDict(extra="forbid"),
+        __validators__={"one_way_to_name_models": model_validator(mode="after")(_model_or_models)},
+        texts=(list[text], texts),
+        **MODEL_FIELDS,
+    )
+
+
+# /classify's choice of models (app.models): one by name, or several, each text answered by each
+MODEL_FIELDS = {
+    "model": (
+        str | None,
+        Field(None, description="The model to answer (see /info's models); unset: the default model"),
+    ),
+    "models": (
+        list[str] | None,
+        Field(
+            None,
+            min_length=1,
+            description="Several models, each answering each text (instead of model); models on one base share "
+            "one pass of their common prefix",
+        ),
+    ),
+}
+
+
+def _model_or_models(request: BaseModel) -> BaseModel:
+    if request.model is not None and request.models is not None:
+        raise PydanticCustomError("model_or_models", "give model or models, not both")
+    if request.models is not None and len(set(request.models)) < len(request.models):
+        raise PydanticCustomError(
+            "repeated_model", "models must not name a model twice, got {models}", {"models": request.models}
+        )
+    return request
 
 
 # The tags of each tagged union in a request body, by the field that holds it: pydantic writes the member it chose
@@ -136,14 +180,26 @@ class ClassifyResponse(BaseModel):
     results: list[Result] = Field(description="In the order of the request's texts")
 
 
+class ClassifyManyResponse(BaseModel):
+    """The answer to /classify with `models`."""
+
+    models: list[str] = Field(description="The models asked, in the request's order")
+    results: list[dict[str, Result]] = Field(description="In the order of the request's texts: each model's result")
+
+
 class Health(BaseModel):
     status: Literal["ok", "loading", "failed", "draining"]
     detail: str | None = None
     model: str | None = None
 
 
-class Info(BaseModel):
-    model: str
+class ModelInfo(BaseModel):
+    """One served model: its card, where it was loaded from, and where and how it runs."""
+
+    model: str = Field(description="Its name, as requests give it")
+    checkpoint: str = Field(description="The checkpoint directory it was loaded from")
+    revision: int = Field(description="1 for the name's first load since the server started; one more per replacement")
+    loaded_at: str = Field(description="When this revision started serving (ISO 8601, UTC)")
     labels: list[str]
     base_model: str
     parameters: int
@@ -164,4 +220,12 @@ class Info(BaseModel):
     device: str
     dtype: str
     quantization: str | None
+
+
+class Info(ModelInfo):
+    """The default model's card at the top level (the shape of a server with one model), the limits in force, and
+    every model served."""
+
     limits: dict[str, int | float | bool]
+    models: list[ModelInfo] = Field(description="Every model served, the default among them")
+    refused: dict[str, str] = Field(description="Checkpoints refused at startup, by name: why each was not served")

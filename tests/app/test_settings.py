@@ -6,7 +6,7 @@ import torch
 from pydantic import ValidationError
 
 import training.runtime.precision
-from app.service import model_name
+from app.models import model_name
 from app.settings import Settings, SettingsError, settings_from_environment
 from tests.helpers import pretend_cpu
 

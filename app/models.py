@@ -1,0 +1,230 @@
+"""Several named models in one server, added, replaced and removed while it serves (docs/serving.md, "Several
+classifiers on one base").
+
+A ServedModel is one loaded version of a named checkpoint. A request resolves the names it asks for to versions in
+one step (ModelRegistry.use) and holds them until it is answered; its texts carry those versions through the
+micro-batcher to the model thread. A replacement loads and warms up the new version while the old one serves, then
+points the name at it in one step on the event loop: requests that resolved the name before finish on the old
+version, later ones get the new, and none waits or fails for the swap. Once the last request holding the old
+version is answered, its memory is given back to the system (release_memory). Changes of one name run one at a
+time, in the order they were asked (a lock per name); changes of different names run side by side.
+"""
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import Executor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from app.errors import CheckpointRefused, ModelConflict, UnknownModel
+from app.metrics import Metrics
+from app.settings import check_model_name
+from training.runtime.classifier import Classifier
+from training.runtime.options import ClassifierOptions
+
+# uvicorn's own logger: startup refusals and model changes show among its lines, in its format (text or JSON)
+LOG = logging.getLogger("uvicorn.error")
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """One loaded version of the model `name`. Compared by identity: a replacement under the same name is another
+    ServedModel."""
+
+    name: str
+    classifier: Classifier
+    path: Path  # the checkpoint directory it was loaded from, as given
+    revision: int  # 1 for the name's first load since the server started, then one more per load under the name
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    in_use: int = 0  # requests holding this version (ModelRegistry.use), from resolving its name to their answer
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def group(self) -> Hashable:
+        """Texts whose models have the same group may share a batch."""
+        return self
+
+    async def released(self) -> None:
+        """Returns once no request holds this version."""
+        while self.in_use:
+            self._idle.clear()
+            await self._idle.wait()
+
+    def _hold(self, change: int) -> None:
+        self.in_use += change
+        if not self.in_use:
+            self._idle.set()
+
+
+def run_batch(rows: list[list[int]], needs: list[tuple[ServedModel, ...]]) -> list[list[torch.Tensor]]:
+    """One batch the micro-batcher formed (app.batcher.Batcher) -> for each row, its (n_labels,) float32 logits from
+    each model it needs, in the order of its `needs`. Each model runs once, on the rows that need it."""
+    rows_of: dict[ServedModel, list[int]] = defaultdict(list)
+    for i, models in enumerate(needs):
+        for model in models:
+            rows_of[model].append(i)
+    results: list[list[torch.Tensor | None]] = [[None] * len(models) for models in needs]
+    for model, indices in rows_of.items():
+        logits = model.classifier.predict_logits([rows[i] for i in indices])
+        for i, row in zip(indices, logits, strict=True):
+            results[i][needs[i].index(model)] = row
+    return results
+
+
+class ModelRegistry:
+    """The served models by name, the default one, the checkpoints refused at startup, and the changes made while
+    serving. Lives on the event loop: every method is called from it.
+
+    load: (path, options) -> a loaded and warmed-up Classifier (Classifier.load), run on `loader`'s thread, so the
+    event loop (and the model thread, for a change while serving) stays free meanwhile."""
+
+    def __init__(
+        self,
+        options: ClassifierOptions,
+        metrics: Metrics,
+        load: Callable[[Path, ClassifierOptions], Classifier] = Classifier.load,
+    ):
+        self.options, self.metrics, self.load = options, metrics, load
+        self.models: dict[str, ServedModel] = {}
+        self.default: str | None = None
+        self.refused: dict[str, str] = {}  # name -> why its checkpoint was not served, from startup
+        self._revisions: dict[str, int] = defaultdict(int)
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def start(
+        self, sources: list[tuple[str | None, Path]], default: str | None, loader: Executor
+    ) -> list[ServedModel]:
+        """Load every source in turn on `loader`: (name, checkpoint directory), name None for the one checkpoint
+        of the single-model setup (named then from its card, app.service.model_name). A checkpoint that cannot be
+        loaded is refused, its name and reason logged and kept in `refused`, and the others serve. Returns the
+        loaded models.
+
+        Raises what loading the default model raised (CheckpointError, ValueError, RuntimeError), or ValueError for
+        a default that is not among the sources or unset with several sources: without its default model the
+        server cannot answer the requests that name none.
+        """
+        names = [name for name, _ in sources]
+        if default is None and len(sources) > 1:
+            raise ValueError(f"{len(sources)} models {names}: name the one requests get by default (default_model)")
+        if default is not None and default not in names:
+            raise ValueError(f"default model {default!r} is not among the models {names}")
+        loop = asyncio.get_running_loop()
+        for name, path in sources:
+            try:
+                if name is not None:
+                    check_model_name(name)
+                classifier = await loop.run_in_executor(loader, self.load, path, self.options)
+            except Exception as exc:
+                if name is None or name == default or len(sources) == 1:
+                    raise
+                self.refused[name] = reason = f"{type(exc).__name__}: {exc}"
+                LOG.error("model %r (%s) refused: %s", name, path, reason)
+                continue
+            self._install(ServedModel(name or self._derived_name(classifier), classifier, path, 0))
+        self.default = default or next(iter(self.models))
+        return list(self.models.values())
+
+    def _install(self, model: ServedModel) -> None:
+        self._revisions[model.name] += 1
+        model.revision = self._revisions[model.name]
+        self.models[model.name] = model
+        self.refused.pop(model.name, None)
+
+    @staticmethod
+    def _derived_name(classifier: Classifier) -> str:
+        return model_name(classifier.card.base_model, classifier.parameter_count)
+
+    def get(self, name: str | None) -> ServedModel:
+        """The model `name` serves now (None: the default). Raises UnknownModel listing the names served, and
+        the reason for a name refused at startup."""
+        model = self.models.get(self.default if name is None else name)
+        if model is None:
+            refused = f" (its checkpoint was refused at startup: {self.refused[name]})" if name in self.refused else ""
+            raise UnknownModel(f"no model named {name!r}{refused}; the models are {sorted(self.models)}")
+        return model
+
+    @contextmanager
+    def use(self, names: list[str | None]) -> Iterator[list[ServedModel]]:
+        """The models the names serve now, held until the block ends: a replacement or removal meanwhile lets the
+        block finish on these versions and gives back their memory after. Raises UnknownModel (get)."""
+        models = [self.get(name) for name in names]  # all resolved before any is held: no await in between
+        for model in models:
+            model._hold(1)
+        try:
+            yield models
+        finally:
+            for model in models:
+                model._hold(-1)
+
+    async def put(self, name: str, path: Path, loader: Executor) -> tuple[ServedModel, ServedModel | None]:
+        """Serve the checkpoint at `path` as `name`: added, or replacing the version serving now. Loads and warms up
+        on `loader` while the current version keeps serving, swaps in one step, and returns once the old version's
+        last request is answered and its memory given back. Returns the new version and the one it replaced.
+
+        Raises CheckpointRefused with the loader's reason (CheckpointError, ValueError, RuntimeError of a failed
+        warm-up): nothing changes then.
+        """
+        async with self._locks[name]:
+            try:
+                classifier = await asyncio.get_running_loop().run_in_executor(loader, self.load, path, self.options)
+            except Exception as exc:
+                self.metrics.model_changes.labels(model=name, change="refused").inc()
+                raise CheckpointRefused(f"{path}: {type(exc).__name__}: {exc}") from None
+            previous = self.models.get(name)
+            model = ServedModel(name, classifier, path, 0)
+            self._install(model)
+            self.metrics.model_changes.labels(model=name, change="replaced" if previous else "added").inc()
+            LOG.info("model %r revision %d serving from %s", name, model.revision, path)
+            if previous is not None:
+                await self._give_back(previous)
+            return model, previous
+
+    async def remove(self, name: str) -> ServedModel:
+        """Stop serving `name`: requests that already hold it finish on it, later ones get UnknownModel. Returns
+        once its last request is answered and its memory given back.
+
+        Raises UnknownModel for a name not served, ModelConflict for the default model.
+        """
+        async with self._locks[name]:
+            model = self.get(name)
+            if name == self.default:
+                raise ModelConflict(f"{name!r} is the default model (default_model) and cannot be removed")
+            del self.models[name]
+            self.metrics.model_changes.labels(model=name, change="removed").inc()
+            LOG.info("model %r removed", name)
+            await self._give_back(model)
+            return model
+
+    async def _give_back(self, model: ServedModel) -> None:
+        await model.released()
+        model.classifier = None  # the last reference outside the requests that held it, now answered
+        release_memory()
+
+
+def release_memory() -> None:
+    """Free what unreachable objects hold (gc), then hand the allocator's free pages back to the system (glibc's
+    malloc_trim), so the resident set shrinks by a removed model's weights rather than keeping them for reuse."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
+
+
+def model_name(base_model: str, parameter_count: int) -> str:
+    """ "spamgpt-gpt2-124m" from the card's base model ("gpt2" or "openai-community/gpt2") and the parameter count:
+    the name of the one model of a server given only a checkpoint_dir and no model_name."""
+    base = re.sub(r"[^a-z0-9.]+", "-", base_model.rsplit("/", 1)[-1].lower()).strip("-")
+    for scale, suffix in ((1e9, "b"), (1e6, "m"), (1e3, "k")):
+        if parameter_count >= scale:
+            return f"spamgpt-{base}-{parameter_count / scale:.3g}{suffix}"
+    return f"spamgpt-{base}-{parameter_count}"

@@ -29,6 +29,7 @@ from training.runtime.inference import (
     prior_shift,
 )
 from training.runtime.model import GPTClassifier, GPTConfig
+from training.runtime.prefix import PrefixFingerprint, mismatches
 from training.runtime.record import from_flat
 from training.runtime.tokenizer import BPE_FILES, TokenizerError, bpe_hashes, load_tokenizer
 
@@ -43,6 +44,8 @@ SPLIT_FILE = f"{REPORT_DIR}/split.json"
 POOLING = "last_token"
 # config.json fields written by save_checkpoint around the card's own
 REQUIRED_FIELDS = ("format_version", "model", "pooling", "tokenizer")
+# card fields a config.json may lack (written by an earlier spamgpt): they read as None
+OPTIONAL_FIELDS = ("prefix",)
 
 
 class CheckpointError(RuntimeError):
@@ -85,6 +88,9 @@ class ModelCard:
     calibration: Calibration | None = None
     created: str | None = None  # ISO 8601, UTC
     version: str | None = None  # of the spamgpt package that wrote it
+    # the frozen prefix's fingerprint (training.runtime.prefix), checked against the weights at load; None: nothing
+    # frozen (every weight trained), or a checkpoint written before fingerprints: it shares its prefix with none
+    prefix: PrefixFingerprint | None = None
 
     def to_json(self) -> dict:
         """The card's fields in config.json's on-disk shape."""
@@ -99,6 +105,7 @@ class ModelCard:
             "calibration": None if self.calibration is None else asdict(self.calibration),
             "created": self.created,
             "version": self.version,
+            "prefix": None if self.prefix is None else self.prefix.to_json(),
         }
 
 
@@ -177,6 +184,13 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path / TOKENIZER_DIR}: tokenizer has {tokenizer.n_vocab} tokens, model vocab_size {config.vocab_size}"
         )
+    if card.prefix is not None:
+        wrong = mismatches(card.prefix, state, config, raw["tokenizer"]["sha256"])
+        if wrong:
+            raise CheckpointError(
+                f"{path / CONFIG_FILE}: the recorded prefix fingerprint {card.prefix.sha256} does not hold: "
+                + "; ".join(wrong)
+            )
     with torch.device("meta"):  # no random init: every parameter comes from the file
         model = GPTClassifier(config)
     model.load_state_dict(state, strict=True, assign=True)
@@ -213,7 +227,7 @@ def _read_json(file: Path) -> dict:
     if "format_version" not in raw:
         raise CheckpointError(f"{file}: missing field 'format_version'")
     _check_format_version(file, raw["format_version"])
-    wanted = (*REQUIRED_FIELDS, *(f.name for f in fields(ModelCard)))
+    wanted = (*REQUIRED_FIELDS, *(f.name for f in fields(ModelCard) if f.name not in OPTIONAL_FIELDS))
     missing = [name for name in wanted if name not in raw]
     if missing:
         raise CheckpointError(f"{file}: missing field {missing[0]!r}")
@@ -279,6 +293,7 @@ def _card(file: Path, raw: dict, config: GPTConfig) -> ModelCard:
         calibration=_calibration(file, raw["calibration"], labels),
         created=raw["created"],
         version=raw["version"],
+        prefix=_prefix(file, raw.get("prefix"), config),
     )
 
 
@@ -310,6 +325,15 @@ def _calibration(file: Path, record: object, labels: list[str]) -> Calibration |
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{file}: 'calibration' {name}: {exc}") from exc
     return Calibration(float(temperature), record["training_prior"], record["prior"])
+
+
+def _prefix(file: Path, record: object, config: GPTConfig) -> PrefixFingerprint | None:
+    if record is None:
+        return None
+    try:
+        return PrefixFingerprint.from_json(record, config.n_layer)
+    except ValueError as exc:
+        raise CheckpointError(f"{file}: {exc}") from exc
 
 
 def _threshold(file: Path, threshold: object, labels: list[str]) -> Threshold | None:

@@ -8,6 +8,10 @@ points the name at it in one step on the event loop: requests that resolved the 
 version, later ones get the new, and none waits or fails for the swap. Once the last request holding the old
 version is answered, its memory is given back to the system (release_memory). Changes of one name run one at a
 time, in the order they were asked (a lock per name); changes of different names run side by side.
+
+Every version is a member of one training.runtime.shared.SharedClassifiers under its own key ("name@revision"), so
+versions whose checkpoints record the same prefix fingerprint hold one copy of the prefix (a replacement trained on
+the same base costs only its tail), and texts asked of several of them run the prefix once (run_batch).
 """
 
 import asyncio
@@ -31,6 +35,7 @@ from app.metrics import Metrics
 from app.settings import check_model_name
 from training.runtime.classifier import Classifier
 from training.runtime.options import ClassifierOptions
+from training.runtime.shared import SharedClassifiers, member
 
 # uvicorn's own logger: startup refusals and model changes show among its lines, in its format (text or JSON)
 LOG = logging.getLogger("uvicorn.error")
@@ -45,14 +50,17 @@ class ServedModel:
     classifier: Classifier
     path: Path  # the checkpoint directory it was loaded from, as given
     revision: int  # 1 for the name's first load since the server started, then one more per load under the name
+    # Texts whose models have the same group may share a batch and one prefix pass: the prefix's sharing key
+    # (training.runtime.shared.member), or the version's own key for a checkpoint that shares nothing
+    group: Hashable = None
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     in_use: int = 0  # requests holding this version (ModelRegistry.use), from resolving its name to their answer
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
-    def group(self) -> Hashable:
-        """Texts whose models have the same group may share a batch."""
-        return self
+    def key(self) -> str:
+        """This version's name among the SharedClassifiers' members: "name@revision"."""
+        return f"{self.name}@{self.revision}"
 
     async def released(self) -> None:
         """Returns once no request holds this version."""
@@ -64,21 +72,6 @@ class ServedModel:
         self.in_use += change
         if not self.in_use:
             self._idle.set()
-
-
-def run_batch(rows: list[list[int]], needs: list[tuple[ServedModel, ...]]) -> list[list[torch.Tensor]]:
-    """One batch the micro-batcher formed (app.batcher.Batcher) -> for each row, its (n_labels,) float32 logits from
-    each model it needs, in the order of its `needs`. Each model runs once, on the rows that need it."""
-    rows_of: dict[ServedModel, list[int]] = defaultdict(list)
-    for i, models in enumerate(needs):
-        for model in models:
-            rows_of[model].append(i)
-    results: list[list[torch.Tensor | None]] = [[None] * len(models) for models in needs]
-    for model, indices in rows_of.items():
-        logits = model.classifier.predict_logits([rows[i] for i in indices])
-        for i, row in zip(indices, logits, strict=True):
-            results[i][needs[i].index(model)] = row
-    return results
 
 
 class ModelRegistry:
@@ -98,6 +91,7 @@ class ModelRegistry:
         self.models: dict[str, ServedModel] = {}
         self.default: str | None = None
         self.refused: dict[str, str] = {}  # name -> why its checkpoint was not served, from startup
+        self.shared = SharedClassifiers()  # every version a request may still hold, by ServedModel.key
         self._revisions: dict[str, int] = defaultdict(int)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -137,8 +131,30 @@ class ModelRegistry:
     def _install(self, model: ServedModel) -> None:
         self._revisions[model.name] += 1
         model.revision = self._revisions[model.name]
+        self.shared.add(model.key, model.classifier)  # drops its copy of a prefix another member holds
+        model.group = member(model.key, model.classifier).key or model.key
         self.models[model.name] = model
         self.refused.pop(model.name, None)
+
+    def sharing(self, model: ServedModel) -> list[str]:
+        """The other models served now that hold `model`'s prefix and compute it once with it."""
+        served = {m.key: m.name for m in self.models.values()}
+        return [served[key] for key in self.shared.sharing(model.key) if key in served and key != model.key]
+
+    def run_batch(self, rows: list[list[int]], needs: list[tuple[ServedModel, ...]]) -> list[list[torch.Tensor]]:
+        """One batch the micro-batcher formed (app.batcher.Batcher), its rows of one group -> for each row, its
+        (n_labels,) float32 logits from each model it needs, in the order of its `needs`. Rows that need the same
+        models run as one forward pass: the shared prefix once, then each model's tail. Runs on the model thread."""
+        rows_of: dict[tuple[ServedModel, ...], list[int]] = defaultdict(list)
+        for i, models in enumerate(needs):
+            rows_of[models].append(i)
+        results: list[list[torch.Tensor]] = [[] for _ in rows]
+        for models, indices in rows_of.items():
+            asked = [rows[i] for i in indices]  # one list for all: SharedClassifiers runs their prefix once
+            logits = self.shared.predict_logits({m.key: asked for m in models})
+            for j, i in enumerate(indices):
+                results[i] = [logits[m.key][j] for m in models]
+        return results
 
     @staticmethod
     def _derived_name(classifier: Classifier) -> str:
@@ -207,6 +223,7 @@ class ModelRegistry:
 
     async def _give_back(self, model: ServedModel) -> None:
         await model.released()
+        self.shared.remove(model.key)  # a prefix another member holds stays; its own modules go
         model.classifier = None  # the last reference outside the requests that held it, now answered
         release_memory()
 

@@ -200,6 +200,12 @@ class ModelInfo(BaseModel):
     checkpoint: str = Field(description="The checkpoint directory it was loaded from")
     revision: int = Field(description="1 for the name's first load since the server started; one more per replacement")
     loaded_at: str = Field(description="When this revision started serving (ISO 8601, UTC)")
+    prefix: str | None = Field(
+        description="The sha256 of its frozen prefix (the checkpoint's fingerprint); null: it records none"
+    )
+    sharing: list[str] = Field(
+        description="The other models that hold one copy of its prefix with it and compute it once per text"
+    )
     labels: list[str]
     base_model: str
     parameters: int

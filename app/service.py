@@ -20,7 +20,7 @@ from app.batcher import Batcher
 from app.edge.protocol import ARRIVAL_TIMEOUT_STATE
 from app.errors import ClientClosedRequest, ErrorDetail, InvalidInput, ModelError, NotReady
 from app.metrics import Metrics
-from app.models import ModelRegistry, ServedModel, run_batch
+from app.models import ModelRegistry, ServedModel
 from app.schemas import Health, Info, ModelInfo
 from app.settings import Settings
 from training.runtime.classifier import Classifier, Prediction
@@ -103,7 +103,11 @@ class Service:
             raise
         # one batch the batcher formed, each row with the models it asks -> per row, each model's (n_labels,) logits
         self._batcher = Batcher(
-            run_batch, self.metrics, self.batch_limits, self.model_thread, group=lambda models: models[0].group
+            self.models.run_batch,
+            self.metrics,
+            self.batch_limits,
+            self.model_thread,
+            group=lambda models: models[0].group,
         )
         self._batcher.start()
         self.status, self.detail = "ok", None
@@ -145,15 +149,16 @@ class Service:
             refused=self.models.refused,
         )
 
-    @staticmethod
-    def model_info(model: ServedModel) -> ModelInfo:
-        """One model's card, where it was loaded from, and where and how it runs."""
+    def model_info(self, model: ServedModel) -> ModelInfo:
+        """One model's card, where it was loaded from, what it shares, and where and how it runs."""
         classifier, card = model.classifier, model.classifier.card
         return ModelInfo(
             model=model.name,
             checkpoint=str(model.path),
             revision=model.revision,
             loaded_at=model.loaded_at,
+            prefix=None if card.prefix is None else card.prefix.sha256,
+            sharing=self.models.sharing(model),
             labels=list(card.labels),
             base_model=card.base_model,
             parameters=classifier.parameter_count,

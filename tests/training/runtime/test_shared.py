@@ -3,19 +3,15 @@ that share it, and answers bit for bit those of each member's own Classifier."""
 
 import gc
 import weakref
-from dataclasses import replace
 
 import pytest
 import torch
 
-from tests.helpers import tiny_card
-from training.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tests.helpers import sibling
+from training.runtime.checkpoint import CheckpointError, load_checkpoint
 from training.runtime.classifier import Classifier
-from training.runtime.model import GPTClassifier
 from training.runtime.options import ClassifierOptions
-from training.runtime.prefix import fingerprint
 from training.runtime.shared import SharedClassifiers, UnknownModel
-from training.runtime.tokenizer import bpe_hashes
 
 TEXTS = [
     "Free entry in 2 a wkly comp to win FA Cup final tkts",
@@ -24,24 +20,6 @@ TEXTS = [
     "é😀 <|endoftext|>",
     "WINNER!! Claim your prize now",
 ]
-
-
-def sibling(directory, config, bpe_dir, base_seed: int, tail_seed: int, labels=("ham", "spam"), blocks: int = 1):
-    """A checkpoint whose embeddings and first `blocks` blocks are those of a model seeded `base_seed`, and whose
-    other weights are seeded `tail_seed`, with the fingerprint of that prefix in its card."""
-    torch.manual_seed(base_seed)
-    base = GPTClassifier(config)
-    torch.manual_seed(tail_seed)
-    model = GPTClassifier(replace(config, n_labels=len(labels)))
-    state = model.state_dict()
-    for key, tensor in base.state_dict().items():
-        if key.startswith(("transformer.wte.", "transformer.wpe.")) or any(
-            key.startswith(f"transformer.h.{i}.") for i in range(blocks)
-        ):
-            state[key] = tensor
-    model.load_state_dict(state)
-    prefix = fingerprint(model.state_dict(), model.config, bpe_hashes(bpe_dir), blocks)
-    return save_checkpoint(directory, model, bpe_dir, tiny_card(labels=labels, prefix=prefix))
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.runtime.options import ClassifierOptions
@@ -115,12 +115,13 @@ class Settings(BaseSettings):
     # line per request carrying its id (app.edge.request_log). Every response carries X-Request-ID either way.
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("checkpoint_dir", mode="before")
+    @field_validator("checkpoint_dir", "models_dir", mode="before")
     @classmethod
-    def _named_directory(cls, value: object) -> object:
+    def _named_directory(cls, value: object, info: ValidationInfo) -> object:
         # Path("") is the current directory: an empty variable would serve whatever the server was started in
         if isinstance(value, str) and not value.strip():
-            raise ValueError("checkpoint_dir must not be empty: name a checkpoint directory, e.g. checkpoints/spamgpt")
+            example = "checkpoints/spamgpt" if info.field_name == "checkpoint_dir" else "models"
+            raise ValueError(f"{info.field_name} must not be empty: name a directory, e.g. {example}")
         return value
 
     @field_validator("device")

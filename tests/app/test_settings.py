@@ -112,6 +112,9 @@ BAD_VALUES = {
     "drain_delay_s": ("-1", "a number >= 0"),
     "api_key": ("", "leave it unset to disable authentication"),
     "model_name": (" ", "leave it unset for the checkpoint's own name"),
+    "models_dir": ("", "must not be empty"),
+    "models": ("spam=a,spam=b", "model 'spam' given twice"),
+    "default_model": ("my model", "1 to 64 letters, digits"),
     "log_format": ("xml", "'text' or 'json'"),
 }
 

@@ -144,14 +144,19 @@ class ModelRegistry:
     def run_batch(self, rows: list[list[int]], needs: list[tuple[ServedModel, ...]]) -> list[list[torch.Tensor]]:
         """One batch the micro-batcher formed (app.batcher.Batcher), its rows of one group -> for each row, its
         (n_labels,) float32 logits from each model it needs, in the order of its `needs`. Rows that need the same
-        models run as one forward pass: the shared prefix once, then each model's tail. Runs on the model thread."""
+        models run as one forward pass: one model's through its Classifier.predict_logits, as a server of one model
+        runs it; several's through SharedClassifiers.predict_logits, the shared prefix once, then each model's tail.
+        Runs on the model thread."""
         rows_of: dict[tuple[ServedModel, ...], list[int]] = defaultdict(list)
         for i, models in enumerate(needs):
             rows_of[models].append(i)
         results: list[list[torch.Tensor]] = [[] for _ in rows]
         for models, indices in rows_of.items():
             asked = [rows[i] for i in indices]  # one list for all: SharedClassifiers runs their prefix once
-            logits = self.shared.predict_logits({m.key: asked for m in models})
+            if len(models) == 1:
+                logits = {models[0].key: models[0].classifier.predict_logits(asked)}
+            else:
+                logits = self.shared.predict_logits({m.key: asked for m in models})
             for j, i in enumerate(indices):
                 results[i] = [logits[m.key][j] for m in models]
         return results

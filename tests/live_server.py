@@ -24,12 +24,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(checkpoint_dir: Path, log: Path, **settings) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`python -m app` (uvicorn) on a free loopback port with `settings` as SPAMGPT_* variables; yields its URL, once
+def live_server(checkpoint_dir: Path | None, log: Path, **settings) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m app` (uvicorn) on a free loopback port serving `checkpoint_dir` (None: the models that `settings`
+    name, e.g. models_dir) with `settings` as SPAMGPT_* variables; yields its URL, once
     /health answers 200, and the process; stops it with SIGINT. Output goes to `log`, not a pipe: thousands of
     requests would fill a pipe nobody reads and block the server."""
     env = {**os.environ, **{f"SPAMGPT_{k.upper()}": str(v) for k, v in {"device": "cpu", **settings}.items()}}
-    env["SPAMGPT_CHECKPOINT_DIR"] = str(checkpoint_dir)
+    if checkpoint_dir is not None:
+        env["SPAMGPT_CHECKPOINT_DIR"] = str(checkpoint_dir)
     port = free_port()
     command = [sys.executable, "-m", "app", "--port", str(port)]
     with open(log, "w") as out:

@@ -21,7 +21,7 @@ import gc
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Hashable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,18 +76,11 @@ class ServedModel:
 
 class ModelRegistry:
     """The served models by name, the default one, the checkpoints refused at startup, and the changes made while
-    serving. Lives on the event loop: every method is called from it.
+    serving. Lives on the event loop: every method is called from it. Checkpoints load (Classifier.load) on the
+    executor a method is given, so the event loop (and the model thread, for a change while serving) stays free."""
 
-    load: (path, options) -> a loaded and warmed-up Classifier (Classifier.load), run on `loader`'s thread, so the
-    event loop (and the model thread, for a change while serving) stays free meanwhile."""
-
-    def __init__(
-        self,
-        options: ClassifierOptions,
-        metrics: Metrics,
-        load: Callable[[Path, ClassifierOptions], Classifier] = Classifier.load,
-    ):
-        self.options, self.metrics, self.load = options, metrics, load
+    def __init__(self, options: ClassifierOptions, metrics: Metrics):
+        self.options, self.metrics = options, metrics
         self.models: dict[str, ServedModel] = {}
         self.default: str | None = None
         self.refused: dict[str, str] = {}  # name -> why its checkpoint was not served, from startup
@@ -117,7 +110,7 @@ class ModelRegistry:
             try:
                 if name is not None:
                     check_model_name(name)
-                classifier = await loop.run_in_executor(loader, self.load, path, self.options)
+                classifier = await loop.run_in_executor(loader, Classifier.load, path, self.options)
             except Exception as exc:
                 if name is None or name == default or len(sources) == 1:
                     raise
@@ -197,7 +190,8 @@ class ModelRegistry:
         """
         async with self._locks[name]:
             try:
-                classifier = await asyncio.get_running_loop().run_in_executor(loader, self.load, path, self.options)
+                loop = asyncio.get_running_loop()
+                classifier = await loop.run_in_executor(loader, Classifier.load, path, self.options)
             except Exception as exc:
                 self.metrics.model_changes.labels(model=name, change="refused").inc()
                 raise CheckpointRefused(f"{path}: {type(exc).__name__}: {exc}") from None

@@ -24,6 +24,7 @@ from app.service import Service
 from app.settings import BatchLimits, Settings, SettingsError, settings_from_environment
 from tests.helpers import edit_tensors, error_of, live_server, sibling, tiny_settings
 from training.runtime.checkpoint import CheckpointError
+from training.runtime.classifier import Classifier
 
 TEXTS = ["WINNER!! Claim your free prize now", "ok", "see you at the station at 5? " * 9, "é😀 <|endoftext|>"]
 KEY = {"X-API-Key": "secret"}
@@ -387,21 +388,20 @@ def test_a_removed_model_finishes_its_waiting_requests_then_is_404_and_its_memor
     assert labels_of(answer) == expected and freed
 
 
-def test_replacements_of_one_model_run_one_at_a_time_in_the_order_asked(checkpoints, tmp_path):
+def test_replacements_of_one_model_run_one_at_a_time_in_the_order_asked(checkpoints, tmp_path, monkeypatch):
     spans: list[tuple[str, float, float]] = []
+    load = Classifier.load
+
+    def timed_load(cls, path, options):
+        start = time.monotonic()
+        time.sleep(0.2)  # a load long enough that overlapping ones would overlap
+        try:
+            return load(path, options)
+        finally:
+            spans.append((Path(path).name, start, time.monotonic()))
 
     async def test(service: Service):
-        load = service.models.load
-
-        def timed_load(path, options):
-            start = time.monotonic()
-            time.sleep(0.2)  # a load long enough that overlapping ones would overlap
-            try:
-                return load(path, options)
-            finally:
-                spans.append((Path(path).name, start, time.monotonic()))
-
-        service.models.load = timed_load
+        monkeypatch.setattr(Classifier, "load", classmethod(timed_load))
         # the loads run on two threads, so nothing but the registry's lock keeps them apart
         service.load_thread = ThreadPoolExecutor(max_workers=2)
         first = asyncio.create_task(service.models.put("b", tmp_path / "b2", service.load_thread))

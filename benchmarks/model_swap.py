@@ -105,7 +105,9 @@ async def put(client: httpx.AsyncClient, name: str, checkpoint: Path) -> dict:
 
 async def measure(url: str, pid: int, texts: list[str], checkpoints: list[Path], args: argparse.Namespace) -> dict:
     headers = {"X-API-Key": KEY}
-    limits = httpx.Limits(max_connections=64)
+    # a connection per request: reusing one the server is closing for idleness (uvicorn's keep-alive timeout) is a
+    # transport error of the client's making
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits, trust_env=False) as client:
         stop, health = asyncio.Event(), []
         stream = Stream(client, texts, args.rate)

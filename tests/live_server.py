@@ -28,9 +28,9 @@ def live_server(
     checkpoint_dir: Path | None, log: Path, ready_timeout_s: float = 60, **settings
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """`python -m app` (uvicorn) on a free loopback port serving `checkpoint_dir` (None: the models that `settings`
-    name, e.g. models_dir) with `settings` as SPAMGPT_* variables; yields its URL, once
-    /health answers 200 (within ready_timeout_s, or the test fails), and the process; stops it with SIGINT. Output goes to `log`, not a pipe: thousands of
-    requests would fill a pipe nobody reads and block the server."""
+    name, e.g. models_dir) with `settings` as SPAMGPT_* variables; yields its URL, once /health answers 200 (within
+    ready_timeout_s, or the test fails), and the process; stops it with SIGINT. Output goes to `log`, not a pipe:
+    thousands of requests would fill a pipe nobody reads and block the server."""
     env = {**os.environ, **{f"SPAMGPT_{k.upper()}": str(v) for k, v in {"device": "cpu", **settings}.items()}}
     if checkpoint_dir is not None:
         env["SPAMGPT_CHECKPOINT_DIR"] = str(checkpoint_dir)

@@ -49,7 +49,7 @@ from training.finetune.evaluate import (
 )
 from training.finetune.loop import Examples, TrainState, train
 from training.finetune.resume import STATE_FILE, load_state, save_state, state_dir
-from training.finetune.sibling import prefix_source, recorded_prefix, sibling_model
+from training.finetune.sibling import prefix_source, recorded_prefix, recorded_sha256, sibling_model
 from training.runtime.checkpoint import (
     CONFIG_FILE,
     REPORT_DIR,
@@ -436,6 +436,9 @@ def checkpoint_difference(out: Path, config: FinetuneConfig, data_fingerprint: d
     if card.data.duplicates_dropped != asdict(dropped):
         was, now = card.data.duplicates_dropped, asdict(dropped)
         return f"was trained on data deduplicated another way (dropped {was}, this run {now})"
+    base_prefix = None if config.base.prefix_from is None else recorded_sha256(config.base.prefix_from)
+    if base_prefix is not None and (card.prefix is None or card.prefix.sha256 != base_prefix):
+        return f"was trained on another prefix than --prefix-from's now ({base_prefix})"
     return None
 
 

@@ -8,6 +8,7 @@ norm start from the checkpoint's own (the only copy of the base's blocks it hold
 labels, afresh from the run's seed.
 """
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from training.config import FinetuneConfig
 from training.finetune.loop import frozen_prefix
-from training.runtime.checkpoint import Checkpoint, load_checkpoint
+from training.runtime.checkpoint import CONFIG_FILE, Checkpoint, load_checkpoint
 from training.runtime.model import GPTClassifier
 from training.runtime.prefix import PrefixFingerprint, fingerprint
 from training.runtime.tokenizer import bpe_hashes
@@ -53,6 +54,16 @@ def prefix_source(config: FinetuneConfig) -> Checkpoint:
     if max_tokens is not None and max_tokens > block_size:
         raise ValueError(f"max_tokens must lie in 1..{block_size} for --prefix-from {path!r}, got {max_tokens!r}")
     return checkpoint
+
+
+def recorded_sha256(path: str | Path) -> str | None:
+    """The prefix fingerprint's sha256 that the checkpoint at `path` records, read from its config.json alone (what
+    --skip-existing compares a sibling against); None when it records none or cannot be read."""
+    try:
+        prefix = json.loads((Path(path) / CONFIG_FILE).read_text()).get("prefix")
+        return prefix.get("sha256") if isinstance(prefix, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def sibling_model(source: Checkpoint, n_labels: int, seed: int) -> GPTClassifier:

@@ -103,3 +103,16 @@ def test_a_base_that_froze_nothing_has_no_prefix_to_give(tmp_path, bpe_dir, caps
     assert main(finetune_argv(data, bpe_dir, tmp_path / "all", "--epochs", "1", "--trainable", "all")) == 0
     assert main(sibling_argv(write_topics_csv(tmp_path / "t.csv"), tmp_path / "all", tmp_path / "topics")) != 0
     assert "records no frozen prefix: every weight of it was trained (--trainable all)" in capsys.readouterr().err
+
+
+def test_skip_existing_retrains_a_sibling_whose_base_prefix_changed(tmp_path, base, bpe_dir, capsys):
+    data = write_topics_csv(tmp_path / "topics.csv")
+    argv = sibling_argv(data, base, tmp_path / "topics", "--skip-existing")
+    assert main(argv) == 0
+    assert main(argv) == 0 and "skip: " in capsys.readouterr().out
+    messages = write_messages_csv(tmp_path / "messages.csv", n=40)
+    assert main(finetune_argv(messages, bpe_dir, base, "--epochs", "1", "--seed", "7", "--overwrite")) == 0
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "was trained on another prefix than --prefix-from's now" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "topics").card.prefix == load_checkpoint(base).card.prefix

@@ -6,8 +6,9 @@ one step (ModelRegistry.use) and holds them until it is answered; its texts carr
 micro-batcher to the model thread. A replacement loads and warms up the new version while the old one serves, then
 points the name at it in one step on the event loop: requests that resolved the name before finish on the old
 version, later ones get the new, and none waits or fails for the swap. Once the last request holding the old
-version is answered, its memory is given back to the system (release_memory). Changes of one name run one at a
-time, in the order they were asked (a lock per name); changes of different names run side by side.
+version is answered, its memory is given back to the system (training.runtime.shared.give_back_freed_memory).
+Changes of one name run one at a time, in the order they were asked (a lock per name); changes of different names
+run side by side.
 
 Every version is a member of one training.runtime.shared.SharedClassifiers under its own key ("name@revision"), so
 versions whose checkpoints record the same prefix fingerprint hold one copy of the prefix (a replacement trained on
@@ -15,8 +16,6 @@ the same base costs only its tail), and texts asked of several of them run the p
 """
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import logging
 import re
@@ -35,7 +34,7 @@ from app.metrics import Metrics
 from app.settings import check_model_name
 from training.runtime.classifier import Classifier
 from training.runtime.options import ClassifierOptions
-from training.runtime.shared import SharedClassifiers, member
+from training.runtime.shared import SharedClassifiers, give_back_freed_memory, member
 
 # uvicorn's own logger: startup refusals and model changes show among its lines, in its format (text or JSON)
 LOG = logging.getLogger("uvicorn.error")
@@ -224,16 +223,8 @@ class ModelRegistry:
         await model.released()
         self.shared.remove(model.key)  # a prefix another member holds stays; its own modules go
         model.classifier = None  # the last reference outside the requests that held it, now answered
-        release_memory()
-
-
-def release_memory() -> None:
-    """Free what unreachable objects hold (gc), then hand the allocator's free pages back to the system (glibc's
-    malloc_trim), so the resident set shrinks by a removed model's weights rather than keeping them for reuse."""
-    gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
-        ctypes.CDLL(libc).malloc_trim(0)
+        gc.collect()  # whatever a cycle still holds of it
+        give_back_freed_memory()
 
 
 def model_name(base_model: str, parameter_count: int) -> str:

@@ -49,10 +49,12 @@ from training.finetune.evaluate import (
 )
 from training.finetune.loop import Examples, TrainState, train
 from training.finetune.resume import STATE_FILE, load_state, save_state, state_dir
+from training.finetune.sibling import prefix_source, recorded_prefix, recorded_sha256, sibling_model
 from training.runtime.checkpoint import (
     CONFIG_FILE,
     REPORT_DIR,
     SPLIT_FILE,
+    TOKENIZER_DIR,
     Checkpoint,
     CheckpointError,
     DataSummary,
@@ -77,7 +79,7 @@ from training.runtime.tokenizer import encode_batch, load_gpt2_bpe
 # Arguments that change where or how fast a run happens, not what it produces: skip_existing and resume ignore them.
 # The data is compared by content (its fingerprint), not by the path or name that found it.
 NOT_COMPARED = ("out", "device", "skip_existing", "overwrite", "cache_prefix", "resume", "save_state", "data")
-PATHS = ("weights", "tokenizer_dir")  # compared as the files they name, wherever the run started
+PATHS = ("weights", "tokenizer_dir", "prefix_from")  # compared as the files they name, wherever the run started
 
 
 def finetune(config: FinetuneConfig) -> Path:
@@ -124,13 +126,21 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     if config.overwrite and not config.resume and group.is_main:
         shutil.rmtree(state_dir(out), ignore_errors=True)  # told to start over
     base = config.base
-    tokenizer_dir, enc = load_gpt2_bpe(base.tokenizer_dir)
+    sibling_of = None if base.prefix_from is None else prefix_source(config)
+    if sibling_of is None:
+        tokenizer_dir, enc = load_gpt2_bpe(base.tokenizer_dir)
+    else:
+        tokenizer_dir, enc = sibling_of.path / TOKENIZER_DIR, sibling_of.tokenizer
     parts = partition(unique, config.train.seed, config.balance)
     label_names = unique.label_names()
     print(data_summary_line(data.data, source, dropped, parts))
-    warn_random_frozen(config)
-    model = base_model(base, len(label_names), enc.n_vocab, config.train.seed)
-    max_tokens = base.resolved_max_tokens(model.config.block_size)
+    if sibling_of is None:
+        warn_random_frozen(config)
+        model = base_model(base, len(label_names), enc.n_vocab, config.train.seed)
+        max_tokens = base.resolved_max_tokens(model.config.block_size)
+    else:
+        model = sibling_model(sibling_of, len(label_names), config.train.seed)
+        max_tokens = base.max_tokens or sibling_of.card.max_tokens
     train_data, val_data = (encode(enc, ds, label_names, max_tokens) for ds in (parts.train, parts.validation))
     training_prior, class_weights = loss_prior(parts.train, label_names, config.balance)
     record = {"arguments": compared_arguments(config), "data": source_fingerprint}
@@ -168,12 +178,16 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         uncalibrated,
     )
     headline = summary(report)
+    prefix = recorded_prefix(model, tokenizer_dir, config)
+    assert sibling_of is None or prefix == sibling_of.card.prefix, f"a sibling's prefix changed: {prefix}"
     warning = selection_warning(label_names, calibrated["selection"], config.threshold_objective, config.target_fpr)
     card = ModelCard(
         labels=tuple(label_names),
         max_tokens=max_tokens,
         threshold=report.threshold,
-        base_model=(base.base or base.preset) + ("" if base.init == "pretrained" else " (random init)"),
+        base_model=sibling_of.card.base_model
+        if sibling_of
+        else (base.base or base.preset) + ("" if base.init == "pretrained" else " (random init)"),
         metrics=headline.to_json() | {"best_epoch": history.best_epoch} | ({"warning": warning} if warning else {}),
         training=flatten(config),
         data=DataSummary(
@@ -185,6 +199,7 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
             labels_before_balancing=dict(sorted(Counter(unique.labels).items())),
         ),
         calibration=calibration,
+        prefix=prefix,
     )
     print(f"writing the checkpoint, metrics.json and plots to {out}", file=sys.stderr)
     with staged(out) as staging:
@@ -421,6 +436,9 @@ def checkpoint_difference(out: Path, config: FinetuneConfig, data_fingerprint: d
     if card.data.duplicates_dropped != asdict(dropped):
         was, now = card.data.duplicates_dropped, asdict(dropped)
         return f"was trained on data deduplicated another way (dropped {was}, this run {now})"
+    base_prefix = None if config.base.prefix_from is None else recorded_sha256(config.base.prefix_from)
+    if base_prefix is not None and (card.prefix is None or card.prefix.sha256 != base_prefix):
+        return f"was trained on another prefix than --prefix-from's now ({base_prefix})"
     return None
 
 

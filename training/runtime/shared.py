@@ -18,6 +18,9 @@ members as they were when it started.
     logits = group.predict_logits({name: r for name, (r, _) in rows.items()})   # {name: (N, n_labels)}
 """
 
+import ctypes
+import ctypes.util
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -69,6 +72,22 @@ def share_prefix(source: GPTClassifier, target: GPTClassifier, blocks: int) -> N
         target.transformer.h[i] = source.transformer.h[i]
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None under another C library."""
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+
+
+def give_back_freed_memory() -> None:
+    """Hand the C heap's free pages back to the operating system (glibc's malloc_trim; nothing elsewhere). Tensors
+    a model drops go back to the heap, which glibc keeps: measured with the 124M model, the 340 MB prefix a joining
+    member dropped stayed resident until trimmed. Call it once a removed classifier is let go."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class SharedClassifiers:
     """Named Classifiers that share their frozen prefixes where their fingerprints allow (see the module).
 
@@ -109,6 +128,7 @@ class SharedClassifiers:
             if name in self._members:
                 raise ValueError(f"a model named {name!r} is already loaded")
             self._members = {**self._members, name: self._joined(name, classifier)}
+        give_back_freed_memory()  # the prefix it dropped
 
     def replace(self, name: str, classifier: Classifier) -> Classifier:
         """Put `classifier` under `name` in place of the member there, atomically: a predict_logits call that
@@ -117,11 +137,13 @@ class SharedClassifiers:
         with self._lock:
             old = self._get(self._members, name)
             self._members = {**self._members, name: self._joined(name, classifier)}
+        give_back_freed_memory()
         return old.classifier
 
     def remove(self, name: str) -> Classifier:
         """Take the member `name` out and return its classifier; a prefix no other member holds is freed once no
-        call still runs on it and the caller lets the classifier go. Raises UnknownModel."""
+        call still runs on it and the caller lets the classifier go (then give_back_freed_memory returns it to the
+        operating system). Raises UnknownModel."""
         with self._lock:
             old = self._get(self._members, name)
             self._members = {k: v for k, v in self._members.items() if k != name}

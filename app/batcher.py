@@ -2,7 +2,10 @@
 
 Requests put their already tokenized texts on one bounded queue; one worker task takes texts from its
 head into batches bounded by max_batch_size, max_batch_tokens (padded) and max_wait, runs the model in
-a thread, and hands each text's result back to its request at its own index. Each request waits on a
+a thread, and hands each text's result back to its request at its own index. Each text carries what it
+needs of the model (with several models served: which of them answer it, app.models); texts whose needs
+are of one group (models on one base) may share a batch, and a batch takes the head of the queue and the
+texts behind it of the head's group, leaving the others in their place. Each request waits on a
 single future that resolves once all its texts are done, so results keep input order and no request
 sees another's. Right padding means a text's probabilities do not depend on its batch-mates.
 
@@ -13,7 +16,7 @@ client left), has its texts taken off the queue: nothing runs for a request nobo
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -37,18 +40,26 @@ class _Text:
     ids: list[int]
     request: _Request
     index: int
+    need: Any  # what the text asks of the model, handed to `run` beside its ids
+    group: Hashable  # texts of one group may share a batch
 
 
 class Batcher:
     """Texts from concurrent requests, queued and run in batches within `limits`.
 
-    run: one batch of token ids -> one result per row, called on `executor`'s threads.
+    run: one batch of token ids and each row's need (what submit was given) -> one result per row, called on
+    `executor`'s threads. group: a need -> its group; texts of one group may share a batch.
     """
 
     def __init__(
-        self, run: Callable[[list[list[int]]], Sequence[Any]], metrics: Metrics, limits: BatchLimits, executor: Executor
+        self,
+        run: Callable[[list[list[int]], list[Any]], Sequence[Any]],
+        metrics: Metrics,
+        limits: BatchLimits,
+        executor: Executor,
+        group: Callable[[Any], Hashable] = lambda need: None,
     ):
-        self.run, self.metrics, self.executor = run, metrics, executor
+        self.run, self.metrics, self.executor, self.group = run, metrics, executor, group
         self.max_batch_size, self.max_batch_tokens = limits.max_batch_size, limits.max_batch_tokens
         self.max_wait_s, self.max_queue_texts = limits.max_wait_ms / 1000, limits.max_queue_texts
         self.timeout_s, self.merge_requests = limits.request_timeout_s, limits.batching
@@ -68,10 +79,10 @@ class Batcher:
         if self._worker is not None:
             await self._worker
 
-    async def submit(self, rows: list[list[int]]) -> list:
-        """Results for `rows` in their order. The request is queued whole or refused whole (Overloaded); its
-        texts leave the queue unrun if none has started within timeout_s (DeadlineExceeded) or if the caller
-        is cancelled."""
+    async def submit(self, rows: list[list[int]], needs: Sequence[Any] | None = None) -> list:
+        """Results for `rows` in their order; needs: each row's need (None: None for every row). The request is
+        queued whole or refused whole (Overloaded); its texts leave the queue unrun if none has started within
+        timeout_s (DeadlineExceeded) or if the caller is cancelled."""
         if self._stopping:
             raise NotReady("the server is shutting down")
         free = self.max_queue_texts - len(self._queue)
@@ -79,7 +90,9 @@ class Batcher:
             raise Overloaded(f"queue full: {len(rows)} texts do not fit, {free} of {self.max_queue_texts} slots free")
         loop = asyncio.get_running_loop()
         request = _Request(loop.create_future(), [None] * len(rows), len(rows), loop.time())
-        self._queue.extend(_Text(ids, request, i) for i, ids in enumerate(rows))
+        needs = [None] * len(rows) if needs is None else needs
+        texts = enumerate(zip(rows, needs, strict=True))
+        self._queue.extend(_Text(ids, request, i, need, self.group(need)) for i, (ids, need) in texts)
         self.metrics.queue_depth.set(len(self._queue))
         self._arrived.set()
         try:
@@ -125,8 +138,13 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
                     await self._until(lambda: self._stopping or self._fitting()[1])
-        n, _ = self._fitting()
-        batch = [self._queue.popleft() for _ in range(n)]
+        batch, _ = self._fitting()
+        if batch[-1] is self._queue[len(batch) - 1]:  # the head's texts in a row: the common case
+            for _ in batch:
+                self._queue.popleft()
+        else:
+            taken = {id(text) for text in batch}
+            self._queue = deque(t for t in self._queue if id(t) not in taken)
         self.metrics.queue_depth.set(len(self._queue))
         for text in batch:
             text.request.started = True
@@ -137,16 +155,21 @@ class Batcher:
             self._arrived.clear()
             await self._arrived.wait()
 
-    def _fitting(self) -> tuple[int, bool]:
-        """How many texts at the head of the queue form the next batch, and whether that batch is full."""
-        longest = 0
-        for n, text in enumerate(self._queue):
-            if n == self.max_batch_size or (not self.merge_requests and text.request is not self._queue[0].request):
-                return n, True
+    def _fitting(self) -> tuple[list[_Text], bool]:
+        """The texts that form the next batch: the head of the queue and those behind it that may share its batch
+        (its group; with batching off, its request too), in queue order within the limits; and whether the batch
+        is full."""
+        head, batch, longest = self._queue[0], [], 0
+        for text in self._queue:
+            if text.group != head.group or (not self.merge_requests and text.request is not head.request):
+                continue
+            if len(batch) == self.max_batch_size:
+                return batch, True
             longest = max(longest, len(text.ids))
-            if n and (n + 1) * longest > self.max_batch_tokens:
-                return n, True
-        return len(self._queue), len(self._queue) == self.max_batch_size  # exactly full: nothing more would fit
+            if batch and (len(batch) + 1) * longest > self.max_batch_tokens:
+                return batch, True
+            batch.append(text)
+        return batch, len(batch) == self.max_batch_size  # exactly full: nothing more would fit
 
     async def _run_batch(self, batch: list[_Text]) -> None:
         now = asyncio.get_running_loop().time()
@@ -154,8 +177,8 @@ class Batcher:
             self.metrics.queue_wait.observe(now - text.request.enqueued)
         self.metrics.batch_size.observe(len(batch))
         try:
-            rows = [t.ids for t in batch]
-            results = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed_run, rows)
+            rows, needs = [t.ids for t in batch], [t.need for t in batch]
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed_run, rows, needs)
         except Exception as exc:  # the model failed (e.g. out of memory): fail this batch's requests, keep serving
             _fail(batch, exc)
             return
@@ -166,9 +189,9 @@ class Batcher:
             if request.remaining == 0 and not request.future.done():
                 request.future.set_result(request.results)
 
-    def _timed_run(self, rows: list[list[int]]) -> Sequence[Any]:
+    def _timed_run(self, rows: list[list[int]], needs: list[Any]) -> Sequence[Any]:
         with self.metrics.inference.time():
-            return self.run(rows)
+            return self.run(rows, needs)
 
 
 def _fail(texts: Iterable[_Text], exc: Exception) -> None:

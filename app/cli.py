@@ -10,8 +10,8 @@ Before uvicorn imports the app, `serve` checks what would otherwise fail only af
 with a traceback, and refuses it in one line on stderr that names the variable or option, its value and what would
 work, with its own exit status:
   2  a SPAMGPT_* variable cannot be used (EXIT_USAGE; uvicorn's own usage errors, such as --port abc, exit 2 too)
-  3  no directory at SPAMGPT_CHECKPOINT_DIR (EXIT_CHECKPOINT); a checkpoint refused while loading exits 3 as well
-     (uvicorn's startup failure), its log naming the file and what is wrong
+  3  no directory at SPAMGPT_CHECKPOINT_DIR or SPAMGPT_MODELS_DIR (EXIT_CHECKPOINT); a checkpoint refused while
+     loading exits 3 as well (uvicorn's startup failure), its log naming the file and what is wrong
   4  the --host and --port cannot be listened on: in use, not this machine's address, or privileged (EXIT_ADDRESS)
 
 Stalled and slow clients are bounded by default: uvicorn's --limit-concurrency is SPAMGPT_MAX_CONNECTIONS, and --http
@@ -72,7 +72,10 @@ def startup_checks(argv: list[str]) -> Settings:
         settings = settings_from_environment()
     except SettingsError as exc:
         raise StartupError(str(exc), EXIT_USAGE) from None
-    check_checkpoint_dir(settings.checkpoint_dir, given="checkpoint_dir" in settings.model_fields_set)
+    if settings.models_dir is not None:
+        check_models_dir(settings.models_dir)
+    elif settings.models is None:
+        check_checkpoint_dir(settings.checkpoint_dir, given="checkpoint_dir" in settings.model_fields_set)
     check_address(argv)
     return settings
 
@@ -89,6 +92,15 @@ def check_checkpoint_dir(path: Path, given: bool) -> None:
         f"or set {variable('checkpoint_dir')} to a checkpoint directory"
     )
     raise StartupError(message, EXIT_CHECKPOINT)
+
+
+def check_models_dir(path: Path) -> None:
+    """Raises StartupError (EXIT_CHECKPOINT) when `path` is not a directory; what its folders hold is the loading's
+    to check (app.models.ModelRegistry.start)."""
+    if not path.is_dir():
+        where = "" if path.is_absolute() else f" under {Path.cwd()}"
+        message = f"{variable('models_dir')}={str(path)!r}: no such directory{where}; make it and put checkpoints in it"
+        raise StartupError(message, EXIT_CHECKPOINT)
 
 
 def check_address(argv: list[str]) -> None:

@@ -80,6 +80,26 @@ class FeedbackNotStored(APIError):
     description = "The feedback database refused the write (disk full, read-only, damaged): nothing was recorded"
 
 
+class AdminDisabled(APIError):
+    status_code, type = 403, "admin_disabled"
+    description = "The admin API loads checkpoints from the server's disk: it is off until an API key is configured"
+
+
+class UnknownModel(APIError):
+    status_code, type = 404, "unknown_model"
+    description = "No model of that name is served; the message lists the names there are"
+
+
+class ModelConflict(APIError):
+    status_code, type = 409, "model_conflict"
+    description = "The change would leave requests without a model: the default model cannot be removed"
+
+
+class CheckpointRefused(APIError):
+    status_code, type = 422, "checkpoint_refused"
+    description = "The checkpoint failed its checks or its warm-up; the model it would replace keeps serving"
+
+
 class Overloaded(APIError):
     status_code, type = 429, "overloaded"
     description = "The queue cannot take the request's texts now; retry after Retry-After seconds"

@@ -7,7 +7,7 @@ from app.edge.body_limit import BodySizeLimit
 from app.edge.request_count import RequestCounter
 from app.edge.request_log import RequestId, use_json_logs
 from app.errors import install_error_handlers
-from app.routes import ops
+from app.routes import admin, ops
 from app.routes.classify import classify_router
 from app.routes.feedback import feedback_router
 from app.routes.tei import tei_router
@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes_in_flight=s.max_body_bytes_in_flight,
         arrival_timeout_s=s.request_arrival_timeout_s,
     )
-    routers = (ops.router, classify_router(s), tei_router(s), feedback_router(s))
+    routers = (ops.router, classify_router(s), tei_router(s), feedback_router(s), admin.router)
     for api in routers:
         app.include_router(api)
     paths = frozenset(route.path for api in routers for route in api.routes)  # the API's, not /docs' own

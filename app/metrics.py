@@ -30,6 +30,12 @@ class Metrics:
         self.dropped_texts = Counter("spamgpt_dropped_texts", "Texts taken off the queue unrun", ["reason"], registry=r)
         # Texts answered with a model_error (500) instead of probabilities, by cause ("non_finite_logits")
         self.model_errors = Counter("spamgpt_model_errors", "Texts the model failed on", ["cause"], registry=r)
+        # Texts answered with probabilities, by the model that answered (a text asked of several counts for each)
+        self.model_texts = Counter("spamgpt_model_texts", "Texts answered, by model", ["model"], registry=r)
+        # Models added, replaced, removed, or refused (a checkpoint that failed its checks), through the admin API
+        self.model_changes = Counter(
+            "spamgpt_model_changes", "Changes to the served models", ["model", "change"], registry=r
+        )
 
         # spamd-protocol requests (app.spamd) by command ("-" when unreadable) and answer (EX_OK, EX_PROTOCOL, ...)
         self.spamd_requests = Counter(

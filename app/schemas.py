@@ -126,11 +126,45 @@ def classify_request_model(settings: Settings) -> type[BaseModel]:
     return create_model(
         "ClassifyRequest",
         __config__=ConfigDict(extra="forbid"),
-        __validators__={"one_kind": model_validator(mode="after")(one_kind)},
+        __validators__={
+            "one_kind": model_validator(mode="after")(one_kind),
+            "one_way_to_name_models": model_validator(mode="after")(_model_or_models),
+        },
         # absent is None (the default is not validated), while null is no list: the schema declares plain arrays
         texts=(list[text], texts),
         messages=(list[message], messages),
+        **MODEL_FIELDS,
     )
+
+
+# /classify's choice of models (app.models): one by name, or several, each text answered by each
+MODEL_FIELDS = {
+    "model": (
+        str | None,
+        Field(None, description="The model to answer (see /info's models); unset: the default model"),
+    ),
+    "models": (
+        list[str] | None,
+        Field(
+            None,
+            min_length=1,
+            description="Several models, each answering each text (instead of model); models on one base share "
+            "one pass of their common prefix. Texts only: messages are answered by one model",
+        ),
+    ),
+}
+
+
+def _model_or_models(request: BaseModel) -> BaseModel:
+    if request.model is not None and request.models is not None:
+        raise PydanticCustomError("model_or_models", "give model or models, not both")
+    if request.models is not None and len(set(request.models)) < len(request.models):
+        raise PydanticCustomError(
+            "repeated_model", "models must not name a model twice, got {models}", {"models": request.models}
+        )
+    if request.models is not None and request.messages is not None:
+        raise PydanticCustomError("models_with_messages", "messages are answered by one model: give model, not models")
+    return request
 
 
 def _one_or_many(value) -> str | None:
@@ -229,14 +263,32 @@ class ClassifyResponse(BaseModel):
     results: list[Result] = Field(description="In the order of the request's texts")
 
 
+class ClassifyManyResponse(BaseModel):
+    """The answer to /classify with `models`."""
+
+    models: list[str] = Field(description="The models asked, in the request's order")
+    results: list[dict[str, Result]] = Field(description="In the order of the request's texts: each model's result")
+
+
 class Health(BaseModel):
     status: Literal["ok", "loading", "failed", "draining"]
     detail: str | None = None
     model: str | None = None
 
 
-class Info(BaseModel):
-    model: str
+class ModelInfo(BaseModel):
+    """One served model: its card, where it was loaded from, and where and how it runs."""
+
+    model: str = Field(description="Its name, as requests give it")
+    checkpoint: str = Field(description="The checkpoint directory it was loaded from")
+    revision: int = Field(description="1 for the name's first load since the server started; one more per replacement")
+    loaded_at: str = Field(description="When this revision started serving (ISO 8601, UTC)")
+    prefix: str | None = Field(
+        description="The sha256 of its frozen prefix (the checkpoint's fingerprint); null: it records none"
+    )
+    sharing: list[str] = Field(
+        description="The other models that hold one copy of its prefix with it and compute it once per text"
+    )
     labels: list[str]
     base_model: str
     parameters: int
@@ -257,8 +309,16 @@ class Info(BaseModel):
     device: str
     dtype: str
     quantization: str | None
-    limits: dict[str, int | float | bool]
     mail: dict = Field(
         description="How raw messages are read: the extraction in force (the checkpoint's, or the default for a "
         "checkpoint trained on texts: extraction_source says which), the window rule and the windows read at most"
     )
+
+
+class Info(ModelInfo):
+    """The default model's card at the top level (the shape of a server with one model), the limits in force, and
+    every model served."""
+
+    limits: dict[str, int | float | bool]
+    models: list[ModelInfo] = Field(description="Every model served, the default among them")
+    refused: dict[str, str] = Field(description="Checkpoints refused at startup, by name: why each was not served")

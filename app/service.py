@@ -1,9 +1,9 @@
-"""The service the routes call: one app instance's settings, metrics and readiness, its classifier
-(training.runtime.classifier.Classifier) and micro-batcher; and its lifespan. Routes make one call into it (classify,
-label_logits, info, health) and never reach the classifier or the batcher themselves."""
+"""The service the routes call: one app instance's settings, metrics and readiness, its models (app.models
+.ModelRegistry: one or several named classifiers, training.runtime.classifier.Classifier) and micro-batcher; and its
+lifespan. Routes make one call into it (classify, label_logits, info, health, or the registry's put and remove) and
+never reach a classifier or the batcher themselves."""
 
 import asyncio
-import re
 import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -21,10 +21,11 @@ from app.edge.protocol import ARRIVAL_TIMEOUT_STATE
 from app.errors import ClientClosedRequest, ErrorDetail, InvalidInput, ModelError, NotReady
 from app.feedback import Feedback
 from app.metrics import Metrics
-from app.schemas import Health, Info
+from app.models import ModelRegistry, ServedModel
+from app.schemas import Health, Info, ModelInfo
 from app.settings import Settings
 from app.spamd import SpamdServer
-from training.runtime.classifier import Classifier, MessageRows
+from training.runtime.classifier import Classifier, MessageRows, Prediction
 from training.runtime.inference import nonfinite_rows
 
 # /info's limits beside the batcher's (app.batcher.BatchLimits): what one request and one connection may hold
@@ -40,6 +41,16 @@ REQUEST_LIMITS = (
 
 
 @dataclass(frozen=True)
+class Scored:
+    """One model's answer to a request's texts: each text's token ids for that model, whether it was truncated,
+    and (N, n_labels) float32 logits, every row finite."""
+
+    rows: list[list[int]]
+    truncated: list[bool]
+    logits: torch.Tensor
+
+
+@dataclass(frozen=True)
 class LabelLogits:
     """Texts' logits with the labels they are for: (N, n_labels) float32, every row finite, columns in `labels`'
     order."""
@@ -49,43 +60,62 @@ class LabelLogits:
 
 
 class Service:
-    """One app instance's model and its state: "loading" until start() has loaded and warmed up the classifier,
-    then "ok"; "failed" when loading raised; "draining" once shutdown began."""
+    """One app instance's models and its state: "loading" until start() has loaded and warmed up the classifiers,
+    then "ok"; "failed" when loading raised; "draining" once shutdown began. Models added, replaced or removed while
+    serving (app.models.ModelRegistry) leave the state "ok"."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics()
         self.status: Literal["loading", "ok", "failed", "draining"] = "loading"
-        self.detail = f"loading {settings.checkpoint_dir}"
-        self.classifier: Classifier | None = None
+        self.detail = f"loading {settings.models_dir or settings.models or settings.checkpoint_dir}"
+        self.models = ModelRegistry(settings.classifier_options(), self.metrics)
         self.batch_limits = settings.batch_limits()
         self._batcher: Batcher | None = None
         # Every model call (load, warm-up, batches) on this one thread: torch's intra-op thread pool belongs to
         # the thread that calls it, and one pool per calling thread would leave idle pools spinning on the cores
         # that the running one needs.
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spamgpt-model")
-        self.model_name = settings.model_name
         self.feedback: Feedback | None = None  # the corrections store, when settings.feedback_enabled
+        # Models added or replaced while serving load and warm up here, beside the model thread that keeps serving
+        self.load_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spamgpt-load")
+
+    @property
+    def model_name(self) -> str | None:
+        """The default model's name, once loaded."""
+        return self.models.default
+
+    @property
+    def classifier(self) -> Classifier:
+        """The default model's classifier, once loaded."""
+        return self.models.get(None).classifier
 
     async def start(self) -> None:
-        """Load and warm up in a thread, so the event loop stays free (and /health answers 503) meanwhile.
+        """Load and warm up every model in a thread, so the event loop stays free (and /health answers 503)
+        meanwhile; a checkpoint other than the default's that cannot be loaded is refused, named in the log and in
+        /info, and the others serve (ModelRegistry.start).
 
-        Raises what Classifier.load raises (CheckpointError, ValueError, RuntimeError), the status then "failed".
+        Raises what loading the default model raises (CheckpointError, ValueError, RuntimeError), and ValueError
+        for models that cannot be told apart (two of one name) or a default model that is not among them; the
+        status is then "failed".
         """
         s = self.settings
         try:
-            self.classifier = await asyncio.get_running_loop().run_in_executor(
-                self.model_thread, Classifier.load, s.checkpoint_dir, s.classifier_options()
-            )
+            await self.models.start(s.model_sources(), s.default_model, self.model_thread)
             if s.feedback_enabled:  # a damaged database stops the start, naming its file
                 self.feedback = await Feedback.open(s.feedback_path, self.classifier.card.labels)
         except Exception as exc:
             self.status, self.detail = "failed", f"{type(exc).__name__}: {exc}"
             raise
-        # one batch the batcher formed -> (B, n_labels) logits, one row per text
-        self._batcher = Batcher(self.classifier.predict_logits, self.metrics, self.batch_limits, self.model_thread)
+        # one batch the batcher formed, each row with the models it asks -> per row, each model's (n_labels,) logits
+        self._batcher = Batcher(
+            self.models.run_batch,
+            self.metrics,
+            self.batch_limits,
+            self.model_thread,
+            group=lambda models: models[0].group,
+        )
         self._batcher.start()
-        self.model_name = s.model_name or model_name(self.classifier.card.base_model, self.classifier.parameter_count)
         self.status, self.detail = "ok", None
 
     def drain(self) -> None:
@@ -98,6 +128,7 @@ class Service:
         if self._batcher is not None:
             await self._batcher.stop()
         self.model_thread.shutdown()
+        self.load_thread.shutdown()
         if self.feedback is not None:
             self.feedback.close()
 
@@ -115,10 +146,27 @@ class Service:
         return Health(status=self.status, detail=self.detail)
 
     def info(self) -> Info:
-        """The model card, where and how the model runs, and every limit in force. Call once ready."""
-        classifier, card = self.classifier, self.classifier.card
+        """The default model's card at the top level, where and how it runs, and every limit in force; then every
+        model's card (the default's too) and the checkpoints refused at startup. Call once ready."""
+        models = [self.model_info(model) for model in self.models.models.values()]
+        default = next(m for m in models if m.model == self.models.default)
         return Info(
-            model=self.model_name,
+            **default.model_dump(),
+            limits={**asdict(self.batch_limits), **{name: getattr(self.settings, name) for name in REQUEST_LIMITS}},
+            models=models,
+            refused=self.models.refused,
+        )
+
+    def model_info(self, model: ServedModel) -> ModelInfo:
+        """One model's card, where it was loaded from, what it shares, and where and how it runs."""
+        classifier, card = model.classifier, model.classifier.card
+        return ModelInfo(
+            model=model.name,
+            checkpoint=str(model.path),
+            revision=model.revision,
+            loaded_at=model.loaded_at,
+            prefix=None if card.prefix is None else card.prefix.sha256,
+            sharing=self.models.sharing(model),
             labels=list(card.labels),
             base_model=card.base_model,
             parameters=classifier.parameter_count,
@@ -132,7 +180,6 @@ class Service:
             device=str(classifier.device),
             dtype=str(classifier.dtype).removeprefix("torch."),
             quantization=classifier.quantization,
-            limits={**asdict(self.batch_limits), **{name: getattr(self.settings, name) for name in REQUEST_LIMITS}},
             mail={
                 "extraction": classifier.extraction.to_json(),
                 "extraction_source": "checkpoint" if card.extraction else "default (checkpoint trained on texts)",
@@ -141,46 +188,58 @@ class Service:
             },
         )
 
-    async def classify(self, texts: list[str], receive: Receive) -> dict:
-        """The /classify response for validated `texts`: `{"model": name, "results": [...]}`, one result per text in
-        input order, each a Prediction's fields (Classifier.predictions, from which file scoring builds its records).
+    async def classify(
+        self, texts: list[str], receive: Receive, model: str | None = None, models: list[str] | None = None
+    ) -> dict:
+        """The /classify response for validated `texts` from the model `model` (None: the default):
+        `{"model": name, "results": [...]}`, one result per text in input order, each a Prediction's fields
+        (Classifier.predictions, from which file scoring builds its records). With `models` (several names, and
+        `model` None): `{"models": names, "results": [{name: result, ...}, ...]}`, each text answered by each model,
+        models on one base from one pass of their shared prefix.
 
-        Raises what _score raises.
+        Raises UnknownModel (404) for a name not served, and what _score raises.
         """
-        rows, truncated, logits = await self._score(texts, receive)
-        results = [
-            {"label": p.label, "probabilities": p.probabilities, "tokens": p.tokens, "truncated": p.truncated}
-            for p in self.classifier.predictions(rows, truncated, logits)
-        ]
-        return {"model": self.model_name, "results": results}
+        names = [model] if models is None else models
+        with self.models.use(names) as served:
+            scored = await self._score(texts, receive, served)
+        answers = {m.name: m.classifier.predictions(s.rows, s.truncated, s.logits) for m, s in scored.items()}
+        if models is None:
+            return {"model": served[0].name, "results": [result(p) for p in answers[served[0].name]]}
+        return {"models": models, "results": [{n: result(answers[n][i]) for n in models} for i in range(len(texts))]}
 
-    async def classify_messages(self, raws: list[bytes], receive: Receive, field: str = "messages") -> dict:
-        """The /classify response for validated raw messages, as classify's for texts, each result with what was
-        read of its message (`mail`). `field`: where the messages sit in the request, for errors ("messages", or
-        "body" for one message/rfc822 body).
+    async def classify_messages(
+        self, raws: list[bytes], receive: Receive, field: str = "messages", model: str | None = None
+    ) -> dict:
+        """The /classify response for validated raw messages from the model `model` (None: the default), as
+        classify's for texts, each result with what was read of its message (`mail`). `field`: where the messages
+        sit in the request, for errors ("messages", or "body" for one message/rfc822 body).
 
         Each message is read (training.runtime.mail.read_message, by the checkpoint's extraction) and cut into
         windows in a thread; the windows go through the batcher as texts do; each message's windows are combined
-        (Classifier.message_predictions). Raises InvalidInput naming each message with nothing readable; ModelError
-        naming each message whose windows gave non-finite logits; else what _score raises.
+        (Classifier.message_predictions). Raises UnknownModel (404) for a name not served; InvalidInput naming each
+        message with nothing readable; ModelError naming each message whose windows gave non-finite logits; else
+        what _score raises.
         """
         paths = text_paths(field, raws) if field != "body" else [field]
-        messages = await asyncio.to_thread(self._read_messages, raws)
-        unreadable = [path for path, m in zip(paths, messages, strict=True) if not m.readable]
-        if unreadable:
-            cause = (
-                "nothing readable: no visible characters in its subject or any readable part (attachments are not read)"
-            )
-            raise InvalidInput.of([ErrorDetail(field=path, message=cause) for path in unreadable])
-        rows = [row for m in messages for row in m.rows]
-        logits = torch.stack(await unless_client_leaves(receive, self._batcher.submit(rows)))
-        self._refuse_nonfinite(logits, [path for path, m in zip(paths, messages, strict=True) for _ in m.rows])
+        with self.models.use([model]) as (served,):
+            classifier = served.classifier
+            messages = await asyncio.to_thread(self._read_messages, classifier, raws)
+            unreadable = [path for path, m in zip(paths, messages, strict=True) if not m.readable]
+            if unreadable:
+                cause = (
+                    "nothing readable: no visible characters in its subject or any readable part "
+                    "(attachments are not read)"
+                )
+                raise InvalidInput.of([ErrorDetail(field=path, message=cause) for path in unreadable])
+            rows = [row for m in messages for row in m.rows]
+            answers = await unless_client_leaves(receive, self._batcher.submit(rows, [(served,)] * len(rows)))
+        logits = torch.stack([answer[0] for answer in answers])
+        window_paths = [path for path, m in zip(paths, messages, strict=True) for _ in m.rows]
+        self._refuse_nonfinite({served: Scored(rows, [], logits)}, window_paths)
+        self.metrics.model_texts.labels(model=served.name).inc(len(raws))
         results = [
             {
-                "label": p.label,
-                "probabilities": p.probabilities,
-                "tokens": p.tokens,
-                "truncated": p.truncated,
+                **result(p),
                 "mail": {
                     "windows": len(m.rows),
                     "defects": m.mail.defects,
@@ -188,30 +247,43 @@ class Service:
                     "message_id": m.mail.message_id,
                 },
             }
-            for m, p in zip(messages, self.classifier.message_predictions(messages, logits), strict=True)
+            for m, p in zip(messages, classifier.message_predictions(messages, logits), strict=True)
         ]
-        return {"model": self.model_name, "results": results}
+        return {"model": served.name, "results": results}
 
-    def _read_messages(self, raws: list[bytes]) -> list[MessageRows]:
+    def _read_messages(self, classifier: Classifier, raws: list[bytes]) -> list[MessageRows]:
         with self.metrics.tokenize.time():
-            return self.classifier.read_messages(raws)
+            return classifier.read_messages(raws)
 
     async def label_logits(
-        self, inputs: str | list[str], receive: Receive, field: str, refuse_truncation: bool = False
+        self,
+        inputs: str | list[str],
+        receive: Receive,
+        field: str,
+        refuse_truncation: bool = False,
+        model: str | None = None,
     ) -> LabelLogits:
-        """The logits of validated `inputs` (one text or a list) at the deployment prior
-        (training.runtime.inference.Readout.scores), for the dialects that rank labels by scores.
+        """The logits of validated `inputs` (one text or a list) from the model `model` (None: the default) at the
+        deployment prior (training.runtime.inference.Readout.scores), for the dialects that rank labels by scores.
 
-        Raises what _score raises.
+        Raises UnknownModel (404) for a name not served, and what _score raises.
         """
-        _, _, logits = await self._score(inputs, receive, field, refuse_truncation)
-        return LabelLogits(self.classifier.card.labels, self.classifier.checkpoint.readout.scores(logits))
+        with self.models.use([model]) as (served,):
+            scored = await self._score(inputs, receive, [served], field, refuse_truncation)
+        classifier = served.classifier
+        return LabelLogits(classifier.card.labels, classifier.checkpoint.readout.scores(scored[served].logits))
 
     async def _score(
-        self, inputs: str | list[str], receive: Receive, field: str = "texts", refuse_truncation: bool = False
-    ) -> tuple[list[list[int]], list[bool], torch.Tensor]:
-        """Validated `inputs` (one text or a list) -> each text's token ids, whether it was truncated, and
-        (N, n_labels) float32 logits, every row finite: the one path from a request's texts to the model.
+        self,
+        inputs: str | list[str],
+        receive: Receive,
+        models: list[ServedModel],
+        field: str = "texts",
+        refuse_truncation: bool = False,
+    ) -> dict[ServedModel, Scored]:
+        """Validated `inputs` (one text or a list) -> each model's Scored: the one path from a request's texts to
+        the models. Texts are tokenized once per group of models and max_tokens, and each text goes to the batcher
+        once per group, carrying the models of that group it asks: one prefix pass serves them all.
 
         `receive` is the request's ASGI channel, watched for the client leaving. Errors name texts by their place
         in the request's `field` (text_paths). Raises InvalidInput naming each text over max_tokens when
@@ -220,11 +292,36 @@ class Service:
         while waiting.
         """
         texts, paths = [inputs] if isinstance(inputs, str) else inputs, text_paths(field, inputs)
-        # Tokenized here, once, in a thread (tiktoken releases the GIL): requests tokenize in parallel while the
-        # model runs, and the batcher needs token counts to keep batches within max_batch_tokens.
-        rows, truncated = await asyncio.to_thread(self._tokenize, texts)
-        if refuse_truncation and any(truncated):
-            limit = self.classifier.card.max_tokens
+        asked: dict[tuple, tuple[ServedModel, ...]] = {}
+        for m in models:
+            key = (m.group, m.classifier.card.max_tokens)
+            asked[key] = (*asked.get(key, ()), m)
+        # Tokenized here, once per group, in a thread (tiktoken releases the GIL): requests tokenize in parallel
+        # while the model runs, and the batcher needs token counts to keep batches within max_batch_tokens.
+        tokenized = await asyncio.to_thread(self._tokenize, texts, [ms[0] for ms in asked.values()])
+        if refuse_truncation:
+            self._refuse_truncated(models[0].classifier.card.max_tokens, tokenized[0][1], paths)
+        rows = [row for ids, _ in tokenized for row in ids]
+        needs = [ms for ms in asked.values() for _ in texts]
+        answers = await unless_client_leaves(receive, self._batcher.submit(rows, needs))
+        scored = {}
+        for g, ((ids, truncated), ms) in enumerate(zip(tokenized, asked.values(), strict=True)):
+            group_answers = answers[g * len(texts) : (g + 1) * len(texts)]
+            for j, m in enumerate(ms):
+                scored[m] = Scored(ids, truncated, torch.stack([answer[j] for answer in group_answers]))
+        self._refuse_nonfinite(scored, paths)
+        for m in models:
+            self.metrics.model_texts.labels(model=m.name).inc(len(texts))
+        return scored
+
+    def _tokenize(self, texts: list[str], models: list[ServedModel]) -> list[tuple[list[list[int]], list[bool]]]:
+        with self.metrics.tokenize.time():
+            return [m.classifier.tokenize(texts) for m in models]
+
+    @staticmethod
+    def _refuse_truncated(limit: int, truncated: list[bool], paths: list[str]) -> None:
+        """Raises InvalidInput naming each text over max_tokens `limit`, if any."""
+        if any(truncated):
             raise InvalidInput.of(
                 [
                     ErrorDetail(field=path, message=f"longer than max_tokens {limit}; send truncate: true")
@@ -232,25 +329,28 @@ class Service:
                     if cut
                 ]
             )
-        logits = torch.stack(await unless_client_leaves(receive, self._batcher.submit(rows)))
-        self._refuse_nonfinite(logits, paths)
-        return rows, truncated, logits
 
-    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
-        with self.metrics.tokenize.time():
-            return self.classifier.tokenize(texts)
-
-    def _refuse_nonfinite(self, logits: torch.Tensor, paths: list[str]) -> None:
-        """Raises ModelError naming each text (by its path in the request, one per row: a message's path for each of
-        its windows) whose row of (N, n_labels) logits is not finite, and counts those texts in
-        spamgpt_model_errors_total; the request's other texts are not answered either."""
-        bad = list(dict.fromkeys(paths[i] for i in nonfinite_rows(logits)))  # a message's windows name it once
-        if not bad:
-            return
-        self.metrics.model_errors.labels(cause="non_finite_logits").inc(len(bad))
+    def _refuse_nonfinite(self, scored: dict[ServedModel, Scored], paths: list[str]) -> None:
+        """Raises ModelError naming each text (by its path in the request, one per row: a message's for each of its
+        windows) whose row of a model's (N, n_labels) logits is not finite (and the model, when several answer),
+        and counts those texts in spamgpt_model_errors_total; the request's other texts are not answered either."""
         cause = "the model gave non-finite logits (NaN or inf): a fault of the model, not of the text"
-        details = [ErrorDetail(field=path, message=cause) for path in bad]
-        raise ModelError(f"{', '.join(bad)}: {cause}", details)
+        # a message's windows are rows of one path: it is named once
+        named = {
+            (paths[i], cause if len(scored) == 1 else f"model {m.name!r}: {cause}"): None
+            for m, s in scored.items()
+            for i in nonfinite_rows(s.logits)
+        }
+        details = [ErrorDetail(field=path, message=message) for path, message in named]
+        if not details:
+            return
+        self.metrics.model_errors.labels(cause="non_finite_logits").inc(len(details))
+        raise ModelError(f"{', '.join(d.field for d in details)}: {cause}", details)
+
+
+def result(p: Prediction) -> dict:
+    """One text's /classify result from its Prediction."""
+    return {"label": p.label, "probabilities": p.probabilities, "tokens": p.tokens, "truncated": p.truncated}
 
 
 def text_paths(field: str, inputs: str | list[str]) -> list[str]:
@@ -281,15 +381,6 @@ async def _disconnected(receive: Receive) -> None:
     # The body has been read: the server's next message is http.disconnect, when the client goes away
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def model_name(base_model: str, parameter_count: int) -> str:
-    """ "spamgpt-gpt2-124m" from the card's base model ("gpt2" or "openai-community/gpt2") and the parameter count."""
-    base = re.sub(r"[^a-z0-9.]+", "-", base_model.rsplit("/", 1)[-1].lower()).strip("-")
-    for scale, suffix in ((1e9, "b"), (1e6, "m"), (1e3, "k")):
-        if parameter_count >= scale:
-            return f"spamgpt-{base}-{parameter_count / scale:.3g}{suffix}"
-    return f"spamgpt-{base}-{parameter_count}"
 
 
 @asynccontextmanager

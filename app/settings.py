@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from training.runtime.options import ClassifierOptions
@@ -111,6 +111,16 @@ class Settings(BaseSettings):
     # The name in responses; default derived from the checkpoint, e.g. "spamgpt-gpt2-124m".
     model_name: str | None = None
 
+    # Several models (app.models; docs/serving.md, "Several classifiers on one base"), instead of checkpoint_dir.
+    # A directory whose every subdirectory is a checkpoint served under its folder's name (folders whose name
+    # starts with "." are skipped: a place to copy a checkpoint into before renaming it in).
+    models_dir: Path | None = None
+    # Checkpoints by name, "name=path,name=path", beside models_dir's or instead of them. A list, not a JSON
+    # object: a name given twice is refused rather than the last one silently winning.
+    models: str | None = None
+    # The model that requests naming none get; unset: the only model there is (with several, it must be set).
+    default_model: str | None = None
+
     # The spamd-protocol listener (app.spamd), for spamc, Exim, Haraka and Rspamd's spamassassin service. Its port;
     # unset: no listener. Off by default: it has no API key (spamd's protocol carries none), only spamd_allowed_ips.
     spamd_port: int | None = Field(None, ge=1, le=65535)
@@ -148,12 +158,13 @@ class Settings(BaseSettings):
     # line per request carrying its id (app.edge.request_log). Every response carries X-Request-ID either way.
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("checkpoint_dir", mode="before")
+    @field_validator("checkpoint_dir", "models_dir", mode="before")
     @classmethod
-    def _named_directory(cls, value: object) -> object:
+    def _named_directory(cls, value: object, info: ValidationInfo) -> object:
         # Path("") is the current directory: an empty variable would serve whatever the server was started in
         if isinstance(value, str) and not value.strip():
-            raise ValueError("checkpoint_dir must not be empty: name a checkpoint directory, e.g. checkpoints/spamgpt")
+            example = "checkpoints/spamgpt" if info.field_name == "checkpoint_dir" else "models"
+            raise ValueError(f"{info.field_name} must not be empty: name a directory, e.g. {example}")
         return value
 
     @field_validator("feedback_path", mode="before")
@@ -198,6 +209,50 @@ class Settings(BaseSettings):
             raise ValueError("model_name must not be empty (leave it unset for the checkpoint's own name)")
         return value
 
+    @field_validator("models")
+    @classmethod
+    def _named_checkpoints(cls, value: str | None) -> str | None:
+        if value is not None:
+            named_checkpoints(value)  # raises ValueError naming what is wrong
+        return value
+
+    @field_validator("default_model")
+    @classmethod
+    def _model_name_form(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_model_name(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_name_models(self) -> "Settings":
+        if self.models_dir is not None or self.models is not None:
+            single = [name for name in ("checkpoint_dir", "model_name") if name in self.model_fields_set]
+            if single:
+                raise ValueError(
+                    f"{' and '.join(single)} name one model and cannot be combined with models_dir or models: "
+                    "put that checkpoint in models_dir, or list it in models as name=path"
+                )
+        return self
+
+    def model_sources(self) -> list[tuple[str | None, Path]]:
+        """The checkpoints to serve, by name: `models` in their order, then models_dir's subdirectories by name;
+        without either, checkpoint_dir under model_name (None: the name is derived from the checkpoint). A
+        directory that cannot be read is one source whose loading then fails.
+
+        Raises ValueError for a name given twice (in `models` and as a folder of models_dir). A folder whose name
+        cannot name a model (check_model_name) is a source like any other, refused when it is loaded."""
+        if self.models_dir is None and self.models is None:
+            return [(self.model_name, self.checkpoint_dir)]
+        sources = named_checkpoints(self.models) if self.models else []
+        if self.models_dir is not None and self.models_dir.is_dir():
+            sources += [(d.name, d) for d in sorted(self.models_dir.iterdir()) if d.is_dir() and d.name[0] != "."]
+        seen: dict[str, Path] = {}
+        for name, path in sources:
+            if name in seen:
+                raise ValueError(f"two models named {name!r}: {str(seen[name])!r} and {str(path)!r}")
+            seen[name] = path
+        return sources
+
     @model_validator(mode="after")
     def _one_body_fits_in_flight(self) -> "Settings":
         if self.max_body_bytes_in_flight < self.max_body_bytes:
@@ -232,6 +287,36 @@ class Settings(BaseSettings):
     def batch_limits(self) -> BatchLimits:
         """The micro-batcher's limits (app.batcher.BatchLimits), which /info reports too."""
         return BatchLimits(**{f.name: getattr(self, f.name) for f in fields(BatchLimits)})
+
+
+# A model's name, as it appears in URLs (/models/{name}/predict) and metric labels: a letter or digit, then letters,
+# digits, ".", "_" or "-", at most 64 characters
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_model_name(name: str) -> str:
+    """`name` if it can name a model (MODEL_NAME); else ValueError showing it."""
+    if not MODEL_NAME.fullmatch(name):
+        raise ValueError(
+            f"model name {name!r} must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def named_checkpoints(value: str) -> list[tuple[str, Path]]:
+    """ "spam=/ckpt/spam,phishing=/ckpt/phishing" -> [("spam", Path("/ckpt/spam")), ...] in their order.
+
+    Raises ValueError for an entry without "=", an empty path, a name MODEL_NAME refuses or a name given twice."""
+    pairs: list[tuple[str, Path]] = []
+    for entry in value.split(","):
+        name, sep, path = (part.strip() for part in entry.partition("="))
+        if not sep or not path:
+            raise ValueError(f"each entry must be name=path, got {entry.strip()!r}")
+        check_model_name(name)
+        if name in dict(pairs):
+            raise ValueError(f"model {name!r} given twice")
+        pairs.append((name, Path(path)))
+    return pairs
 
 
 class SettingsError(ValueError):

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from training.finetune.loop import Examples
 from training.runtime.checkpoint import ModelCard, save_checkpoint
 from training.runtime.inference import Calibration, Threshold, fold_calibration, prior_shift
 from training.runtime.model import GPTClassifier
+from training.runtime.prefix import fingerprint
+from training.runtime.tokenizer import bpe_hashes
 
 # A few merges in GPT-2's data-gym notation ("Ġ" is a space), enough for multi-byte tokens.
 MERGES = ["Ġ t", "h e", "i n", "e r", "Ġ a", "o n", "Ġt he", "Ġ w", "r e", "Ġ s", "Ġ f", "Ġ c", "a t", "o u"]
@@ -186,6 +189,27 @@ def synthetic(n: int, seed: int, flip: bool = False) -> Examples:
         rows.append([rng.randrange(50 * label, 50 * label + 50) for _ in range(rng.randint(3, 12))])
         targets.append(1 - label if flip else label)
     return Examples(rows, targets)
+
+
+# --- Checkpoints that share a prefix ----------------------------------------------------------------
+
+
+def sibling(directory, config, bpe_dir, base_seed: int, tail_seed: int, labels=("ham", "spam"), blocks: int = 1):
+    """A checkpoint whose embeddings and first `blocks` blocks are those of a model seeded `base_seed`, and whose
+    other weights are seeded `tail_seed`, with the fingerprint of that prefix in its card."""
+    torch.manual_seed(base_seed)
+    base = GPTClassifier(config)
+    torch.manual_seed(tail_seed)
+    model = GPTClassifier(replace(config, n_labels=len(labels)))
+    state = model.state_dict()
+    for key, tensor in base.state_dict().items():
+        if key.startswith(("transformer.wte.", "transformer.wpe.")) or any(
+            key.startswith(f"transformer.h.{i}.") for i in range(blocks)
+        ):
+            state[key] = tensor
+    model.load_state_dict(state)
+    prefix = fingerprint(model.state_dict(), model.config, bpe_hashes(bpe_dir), blocks)
+    return save_checkpoint(directory, model, bpe_dir, tiny_card(labels=labels, prefix=prefix))
 
 
 # --- Broken checkpoints ---------------------------------------------------------------------------

@@ -24,12 +24,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(checkpoint_dir: Path, log: Path, **settings) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`python -m app` (uvicorn) on a free loopback port with `settings` as SPAMGPT_* variables; yields its URL, once
-    /health answers 200, and the process; stops it with SIGINT. Output goes to `log`, not a pipe: thousands of
-    requests would fill a pipe nobody reads and block the server."""
+def live_server(
+    checkpoint_dir: Path | None, log: Path, ready_timeout_s: float = 60, **settings
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m app` (uvicorn) on a free loopback port serving `checkpoint_dir` (None: the models that `settings`
+    name, e.g. models_dir) with `settings` as SPAMGPT_* variables; yields its URL, once /health answers 200 (within
+    ready_timeout_s, or the test fails), and the process; stops it with SIGINT. Output goes to `log`, not a pipe:
+    thousands of requests would fill a pipe nobody reads and block the server."""
     env = {**os.environ, **{f"SPAMGPT_{k.upper()}": str(v) for k, v in {"device": "cpu", **settings}.items()}}
-    env["SPAMGPT_CHECKPOINT_DIR"] = str(checkpoint_dir)
+    if checkpoint_dir is not None:
+        env["SPAMGPT_CHECKPOINT_DIR"] = str(checkpoint_dir)
     port = free_port()
     command = [sys.executable, "-m", "app", "--port", str(port)]
     with open(log, "w") as out:
@@ -37,10 +41,10 @@ def live_server(checkpoint_dir: Path, log: Path, **settings) -> Iterator[tuple[s
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(trust_env=False) as client:  # straight to loopback, whatever proxy the environment names
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + ready_timeout_s
             while not _healthy(client, url):
                 assert server.poll() is None, f"the server exited with {server.returncode}:\n{log.read_text()}"
-                assert time.monotonic() < deadline, f"not healthy after 60 s:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"not healthy after {ready_timeout_s} s:\n{log.read_text()}"
                 time.sleep(0.1)
         yield url, server
     finally:

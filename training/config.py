@@ -63,10 +63,26 @@ class BaseModelConfig:
     max_tokens: int | None = opt(
         None,
         f"texts are truncated to this many tokens, in training and in serving; when not given, min({MAX_TOKENS}, the "
-        "model's positions): 256 for gpt2, 64 for tiny, a --base's n_positions where fewer; the card records it",
+        "model's positions): 256 for gpt2, 64 for tiny, a --base's n_positions where fewer, --prefix-from's own; the "
+        "card records it",
+    )
+    prefix_from: str | None = opt(
+        None,
+        "a checkpoint directory to train a sibling of: its architecture, tokenizer and frozen prefix (embeddings and "
+        "frozen blocks) are kept as they are, so the two share them when served together; the trainable blocks "
+        "start from its own, the head afresh. --trainable must leave the same blocks frozen; --preset and --init are "
+        "not read",
     )
 
     def __post_init__(self):
+        if self.prefix_from is not None:
+            names = ("base", "weights", "tokenizer_dir")
+            given = [f"--{name.replace('_', '-')}" for name in names if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"--prefix-from {self.prefix_from!r} brings its weights and tokenizer: drop {given}")
+            if self.max_tokens is not None and self.max_tokens < 1:  # the checkpoint's block_size bounds it later
+                raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
+            return
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.init not in ("pretrained", "random"):

@@ -31,5 +31,7 @@ class RequestCounter:
             raise
         finally:
             # 499, nginx's "client closed request": the app returned without answering because the client left
-            route = scope["path"] if scope["path"] in self.paths else "other"
+            # a route with a parameter (/models/{name}/predict) counts under its template, as routing matched it
+            path = scope["route"].path if "route" in scope else scope["path"]
+            route = path if path in self.paths else "other"
             self.metrics.requests.labels(route=route, status=str(status or 499)).inc()

@@ -55,6 +55,8 @@ class RequestId:
                     "status": status or 499,  # nginx's "client closed request", as RequestCounter counts it
                     "duration_ms": round(1000 * (time.perf_counter() - start), 3),
                 }
+                if "model" in scope["state"]:  # set by the routes that score texts: the model or models asked
+                    extra["model"] = scope["state"]["model"]
                 self.log.info("%s %s %s", scope["method"], scope["path"], status or 499, extra=extra)
 
 

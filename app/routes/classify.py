@@ -5,9 +5,9 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 from starlette.types import Scope
 
-from app.errors import PayloadTooLarge, error_responses
+from app.errors import PayloadTooLarge, UnknownModel, error_responses
 from app.routes.deps import SCORING_ERRORS, ReadyService, require_api_key
-from app.schemas import ClassifyResponse, classify_request_model
+from app.schemas import ClassifyManyResponse, ClassifyResponse, classify_request_model
 from app.settings import Settings
 
 MESSAGE_TYPE = "message/rfc822"  # RFC 2046 5.2.1: one whole message as the body
@@ -37,7 +37,7 @@ def classify_router(settings: Settings) -> APIRouter:
     message/rfc822 body goes to its own route, declared in the JSON route's OpenAPI operation."""
     classify_request = classify_request_model(settings)
     routes = APIRouter()
-    errors = error_responses(*SCORING_ERRORS)
+    errors = error_responses(*SCORING_ERRORS, UnknownModel)
 
     async def classify_message(service: ReadyService, request: Request) -> dict:
         body = await request.body()
@@ -59,7 +59,8 @@ def classify_router(settings: Settings) -> APIRouter:
 
     @routes.post(
         "/classify",
-        response_model=ClassifyResponse,  # validates and serializes the service's plain dicts in one pass
+        # validates and serializes the service's plain dicts in one pass
+        response_model=ClassifyResponse | ClassifyManyResponse,
         response_model_exclude_unset=True,  # `mail` only in a message's result
         dependencies=[Depends(require_api_key)],
         responses=errors,
@@ -78,11 +79,13 @@ def classify_router(settings: Settings) -> APIRouter:
         },
     )
     async def classify(body: classify_request, service: ReadyService, request: Request) -> dict:
-        """Probabilities and a label for each text, or each raw e-mail message, in input order. Texts longer than
-        the model's context are truncated and flagged; messages are read in windows (docs/mail.md). A body of
-        Content-Type message/rfc822 is one raw message, answered as `{"messages": [it]}` would be."""
+        """Probabilities and a label for each text, or each raw e-mail message, in input order, from `model`
+        (unset: the default model), or from each of `models` (texts only). Texts longer than the model's context
+        are truncated and flagged; messages are read in windows (docs/mail.md). A body of Content-Type
+        message/rfc822 is one raw message, answered by the default model as `{"messages": [it]}` would be."""
+        request.state.model = ",".join(body.models) if body.models else body.model or service.model_name
         if body.messages is not None:
-            return await service.classify_messages(body.messages, request.receive)
-        return await service.classify(body.texts, request.receive)
+            return await service.classify_messages(body.messages, request.receive, model=body.model)
+        return await service.classify(body.texts, request.receive, body.model, body.models)
 
     return routes

@@ -1,12 +1,15 @@
 """text-embeddings-inference's POST /predict and the Hugging Face Inference API's root POST /, in their request and
-response shapes, so their clients work unchanged; /classify's limits, batching, errors and API key."""
+response shapes, so their clients work unchanged; /classify's limits, batching, errors and API key. Both answer from
+the default model; under /models/{name} (POST /models/{name}/predict, POST /models/{name}) from the model `name`:
+these clients take a base URL, so a path prefix selects a model with no change to them."""
 
 import torch
 from fastapi import APIRouter, Depends, Request
 
-from app.errors import error_responses
+from app.errors import UnknownModel, error_responses
 from app.routes.deps import SCORING_ERRORS, ReadyService, require_api_key
 from app.schemas import LabelScore, hf_request_model, predict_request_model
+from app.service import Service
 from app.settings import Settings
 from training.runtime.inference import probabilities
 
@@ -20,37 +23,53 @@ def tei_router(settings: Settings) -> APIRouter:
     predict_request, hf_request = predict_request_model(settings), hf_request_model(settings)
     routes = APIRouter()
     errors = error_responses(*SCORING_ERRORS)
+    predict_response, hf_response = list[LabelScore] | list[list[LabelScore]], list[list[LabelScore]]
+    auth = [Depends(require_api_key)]
 
-    @routes.post(
-        "/predict",
-        response_model=list[LabelScore] | list[list[LabelScore]],
-        dependencies=[Depends(require_api_key)],
-        responses=errors,
-    )
-    async def predict(body: predict_request, service: ReadyService, request: Request) -> list:
-        """text-embeddings-inference's /predict: every label with its score, highest first; for one string a
-        list of them, for a list of strings a list of such lists, in input order. Scores are probabilities, or
-        the logits with raw_scores. A text over max_tokens is refused (422) unless truncate is true."""
-        scored = await service.label_logits(body.inputs, request.receive, "inputs", refuse_truncation=not body.truncate)
+    async def predict(body, service: Service, request: Request, name: str | None) -> list:
+        request.state.model = name or service.model_name
+        scored = await service.label_logits(
+            body.inputs, request.receive, "inputs", refuse_truncation=not body.truncate, model=name
+        )
         scores = scored.logits if body.raw_scores else probabilities(scored.logits)
         ranked = ranked_labels(scores, scored.labels)
         return ranked[0] if isinstance(body.inputs, str) else ranked
 
-    @routes.post(
-        "/",
-        response_model=list[list[LabelScore]],
-        dependencies=[Depends(require_api_key)],
-        responses=errors,
-    )
-    async def inference_api(body: hf_request, service: ReadyService, request: Request) -> list:
+    async def inference_api(body, service: Service, request: Request, name: str | None) -> list:
+        request.state.model = name or service.model_name
+        scored = await service.label_logits(body.inputs, request.receive, "inputs", model=name)
+        parameters = body.parameters
+        scores = SCORE_FUNCTIONS[parameters.function_to_apply or "softmax"](scored.logits)
+        return ranked_labels(scores, scored.labels, parameters.top_k)
+
+    @routes.post("/predict", response_model=predict_response, dependencies=auth, responses=errors)
+    async def default_predict(body: predict_request, service: ReadyService, request: Request) -> list:
+        """text-embeddings-inference's /predict: every label with its score, highest first; for one string a
+        list of them, for a list of strings a list of such lists, in input order. Scores are probabilities, or
+        the logits with raw_scores. A text over max_tokens is refused (422) unless truncate is true."""
+        return await predict(body, service, request, None)
+
+    @routes.post("/", response_model=hf_response, dependencies=auth, responses=errors)
+    async def default_inference_api(body: hf_request, service: ReadyService, request: Request) -> list:
         """The Hugging Face Inference API's text-classification shape, as huggingface_hub's InferenceClient
         posts it to a server's root: `{"inputs": text or texts, "parameters": {"top_k", "function_to_apply"}}`
         -> one list of `{label, score}` per text, highest first (a list holding one list for one string: the
         client reads the first list). Texts over max_tokens are truncated, as /classify does."""
-        scored = await service.label_logits(body.inputs, request.receive, "inputs")
-        parameters = body.parameters
-        scores = SCORE_FUNCTIONS[parameters.function_to_apply or "softmax"](scored.logits)
-        return ranked_labels(scores, scored.labels, parameters.top_k)
+        return await inference_api(body, service, request, None)
+
+    model_errors = error_responses(*SCORING_ERRORS, UnknownModel)
+
+    @routes.post("/models/{name}/predict", response_model=predict_response, dependencies=auth, responses=model_errors)
+    async def model_predict(name: str, body: predict_request, service: ReadyService, request: Request) -> list:
+        """/predict, answered by the model `name`: a text-embeddings-inference client's base URL
+        http://host/models/{name}."""
+        return await predict(body, service, request, name)
+
+    @routes.post("/models/{name}", response_model=hf_response, dependencies=auth, responses=model_errors)
+    async def model_inference_api(name: str, body: hf_request, service: ReadyService, request: Request) -> list:
+        """The Hugging Face Inference API's root, answered by the model `name`: InferenceClient(model=
+        "http://host/models/{name}")."""
+        return await inference_api(body, service, request, name)
 
     return routes
 

@@ -33,7 +33,7 @@ class FakeModel:
         self.release.set()
         self.failing = failing
 
-    def __call__(self, rows: list[list[int]]) -> list[str]:
+    def __call__(self, rows: list[list[int]], needs: list) -> list[str]:
         number = len(self.batches)
         self.batches.append(rows)
         self.running.set()

@@ -6,7 +6,7 @@ import torch
 from pydantic import ValidationError
 
 import training.runtime.precision
-from app.service import model_name
+from app.models import model_name
 from app.settings import Settings, SettingsError, settings_from_environment
 from tests.helpers import pretend_cpu
 
@@ -124,6 +124,9 @@ BAD_VALUES = {
     "spamd_max_connections": ("0", "an integer >= 1"),
     "feedback_enabled": ("on-ish", "true or false"),
     "feedback_path": (" ", "must not be empty"),
+    "models_dir": ("", "must not be empty"),
+    "models": ("spam=a,spam=b", "model 'spam' given twice"),
+    "default_model": ("my model", "1 to 64 letters, digits"),
     "log_format": ("xml", "'text' or 'json'"),
 }
 

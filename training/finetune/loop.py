@@ -84,20 +84,30 @@ class TrainState:
     history: History
 
 
-def prepare_trainable(model: GPTClassifier, config: TrainConfig) -> int:
-    """Freeze what the config leaves frozen (adding LoRA adapters if asked); returns the frozen leading blocks."""
-    n_layer = model.config.n_layer
+def frozen_prefix(config: TrainConfig, n_layer: int) -> int | None:
+    """The leading blocks that `config` leaves frozen in a model of n_layer blocks, the embeddings frozen with them:
+    n_layer - trainable_blocks for last-blocks; 0 for lora (every block changes, only the embeddings stay); None
+    for all (nothing stays). Raises ValueError for more trainable blocks than the model has."""
     if config.trainable == "all":
+        return None
+    if config.trainable == "lora":
+        return 0
+    if config.trainable_blocks > n_layer:
+        raise ValueError(f"trainable_blocks {config.trainable_blocks!r} exceeds the model's {n_layer} blocks")
+    return n_layer - config.trainable_blocks
+
+
+def prepare_trainable(model: GPTClassifier, config: TrainConfig) -> int:
+    """Freeze what the config leaves frozen (frozen_prefix; adding LoRA adapters if asked); returns the frozen
+    leading blocks."""
+    n_frozen = frozen_prefix(config, model.config.n_layer)
+    if n_frozen is None:
         model.requires_grad_(True)
         return 0
     model.requires_grad_(False)
     if config.trainable == "lora":
         add_lora(model, config.lora_rank, config.lora_alpha)  # new adapter parameters require grad
-        n_frozen = 0  # every block changes, so only the embeddings stay frozen: nothing worth caching
     else:
-        if config.trainable_blocks > n_layer:
-            raise ValueError(f"trainable_blocks {config.trainable_blocks!r} exceeds the model's {n_layer} blocks")
-        n_frozen = n_layer - config.trainable_blocks
         model.transformer.h[n_frozen:].requires_grad_(True)
     model.transformer.ln_f.requires_grad_(True)
     model.score.requires_grad_(True)

@@ -57,10 +57,12 @@ from training.finetune.feedback import (
 )
 from training.finetune.loop import Examples, TrainState, train
 from training.finetune.resume import STATE_FILE, load_state, save_state, state_dir
+from training.finetune.sibling import prefix_source, recorded_prefix, recorded_sha256, sibling_model
 from training.runtime.checkpoint import (
     CONFIG_FILE,
     REPORT_DIR,
     SPLIT_FILE,
+    TOKENIZER_DIR,
     Checkpoint,
     CheckpointError,
     DataSummary,
@@ -89,7 +91,7 @@ NOT_COMPARED = (
     *("out", "device", "skip_existing", "overwrite", "cache_prefix", "resume", "save_state", "data", "feedback"),
     *("compare_with", "force"),  # which checkpoint the result is compared with, and whether a worse one is exported
 )
-PATHS = ("weights", "tokenizer_dir")  # compared as the files they name, wherever the run started
+PATHS = ("weights", "tokenizer_dir", "prefix_from")  # compared as the files they name, wherever the run started
 
 
 def finetune(config: FinetuneConfig) -> Path:
@@ -139,7 +141,11 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     if config.overwrite and not config.resume and group.is_main:
         shutil.rmtree(state_dir(out), ignore_errors=True)  # told to start over
     base = config.base
-    tokenizer_dir, enc = load_gpt2_bpe(base.tokenizer_dir)
+    sibling_of = None if base.prefix_from is None else prefix_source(config)
+    if sibling_of is None:
+        tokenizer_dir, enc = load_gpt2_bpe(base.tokenizer_dir)
+    else:
+        tokenizer_dir, enc = sibling_of.path / TOKENIZER_DIR, sibling_of.tokenizer
     parts = partition(unique, config.train.seed, config.balance)
     if corrections is not None:
         parts = with_corrections(parts, corrections, config.feedback_weight)
@@ -147,9 +153,13 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         corrections = unique
     label_names = unique.label_names()
     print(data_summary_line(data.data, source, dropped, parts))
-    warn_random_frozen(config)
-    model = base_model(base, len(label_names), enc.n_vocab, config.train.seed)
-    max_tokens = base.resolved_max_tokens(model.config.block_size)
+    if sibling_of is None:
+        warn_random_frozen(config)
+        model = base_model(base, len(label_names), enc.n_vocab, config.train.seed)
+        max_tokens = base.resolved_max_tokens(model.config.block_size)
+    else:
+        model = sibling_model(sibling_of, len(label_names), config.train.seed)
+        max_tokens = base.max_tokens or sibling_of.card.max_tokens
     train_data, val_data = (encode(enc, ds, label_names, max_tokens) for ds in (parts.train, parts.validation))
     training_prior, class_weights = loss_prior(parts.train, label_names, config.balance)
     record = {"arguments": compared_arguments(config), "data": source_fingerprint}
@@ -187,12 +197,16 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         uncalibrated,
     )
     headline = summary(report)
+    prefix = recorded_prefix(model, tokenizer_dir, config)
+    assert sibling_of is None or prefix == sibling_of.card.prefix, f"a sibling's prefix changed: {prefix}"
     warning = selection_warning(label_names, calibrated["selection"], config.threshold_objective, config.target_fpr)
     card = ModelCard(
         labels=tuple(label_names),
         max_tokens=max_tokens,
         threshold=report.threshold,
-        base_model=(base.base or base.preset) + ("" if base.init == "pretrained" else " (random init)"),
+        base_model=sibling_of.card.base_model
+        if sibling_of
+        else (base.base or base.preset) + ("" if base.init == "pretrained" else " (random init)"),
         metrics=headline.to_json() | {"best_epoch": history.best_epoch} | ({"warning": warning} if warning else {}),
         training=flatten(config),
         data=DataSummary(
@@ -205,6 +219,7 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         ),
         calibration=calibration,
         extraction=DEFAULT_EXTRACTION if is_mail_folder(data.data) else None,  # how load_dataset read the messages
+        prefix=prefix,
     )
     # the report before and after, when the run learns from feedback or is told to compare; refused here when worse
     comparison = compare_with_serving(
@@ -447,6 +462,9 @@ def checkpoint_difference(out: Path, config: FinetuneConfig, data_fingerprint: d
     if card.data.duplicates_dropped != asdict(dropped):
         was, now = card.data.duplicates_dropped, asdict(dropped)
         return f"was trained on data deduplicated another way (dropped {was}, this run {now})"
+    base_prefix = None if config.base.prefix_from is None else recorded_sha256(config.base.prefix_from)
+    if base_prefix is not None and (card.prefix is None or card.prefix.sha256 != base_prefix):
+        return f"was trained on another prefix than --prefix-from's now ({base_prefix})"
     return None
 
 

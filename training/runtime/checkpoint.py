@@ -30,6 +30,7 @@ from training.runtime.inference import (
 )
 from training.runtime.mail import Extraction
 from training.runtime.model import GPTClassifier, GPTConfig
+from training.runtime.prefix import PrefixFingerprint, mismatches
 from training.runtime.record import from_flat
 from training.runtime.tokenizer import BPE_FILES, TokenizerError, bpe_hashes, load_tokenizer
 
@@ -44,7 +45,8 @@ SPLIT_FILE = f"{REPORT_DIR}/split.json"
 POOLING = "last_token"
 # config.json fields written by save_checkpoint around the card's own
 REQUIRED_FIELDS = ("format_version", "model", "pooling", "tokenizer")
-OPTIONAL_FIELDS = ("extraction",)  # card fields a config.json of this format may lack: they read as None
+# card fields a config.json may lack (written by an earlier spamgpt): they read as None
+OPTIONAL_FIELDS = ("extraction", "prefix")
 
 
 class CheckpointError(RuntimeError):
@@ -90,6 +92,9 @@ class ModelCard:
     # how raw messages became its training texts (training.runtime.mail); None: trained on plain texts, so that a
     # message is read by training.runtime.mail.DEFAULT_EXTRACTION. Absent from config.json reads as None
     extraction: Extraction | None = None
+    # the frozen prefix's fingerprint (training.runtime.prefix), checked against the weights at load; None: nothing
+    # frozen (every weight trained), or a checkpoint written before fingerprints: it shares its prefix with none
+    prefix: PrefixFingerprint | None = None
 
     def to_json(self) -> dict:
         """The card's fields in config.json's on-disk shape."""
@@ -105,6 +110,7 @@ class ModelCard:
             "created": self.created,
             "version": self.version,
             "extraction": None if self.extraction is None else self.extraction.to_json(),
+            "prefix": None if self.prefix is None else self.prefix.to_json(),
         }
 
 
@@ -183,6 +189,13 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path / TOKENIZER_DIR}: tokenizer has {tokenizer.n_vocab} tokens, model vocab_size {config.vocab_size}"
         )
+    if card.prefix is not None:
+        wrong = mismatches(card.prefix, state, config, raw["tokenizer"]["sha256"])
+        if wrong:
+            raise CheckpointError(
+                f"{path / CONFIG_FILE}: the recorded prefix fingerprint {card.prefix.sha256} does not hold: "
+                + "; ".join(wrong)
+            )
     with torch.device("meta"):  # no random init: every parameter comes from the file
         model = GPTClassifier(config)
     model.load_state_dict(state, strict=True, assign=True)
@@ -286,6 +299,7 @@ def _card(file: Path, raw: dict, config: GPTConfig) -> ModelCard:
         created=raw["created"],
         version=raw["version"],
         extraction=_extraction(file, raw.get("extraction")),
+        prefix=_prefix(file, raw.get("prefix"), config),
     )
 
 
@@ -330,6 +344,15 @@ def _calibration(file: Path, record: object, labels: list[str]) -> Calibration |
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{file}: 'calibration' {name}: {exc}") from exc
     return Calibration(float(temperature), record["training_prior"], record["prior"])
+
+
+def _prefix(file: Path, record: object, config: GPTConfig) -> PrefixFingerprint | None:
+    if record is None:
+        return None
+    try:
+        return PrefixFingerprint.from_json(record, config.n_layer)
+    except ValueError as exc:
+        raise CheckpointError(f"{file}: {exc}") from exc
 
 
 def _threshold(file: Path, threshold: object, labels: list[str]) -> Threshold | None:

@@ -1,9 +1,9 @@
 """POST /classify: probabilities and a label for each text, in the API's own shape."""
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from app.errors import error_responses
-from app.routes.deps import SCORING_ERRORS, ReadyService, require_api_key
+from app.routes.deps import SCORING_ERRORS, ReadyService, api_key_dependencies
 from app.schemas import ClassifyResponse, classify_request_model
 from app.settings import Settings
 
@@ -16,7 +16,7 @@ def classify_router(settings: Settings) -> APIRouter:
     @routes.post(
         "/classify",
         response_model=ClassifyResponse,  # validates and serializes the service's plain dicts in one pass
-        dependencies=[Depends(require_api_key)],
+        dependencies=api_key_dependencies(settings),
         responses=error_responses(*SCORING_ERRORS),
     )
     async def classify(body: classify_request, service: ReadyService, request: Request) -> dict:

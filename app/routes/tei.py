@@ -2,10 +2,10 @@
 response shapes, so their clients work unchanged; /classify's limits, batching, errors and API key."""
 
 import torch
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from app.errors import error_responses
-from app.routes.deps import SCORING_ERRORS, ReadyService, require_api_key
+from app.routes.deps import SCORING_ERRORS, ReadyService, api_key_dependencies
 from app.schemas import LabelScore, hf_request_model, predict_request_model
 from app.settings import Settings
 from training.runtime.inference import probabilities
@@ -24,7 +24,7 @@ def tei_router(settings: Settings) -> APIRouter:
     @routes.post(
         "/predict",
         response_model=list[LabelScore] | list[list[LabelScore]],
-        dependencies=[Depends(require_api_key)],
+        dependencies=api_key_dependencies(settings),
         responses=errors,
     )
     async def predict(body: predict_request, service: ReadyService, request: Request) -> list:
@@ -39,7 +39,7 @@ def tei_router(settings: Settings) -> APIRouter:
     @routes.post(
         "/",
         response_model=list[list[LabelScore]],
-        dependencies=[Depends(require_api_key)],
+        dependencies=api_key_dependencies(settings),
         responses=errors,
     )
     async def inference_api(body: hf_request, service: ReadyService, request: Request) -> list:

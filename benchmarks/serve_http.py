@@ -15,9 +15,10 @@
   - one text per request from --clients clients, with micro-batching on (the default), then off (SPAMGPT_BATCHING=
     false: every request its own forward pass);
   - --bulk-size texts per request from --bulk-clients clients;
-  - on CPU, one text per request with micro-batching again for each faster engine of --precisions (int8:
-    SPAMGPT_QUANTIZE_INT8=true; bfloat16: SPAMGPT_DTYPE=bfloat16, only where the CPU has it natively), each against
-    the engine in that precision: the faster the engine, the larger the share of the time the HTTP work takes.
+  - one text per request with micro-batching again for each other engine of --precisions, each against the engine
+    in that precision: the faster the engine, the larger the share of the time the HTTP work takes. On CPU int8
+    (SPAMGPT_QUANTIZE_INT8=true) and bfloat16 (SPAMGPT_DTYPE=bfloat16, only where the CPU has it natively); on
+    CUDA float16 and bfloat16.
 The runs above are in float32 on CPU (SPAMGPT_DTYPE=float32), in the device's default dtype elsewhere.
 How large the HTTP work is, measured in CPU time, which other load on the machine does not inflate the way it does
 wall time: the server process's CPU seconds per text over the timed run (its event loop, tokenizer threads, model
@@ -66,12 +67,14 @@ TARGETS = {
     "bulk_vs_engine": 0.85,
     "single_batching_int8_vs_engine": 0.85,
     "single_batching_bfloat16_vs_engine": 0.85,
+    "single_batching_float16_vs_engine": 0.85,
 }
 # the server's environment and the engine's options for each precision
 PRECISIONS = {
     "float32": ({"SPAMGPT_DTYPE": "float32"}, {"dtype": "float32"}),
     "int8": ({"SPAMGPT_QUANTIZE_INT8": "true"}, {"quantize_int8": True}),
     "bfloat16": ({"SPAMGPT_DTYPE": "bfloat16"}, {"dtype": "bfloat16"}),
+    "float16": ({"SPAMGPT_DTYPE": "float16"}, {"dtype": "float16"}),  # CUDA only
     "auto": ({}, {}),  # the device's default dtype (off the CPU)
 }
 STARTUP_SECONDS = 180  # loading 500 MB and a warm-up forward, on a shared CPU
@@ -256,17 +259,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--precisions",
         default="float32,int8,bfloat16",
-        help="CPU engines to serve one-text requests with (bfloat16 only where native); float32 runs every scenario",
+        help="engines to serve one-text requests with besides the first runs': on CPU int8, bfloat16 (where native);"
+        " on CUDA float16, bfloat16; others are left out",
     )
     args = parser.parse_args(argv)
-    faster = [p for p in args.precisions.split(",") if p != "float32"]
-    if args.device != "cpu" or not set(faster) <= {"int8", "bfloat16"}:
-        faster = []  # off the CPU, the device's default dtype only
-    skipped = {
-        p: "no native bfloat16 on this CPU" for p in faster if p == "bfloat16" and not cpu_info().native_bfloat16
-    }
-    faster = [p for p in faster if p not in skipped]
-    base = "float32" if args.device == "cpu" else "auto"
+    on_cpu = args.device == "cpu"
+    runnable = ("int8", "bfloat16") if on_cpu else ("float16", "bfloat16")
+    unknown = set(args.precisions.split(",")) - set(PRECISIONS)
+    if unknown:
+        parser.error(f"--precisions: unknown {sorted(unknown)}; choose from {[p for p in PRECISIONS if p != 'auto']}")
+    faster = [p for p in args.precisions.split(",") if p in runnable]
+    skipped = {}
+    if on_cpu and "bfloat16" in faster and not cpu_info().native_bfloat16:
+        skipped["bfloat16"] = "no native bfloat16 on this CPU"
+        faster.remove("bfloat16")
+    base = "float32" if on_cpu else "auto"
     require_shared_data()
     torch.set_num_threads(os.cpu_count())  # what the server's torch uses by default (SPAMGPT_TORCH_THREADS=0)
     texts = sample_texts(args.texts, args.seed)

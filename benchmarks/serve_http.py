@@ -148,9 +148,13 @@ class Connection:
         self.writer.close()
 
 
-async def send_all(connections: list[Connection], requests: list[list[str]]) -> dict:
-    """Every request sent once, one client per connection; wall seconds, latencies and each text's probs. Bodies
-    are encoded before and answers decoded after the timing: the client's JSON work is not the server's."""
+async def send_all(url: str, clients: int, requests: list[list[str]]) -> dict:
+    """Every request sent once by `clients` clients, each on a keep-alive connection of its own opened before the
+    clock starts; wall seconds, latencies and each text's probs. Bodies are encoded before and answers decoded
+    after the timing: the client's JSON work is not the server's. Each pass opens its own connections: the server
+    closes one that carries no request for request_arrival_timeout_s (a client that got none of an earlier pass's
+    requests while the machine was slow)."""
+    connections = [await Connection.open(url) for _ in range(clients)]
     bodies = iter([(texts, json.dumps({"texts": texts}).encode()) for texts in requests])  # each taken once
     latencies, answers = [], []
 
@@ -163,10 +167,14 @@ async def send_all(connections: list[Connection], requests: list[list[str]]) -> 
                 raise RuntimeError(f"/classify answered {status}: {answer[:300]!r}")
             answers.append((texts, answer))
 
-    start = time.perf_counter()
-    async with asyncio.timeout(RUN_SECONDS):
-        await asyncio.gather(*(client(c) for c in connections))
-    seconds = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        async with asyncio.timeout(RUN_SECONDS):
+            await asyncio.gather(*(client(c) for c in connections))
+        seconds = time.perf_counter() - start
+    finally:
+        for connection in connections:
+            connection.close()
     probabilities = {}
     for texts, answer in answers:
         results = json.loads(answer)["results"]
@@ -178,15 +186,10 @@ async def send_all(connections: list[Connection], requests: list[list[str]]) -> 
 async def load(url: str, pid: int, requests: list[list[str]], clients: int) -> dict:
     """Throughput, latencies and the server's (process `pid`) CPU seconds of sending every request once, after the
     same untimed (the first forward pass at each new shape is slower, and a warm server has seen them)."""
-    connections = [await Connection.open(url) for _ in range(clients)]
-    try:
-        await send_all(connections, requests)  # warm-up
-        cpu_before = cpu_seconds(pid)
-        run = await send_all(connections, requests)
-        server_cpu = cpu_seconds(pid) - cpu_before
-    finally:
-        for connection in connections:
-            connection.close()
+    await send_all(url, clients, requests)  # warm-up
+    cpu_before = cpu_seconds(pid)
+    run = await send_all(url, clients, requests)
+    server_cpu = cpu_seconds(pid) - cpu_before
     texts = sum(len(r) for r in requests)
     latencies = run["latencies"]
     return {

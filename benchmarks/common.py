@@ -79,6 +79,12 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
+def cpu_seconds(pid: int) -> float:
+    """Process `pid`'s CPU time so far, user and system, all its threads (utime + stime from /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after the command name
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def require_checkpoint(parser: argparse.ArgumentParser, option: str, path: Path, *files: str) -> None:
     """Exit through `parser` (status 2, before anything is measured) unless `path` holds config.json and `files`."""
     missing = [name for name in ("config.json", *files) if not (path / name).is_file()]

@@ -1,6 +1,7 @@
 """The app over real HTTP against the engine alone, on the same real SMS texts, in one run.
 
     python -m benchmarks.serve_http [--texts 512] [--seed 0] [--clients 32] [--bulk-size 64] [--bulk-clients 4]
+                                    [--precisions float32,int8,bfloat16]
 
 - engine: Classifier.tokenize and .predict in this process (tokenize, length-sorted batches at the app's
   default limits, forward, softmax): the most the server could do with these texts. Timed right before each HTTP
@@ -13,7 +14,17 @@
   untimed, as a warm-up):
   - one text per request from --clients clients, with micro-batching on (the default), then off (SPAMGPT_BATCHING=
     false: every request its own forward pass);
-  - --bulk-size texts per request from --bulk-clients clients.
+  - --bulk-size texts per request from --bulk-clients clients;
+  - one text per request with micro-batching again for each other engine of --precisions, each against the engine
+    in that precision: the faster the engine, the larger the share of the time the HTTP work takes. On CPU int8
+    (SPAMGPT_QUANTIZE_INT8=true) and bfloat16 (SPAMGPT_DTYPE=bfloat16, only where the CPU has it natively); on
+    CUDA float16 and bfloat16.
+The runs above are in float32 on CPU (SPAMGPT_DTYPE=float32), in the device's default dtype elsewhere.
+How large the HTTP work is, measured in CPU time, which other load on the machine does not inflate the way it does
+wall time: the server process's CPU seconds per text over the timed run (its event loop, tokenizer threads, model
+thread and torch's threads) against the engine's per text (this process's CPU time over its timed run); the
+difference is what serving over HTTP costs per text, and its share of the server's CPU the share of the machine
+that HTTP takes from the model.
 Every HTTP answer is checked against the engine's probabilities for the same text. SPAMGPT_REQUEST_TIMEOUT_S is
 raised to the clients' timeout, so that no request is shed (504) for its queue wait: this measures throughput.
 Clients and server share the machine's cores, as they would behind a local proxy.
@@ -39,6 +50,7 @@ import torch
 from app.settings import Settings
 from benchmarks.common import (
     SMS_FILE,
+    cpu_seconds,
     load_engine,
     print_table,
     random_checkpoint,
@@ -47,11 +59,23 @@ from benchmarks.common import (
     write_result,
 )
 from tests.live_server import free_port
+from training.runtime.precision import cpu_info
 
 TARGETS = {
-    "single_batching_vs_engine": 0.80,
+    "single_batching_vs_engine": 0.85,
     "single_batching_vs_no_batching": 1.5,
     "bulk_vs_engine": 0.85,
+    "single_batching_int8_vs_engine": 0.85,
+    "single_batching_bfloat16_vs_engine": 0.85,
+    "single_batching_float16_vs_engine": 0.85,
+}
+# the server's environment and the engine's options for each precision
+PRECISIONS = {
+    "float32": ({"SPAMGPT_DTYPE": "float32"}, {"dtype": "float32"}),
+    "int8": ({"SPAMGPT_QUANTIZE_INT8": "true"}, {"quantize_int8": True}),
+    "bfloat16": ({"SPAMGPT_DTYPE": "bfloat16"}, {"dtype": "bfloat16"}),
+    "float16": ({"SPAMGPT_DTYPE": "float16"}, {"dtype": "float16"}),  # CUDA only
+    "auto": ({}, {}),  # the device's default dtype (off the CPU)
 }
 STARTUP_SECONDS = 180  # loading 500 MB and a warm-up forward, on a shared CPU
 REQUEST_SECONDS = 120  # one request, queueing included
@@ -64,8 +88,8 @@ def server_command(host: str, port: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def server(checkpoint: Path, log: Path, **env: str) -> Iterator[str]:
-    """A uvicorn subprocess serving `checkpoint` on loopback; yields its base URL once /health says ok."""
+def server(checkpoint: Path, log: Path, **env: str) -> Iterator[tuple[str, int]]:
+    """A uvicorn subprocess serving `checkpoint` on loopback; yields its base URL and pid once /health says ok."""
     port = free_port()
     environ = {
         **os.environ,
@@ -84,7 +108,7 @@ def server(checkpoint: Path, log: Path, **env: str) -> Iterator[str]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server did not become healthy (exit code {process.poll()}):\n{log.read_text()}")
             time.sleep(0.5)
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         try:
@@ -124,9 +148,13 @@ class Connection:
         self.writer.close()
 
 
-async def send_all(connections: list[Connection], requests: list[list[str]]) -> dict:
-    """Every request sent once, one client per connection; wall seconds, latencies and each text's probs. Bodies
-    are encoded before and answers decoded after the timing: the client's JSON work is not the server's."""
+async def send_all(url: str, clients: int, requests: list[list[str]]) -> dict:
+    """Every request sent once by `clients` clients, each on a keep-alive connection of its own opened before the
+    clock starts; wall seconds, latencies and each text's probs. Bodies are encoded before and answers decoded
+    after the timing: the client's JSON work is not the server's. Each pass opens its own connections: the server
+    closes one that carries no request for request_arrival_timeout_s (a client that got none of an earlier pass's
+    requests while the machine was slow)."""
+    connections = [await Connection.open(url) for _ in range(clients)]
     bodies = iter([(texts, json.dumps({"texts": texts}).encode()) for texts in requests])  # each taken once
     latencies, answers = [], []
 
@@ -139,10 +167,14 @@ async def send_all(connections: list[Connection], requests: list[list[str]]) -> 
                 raise RuntimeError(f"/classify answered {status}: {answer[:300]!r}")
             answers.append((texts, answer))
 
-    start = time.perf_counter()
-    async with asyncio.timeout(RUN_SECONDS):
-        await asyncio.gather(*(client(c) for c in connections))
-    seconds = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        async with asyncio.timeout(RUN_SECONDS):
+            await asyncio.gather(*(client(c) for c in connections))
+        seconds = time.perf_counter() - start
+    finally:
+        for connection in connections:
+            connection.close()
     probabilities = {}
     for texts, answer in answers:
         results = json.loads(answer)["results"]
@@ -151,16 +183,13 @@ async def send_all(connections: list[Connection], requests: list[list[str]]) -> 
     return {"seconds": seconds, "latencies": latencies, "answers": probabilities}
 
 
-async def load(url: str, requests: list[list[str]], clients: int) -> dict:
-    """Throughput and latencies of sending every request once, after the same untimed (the first forward pass at
-    each new shape is slower, and a warm server has seen them)."""
-    connections = [await Connection.open(url) for _ in range(clients)]
-    try:
-        await send_all(connections, requests)  # warm-up
-        run = await send_all(connections, requests)
-    finally:
-        for connection in connections:
-            connection.close()
+async def load(url: str, pid: int, requests: list[list[str]], clients: int) -> dict:
+    """Throughput, latencies and the server's (process `pid`) CPU seconds of sending every request once, after the
+    same untimed (the first forward pass at each new shape is slower, and a warm server has seen them)."""
+    await send_all(url, clients, requests)  # warm-up
+    cpu_before = cpu_seconds(pid)
+    run = await send_all(url, clients, requests)
+    server_cpu = cpu_seconds(pid) - cpu_before
     texts = sum(len(r) for r in requests)
     latencies = run["latencies"]
     return {
@@ -169,6 +198,7 @@ async def load(url: str, requests: list[list[str]], clients: int) -> dict:
         "clients": clients,
         "seconds": run["seconds"],
         "messages_per_second": texts / run["seconds"],
+        "server_cpu_ms_per_text": 1000 * server_cpu / texts,
         "latency_p50_ms": 1000 * statistics.median(latencies),
         "latency_p99_ms": 1000 * statistics.quantiles(latencies, n=100, method="inclusive")[98],
         "answers": run["answers"],
@@ -176,30 +206,49 @@ async def load(url: str, requests: list[list[str]], clients: int) -> dict:
 
 
 def run_http(checkpoint: Path, log: Path, requests: list[list[str]], clients: int, **env: str) -> dict:
-    with server(checkpoint, log, **env) as url:
-        return asyncio.run(load(url, requests, clients))
+    with server(checkpoint, log, **env) as (url, pid):
+        return asyncio.run(load(url, pid, requests, clients))
 
 
-def time_engine(checkpoint: Path, texts: list[str], settings: Settings, device: str) -> tuple[float, dict]:
-    """Seconds for Classifier.tokenize and .predict on all texts at the app's default batch limits (after the same
-    untimed), and each text's probabilities. The engine is freed afterwards, so the server gets the memory."""
-    engine = load_engine(checkpoint, device=device)
+def time_engine(
+    checkpoint: Path, texts: list[str], settings: Settings, device: str, precision: str
+) -> tuple[float, float, dict]:
+    """Wall and CPU seconds (this process's, all threads) for Classifier.tokenize and .predict on all texts at the
+    app's default batch limits (after the same untimed), and each text's probabilities, in `precision`
+    (PRECISIONS). The engine is freed afterwards, so the server gets the memory."""
+    engine = load_engine(checkpoint, device=device, **PRECISIONS[precision][1])
     limits = settings.max_batch_size, settings.max_batch_tokens
     engine.predict(engine.tokenize(texts)[0], *limits)  # warm-up, as for the server
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     probs = engine.predict(engine.tokenize(texts)[0], *limits)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     answers = {
         text: dict(zip(engine.card.labels, p, strict=True)) for text, p in zip(texts, probs.tolist(), strict=True)
     }
     del engine
     gc.collect()
-    return seconds, answers
+    return seconds, cpu, answers
 
 
 def max_difference(http: dict, engine: dict) -> float:
     assert http.keys() == engine.keys(), "the server did not answer every text"
     return max(abs(http[text][label] - p) for text, probs in engine.items() for label, p in probs.items())
+
+
+def http_overhead(run: dict, engine_cpu_ms_per_text: float) -> dict:
+    """What serving `run` over HTTP cost beyond the engine, in CPU milliseconds per text and as a share of the
+    server's CPU time."""
+    extra = run["server_cpu_ms_per_text"] - engine_cpu_ms_per_text
+    return {
+        "engine_cpu_ms_per_text": engine_cpu_ms_per_text,
+        "http_cpu_ms_per_text": extra,
+        "http_share_of_server_cpu": extra / run["server_cpu_ms_per_text"],
+    }
+
+
+def vs_engine(run: dict) -> float:
+    """An HTTP run's throughput over its engine's, in the same precision."""
+    return run["messages_per_second"] / run["engine_messages_per_second"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,7 +259,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bulk-size", type=int, default=64, help="texts per request in the bulk run")
     parser.add_argument("--bulk-clients", type=int, default=4, help="concurrent clients in the bulk run")
     parser.add_argument("--device", default="cpu", help="SPAMGPT_DEVICE for the server and the engine (cuda: float16)")
+    parser.add_argument(
+        "--precisions",
+        default="float32,int8,bfloat16",
+        help="engines to serve one-text requests with besides the first runs': on CPU int8, bfloat16 (where native);"
+        " on CUDA float16, bfloat16; others are left out",
+    )
     args = parser.parse_args(argv)
+    on_cpu = args.device == "cpu"
+    runnable = ("int8", "bfloat16") if on_cpu else ("float16", "bfloat16")
+    unknown = set(args.precisions.split(",")) - set(PRECISIONS)
+    if unknown:
+        parser.error(f"--precisions: unknown {sorted(unknown)}; choose from {[p for p in PRECISIONS if p != 'auto']}")
+    faster = [p for p in args.precisions.split(",") if p in runnable]
+    skipped = {}
+    if on_cpu and "bfloat16" in faster and not cpu_info().native_bfloat16:
+        skipped["bfloat16"] = "no native bfloat16 on this CPU"
+        faster.remove("bfloat16")
+    base = "float32" if on_cpu else "auto"
     require_shared_data()
     torch.set_num_threads(os.cpu_count())  # what the server's torch uses by default (SPAMGPT_TORCH_THREADS=0)
     texts = sample_texts(args.texts, args.seed)
@@ -219,29 +285,35 @@ def main(argv: list[str] | None = None) -> None:
     bulk = [texts[i : i + args.bulk_size] for i in range(0, len(texts), args.bulk_size)]
     load_before = os.getloadavg()[0]
 
-    scenarios = {  # name: (requests, clients, server environment)
-        "http_single_batching": (single, args.clients, {"SPAMGPT_DEVICE": args.device}),
-        "http_single_no_batching": (single, args.clients, {"SPAMGPT_DEVICE": args.device, "SPAMGPT_BATCHING": "false"}),
-        "http_bulk_batching": (bulk, args.bulk_clients, {"SPAMGPT_DEVICE": args.device}),
+    device = {"SPAMGPT_DEVICE": args.device}
+    scenarios = {  # name: (requests, clients, precision, server environment)
+        "http_single_batching": (single, args.clients, base, device),
+        "http_single_no_batching": (single, args.clients, base, {**device, "SPAMGPT_BATCHING": "false"}),
+        "http_bulk_batching": (bulk, args.bulk_clients, base, device),
+        **{f"http_single_batching_{p}": (single, args.clients, p, device) for p in faster},
     }
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = random_checkpoint(Path(tmp) / "checkpoint")
-        for name, (requests, clients, env) in scenarios.items():
-            engine_seconds, engine_answers = time_engine(checkpoint, texts, settings, args.device)
+        for name, (requests, clients, precision, env) in scenarios.items():
+            engine_seconds, engine_cpu, engine_answers = time_engine(
+                checkpoint, texts, settings, args.device, precision
+            )
+            env = {**env, **PRECISIONS[precision][0]}
             runs[name] = run_http(checkpoint, Path(tmp) / f"{name}.log", requests, clients, **env)
+            runs[name] |= {"precision": precision, **http_overhead(runs[name], 1000 * engine_cpu / len(texts))}
             runs[name]["engine_messages_per_second"] = len(texts) / engine_seconds
             runs[name]["max_probability_difference_vs_engine"] = max_difference(
                 runs[name].pop("answers"), engine_answers
             )
     load_after = os.getloadavg()[0]
 
-    single_batching, no_batching, bulk_run = runs.values()
+    single_batching, no_batching = runs["http_single_batching"], runs["http_single_no_batching"]
     ratios = {
-        "single_batching_vs_engine": single_batching["messages_per_second"]
-        / single_batching["engine_messages_per_second"],
+        "single_batching_vs_engine": vs_engine(single_batching),
         "single_batching_vs_no_batching": single_batching["messages_per_second"] / no_batching["messages_per_second"],
-        "bulk_vs_engine": bulk_run["messages_per_second"] / bulk_run["engine_messages_per_second"],
+        "bulk_vs_engine": vs_engine(runs["http_bulk_batching"]),
+        **{f"single_batching_{p}_vs_engine": vs_engine(runs[f"http_single_batching_{p}"]) for p in faster},
     }
     met = {name: value >= TARGETS[name] for name, value in ratios.items()}
     path = write_result(
@@ -256,12 +328,14 @@ def main(argv: list[str] | None = None) -> None:
             "server": {
                 "command": server_command("127.0.0.1", 0)[1:],
                 "environment": {"SPAMGPT_DEVICE": args.device, "SPAMGPT_REQUEST_TIMEOUT_S": REQUEST_SECONDS},
+                "environment_by_precision": {p: PRECISIONS[p][0] for p in (base, *faster)},
                 "settings": {
                     name: getattr(settings, name) for name in ("max_batch_size", "max_batch_tokens", "max_wait_ms")
                 },
             },
             "load_average_1min": {"before": load_before, "after": load_after},
             "http": runs,
+            "precisions_not_run": skipped,
             "ratios": ratios,
             "targets": TARGETS,
             "met": met,
@@ -270,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         {
             "run": name,
+            "precision": r["precision"],
             "requests": r["requests"],
             "texts/request": r["texts_per_request"],
             "clients": r["clients"],
@@ -277,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
             "engine messages/s": r["engine_messages_per_second"],
             "p50 ms": r["latency_p50_ms"],
             "p99 ms": r["latency_p99_ms"],
+            "server cpu ms/text": r["server_cpu_ms_per_text"],
+            "engine cpu ms/text": r["engine_cpu_ms_per_text"],
         }
         for name, r in runs.items()
     ]

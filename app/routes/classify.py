@@ -1,12 +1,12 @@
 """POST /classify: probabilities and a label for each text or raw e-mail message, in the API's own shape."""
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
 from starlette.routing import Match
 from starlette.types import Scope
 
 from app.errors import PayloadTooLarge, UnknownModel, error_responses
-from app.routes.deps import SCORING_ERRORS, ReadyService, require_api_key
+from app.routes.deps import SCORING_ERRORS, ReadyService, api_key_dependencies
 from app.schemas import ClassifyManyResponse, ClassifyResponse, classify_request_model
 from app.settings import Settings
 
@@ -52,7 +52,7 @@ def classify_router(settings: Settings) -> APIRouter:
         methods=["POST"],
         response_model=ClassifyResponse,
         response_model_exclude_unset=True,  # `mail` only in a message's result
-        dependencies=[Depends(require_api_key)],
+        dependencies=api_key_dependencies(settings),
         include_in_schema=False,  # declared in the JSON route's operation, the same path and method
         route_class_override=MessageBodyRoute,
     )
@@ -62,7 +62,7 @@ def classify_router(settings: Settings) -> APIRouter:
         # validates and serializes the service's plain dicts in one pass
         response_model=ClassifyResponse | ClassifyManyResponse,
         response_model_exclude_unset=True,  # `mail` only in a message's result
-        dependencies=[Depends(require_api_key)],
+        dependencies=api_key_dependencies(settings),
         responses=errors,
         openapi_extra={
             "requestBody": {

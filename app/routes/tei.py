@@ -4,10 +4,10 @@ the default model; under /models/{name} (POST /models/{name}/predict, POST /mode
 these clients take a base URL, so a path prefix selects a model with no change to them."""
 
 import torch
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from app.errors import UnknownModel, error_responses
-from app.routes.deps import SCORING_ERRORS, ReadyService, require_api_key
+from app.routes.deps import SCORING_ERRORS, ReadyService, api_key_dependencies
 from app.schemas import LabelScore, hf_request_model, predict_request_model
 from app.service import Service
 from app.settings import Settings
@@ -24,7 +24,7 @@ def tei_router(settings: Settings) -> APIRouter:
     routes = APIRouter()
     errors = error_responses(*SCORING_ERRORS)
     predict_response, hf_response = list[LabelScore] | list[list[LabelScore]], list[list[LabelScore]]
-    auth = [Depends(require_api_key)]
+    auth = api_key_dependencies(settings)
 
     async def predict(body, service: Service, request: Request, name: str | None) -> list:
         request.state.model = name or service.model_name

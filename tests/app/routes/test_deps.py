@@ -30,3 +30,20 @@ def test_api_key_guards_classify_and_info(tiny_checkpoint, headers, status):
     if status == 401:
         assert error_of(classify, 401)["type"] == "unauthorized"
         assert classify.headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    ("api_key", "declared"), [pytest.param(None, False, id="open"), pytest.param("s3cret", True, id="with-a-key")]
+)
+def test_scoring_routes_declare_and_check_the_api_key_only_where_one_is_configured(tiny_checkpoint, api_key, declared):
+    with TestClient(create_app(tiny_settings(tiny_checkpoint, api_key=api_key))) as client:
+        operations = {path: client.app.openapi()["paths"][path]["post"] for path in ("/classify", "/predict", "/")}
+        statuses = {
+            "/classify": client.post("/classify", json={"texts": ["hi"]}).status_code,
+            "/predict": client.post("/predict", json={"inputs": "hi"}).status_code,
+            "/": client.post("/", json={"inputs": "hi"}).status_code,
+        }
+    assert {path: "security" in operation for path, operation in operations.items()} == dict.fromkeys(
+        operations, declared
+    )
+    assert statuses == dict.fromkeys(statuses, 401 if declared else 200)

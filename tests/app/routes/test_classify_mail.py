@@ -36,17 +36,20 @@ def with_attachment(size: int) -> bytes:
     )
 
 
-def test_messages_are_answered_as_the_classifier_reads_them(client, tiny_checkpoint):
-    response = client.post("/classify", json={"messages": [HAM.decode(), {"base64": base64.b64encode(LONG).decode()}]})
+@pytest.mark.parametrize("rule", ["first", "mean", "max"])
+def test_messages_are_answered_as_the_classifier_reads_them(tiny_checkpoint, rule):
+    body = {"messages": [HAM.decode(), {"base64": base64.b64encode(LONG).decode()}]}
+    with TestClient(create_app(tiny_settings(tiny_checkpoint, mail_windows=rule))) as client:
+        response = client.post("/classify", json=body)
     assert response.status_code == 200, response.text
     ham, long = response.json()["results"]
-    classifier = Classifier.load(tiny_checkpoint, ClassifierOptions(device="cpu"))
+    classifier = Classifier.load(tiny_checkpoint, ClassifierOptions(device="cpu", mail_windows=rule))
     expected = [p for _, p in classifier.classify_messages([HAM, LONG])]
     for result, prediction in zip((ham, long), expected, strict=True):
         assert result["label"] == prediction.label and result["tokens"] == prediction.tokens
         assert result["probabilities"] == pytest.approx(prediction.probabilities, abs=1e-6)
     assert ham["mail"] == {"windows": 1, "defects": 0, "attachments": 0, "message_id": "<1@example.org>"}
-    assert long["mail"]["windows"] > 1 and long["truncated"] == (long["mail"]["windows"] == 8)
+    assert long["mail"]["windows"] == (1 if rule == "first" else 8) and long["truncated"]
 
 
 def test_a_message_rfc822_body_is_one_message_answered_alike(client):
@@ -134,7 +137,7 @@ def test_a_message_body_over_max_message_bytes_is_413(tiny_checkpoint):
 def test_info_states_the_extraction_in_force(client, tmp_path, tiny_config, bpe_dir):
     mail = client.get("/info").json()["mail"]
     assert mail["extraction"]["headers"] == ["Subject"] and mail["extraction_source"].startswith("default")
-    assert (mail["windows"], mail["max_windows"]) == ("mean", 8)
+    assert (mail["windows"], mail["max_windows"]) == ("first", 8)
     extraction = Extraction(headers=("From", "Subject"))
     path = save_checkpoint(tmp_path / "c", GPTClassifier(tiny_config), bpe_dir, tiny_card(extraction=extraction))
     with TestClient(create_app(tiny_settings(path, mail_windows="max", mail_max_windows=2))) as other:

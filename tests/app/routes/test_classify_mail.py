@@ -3,12 +3,15 @@ of docs/mail.md. Every message is built here."""
 
 import base64
 import json
+import os
+import re
+import subprocess
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from tests.helpers import error_of, tiny_card, tiny_settings
+from tests.helpers import ROOT, error_of, live_server, tiny_card, tiny_settings
 from training.runtime.checkpoint import CONFIG_FILE, save_checkpoint
 from training.runtime.classifier import Classifier
 from training.runtime.mail import Extraction
@@ -162,3 +165,18 @@ def test_openapi_declares_both_bodies_and_every_error(client):
     assert {"200", "401", "408", "413", "422", "429", "500", "503", "504"} <= set(operation["responses"])
     schema = client.get("/openapi.json").json()["components"]["schemas"]["ClassifyRequest"]["properties"]
     assert (schema["messages"]["minItems"], schema["messages"]["maxItems"]) == (1, 256)
+
+
+def test_the_curl_examples_of_docs_mail_work_against_a_live_server(tiny_checkpoint, tmp_path):
+    """docs/mail.md's bash block, run as a user copies it, against `python -m app` on the tiny checkpoint."""
+    page = (ROOT / "docs" / "mail.md").read_text(encoding="utf-8")
+    [block] = [b for b in re.findall(r"```bash\n(.*?)```", page, re.S) if "curl" in b]
+    with live_server(tiny_checkpoint, tmp_path / "server.log") as (url, _):
+        script = block.replace("http://127.0.0.1:8000", url)
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}  # curl straight to loopback
+        command = ["bash", "-euo", "pipefail", "-c", script]
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    by_body, by_json = [json.loads(line) for line in done.stdout.replace("}{", "}\n{").splitlines()]
+    assert [r["mail"]["message_id"] for r in by_json["results"]] == ["<1@example.org>", None]
+    assert by_body["results"][0] == by_json["results"][0]

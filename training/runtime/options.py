@@ -42,7 +42,7 @@ class ClassifierOptions:
         "corrected to it (default: the checkpoint's prior, the source data's rate)",
     )
     # "first" by measurement (benchmarks/mail_reading.py, docs/mail.md): a model trained on each message's first
-    # max_tokens tokens ranks mail better on them than on the mean or max over all its windows, at a quarter the time
+    # max_tokens tokens ranks mail better on them than on the mean or max over its windows, at a third of the time
     mail_windows: str = opt(
         "first",
         "how a message longer than max_tokens is read (training.runtime.mail.WINDOW_RULES): first: its first "

@@ -139,7 +139,7 @@ def test_a_message_body_over_max_message_bytes_is_413(tiny_checkpoint):
 
 def test_info_states_the_extraction_in_force(client, tmp_path, tiny_config, bpe_dir):
     mail = client.get("/info").json()["mail"]
-    assert mail["extraction"]["headers"] == ["Subject"] and mail["extraction_source"].startswith("default")
+    assert mail["extraction"]["headers"] == ["Subject", "From"] and mail["extraction_source"].startswith("default")
     assert (mail["windows"], mail["max_windows"]) == ("first", 8)
     extraction = Extraction(headers=("From", "Subject"))
     path = save_checkpoint(tmp_path / "c", GPTClassifier(tiny_config), bpe_dir, tiny_card(extraction=extraction))

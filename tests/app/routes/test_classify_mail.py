@@ -3,12 +3,15 @@ of docs/mail.md. Every message is built here."""
 
 import base64
 import json
+import os
+import re
+import subprocess
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from tests.helpers import error_of, tiny_card, tiny_settings
+from tests.helpers import ROOT, error_of, live_server, tiny_card, tiny_settings
 from training.runtime.checkpoint import CONFIG_FILE, save_checkpoint
 from training.runtime.classifier import Classifier
 from training.runtime.mail import Extraction
@@ -36,17 +39,20 @@ def with_attachment(size: int) -> bytes:
     )
 
 
-def test_messages_are_answered_as_the_classifier_reads_them(client, tiny_checkpoint):
-    response = client.post("/classify", json={"messages": [HAM.decode(), {"base64": base64.b64encode(LONG).decode()}]})
+@pytest.mark.parametrize("rule", ["first", "mean", "max"])
+def test_messages_are_answered_as_the_classifier_reads_them(tiny_checkpoint, rule):
+    body = {"messages": [HAM.decode(), {"base64": base64.b64encode(LONG).decode()}]}
+    with TestClient(create_app(tiny_settings(tiny_checkpoint, mail_windows=rule))) as client:
+        response = client.post("/classify", json=body)
     assert response.status_code == 200, response.text
     ham, long = response.json()["results"]
-    classifier = Classifier.load(tiny_checkpoint, ClassifierOptions(device="cpu"))
+    classifier = Classifier.load(tiny_checkpoint, ClassifierOptions(device="cpu", mail_windows=rule))
     expected = [p for _, p in classifier.classify_messages([HAM, LONG])]
     for result, prediction in zip((ham, long), expected, strict=True):
         assert result["label"] == prediction.label and result["tokens"] == prediction.tokens
         assert result["probabilities"] == pytest.approx(prediction.probabilities, abs=1e-6)
     assert ham["mail"] == {"windows": 1, "defects": 0, "attachments": 0, "message_id": "<1@example.org>"}
-    assert long["mail"]["windows"] > 1 and long["truncated"] == (long["mail"]["windows"] == 8)
+    assert long["mail"]["windows"] == (1 if rule == "first" else 8) and long["truncated"]
 
 
 def test_a_message_rfc822_body_is_one_message_answered_alike(client):
@@ -133,8 +139,8 @@ def test_a_message_body_over_max_message_bytes_is_413(tiny_checkpoint):
 
 def test_info_states_the_extraction_in_force(client, tmp_path, tiny_config, bpe_dir):
     mail = client.get("/info").json()["mail"]
-    assert mail["extraction"]["headers"] == ["Subject"] and mail["extraction_source"].startswith("default")
-    assert (mail["windows"], mail["max_windows"]) == ("mean", 8)
+    assert mail["extraction"]["headers"] == ["Subject", "From"] and mail["extraction_source"].startswith("default")
+    assert (mail["windows"], mail["max_windows"]) == ("first", 8)
     extraction = Extraction(headers=("From", "Subject"))
     path = save_checkpoint(tmp_path / "c", GPTClassifier(tiny_config), bpe_dir, tiny_card(extraction=extraction))
     with TestClient(create_app(tiny_settings(path, mail_windows="max", mail_max_windows=2))) as other:
@@ -159,3 +165,18 @@ def test_openapi_declares_both_bodies_and_every_error(client):
     assert {"200", "401", "408", "413", "422", "429", "500", "503", "504"} <= set(operation["responses"])
     schema = client.get("/openapi.json").json()["components"]["schemas"]["ClassifyRequest"]["properties"]
     assert (schema["messages"]["minItems"], schema["messages"]["maxItems"]) == (1, 256)
+
+
+def test_the_curl_examples_of_docs_mail_work_against_a_live_server(tiny_checkpoint, tmp_path):
+    """docs/mail.md's bash block, run as a user copies it, against `python -m app` on the tiny checkpoint."""
+    page = (ROOT / "docs" / "mail.md").read_text(encoding="utf-8")
+    [block] = [b for b in re.findall(r"```bash\n(.*?)```", page, re.S) if "curl" in b]
+    with live_server(tiny_checkpoint, tmp_path / "server.log") as (url, _):
+        script = block.replace("http://127.0.0.1:8000", url)
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}  # curl straight to loopback
+        command = ["bash", "-euo", "pipefail", "-c", script]
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    by_body, by_json = [json.loads(line) for line in done.stdout.replace("}{", "}\n{").splitlines()]
+    assert [r["mail"]["message_id"] for r in by_json["results"]] == ["<1@example.org>", None]
+    assert by_body["results"][0] == by_json["results"][0]

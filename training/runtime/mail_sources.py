@@ -31,8 +31,8 @@ from training.runtime.text import has_visible_characters
 
 MBOX_SUFFIX = ".mbox"
 # A message file (or an mbox message) larger than this is skipped unread: it bounds the memory one message costs
-# (the parser holds about three copies of it). Mail servers refuse far less by default (Postfix 10 MB, Gmail 25 MB),
-# so only a file that is not one message (an archive, a disk image) reaches it.
+# (the parser holds it, its decoded text and its parts at once). Mail servers refuse far less by default (Postfix
+# 10 MB, Gmail 25 MB), so only a file that is not one message (an archive, a disk image) reaches it.
 MAX_MESSAGE_BYTES = 64 * 2**20
 # A message starts with a header field (RFC 5322 2.2: a name of printable ASCII but the colon, then a colon), after
 # the "From " line an mbox or the SpamAssassin corpus may keep above it. A file that does not (a text, a picture, NUL

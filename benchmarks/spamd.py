@@ -232,6 +232,7 @@ def main() -> None:
             for r in range(args.rounds):
                 for name, clients in contenders[r % len(contenders) :] + contenders[: r % len(contenders)]:
                     timings[(name, clients)].append(run_contender(name, clients, ports, raws, seen))
+                    print(f"round {r + 1}: {name} x{clients} {timings[(name, clients)][-1][0]:.1f} s", flush=True)
             assert seen["spamd"] == seen["http"] == seen["spamc"], "a spamd verdict differs from HTTP's label"
             memory = memory_under_bad_clients(server.pid, spamd_port, args.stalled, hold_s=30)
     rows = []

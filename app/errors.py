@@ -126,10 +126,15 @@ def error_responses(*errors: type[APIError]) -> dict[int, dict]:
 
 def _field(loc: tuple) -> str:
     """The dotted path of an error's location in the user's JSON: "inputs.2", not pydantic's
-    ("body", "inputs", "texts", 2), whose union tag (app.schemas.UNION_TAGS) no JSON key matches."""
+    ("body", "inputs", "texts", 2), whose union tag (app.schemas.UNION_TAGS) no JSON key matches; "messages.0.base64",
+    not ("body", "messages", 0, "base64", "base64")."""
     parts = loc[1:] if loc and loc[0] == "body" else loc
-    user_path = [p for i, p in enumerate(parts) if not (i and p in UNION_TAGS.get(parts[i - 1], ()))]
-    return ".".join(str(p) for p in user_path) or "body"
+
+    def is_tag(i: int) -> bool:  # a tag follows its field, or the index into its field's list
+        owner = parts[i - 2] if i >= 2 and isinstance(parts[i - 1], int) else parts[i - 1] if i else None
+        return isinstance(owner, str) and parts[i] in UNION_TAGS.get(owner, ())
+
+    return ".".join(str(p) for i, p in enumerate(parts) if not is_tag(i)) or "body"
 
 
 def _shown(value, limit: int = 60) -> str:

@@ -22,6 +22,11 @@ from app.settings import Settings
 from training.runtime.inference import Threshold
 from training.runtime.text import NO_VISIBLE_CHARACTERS, has_visible_characters, visible_character_pattern
 
+# The tags of each tagged union in a request body, by the field that holds it (or its list's items): pydantic writes
+# the member it chose into an error's location ("inputs", "texts", 2), ("messages", 0, "base64", "base64") where the
+# user's JSON has no such key; app.errors leaves it out.
+UNION_TAGS = {"inputs": ("text", "texts"), "messages": ("string", "base64")}
+
 
 def bounded_text(max_chars: int) -> type:
     """A str of 1..max_chars characters with at least one visible (training.runtime.text.has_visible_characters, the
@@ -67,7 +72,23 @@ def bounded_message(max_bytes: int) -> type:
             raise PydanticCustomError("message_too_large", "{size} bytes, at most {max_bytes}", context)
         return raw
 
-    return Annotated[str | Base64Message, AfterValidator(check)]
+    string_tag, base64_tag = UNION_TAGS["messages"]
+    string_or_base64 = Discriminator(
+        _string_or_object,
+        custom_error_type="message_type",
+        custom_error_message='must be a string or {"base64": ...}',
+    )
+    return Annotated[
+        Annotated[str, Tag(string_tag)] | Annotated[Base64Message, Tag(base64_tag)],
+        string_or_base64,
+        AfterValidator(check),
+    ]
+
+
+def _string_or_object(value) -> str | None:
+    """The member of a message that a JSON value is read as: its type decides, so an error names one reading."""
+    string_tag, base64_tag = UNION_TAGS["messages"]
+    return string_tag if isinstance(value, str) else base64_tag if isinstance(value, dict) else None
 
 
 def classify_request_model(settings: Settings) -> type[BaseModel]:
@@ -106,14 +127,10 @@ def classify_request_model(settings: Settings) -> type[BaseModel]:
         "ClassifyRequest",
         __config__=ConfigDict(extra="forbid"),
         __validators__={"one_kind": model_validator(mode="after")(one_kind)},
-        texts=(list[text] | None, texts),
-        messages=(list[message] | None, messages),
+        # absent is None (the default is not validated), while null is no list: the schema declares plain arrays
+        texts=(list[text], texts),
+        messages=(list[message], messages),
     )
-
-
-# The tags of each tagged union in a request body, by the field that holds it: pydantic writes the member it chose
-# into an error's location ("inputs", "texts", 2) where the user's JSON has no such key; app.errors leaves it out.
-UNION_TAGS = {"inputs": ("text", "texts")}
 
 
 def _one_or_many(value) -> str | None:

@@ -63,7 +63,7 @@ def test_odd_texts_are_classified_not_refused(client, text):
         pytest.param(b'{"texts": ["a"]} {}', "body", "Extra data", id="trailing-data"),
         pytest.param(b"NaN", "body", "valid dictionary", id="bare-nan"),
         pytest.param(b'["a"]', "body", "valid dictionary", id="not-an-object"),
-        pytest.param(b"{}", "texts", "required", id="missing-texts"),
+        pytest.param(b"{}", "body", "give either texts or messages", id="missing-texts"),
         pytest.param(b'{"texts": []}', "texts", "at least 1", id="empty-texts"),
         pytest.param(b'{"texts": "hello"}', "texts", "valid list", id="texts-not-a-list"),
         pytest.param(b'{"texts": ["a", 2]}', "texts.1", "valid string, got int", id="text-not-a-string"),

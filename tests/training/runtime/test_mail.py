@@ -16,6 +16,7 @@ from training.runtime.mail import (
     DEFAULT_EXTRACTION,
     EXTRACTION_VERSION,
     MAX_HEADER_CHARS,
+    MAX_MULTIPARTS,
     Extraction,
     combine_windows,
     read_message,
@@ -179,7 +180,8 @@ def test_what_bad_input_reads_as():
     assert read_message(BAD["no-readable-part"]).attachments == ("image/gif",)
     deep = read_message(BAD["nested-10000"])
     assert (deep.text, deep.defects) == ("Subject: deep\n\n", 1)  # read from its headers alone
-    assert read_message(nested(50)).text == "Subject: deep\n\ninnermost"  # a nesting the parser can read
+    assert read_message(nested(MAX_MULTIPARTS)).text == "Subject: deep\n\ninnermost"
+    assert read_message(nested(MAX_MULTIPARTS + 1)).text == "Subject: deep\n\n"  # one more: its headers alone
     assert read_message(BAD["header-line-1mb"]).subject == "x" * MAX_HEADER_CHARS
     assert read_message(BAD["many-long-content-types"]).defects == 1  # parts past MAX_PARTS left unread
 

@@ -23,6 +23,7 @@ from training.runtime.record import from_flat as from_flat
 TRAINABLE = ("last-blocks", "all", "lora")
 MAX_TOKENS = 256  # the default token budget of a text, where the model has that many positions
 THRESHOLD_OBJECTIVES = ("fpr", "f1")
+FEEDBACK_WEIGHT = 10  # the default --feedback-weight, measured in docs/feedback.md
 
 
 def group(title: str) -> dict:
@@ -170,6 +171,23 @@ class FinetuneConfig:
     save_state: bool = opt(
         True, "after each epoch, save what --resume needs beside --out (.<out>.resume/; removed after the export)"
     )
+    feedback: str | None = opt(
+        None,
+        "a feedback store (the server's SPAMGPT_FEEDBACK_PATH; docs/feedback.md): its corrections join the training "
+        "rows and replace any row of --data they relabel; --data may also name the store itself, to train on it alone",
+    )
+    feedback_weight: int = opt(
+        FEEDBACK_WEIGHT,
+        "each correction counts this many times among the training rows (a few dozen corrections "
+        "among thousands of rows are otherwise barely learned; docs/feedback.md measures it)",
+    )
+    compare_with: str | None = opt(
+        None,
+        "the serving checkpoint: the new one is refused when worse on the evaluation rows beyond its 95 percent "
+        "interval; "
+        "default for a run that learns from feedback: the checkpoint in --out",
+    )
+    force: bool = opt(False, "export the new checkpoint even when it is worse than --compare-with")
 
     def __post_init__(self):
         if self.balance not in BALANCING:
@@ -180,6 +198,8 @@ class FinetuneConfig:
             )
         if not 0 <= self.target_fpr < 1:
             raise ValueError(f"target_fpr must lie in [0, 1), got {self.target_fpr!r}")
+        if self.feedback_weight < 1:
+            raise ValueError(f"feedback_weight must be at least 1, got {self.feedback_weight!r}")
 
 
 @dataclass(frozen=True)

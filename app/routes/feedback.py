@@ -2,8 +2,6 @@
 fine-tune; GET /feedback/stats: what the store holds and how much of it the serving model gets wrong."""
 
 import asyncio
-import base64
-import binascii
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -23,14 +21,14 @@ from app.errors import (
 )
 from app.feedback import Feedback
 from app.routes.deps import SCORING_ERRORS, ReadyService, require_api_key
-from app.schemas import bounded_text
+from app.schemas import bounded_message, bounded_text
 from app.service import Service
 from app.settings import Settings
-from training.runtime.feedback import Correction, FeedbackStoreError, UnknownLabel, correction_text
-from training.runtime.mail import read_message
+from training.runtime.feedback import Correction, FeedbackStoreError, UnknownLabel
+from training.runtime.mail import Extraction, read_message
 from training.runtime.text import NO_VISIBLE_CHARACTERS, has_visible_characters
 
-CONTENT_FIELDS = ("text", "message", "message_base64")
+CONTENT_FIELDS = ("text", "message")
 MAX_REASON_CHARS = 1000  # a reason is a note for whoever reviews the corrections, not a second message
 
 
@@ -51,10 +49,11 @@ class FeedbackStatsResponse(BaseModel):
     by_kind: dict[str, int] = Field(description="Corrections by kind: text, message")
     wrong: int = Field(description="Corrections the serving model labels otherwise than the report")
     wrong_by_label: dict[str, int] = Field(description="Those, by the label the report gave")
+    unreadable: int = Field(description="Messages with nothing readable: not scored, and left out of fine-tuning")
 
 
 def feedback_request_model(settings: Settings) -> type[BaseModel]:
-    """The /feedback body: one of text, message, message_base64; the label; an optional reason."""
+    """The /feedback body: a text or a message (as /classify takes them, with its limits), the label, a reason."""
     return create_model(
         "FeedbackRequest",
         __config__=ConfigDict(extra="forbid"),
@@ -62,10 +61,13 @@ def feedback_request_model(settings: Settings) -> type[BaseModel]:
             bounded_text(settings.max_text_chars) | None,
             Field(None, description="A text, bounded as /classify's texts are", examples=["WINNER!! Claim your prize"]),
         ),
-        message=(str | None, Field(None, min_length=1, description="A raw RFC 5322 message, as a string")),
-        message_base64=(
-            str | None,
-            Field(None, min_length=1, description="A raw RFC 5322 message's bytes, base64: for mail not in UTF-8"),
+        message=(
+            bounded_message(settings.max_message_bytes) | None,
+            Field(
+                None,
+                description="A raw RFC 5322 message, as /classify's messages: a string, or {'base64': ...} for "
+                "bytes a JSON string cannot carry; at most max_message_bytes bytes (see /info)",
+            ),
         ),
         label=(str, Field(description="What the content really is: one of the model's labels (see /info)")),
         reason=(str | None, Field(None, max_length=MAX_REASON_CHARS, description="Why, for whoever reviews it")),
@@ -96,10 +98,9 @@ def feedback_router(settings: Settings) -> APIRouter:
         content reported again is stored once, its label replaced by the latest report's and every report kept."""
         store = enabled(service)
         content = request_content(body)
-        if isinstance(content, bytes) and not has_visible_characters(
-            (await asyncio.to_thread(read_message, content)).text
-        ):
-            # nothing a model could learn from: refused now rather than skipped by the next fine-tune
+        extraction = service.classifier.extraction
+        if isinstance(content, bytes) and not await asyncio.to_thread(readable, content, extraction):
+            # nothing a model could learn from: refused now rather than left out by the next fine-tune
             message = f"the message's text (subject and readable body) {NO_VISIBLE_CHARACTERS}"
             raise InvalidInput.of([ErrorDetail(field=content_field(body), message=message)])
         try:
@@ -125,7 +126,7 @@ def feedback_router(settings: Settings) -> APIRouter:
         (every correction scored now, as /classify would: this costs one model pass over the store)."""
         store = enabled(service)
         counts = await store.stats()
-        wrong = await wrong_by_label(service, await store.corrections(), request)
+        wrong, unreadable = await wrong_by_label(service, await store.corrections(), request)
         return FeedbackStatsResponse(
             model=service.model_name,
             corrections=counts.corrections,
@@ -134,6 +135,7 @@ def feedback_router(settings: Settings) -> APIRouter:
             by_kind=counts.by_kind,
             wrong=sum(wrong.values()),
             wrong_by_label=wrong,
+            unreadable=unreadable,
         )
 
     return routes
@@ -152,31 +154,36 @@ def content_field(body: BaseModel) -> str:
 
 def request_content(body: BaseModel) -> str | bytes:
     """The reported content: a text (str) or a raw message (bytes). Raises InvalidInput unless exactly one of
-    CONTENT_FIELDS is given, or for base64 that does not decode."""
+    CONTENT_FIELDS is given."""
     given = [name for name in CONTENT_FIELDS if getattr(body, name) is not None]
     if len(given) != 1:
         found = f"got {', '.join(given)}" if given else "got none"
         message = f"give exactly one of {', '.join(CONTENT_FIELDS)} ({found})"
         raise InvalidInput.of([ErrorDetail(field="body", message=message)])
-    if body.text is not None:
-        return body.text
-    if body.message is not None:
-        return body.message.encode("utf-8", "surrogatepass")
-    try:
-        return base64.b64decode(body.message_base64, validate=True)
-    except binascii.Error as exc:
-        raise InvalidInput.of([ErrorDetail(field="message_base64", message=f"not base64: {exc}")]) from None
+    return getattr(body, given[0])
 
 
-async def wrong_by_label(service: Service, corrections: list[Correction], request: Request) -> dict[str, int]:
+def readable(raw: bytes, extraction: Extraction) -> bool:
+    """Whether the model reads anything in a raw message (read as the serving checkpoint reads messages)."""
+    return has_visible_characters(read_message(raw, extraction).text)
+
+
+async def wrong_by_label(service: Service, corrections: list[Correction], request: Request) -> tuple[dict, int]:
     """How many `corrections` the serving model labels otherwise than reported, by the reported label (every model
-    label present). Scored in requests of max_texts_per_request texts, through the batcher like /classify's."""
+    label present), and how many messages it could not score (nothing readable: finetune leaves them out too).
+    Texts and messages are scored as /classify scores them (a message in windows), max_texts_per_request at a time
+    through the batcher."""
     wrong = dict.fromkeys(service.classifier.card.labels, 0)
-    texts = await asyncio.to_thread(lambda: [correction_text(c) for c in corrections])
+    extraction = service.classifier.extraction
+    texts = [c for c in corrections if c.kind == "text"]
+    messages = [c for c in corrections if c.kind == "message"]
+    scored = await asyncio.to_thread(lambda: [m for m in messages if readable(m.content, extraction)])
     step = service.settings.max_texts_per_request
-    for start in range(0, len(corrections), step):
-        scored = await service.classify(texts[start : start + step], request.receive)
-        for correction, result in zip(corrections[start : start + step], scored["results"], strict=True):
-            if result["label"] != correction.label:
-                wrong[correction.label] = wrong.get(correction.label, 0) + 1
-    return wrong
+    for group, score in ((texts, service.classify), (scored, service.classify_messages)):
+        for start in range(0, len(group), step):
+            chunk = group[start : start + step]
+            results = (await score([c.content for c in chunk], request.receive))["results"]
+            for correction, result in zip(chunk, results, strict=True):
+                if result["label"] != correction.label:
+                    wrong[correction.label] = wrong.get(correction.label, 0) + 1
+    return wrong, len(messages) - len(scored)

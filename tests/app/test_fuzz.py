@@ -27,9 +27,14 @@ def test_schemathesis_finds_no_failure(tiny_checkpoint, tmp_path):
         f'[warnings]\nfail-on = true\n\n[auth.openapi.APIKeyHeader]\napi_key = "{API_KEY}"\n\n'
         '[[operations]]\ninclude-path = "/predict"\n[operations.checks.positive_data_acceptance]\n'
         'expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]\n'
+        # /feedback's label must be one of the model's (the checkpoint's, unknown to the schema), and one of text or
+        # message is given: rules a JSON schema of this app does not state, so a schema-valid report may get a 422
+        '[[operations]]\ninclude-path = "/feedback"\n[operations.checks.positive_data_acceptance]\n'
+        'expected-statuses = ["2xx", "422"]\n'
     )
     report = tmp_path / "report.json"
-    with live_server(tiny_checkpoint, tmp_path / "server.log", api_key=API_KEY, **LIMITS) as (url, _):
+    feedback = {"feedback_enabled": "true", "feedback_path": tmp_path / "feedback.db"}
+    with live_server(tiny_checkpoint, tmp_path / "server.log", api_key=API_KEY, **LIMITS, **feedback) as (url, _):
         command = [
             *(sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{url}/openapi.json"),
             *("--phases", "examples,coverage,fuzzing,stateful", "--mode", "all", "--checks", "all"),
@@ -37,12 +42,13 @@ def test_schemathesis_finds_no_failure(tiny_checkpoint, tmp_path):
             *("--generation-database", "none", "--continue-on-failure", "--no-color"),
             *("--report", "json", "--report-json-path", str(report)),
         ]
-        # six operations of up to MAX_EXAMPLES each; 300 s was not enough on a 2-core machine shared by other jobs
+        # eight operations of up to MAX_EXAMPLES each; 300 s was not enough on a 2-core machine shared by other jobs
         run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert httpx.get(f"{url}/health", trust_env=False).status_code == 200  # still serving after all that
     result = json.loads(report.read_text())
     assert (run.returncode, result["failures"], result["errors"]) == (0, [], []), run.stdout[-5000:]
-    assert result["operations"]["tested"] == 6  # /classify, /predict, /, /health, /info, /metrics
+    # /classify, /predict, /, /health, /info, /metrics, /feedback, /feedback/stats
+    assert result["operations"]["tested"] == 8
     assert result["test_cases"]["generated"] >= MAX_EXAMPLES
     accepted = result["valid_rates"]["POST /classify"]
     assert sum(phase["accepted"] for phase in accepted.values()) > 0  # valid texts reached the model

@@ -96,12 +96,16 @@ def is_sms_spam(source: str) -> bool:
 
 
 def load_dataset(source: str, text_column: str = "text", label_column: str = "label") -> Dataset:
-    """The source "sms" (the packaged copy: no network), a local SMSSpamCollection file, or a .csv / .tsv / .jsonl
-    table."""
+    """The source "sms" (the packaged copy: no network), a local SMSSpamCollection file, a feedback store's SQLite
+    file (training.finetune.feedback.load_corrections), or a .csv / .tsv / .jsonl table."""
     if source == "sms":
         return load_sms_spam()
     if is_sms_spam(source):
         return load_sms_spam(source)
+    from training.finetune.feedback import is_feedback_store, load_corrections  # it reads rows as this module does
+
+    if is_feedback_store(source):
+        return load_corrections(source)
     return load_table(source, text_column, label_column)
 
 

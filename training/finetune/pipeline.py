@@ -47,6 +47,13 @@ from training.finetune.evaluate import (
     summary,
     write_report,
 )
+from training.finetune.feedback import (
+    COMPARISON_FILE,
+    compare_with_serving,
+    is_feedback_store,
+    load_corrections,
+    with_corrections,
+)
 from training.finetune.loop import Examples, TrainState, train
 from training.finetune.resume import STATE_FILE, load_state, save_state, state_dir
 from training.runtime.checkpoint import (
@@ -76,7 +83,10 @@ from training.runtime.tokenizer import encode_batch, load_gpt2_bpe
 
 # Arguments that change where or how fast a run happens, not what it produces: skip_existing and resume ignore them.
 # The data is compared by content (its fingerprint), not by the path or name that found it.
-NOT_COMPARED = ("out", "device", "skip_existing", "overwrite", "cache_prefix", "resume", "save_state", "data")
+NOT_COMPARED = (
+    *("out", "device", "skip_existing", "overwrite", "cache_prefix", "resume", "save_state", "data", "feedback"),
+    *("compare_with", "force"),  # which checkpoint the result is compared with, and whether a worse one is exported
+)
 PATHS = ("weights", "tokenizer_dir")  # compared as the files they name, wherever the run started
 
 
@@ -117,6 +127,9 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     source = load_dataset(data.data, data.text_column, data.label_column)
     unique, dropped = deduplicate_counted(source)
     source_fingerprint = fingerprint(source)  # a sha256 over every row: computed once, compared and recorded
+    corrections = None if config.feedback is None else load_corrections(config.feedback)
+    if corrections is not None:  # the data is the source and the corrections: both fingerprinted
+        source_fingerprint |= {"feedback": fingerprint(corrections)}
     if config.skip_existing and matching_checkpoint(out, config, source_fingerprint, dropped):
         print(f"skip: {out} already holds a checkpoint trained with these arguments on this data")
         return out
@@ -126,6 +139,10 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     base = config.base
     tokenizer_dir, enc = load_gpt2_bpe(base.tokenizer_dir)
     parts = partition(unique, config.train.seed, config.balance)
+    if corrections is not None:
+        parts = with_corrections(parts, corrections, config.feedback_weight)
+    elif is_feedback_store(data.data):  # the store alone: its corrections are the data
+        corrections = unique
     label_names = unique.label_names()
     print(data_summary_line(data.data, source, dropped, parts))
     warn_random_frozen(config)
@@ -186,12 +203,18 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
         ),
         calibration=calibration,
     )
+    # the report before and after, when the run learns from feedback or is told to compare; refused here when worse
+    comparison = compare_with_serving(
+        config, model, enc, max_tokens, label_names, report.threshold, corrections, parts.evaluation
+    )
     print(f"writing the checkpoint, metrics.json and plots to {out}", file=sys.stderr)
     with staged(out) as staging:
         save_checkpoint(staging, model, tokenizer_dir, card)
         before_after = (uncalibrated, calibrated["evaluation"])
         write_report(staging / REPORT_DIR, report, calibrated["test"], history, before_after)
         write_split(staging / SPLIT_FILE, parts)
+        if comparison is not None:
+            (staging / REPORT_DIR / COMPARISON_FILE).write_text(json.dumps(comparison.to_json(), indent=2) + "\n")
     shutil.rmtree(state_dir(out), ignore_errors=True)  # the run is complete: nothing left to resume
     print(
         f"{headline.headline(card.threshold)}; checkpoint exported to {out}"

@@ -185,7 +185,7 @@ class FeedbackStore:
         Raises UnknownLabel naming the known labels; ValueError for empty content or a text without a visible
         character; FeedbackStoreError when the disk refuses the write (named file)."""
         if label not in self.labels:
-            raise UnknownLabel(f"label {label!r} is not one of the model's labels {list(self.labels)}")
+            raise UnknownLabel(f"{label!r} is not one of the model's labels {list(self.labels)}")
         if not content:
             raise ValueError("content is empty")
         if isinstance(content, str) and not has_visible_characters(content):

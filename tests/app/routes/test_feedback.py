@@ -54,7 +54,7 @@ def test_reports_are_stored_once_with_the_latest_label(client, settings):
     "field",
     [
         pytest.param({"message": MESSAGE}, id="message"),
-        pytest.param({"message_base64": base64.b64encode(MESSAGE.encode("latin-1")).decode()}, id="message_base64"),
+        pytest.param({"message": {"base64": base64.b64encode(MESSAGE.encode("latin-1")).decode()}}, id="base64"),
     ],
 )
 def test_a_raw_message_is_stored_as_its_bytes(client, settings, field):
@@ -65,27 +65,29 @@ def test_a_raw_message_is_stored_as_its_bytes(client, settings, field):
     assert (correction.kind, correction.content) == ("message", MESSAGE.encode())
 
 
-def test_stats_count_by_label_and_score_with_the_serving_model(client):
+def test_stats_count_by_label_and_score_with_the_serving_model(client, settings):
     texts = {"WIN a prize now": "spam", "See you at 5?": "ham", "Free entry, text WIN": "spam"}
     for text, label in texts.items():
         client.post("/feedback", json={"text": text, "label": label}).raise_for_status()
     client.post("/feedback", json={"message": MESSAGE, "label": "ham"}).raise_for_status()
+    with FeedbackStore(settings.feedback_path, ("ham", "spam")) as store:  # as a TELL may store one: nothing to read
+        store.record(b"Subject:\r\n\r\n", "spam", source="spamd")
     stats = client.get("/feedback/stats")
     assert stats.status_code == 200, stats.text
-    body = stats.json()
-    served = client.post("/classify", json={"texts": [*texts, "Subject: Your invoice\n\nPlease find it attached."]})
-    given = [*texts.values(), "ham"]
+    served = client.post("/classify", json={"texts": list(texts)}).json()
+    served_message = client.post("/classify", json={"messages": [MESSAGE]}).json()
     wrong = {"ham": 0, "spam": 0}
-    for result, label in zip(served.json()["results"], given, strict=True):
+    for result, label in zip(served["results"] + served_message["results"], [*texts.values(), "ham"], strict=True):
         wrong[label] += result["label"] != label
-    assert body == {
-        "model": served.json()["model"],
-        "corrections": 4,
-        "reports": 4,
-        "by_label": {"ham": 2, "spam": 2},
-        "by_kind": {"text": 3, "message": 1},
+    assert stats.json() == {
+        "model": served["model"],
+        "corrections": 5,
+        "reports": 5,
+        "by_label": {"ham": 2, "spam": 3},
+        "by_kind": {"text": 3, "message": 2},
         "wrong": sum(wrong.values()),
         "wrong_by_label": wrong,
+        "unreadable": 1,
     }
 
 
@@ -101,20 +103,22 @@ def test_stats_count_by_label_and_score_with_the_serving_model(client):
         pytest.param({"text": "", "label": "spam"}, "text", "must not be empty", id="empty-text"),
         pytest.param({"text": " \u200b", "label": "spam"}, "text", "no visible characters", id="invisible-text"),
         pytest.param({"text": "x" * 41, "label": "spam"}, "text", "41 characters, at most 40", id="oversized-text"),
-        pytest.param({"message": "", "label": "spam"}, "message", "at least 1 character", id="empty-message"),
+        pytest.param({"message": "", "label": "spam"}, "message", "no visible", id="empty-message"),
         pytest.param({"message": "Subject: \r\n\r\n \r\n", "label": "spam"}, "message", "no visible", id="unreadable"),
-        pytest.param({"message_base64": "not base64!", "label": "spam"}, "message_base64", "not base64", id="base64"),
-        pytest.param({"label": "spam"}, "body", "exactly one of text, message, message_base64", id="no-content"),
+        pytest.param(
+            {"message": {"base64": "not base64!"}, "label": "spam"}, "message", "base64 not valid", id="base64"
+        ),
+        pytest.param({"message": "x" * 101, "label": "spam"}, "message", "101 bytes, at most 100", id="oversized"),
+        pytest.param({"label": "spam"}, "body", "exactly one of text, message", id="no-content"),
         pytest.param({"text": "a", "message": MESSAGE, "label": "spam"}, "body", "(got text, message)", id="two"),
         pytest.param({"text": "hi"}, "label", "Field required", id="no-label"),
         pytest.param({"text": "hi", "label": "spam", "reason": "r" * 1001}, "reason", "at most 1000", id="long-reason"),
         pytest.param({"text": "hi", "label": "spam", "texts": ["hi"]}, "texts", "Extra inputs", id="unknown-field"),
     ],
 )
-def test_bad_reports_are_refused_naming_the_field_and_nothing_is_stored(
-    tiny_checkpoint, settings, body, field, message
-):
-    with TestClient(create_app(settings.model_copy(update={"max_text_chars": 40}))) as client:
+def test_bad_reports_are_refused_naming_the_field(tiny_checkpoint, tmp_path, body, field, message):
+    limits = {"max_text_chars": 40, "max_message_bytes": 100}
+    with TestClient(create_app(feedback_settings(tiny_checkpoint, tmp_path, **limits))) as client:
         error = error_of(client.post("/feedback", json=body), 422)
         assert [d["field"] for d in error["details"]] == [field]
         assert message in error["details"][0]["message"]

@@ -26,6 +26,7 @@ def test_an_older_training_record_reads_with_the_options_added_since_at_their_de
     assert config.out == "/models/spamgpt" and config.skip_existing is True and config.balance == "undersample"
     # the options added since at their defaults; cache_dir (removed when the data moved into the package) dropped
     added = {"resume": False, "save_state": True, "base": None, "threshold_objective": "fpr", "target_fpr": 0.01}
+    added |= {"feedback": None, "feedback_weight": 10, "compare_with": None, "force": False}
     kept = {name: value for name, value in training.items() if name != "cache_dir"}
     assert flatten(config) == kept | added | {"precision": "auto", "overwrite": False}
 

@@ -5,7 +5,7 @@ commands, headers and sysexits codes) and checked against what spamd.raw and lib
 One request per connection, as spamd serves it: the client sends `COMMAND SPAMC/1.x`, header lines, a blank line
 and the message (Content-length bytes; without the header, up to the client's end of file); the server answers
 `SPAMD/1.x CODE NAME`, header lines, a blank line and a body, then closes. Bytes after the request (a second command,
-10,000 pipelined PINGs) are read and dropped until the client closes or the deadline passes, so the answer reaches
+10,000 pipelined PINGs) are read and dropped until the client closes (at most LINGER_S), so the answer reaches
 the client before the close. Every failure is answered with its sysexits code (EX_*) on a `SPAMD/1.0` line, as spamd
 answers them, never with a silent close:
 
@@ -31,6 +31,7 @@ at least `required` exactly when the model decides spam, as SpamAssassin shows i
 """
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import math
@@ -65,7 +66,7 @@ COMMANDS = SCANS | {"PING", "SKIP", "TELL"}
 REQUEST_LINE = re.compile(rb"([A-Z_]+) SPAMC/(\d+)\.(\d+)\r?\n")
 MAX_LINE_BYTES = 8 * 1024  # a command or header line; spamc's own lines are under 8 KiB (its buffer)
 MAX_HEADERS = 255  # header lines per request, as spamd allows
-LINGER_S = 2.0  # after answering, how long dropped bytes are read before the close (within the deadline)
+LINGER_S = 2.0  # after answering, how long bytes the client still sends are read and dropped before the close
 SYMBOL = {True: "GPT_SPAM", False: "GPT_HAM"}  # the one rule "hit": the model's decision
 EPSILON = 1e-7  # probabilities are clamped to [EPSILON, 1 - EPSILON] before their log-odds: float32 gives 0 and 1
 
@@ -177,8 +178,7 @@ class SpamdServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._connections.add(task)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_arrival_timeout_s
+        deadline = asyncio.get_running_loop().time() + self.settings.request_arrival_timeout_s
         command = "-"
         try:
             try:
@@ -186,18 +186,22 @@ class SpamdServer:
                 async with asyncio.timeout_at(deadline):
                     request = await self._read(reader, writer)
                 command = request.command
-                answer = await self._answer(request, writer)
-                code = "EX_OK"
+                answer, code = await self._answer(request), "EX_OK"
             except TimeoutError:
                 limit = self.settings.request_arrival_timeout_s
                 error = SpamdError("EX_TIMEOUT", f"Timeout: the request did not arrive whole within {limit} s")
                 answer, code = error.line(), error.code
             except SpamdError as error:
                 answer, code = error.line(), error.code
+            except (ConnectionError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # a fault of ours: answered, logged, and the listener keeps serving
+                log.exception("spamd %s failed", command)
+                answer, code = SpamdError("EX_SOFTWARE", f"internal error ({type(exc).__name__})").line(), "EX_SOFTWARE"
             self.metrics.spamd_requests.labels(command=command, status=code).inc()
-            await self._send_and_close(reader, writer, answer, deadline)
+            await self._send_and_close(reader, writer, answer)
         except (ConnectionError, TimeoutError):
-            writer.transport.abort()  # the client left, or stopped reading its answer
+            writer.transport.abort()  # the client left, or did not read its answer in time
         finally:
             self._connections.discard(task)
 
@@ -279,7 +283,7 @@ class SpamdServer:
             raise _too_big(len(body), limit)
         return body
 
-    async def _answer(self, request: Request, writer: asyncio.StreamWriter) -> bytes:
+    async def _answer(self, request: Request) -> bytes:
         """The whole answer to a request read whole. Raises SpamdError for what the Service refuses."""
         if request.command == "PING":
             return b"SPAMD/1.5 0 PONG\r\n"
@@ -338,20 +342,20 @@ class SpamdServer:
             return "ham"
         raise SpamdError("EX_DATAERR", f"Message-class ham names none of the model's labels {list(labels)}")
 
-    async def _send_and_close(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes, deadline: float
-    ) -> None:
-        """Write the answer, end our side, drop what the client still sends until it closes (at most LINGER_S,
-        within the deadline's end plus LINGER_S), then close: a close with unread bytes would reset the
-        connection and could destroy the answer before the client reads it."""
+    async def _send_and_close(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes) -> None:
+        """Write the answer (the client has request_arrival_timeout_s to take it, as to send its request), end our
+        side, drop what the client still sends until it closes, for at most LINGER_S, then close: a close with
+        unread bytes would reset the connection and could destroy the answer before the client reads it. Raises
+        TimeoutError or ConnectionError for the caller to abort the connection."""
         writer.write(answer)
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout_at(max(deadline, loop.time()) + LINGER_S):
+        async with asyncio.timeout(self.settings.request_arrival_timeout_s):
             await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-            while await reader.read(64 * 1024):
-                pass
+        if writer.can_write_eof():
+            writer.write_eof()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_S):
+                while await reader.read(64 * 1024):
+                    pass
         writer.close()
 
 

@@ -7,8 +7,10 @@ the false-positive rate and recall on the SMS evaluation rows (finetune's own co
     python -m benchmarks.feedback_finetune --weights 1 10 --epochs 1
 
 Every run trains from random weights with the same seed and split, so the runs differ only by the corrections'
-weight. A tiny random-init model is weak on SMS already and weaker on mail: the comparison between weights is the
-point, not the absolute numbers.
+weight. The checkpoints stay in benchmarks/checkpoints/feedback/ and are reused by the next run (the corrections are
+chosen by the same seed from the same serving model); delete that directory to train them again. A tiny random-init
+model is weak on SMS already and weaker on mail: the comparison between weights is the point, not the absolute
+numbers.
 """
 
 import argparse
@@ -88,7 +90,9 @@ def main() -> None:
     serving_unseen = accuracy(serving, unseen)
     for weight in args.weights:
         out = WORK / f"weight-{weight}"
-        finetune(config(out, feedback=str(store_path), feedback_weight=weight, compare_with=str(serving), force=True))
+        if not (out / REPORT_DIR / COMPARISON_FILE).is_file():  # kept from an earlier run of the same corrections
+            feedback = {"feedback": str(store_path), "feedback_weight": weight}
+            finetune(config(out, **feedback, compare_with=str(serving), force=True))
         comparison = json.loads((out / REPORT_DIR / COMPARISON_FILE).read_text())
         before, after = comparison["before"], comparison["after"]
 

@@ -31,10 +31,15 @@ def test_schemathesis_finds_no_failure(tiny_checkpoint, tmp_path):
     config.write_text(
         f'[warnings]\nfail-on = true\n\n[auth.openapi.APIKeyHeader]\napi_key = "{API_KEY}"\n\n'
         f'[[operations]]\ninclude-path = "/predict"\n{acceptance}\n'
-        f'[[operations]]\ninclude-path-regex = "^/admin/"\n{acceptance}'
+        f'[[operations]]\ninclude-path-regex = "^/admin/"\n{acceptance}\n'
+        # /feedback's label must be one of the model's (the checkpoint's, unknown to the schema), and one of text or
+        # message is given: rules a JSON schema of this app does not state, so a schema-valid report may get a 422
+        '[[operations]]\ninclude-path = "/feedback"\n[operations.checks.positive_data_acceptance]\n'
+        'expected-statuses = ["2xx", "422"]\n'
     )
     report = tmp_path / "report.json"
-    with live_server(tiny_checkpoint, tmp_path / "server.log", api_key=API_KEY, **LIMITS) as (url, _):
+    feedback = {"feedback_enabled": "true", "feedback_path": tmp_path / "feedback.db"}
+    with live_server(tiny_checkpoint, tmp_path / "server.log", api_key=API_KEY, **LIMITS, **feedback) as (url, _):
         command = [
             *(sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{url}/openapi.json"),
             *("--phases", "examples,coverage,fuzzing,stateful", "--mode", "all", "--checks", "all"),
@@ -44,13 +49,13 @@ def test_schemathesis_finds_no_failure(tiny_checkpoint, tmp_path):
             *("--exclude-path-regex", "^/models/"),
             *("--report", "json", "--report-json-path", str(report)),
         ]
-        # six operations of up to MAX_EXAMPLES each; 300 s was not enough on a 2-core machine shared by other jobs
+        # eleven operations of up to MAX_EXAMPLES each; 300 s was not enough on a 2-core machine shared by other jobs
         run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert httpx.get(f"{url}/health", trust_env=False).status_code == 200  # still serving after all that
     result = json.loads(report.read_text())
     assert (run.returncode, result["failures"], result["errors"]) == (0, [], []), run.stdout[-5000:]
-    # /classify, /predict, /, /health, /info, /metrics, and the admin API's GET, PUT and DELETE
-    assert result["operations"]["tested"] == 9
+    # /classify, /predict, /, /health, /info, /metrics, the admin API's GET, PUT and DELETE, /feedback, /feedback/stats
+    assert result["operations"]["tested"] == 11
     assert result["test_cases"]["generated"] >= MAX_EXAMPLES
     accepted = result["valid_rates"]["POST /classify"]
     assert sum(phase["accepted"] for phase in accepted.values()) > 0  # valid texts reached the model

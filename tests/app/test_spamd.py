@@ -7,6 +7,7 @@ import base64
 import shutil
 import socket
 import subprocess
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -459,9 +460,15 @@ def test_a_message_on_the_threshold(boundary, tmp_path):
                 asyncio.run(aiospamc.tell(MESSAGES["plain"], "spam", set_action="local", host="127.0.0.1", port=port))
 
 
-def test_a_client_outside_the_allowed_ips_is_answered_no_permission(tiny_checkpoint, tmp_path):
+def test_a_client_outside_the_allowed_ips_and_one_over_the_connection_limit_are_answered(tiny_checkpoint, tmp_path):
     port = free_port()
-    with live_server(tiny_checkpoint, tmp_path / "server.log", spamd_port=port, spamd_allowed_ips="127.0.0.1"):
+    settings = {"spamd_port": port, "spamd_allowed_ips": "127.0.0.1", "spamd_max_connections": 1}
+    with live_server(tiny_checkpoint, tmp_path / "server.log", **settings):
         assert exchange(port, b"PING SPAMC/1.5\r\n\r\n") == b"SPAMD/1.5 0 PONG\r\n"
         refused = exchange(port, b"PING SPAMC/1.5\r\n\r\n", source="127.0.0.2")
         assert refused == b"SPAMD/1.0 77 EX_NOPERM client 127.0.0.2 is not in SPAMGPT_SPAMD_ALLOWED_IPS\r\n"
+        with socket.create_connection(("127.0.0.1", port)) as held:  # the one connection allowed, held open
+            held.sendall(b"CHECK SPAMC/1.5\r\n")
+            time.sleep(1)  # for the server to accept it first
+            busy = exchange(port, b"PING SPAMC/1.5\r\n\r\n")
+        assert busy == b"SPAMD/1.0 75 EX_TEMPFAIL Service busy: 1 connections open, retry later\r\n"

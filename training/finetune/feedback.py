@@ -98,7 +98,7 @@ def with_corrections(parts: Partition, corrections: Dataset, weight: int) -> Par
 class Judged:
     """One model on the corrections and on the compared evaluation rows, deciding as it serves."""
 
-    corrections: Rate  # corrections it labels as reported
+    corrections: Rate | None  # corrections it labels as reported; None without corrections
     evaluation: Metrics  # at its threshold when it has one, else at argmax
 
 
@@ -118,6 +118,8 @@ def judge(
         metrics = split_metrics(predict(model, rows, ds.labels, labels), labels, threshold)
         return metrics.threshold or metrics.argmax
 
+    if not corrections.texts:
+        return Judged(None, decided(evaluation))
     on_corrections = decided(corrections)
     right = sum(on_corrections.confusion_matrix[i][i] for i in range(len(labels)))
     return Judged(Rate.of_counts(right, on_corrections.n), decided(evaluation))
@@ -139,7 +141,7 @@ class Comparison:
     def table(self) -> str:
         """The comparison as a small table, for the end of the run."""
         columns = ["serving" if self.before else "serving (none)", "new"]
-        rows = [("accuracy on the corrections", [j.corrections for j in (self.before, self.after)])]
+        rows = [("accuracy on the corrections", [j and j.corrections for j in (self.before, self.after)])]
         for name, rate in headline_rates(self.after.evaluation).items():
             before = None if self.before is None else headline_rates(self.before.evaluation)[name]
             rows.append((f"{name} on the evaluation rows", [before, rate]))

@@ -118,6 +118,10 @@ def test_an_untrained_model_is_worse_than_a_trained_one(trained, tokenizer):
     comparison = compare(serving, untrained, tokenizer, 48, ["ham", "spam"], None, rows, 1, rows)
     assert comparison.worse, comparison.table()
     assert comparison.before.corrections.value > comparison.after.corrections.value
+    # --compare-with without feedback: the evaluation rows only
+    alone = compare(serving, untrained, tokenizer, 48, ["ham", "spam"], None, Dataset([], []), 1, rows)
+    assert alone.worse == comparison.worse and alone.after.corrections is None
+    assert "accuracy on the corrections" in alone.table() and "  -" in alone.table()
 
 
 def test_finetune_learns_from_feedback_and_reports_before_and_after(serving, tmp_path, bpe_dir):

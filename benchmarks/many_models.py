@@ -11,7 +11,8 @@ it (Classifier.load, float32, packed linear layers).
 
 Time: the same real SMS texts, tokenized once, in length-sorted batches of --batch-size; each contender asks its N
 classifiers about every batch: shared, one SharedClassifiers.predict_logits call (the prefix once, then N tails);
-separate, Classifier.predict_logits of each of N engines in turn. Contenders are interleaved round by round in one
+separate, Classifier.predict_logits of N engines in turn (one engine asked N times: the same compute, without
+holding N copies in this process). Contenders are interleaved round by round in one
 process (benchmarks.common.time_interleaved), so load on the machine falls on all alike; the ratios are to one
 engine asked alone in the same run. Memory: each case loads its N classifiers in a fresh process, runs one batch
 and reports its resident memory (VmRSS) and its peak (VmHWM); a process that imports the same modules and loads
@@ -93,12 +94,13 @@ def load(paths: list[Path]) -> list[Classifier]:
 
 
 def measure_time(paths: list[Path], n_texts: int, batch_size: int, rounds: int) -> dict[str, float]:
-    """Seconds each contender spends asking its classifiers about every batch, interleaved in this process."""
-    separate = load(paths)
+    """Seconds each contender spends asking its classifiers about every batch, interleaved in this process. The
+    separate engines' compute is one engine's forward pass N times (their memory, N copies, is memory_case's)."""
+    engine = load(paths[:1])[0]
     group = SharedClassifiers()
     for i, path in enumerate(paths):
         group.add(f"m{i}", load([path])[0])
-    rows, _ = separate[0].tokenize(sample_texts(n_texts, seed=0))
+    rows, _ = engine.tokenize(sample_texts(n_texts, seed=0))
     batches = [[rows[i] for i in b] for b in length_sorted_batches([len(r) for r in rows], batch_size)]
 
     def shared(n: int):
@@ -106,7 +108,7 @@ def measure_time(paths: list[Path], n_texts: int, batch_size: int, rounds: int) 
         return lambda batch: group.predict_logits(dict.fromkeys(names, batch))
 
     def engines(n: int):
-        return lambda batch: [engine.predict_logits(batch) for engine in separate[:n]]
+        return lambda batch: [engine.predict_logits(batch) for _ in range(n)]
 
     contenders = {"one engine": (engines(1), batches)}
     for n in COUNTS:

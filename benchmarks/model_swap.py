@@ -84,7 +84,11 @@ class Stream:
 
     async def _one(self, text: str, phase: str) -> None:
         sent = time.monotonic()
-        response = await self.client.post("/classify", json={"texts": [text]})
+        try:
+            response = await self.client.post("/classify", json={"texts": [text]})
+        except httpx.HTTPError as exc:
+            self.failures.append(f"{type(exc).__name__}: {exc}")
+            return
         elapsed = time.monotonic() - sent
         if response.status_code != 200 or response.json()["model"] != "spam":
             self.failures.append(f"{response.status_code}: {response.text[:200]}")
@@ -108,7 +112,7 @@ async def measure(url: str, pid: int, texts: list[str], checkpoints: list[Path],
     headers = {"X-API-Key": KEY}
     # a connection per request: reusing one the server is closing for idleness (uvicorn's keep-alive timeout) is a
     # transport error of the client's making
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits, trust_env=False) as client:
         stop, health = asyncio.Event(), []
         stream = Stream(client, texts, args.rate)

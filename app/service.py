@@ -20,7 +20,7 @@ from app.batcher import Batcher
 from app.edge.protocol import ARRIVAL_TIMEOUT_STATE
 from app.errors import ClientClosedRequest, ErrorDetail, InvalidInput, ModelError, NotReady
 from app.metrics import Metrics
-from app.models import ModelRegistry, ServedModel
+from app.models import ModelRegistry, ServedModel, yield_to_serving
 from app.schemas import Health, Info, ModelInfo
 from app.settings import Settings
 from training.runtime.classifier import Classifier, Prediction
@@ -73,8 +73,11 @@ class Service:
         # the thread that calls it, and one pool per calling thread would leave idle pools spinning on the cores
         # that the running one needs.
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spamgpt-model")
-        # Models added or replaced while serving load and warm up here, beside the model thread that keeps serving
-        self.load_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spamgpt-load")
+        # Models added or replaced while serving load and warm up here, beside the model thread that keeps serving,
+        # at a lower priority (app.models.yield_to_serving): where cores are short, the batches go first
+        self.load_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="spamgpt-load", initializer=yield_to_serving
+        )
 
     @property
     def model_name(self) -> str | None:

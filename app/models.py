@@ -18,11 +18,12 @@ the same base costs only its tail), and texts asked of several of them run the p
 import asyncio
 import gc
 import logging
+import os
 import re
 from collections import defaultdict
 from collections.abc import Hashable, Iterator
 from concurrent.futures import Executor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -225,6 +226,18 @@ class ModelRegistry:
         model.classifier = None  # the last reference outside the requests that held it, now answered
         gc.collect()  # whatever a cycle still holds of it
         give_back_freed_memory()
+
+
+# Nice value of the thread that loads models while serving: 10 of 19, so a load takes the cores the batches leave
+LOADING_NICENESS = 10
+
+
+def yield_to_serving() -> None:
+    """Lower the calling thread's scheduling priority by LOADING_NICENESS (Linux: nice is per thread, and the
+    threads it starts, torch's intra-op pool among them, inherit it), so that loading and warming up a model while
+    serving takes the CPU time the serving batches leave. Elsewhere, or where refused, nothing changes."""
+    with suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + LOADING_NICENESS)
 
 
 def model_name(base_model: str, parameter_count: int) -> str:

@@ -21,7 +21,7 @@ from app.edge.protocol import ARRIVAL_TIMEOUT_STATE
 from app.errors import ClientClosedRequest, ErrorDetail, InvalidInput, ModelError, NotReady
 from app.feedback import Feedback
 from app.metrics import Metrics
-from app.models import ModelRegistry, ServedModel
+from app.models import ModelRegistry, ServedModel, yield_to_serving
 from app.schemas import Health, Info, ModelInfo
 from app.settings import Settings
 from app.spamd import SpamdServer
@@ -82,8 +82,11 @@ class Service:
         # that the running one needs.
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spamgpt-model")
         self.feedback: Feedback | None = None  # the corrections store, when settings.feedback_enabled
-        # Models added or replaced while serving load and warm up here, beside the model thread that keeps serving
-        self.load_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spamgpt-load")
+        # Models added or replaced while serving load and warm up here, beside the model thread that keeps serving,
+        # at a lower priority (app.models.yield_to_serving): where cores are short, the batches go first
+        self.load_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="spamgpt-load", initializer=yield_to_serving
+        )
 
     @property
     def model_name(self) -> str | None:

@@ -1,7 +1,7 @@
 """Replacing a model while clients use it: the latency a steady client stream sees during replacements, against the
 same stream without them; and the server's resident memory through replacements and a removal.
 
-    python -m benchmarks.model_swap [--replacements 20] [--rounds 4] [--rate 8] [--torch-threads 1]
+    python -m benchmarks.model_swap [--replacements 20] [--rounds 4] [--rate 8] [--steady-seconds S] [--torch-threads 1]
 
 The server is a real uvicorn subprocess on loopback (default settings, an API key, `torch_threads` torch threads)
 serving one model, "spam": the GPT-2 124M architecture with random weights (benchmarks/checkpoints/gpt2-random, made
@@ -12,8 +12,9 @@ costliest replacement; a sibling on the same base would load the same way and th
 A steady stream of requests (one real SMS message each, sent at fixed times, `rate` a second, whatever the answers)
 runs through the whole measurement, which alternates `rounds` times: a swapping phase of replacements / rounds
 replacements (PUT /admin/models/spam, one after the other), then a steady phase without any, as long as the swapping
-phase took. Interleaving puts both conditions under the same load from the rest of the machine. Latencies are
-reported per condition: p50, p99, max; the target is that p99 during replacements stays within 1.5x of p99 without.
+phase took (or --steady-seconds, where replacements are slow: each is a whole model's load). Interleaving puts both
+conditions under the same load from the rest of the machine. Latencies are reported per condition: p50, p99, max;
+the target is that p99 during replacements stays within 1.5x of p99 without.
 
 Checks: every request is answered 200 by the model "spam"; /health, polled every 0.2 s throughout, answers 200 every
 time; each replacement answers 200. Memory: VmRSS of the server after each replacement, and around an extra model
@@ -83,7 +84,11 @@ class Stream:
 
     async def _one(self, text: str, phase: str) -> None:
         sent = time.monotonic()
-        response = await self.client.post("/classify", json={"texts": [text]})
+        try:
+            response = await self.client.post("/classify", json={"texts": [text]})
+        except httpx.HTTPError as exc:
+            self.failures.append(f"{type(exc).__name__}: {exc}")
+            return
         elapsed = time.monotonic() - sent
         if response.status_code != 200 or response.json()["model"] != "spam":
             self.failures.append(f"{response.status_code}: {response.text[:200]}")
@@ -107,7 +112,7 @@ async def measure(url: str, pid: int, texts: list[str], checkpoints: list[Path],
     headers = {"X-API-Key": KEY}
     # a connection per request: reusing one the server is closing for idleness (uvicorn's keep-alive timeout) is a
     # transport error of the client's making
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits, trust_env=False) as client:
         stop, health = asyncio.Event(), []
         stream = Stream(client, texts, args.rate)
@@ -122,7 +127,7 @@ async def measure(url: str, pid: int, texts: list[str], checkpoints: list[Path],
                 replacements.append(await put(client, "spam", checkpoints[(len(replacements) + 1) % 2]))
                 rss.append(rss_mib(pid))
             stream.phase = "steady"
-            await asyncio.sleep(time.monotonic() - started)
+            await asyncio.sleep(args.steady_seconds or time.monotonic() - started)
         stop.set()
         await asyncio.gather(*background)
         before_add = rss_mib(pid)
@@ -147,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replacements", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=4, help="swapping and steady phases alternate this many times")
     parser.add_argument("--rate", type=float, default=8.0, help="requests a second, one text each")
+    parser.add_argument("--steady-seconds", type=float, help="each steady phase's length (default: the swapping's)")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="model_swap", help="results/<name>.json")

@@ -445,7 +445,7 @@ def test_a_live_server_names_a_broken_checkpoint_at_startup_and_serves_the_rest(
     (checkpoints / "broken").mkdir()
     log = tmp_path / "server.log"
     with (
-        live_server(None, log, models_dir=checkpoints, default_model="a") as (url, _),
+        live_server(None, log, 180, models_dir=checkpoints, default_model="a") as (url, _),
         httpx.Client(trust_env=False) as http,
     ):
         answer = http.post(f"{url}/models/b/predict", json={"inputs": "hi"})

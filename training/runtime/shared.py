@@ -63,13 +63,15 @@ def member(name: str, classifier: Classifier) -> Member:
     return Member(name, classifier, key, prefix.blocks)
 
 
-def share_prefix(source: GPTClassifier, target: GPTClassifier, blocks: int) -> None:
-    """Make `target` hold `source`'s embeddings and first `blocks` blocks (modules, not copies), in place; its own
-    are dropped. Callers have made sure the two hold the same weights (equal prefix fingerprints)."""
+def share_prefix(source: Classifier, target: Classifier, blocks: int) -> None:
+    """Make `target` hold `source`'s embeddings, first `blocks` blocks and tokenizer (objects, not copies), in
+    place; its own are dropped. Callers have made sure the two have the same ones (equal prefix fingerprints)."""
+    mine, theirs = target.checkpoint.model.transformer, source.checkpoint.model.transformer
     for name in ("wte", "wpe"):
-        target.transformer[name] = source.transformer[name]
+        mine[name] = theirs[name]
     for i in range(blocks):
-        target.transformer.h[i] = source.transformer.h[i]
+        mine.h[i] = theirs.h[i]
+    target.checkpoint.tokenizer = source.checkpoint.tokenizer  # some 20 MB of merge ranks each (GPT-2's BPE)
 
 
 @functools.cache
@@ -154,7 +156,7 @@ class SharedClassifiers:
         new = member(name, classifier)
         holder = next((m for m in self._members.values() if new.key is not None and m.key == new.key), None)
         if holder is not None:
-            share_prefix(holder.model, new.model, new.blocks)
+            share_prefix(holder.classifier, new.classifier, new.blocks)
         return new
 
     @staticmethod

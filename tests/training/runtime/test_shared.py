@@ -118,6 +118,7 @@ def test_members_with_one_fingerprint_hold_one_prefix_and_run_it_once(siblings):
     a, b, c = (group[name].checkpoint.model.transformer for name in "abc")
     assert a.wte is b.wte and a.wpe is b.wpe and a.h[0] is b.h[0]
     assert a.h[1] is not b.h[1] and a.ln_f is not b.ln_f and a.wte is not c.wte and a.h[0] is not c.h[0]
+    assert group["a"].checkpoint.tokenizer is group["b"].checkpoint.tokenizer
     assert group.sharing("a") == ["a", "b"] and group.sharing("c") == ["c"]
     calls = []
     for name, module in (("ab", a.wte), ("c", c.wte), ("tail-a", a.h[1]), ("tail-b", b.h[1])):

@@ -117,15 +117,21 @@ class ModelRegistry:
                 self.refused[name] = reason = f"{type(exc).__name__}: {exc}"
                 LOG.error("model %r (%s) refused: %s", name, path, reason)
                 continue
-            self._install(ServedModel(name or self._derived_name(classifier), classifier, path, 0))
+            model = self._version(name or self._derived_name(classifier), classifier, path)
+            self.shared.add(model.key, classifier)  # drops its copy of a prefix another member holds
+            self._install(model)
         self.default = default or next(iter(self.models))
         return list(self.models.values())
 
+    def _version(self, name: str, classifier: Classifier, path: Path) -> ServedModel:
+        """The next version of `name`, not yet a member of `shared` nor served."""
+        revision = self._revisions[name] + 1
+        return ServedModel(name, classifier, path, revision, member(f"{name}@{revision}", classifier).key)
+
     def _install(self, model: ServedModel) -> None:
-        self._revisions[model.name] += 1
-        model.revision = self._revisions[model.name]
-        self.shared.add(model.key, model.classifier)  # drops its copy of a prefix another member holds
-        model.group = member(model.key, model.classifier).key or model.key
+        """Serve `model`, already a member of `shared`: one step on the event loop."""
+        self._revisions[model.name] = model.revision
+        model.group = model.group or model.key
         self.models[model.name] = model
         self.refused.pop(model.name, None)
 
@@ -196,7 +202,9 @@ class ModelRegistry:
                 self.metrics.model_changes.labels(model=name, change="refused").inc()
                 raise CheckpointRefused(f"{path}: {type(exc).__name__}: {exc}") from None
             previous = self.models.get(name)
-            model = ServedModel(name, classifier, path, 0)
+            model = self._version(name, classifier, path)
+            # joining drops its copy of a shared prefix and trims the heap: off the event loop, which keeps serving
+            await loop.run_in_executor(loader, self.shared.add, model.key, classifier)
             self._install(model)
             self.metrics.model_changes.labels(model=name, change="replaced" if previous else "added").inc()
             LOG.info("model %r revision %d serving from %s", name, model.revision, path)
@@ -224,7 +232,9 @@ class ModelRegistry:
         await model.released()
         self.shared.remove(model.key)  # a prefix another member holds stays; its own modules go
         model.classifier = None  # the last reference outside the requests that held it, now answered
-        gc.collect()  # whatever a cycle still holds of it
+        # Here, on the event loop: run from another thread, the collection and trim left a removed GPT-2 124M's
+        # 470 MiB resident (measured with benchmarks.model_swap); a pause of the loop once per change
+        gc.collect()
         give_back_freed_memory()
 
 

@@ -97,21 +97,22 @@ class Packing:
         self.positions = real.nonzero()[:, 1].to(device)  # (N,) each token's position in its row
         self.last = (starts + lengths - 1).to(device)  # (B,) each row's last token in the stream
         groups = padding_groups(rows) if device.type == "cpu" else [list(range(len(rows)))]
-        # Per group: (b, T_g) stream index of each padded place, and the places of its real tokens in the flattened
-        # (b*T_g); then the stream indices, in order. A row's padding reads the row's own last token: causal
-        # attention gives padding zero weight, but 0 x NaN is NaN, so padding that read another row's token
+        # The groups padded and laid one after another: pad_index gives the stream index each padded place reads, row
+        # by row, and unpad each stream token's place in that layout. A row's padding reads the row's own last token:
+        # causal attention gives padding zero weight, but 0 x NaN is NaN, so padding that read another row's token
         # would carry that row's overflow into this one. The row's own last token is read by the row anyway.
-        self.groups, grouped = [], []
-        for group in groups:
-            index = torch.empty(len(group), max(rows[i] for i in group), dtype=torch.long)
+        self.groups = [(len(group), max(rows[i] for i in group)) for group in groups]  # (b, T_g) per group
+        pad_index, unpad, offset = [], torch.empty(len(self.positions), dtype=torch.long), 0
+        for group, (b, T) in zip(groups, self.groups, strict=True):
+            index = torch.empty(b, T, dtype=torch.long)
             for j, i in enumerate(group):
                 index[j, : rows[i]] = torch.arange(starts[i], starts[i] + rows[i])
                 index[j, rows[i] :] = starts[i] + rows[i] - 1
-            places = (torch.arange(index.size(1)) < lengths[group][:, None]).view(-1).nonzero().squeeze(1)
-            self.groups.append((index.to(device), places.to(device)))
-            grouped.append(index.view(-1)[places])
-        grouped = torch.cat(grouped)
-        self.ungroup = torch.empty_like(grouped).scatter_(0, grouped, torch.arange(len(grouped))).to(device)
+                unpad[starts[i] : starts[i] + rows[i]] = torch.arange(offset + j * T, offset + j * T + rows[i])
+            pad_index.append(index.view(-1))
+            offset += b * T
+        self.pad_index = torch.cat(pad_index).to(device)  # (sum of b * T_g,)
+        self.unpad = unpad.to(device)  # (N,)
 
 
 class CausalSelfAttention(nn.Module):
@@ -127,12 +128,13 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x)  # (N, 3C)
         if packing is None:
             return self.c_proj(self.attend(qkv))
-        outputs = []
-        for index, places in packing.groups:
-            b, T = index.shape
-            outputs.append(self.attend(qkv[index]).view(b * T, -1)[places])
-        y = torch.cat(outputs)[packing.ungroup if keep is None else packing.ungroup[keep]]
-        return self.c_proj(y)
+        # index_select, not qkv[index]: a row-wise copy, some 2x faster on CPU than advanced indexing's gather
+        padded = qkv.index_select(0, packing.pad_index).split([b * T for b, T in packing.groups])
+        outputs = [
+            self.attend(g.view(b, T, -1)).view(b * T, -1) for g, (b, T) in zip(padded, packing.groups, strict=True)
+        ]
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # (sum of b * T_g, C)
+        return self.c_proj(y.index_select(0, packing.unpad if keep is None else packing.unpad[keep]))
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """(b, T, 3C) fused q, k, v of right-padded rows -> (b, T, C) causal attention output."""
@@ -146,10 +148,11 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's; inference fuses it into c_fc (precision.pack_linears)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.c_proj(self.gelu(self.c_fc(x)))
 
 
 class Block(nn.Module):

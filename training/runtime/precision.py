@@ -5,6 +5,7 @@ precision (training.finetune.loop), so that the same options mean the same thing
 
 import contextlib
 import functools
+import math
 import os
 import platform
 import warnings
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from training.runtime.model import MLP
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 HALF_DTYPES = ("float16", "bfloat16")
@@ -93,8 +96,9 @@ def check_precision(device: torch.device, dtype: str, quantize_int8: bool) -> No
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The torch dtype: "auto" -> on CUDA bfloat16 where the GPU computes it natively (float32's range: GPT-2's
     activations are known to overflow float16), else float16; float32 elsewhere, even on a CPU with native
-    bfloat16 (its speed on such a CPU is not measured yet, and its probabilities differ from float32's by up to
-    about 1e-2: ask for it with dtype bfloat16). Any other name of DTYPES -> that torch dtype."""
+    bfloat16: measured (docs/performance.md), bfloat16 runs 0.80x float32 on an Intel Xeon with avx512_bf16 and
+    no AMX and 1.68x on an AMD Zen 4, which the flags cannot tell apart, and its probabilities differ from float32's
+    by up to about 1e-2: ask for it with dtype bfloat16. Any other name of DTYPES -> that torch dtype."""
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type != "cuda":
@@ -154,16 +158,6 @@ def training_autocast(device: torch.device, precision: str) -> contextlib.Abstra
     return contextlib.nullcontext()
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Every nn.Linear of `model` replaced in place by torch's dynamic int8 version (weights int8, activations
-    quantized per batch; CPU only). Returns `model`."""
-    with warnings.catch_warnings():
-        # torch marks its eager quantization deprecated in favour of torchao, which we do not depend on
-        warnings.filterwarnings("ignore", message=r"(?s).*deprecated")
-        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
-    return model
-
-
 # oneDNN compiles a kernel per input shape and caches it, in oneDNN's primitive cache and in the cache of torch's
 # bindings (ideep), 1024 entries each by default; a packed batch's token count differs from batch to batch, so a
 # server would add a few MB per new count until both are full (measured: 760 MB after some 400 shapes; bounding only
@@ -178,45 +172,132 @@ IDEEP_CACHE_VARIABLE = "LRU_CACHE_CAPACITY"
 PACKING_ROWS_HINT = 512
 
 
+# oneDNN post-ops the linear layers fuse, as torch's oneDNN bindings name them: (post-op, its scalars, algorithm).
+# "gelu_tanh" is GPT-2's activation (MLP.gelu), computed on the product's output while it is still in cache.
+POST_OPS = {"none": ("none", [], ""), "gelu_tanh": ("gelu", [], "tanh")}
+
+
 class PackedLinear(nn.Module):
     """An nn.Linear whose weight is reordered once into oneDNN's blocked layout for this CPU, so that each call
     multiplies without repacking it (what torch.compile's CPU weight freezing does; torch.ops.mkldnn, torch's
-    oneDNN bindings). (..., in_features) float32 -> (..., out_features) float32, the same result as the nn.Linear up
-    to float rounding. Inference only: the packed weight takes no gradient and is not in the state dict."""
+    oneDNN bindings), followed by the `activation` of POST_OPS fused into the product. (..., in_features) float32 or
+    bfloat16 -> (..., out_features) in the same dtype, the nn.Linear's result (then the activation) up to float
+    rounding. Inference only: the packed weight takes no gradient and is not in the state dict."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, activation: str = "none"):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features, self.activation = linear.in_features, linear.out_features, activation
         weight = linear.weight.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKING_ROWS_HINT)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, *POST_OPS[self.activation])
+
+
+class Int8Linear(nn.Module):
+    """An nn.Linear in int8 on oneDNN's quantized matrix product (u8 x s8 with int32 accumulation: VNNI where the
+    CPU has it), followed by the `activation` of POST_OPS fused into the product: what torch's x86 int8 inference
+    (PT2E quantization with torch.compile) runs, here without a compiler.
+
+    Weights: int8, symmetric, one scale per output channel (the row's largest magnitude maps to 127). Activations:
+    quantized per call to uint8 over the whole input's range (torch.quantize_per_tensor_dynamic, all 8 bits).
+    (..., in_features) float32 -> (..., out_features) float32. Inference only; the int8 weight is not in the state
+    dict.
+    """
+
+    def __init__(self, linear: nn.Linear, activation: str = "none"):
+        super().__init__()
+        self.in_features, self.out_features, self.activation = linear.in_features, linear.out_features, activation
+        weight = linear.weight.detach().float()
+        self.weight_scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,)
+        int8 = torch.round(weight / self.weight_scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.packed = torch.ops.onednn.qlinear_prepack(int8, [PACKING_ROWS_HINT, self.in_features])
+        self.weight_zero_point = torch.zeros(self.out_features, dtype=torch.long)
+        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        u8, scale, zero_point, overflowed = quantize_uint8(x.reshape(-1, self.in_features))
+        y = torch.ops.onednn.qlinear_pointwise(
+            u8, scale, zero_point, self.packed, self.weight_scale, self.weight_zero_point, self.bias,
+            1.0, 0, torch.float32, *POST_OPS[self.activation],
+        )  # fmt: skip
+        if overflowed is not None:  # NaN, as float32 would give: attention carries it to the row's other tokens
+            y[overflowed] = float("nan")
+        return y.view(*shape[:-1], self.out_features)
+
+
+def quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, float, int, torch.Tensor | None]:
+    """(M, K) float32 -> ((M, K) uint8, scale, zero point, overflowed), x ~ scale * (uint8 - zero point): all 256
+    levels over [min(x, 0), max(x, 0)] (torch's choose_qparams; the range read in one pass, where
+    quantize_per_tensor_dynamic makes two). overflowed: None when x is finite, else (M,) bool, the rows holding a
+    non-finite value; those values are left out of the range and quantized as 0, so the other rows keep their
+    precision (the caller makes the overflowed rows' outputs NaN again)."""
+    low, high = torch.aminmax(x)
+    low, high = min(low.item(), 0.0), max(high.item(), 0.0)
+    if not math.isfinite(high - low):  # in float64: finite for any finite float32 x
+        overflowed = ~torch.isfinite(x).all(dim=1)
+        return *quantize_uint8(x.nan_to_num(0.0, 0.0, 0.0))[:3], overflowed
+    scale = (high - low) / 255 or 1.0
+    zero_point = min(max(round(-low / scale), 0), 255)
+    with warnings.catch_warnings():  # torch marks its quantized dtypes deprecated; the kernel takes plain uint8
+        warnings.filterwarnings("ignore", message=r"(?s).*deprecated")
+        q = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
+    # the quantized tensor's bytes as a plain uint8 tensor, without int_repr's copy
+    u8 = torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), 0, q.shape, q.stride())
+    return u8, scale, zero_point, None
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether pack_linears applies: a float32 model on a CPU torch runs oneDNN on."""
-    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    """Whether pack_linears applies: a CPU torch runs oneDNN on, and a float32 model, or a bfloat16 one where oneDNN
+    takes bfloat16 (torch's check: AVX-512 at least; without it bfloat16 stays on nn.Linear)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def pack_linears(model: nn.Module) -> nn.Module:
-    """Every nn.Linear of a float32 CPU `model` (can_pack) replaced in place by a PackedLinear; returns `model`.
-    Measured on 2 cores of an AVX2 AMD EPYC (benchmarks/README.md, "ONNX Runtime and bfloat16"): the engine 1.27x ONNX
-    Runtime's float32 on the same batches, against 1.14x unpacked. Callers bound oneDNN's kernel cache first
-    (bound_onednn_cache, as prepare_for_inference does), or memory grows with every new batch shape.
+def replace_linears(model: nn.Module, make) -> nn.Module:
+    """Every nn.Linear of `model` replaced in place by make(linear, activation), the MLPs' GELU fused into their c_fc
+    (activation "gelu_tanh", MLP.gelu then the identity) and "none" elsewhere; returns `model`.
 
     Every other tensor of the model is copied afresh, out of the checkpoint file's memory map
     (safetensors.torch.load_file): measured on the 124M model, without the copies the replaced weights' 330 MB stayed
     resident beside the packed ones; with them it is returned.
     """
     for module in list(model.modules()):
+        if isinstance(module, MLP) and isinstance(module.c_fc, nn.Linear):
+            module.c_fc, module.gelu = make(module.c_fc, "gelu_tanh"), nn.Identity()
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child))
+                setattr(module, name, make(child, "none"))
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.data = tensor.data.clone()
+    return model
+
+
+def pack_linears(model: nn.Module) -> nn.Module:
+    """Every nn.Linear of a float32 or bfloat16 CPU `model` (can_pack) replaced in place by a PackedLinear, the MLPs'
+    GELU fused (replace_linears); returns `model`. Measured on 2 cores of an AVX2 AMD EPYC (benchmarks/README.md,
+    "ONNX Runtime and bfloat16"): the engine 1.27x ONNX Runtime's float32 on the same batches, against 1.14x unpacked;
+    bfloat16 on a native-bfloat16 CPU: docs/performance.md. Callers bound oneDNN's kernel cache first
+    (bound_onednn_cache, as prepare_for_inference does), or memory grows with every new batch shape."""
+    return replace_linears(model, PackedLinear)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Every nn.Linear of a float32 CPU `model` replaced in place by an Int8Linear, the MLPs' GELU fused
+    (replace_linears), on an x86 CPU torch runs oneDNN on; elsewhere (Arm, a torch without oneDNN) by torch's dynamic
+    int8 nn.Linear (the same quantization but per-tensor weights, no fusion). Returns `model`. Measured against
+    torch's dynamic int8 and ONNX Runtime's in docs/performance.md. Callers bound oneDNN's kernel cache first, as for
+    pack_linears."""
+    if torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64"):
+        return replace_linears(model, Int8Linear)
+    with warnings.catch_warnings():
+        # torch marks its eager quantization deprecated in favour of torchao, which we do not depend on
+        warnings.filterwarnings("ignore", message=r"(?s).*deprecated")
+        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
     return model
 
 
@@ -237,10 +318,10 @@ def bound_onednn_cache() -> None:
 
 
 def prepare_for_inference(model: nn.Module, int8: bool) -> nn.Module:
-    """A loaded model made ready to serve on its device, in place: int8 dynamic quantization when `int8` (CPU;
-    check_precision refuses it elsewhere), else packed linear layers for float32 on CPU (can_pack), else as it is.
-    On CPU, oneDNN's kernel cache is bounded first (bound_onednn_cache): packed float32 and bfloat16 products both run
-    on oneDNN. Returns `model`.
+    """A loaded model made ready to serve on its device, in place: int8 quantization when `int8` (CPU;
+    check_precision refuses it elsewhere), else packed linear layers for float32 and bfloat16 on CPU (can_pack), else
+    as it is. On CPU, oneDNN's kernel cache is bounded first (bound_onednn_cache): packed float32, bfloat16 and int8
+    products all run on oneDNN. Returns `model`.
 
     Raises ValueError for an LRU_CACHE_CAPACITY that would crash oneDNN (bound_onednn_cache).
     """

@@ -1,5 +1,5 @@
 """The engine benchmark's ONNX Runtime contenders: built as users build them on a tiny model, giving our
-probabilities, and ours compared with the fastest of them."""
+probabilities, and ours compared with the fastest of them; bfloat16 compared with the CPU's matrix products."""
 
 import pytest
 import torch
@@ -7,7 +7,12 @@ import torch
 from benchmarks.common import transformers_classifier
 from benchmarks.serve_engine import (
     FUSED_PER_BLOCK,
+    MATRIX_PRODUCTS,
+    TARGETS,
+    bfloat16_record,
     fastest_onnxruntimes,
+    matrix_product_gflops,
+    matrix_products,
     onnxruntime_contenders,
     speedups,
 )
@@ -78,3 +83,38 @@ def test_ours_is_compared_with_the_fastest_onnxruntime_contender_in_each_precisi
     assert ratios["ours_int8_vs_onnxruntime_int8"] == 90.0 / 89.0
     assert ratios["ours_float32_vs_onnxruntime_float32_same_forwards"] == 41.0 / 36.0
     assert ratios["ours_int8_vs_onnxruntime_int8_same_forwards"] == 91.0 / 80.0
+
+
+def test_bfloat16_is_held_to_the_matrix_products_ratio_of_the_same_run_and_int8_to_one_and_a_half_onnxruntime():
+    throughput = {
+        "ours_float32": 40.0,
+        "ours_int8": 90.0,
+        "ours_bfloat16": 60.0,  # 1.5x ours float32
+        "onnxruntime_spamgpt_int8": 60.0,
+        "transformers_float32": 20.0,
+        "reference_float32": 10.0,
+        "ours_float32_same_forwards": 41.0,
+        "ours_int8_same_forwards": 91.0,
+        "transformers_float32_same_forwards": 20.0,
+    }
+    fastest = dict.fromkeys(
+        ("float32", "int8", "float32_same_forwards", "int8_same_forwards"), "onnxruntime_spamgpt_int8"
+    )
+    gflops = {"float32": 100.0, "bfloat16": 200.0}  # the CPU's products: 2x in bfloat16
+
+    ratios = speedups(throughput, fastest, gflops)
+
+    assert ratios["ours_bfloat16_share_of_matrix_product_ratio"] == 1.5 / 2.0
+    assert TARGETS["ours_bfloat16_share_of_matrix_product_ratio"] == 0.9
+    assert ratios["ours_int8_vs_onnxruntime_int8"] == 1.5 and TARGETS["ours_int8_vs_onnxruntime_int8"] == 1.5
+    assert bfloat16_record(throughput, gflops)["matrix_product_bfloat16_vs_float32"] == 2.0
+    del throughput["ours_bfloat16"]  # a CPU without native bfloat16: no bfloat16 ratio, no target to meet
+    assert "ours_bfloat16_share_of_matrix_product_ratio" not in speedups(throughput, fastest)
+
+
+def test_the_matrix_products_are_the_mlp_products_and_their_gflops_count_two_flops_per_multiply_add():
+    outputs = matrix_products(torch.bfloat16)([])
+
+    assert MATRIX_PRODUCTS == ((736, 768, 3072), (736, 3072, 768))
+    assert outputs.dtype == torch.bfloat16 and outputs.shape == (2,)
+    assert matrix_product_gflops(seconds=2.0, calls=3) == 3 * 2 * (2 * 736 * 768 * 3072) / 2.0 / 1e9

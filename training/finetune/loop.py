@@ -7,6 +7,7 @@ that a caller can save it and resume an interrupted run (training.finetune.resum
 training.finetune.distributed.Group) every rank runs the same loop on its share of every global batch.
 """
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -128,17 +129,42 @@ def prefix_cache(
 ) -> list[torch.Tensor]:
     """Each row's (T_i, C) float32 residual stream after the first n_blocks, in row order; with `only`, just
     those rows' (the others hold empty tensors). Computed in `compute` (a precision.training_precision), stored in
-    float32."""
+    float32; in bfloat16, the frozen linear layers' weights are cast once for the whole pass (frozen_linears_cast)."""
     cache: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     wanted = list(range(len(rows))) if only is None else only
     batches = length_sorted_batches([len(rows[i]) for i in wanted], PREFIX_BATCH_SIZE)
-    for batch in tqdm([[wanted[j] for j in b] for b in batches], desc=desc, unit="batch", disable=not progress):
-        idx, lengths = pad_right([rows[i] for i in batch], PAD_ID, device)
-        with precision.training_autocast(device, compute):
-            x = model.prefix(idx, Packing(lengths, device), n_blocks).float()  # (N, C)
-        for i, row in zip(batch, x.split([len(rows[i]) for i in batch]), strict=True):
-            cache[i] = row.clone()  # clone: keep the row, not the whole batch
+    cast_once = (
+        frozen_linears_cast(model.transformer.h[:n_blocks], torch.bfloat16)
+        if compute == "bfloat16"
+        else contextlib.nullcontext()
+    )
+    with cast_once:
+        for batch in tqdm([[wanted[j] for j in b] for b in batches], desc=desc, unit="batch", disable=not progress):
+            idx, lengths = pad_right([rows[i] for i in batch], PAD_ID, device)
+            with precision.training_autocast(device, compute):
+                x = model.prefix(idx, Packing(lengths, device), n_blocks).float()  # (N, C)
+            for i, row in zip(batch, x.split([len(rows[i]) for i in batch]), strict=True):
+                cache[i] = row.clone()  # clone: keep the row, not the whole batch
     return cache
+
+
+@contextlib.contextmanager
+def frozen_linears_cast(module: nn.Module, dtype: torch.dtype):
+    """For the duration, every frozen nn.Linear in `module` holds its weight and bias cast to `dtype`; after, its own
+    parameters again (the same objects, untouched). Under autocast to `dtype` the products are the same bit for bit:
+    autocast casts a linear layer's weight and bias to `dtype` itself, but again at every call, since its cast cache
+    keeps only tensors that require grad. Costs the cast copies' memory (2 bytes a weight in bfloat16)."""
+    frozen = [m for m in module.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad]
+    originals = [(m.weight, m.bias) for m in frozen]
+    try:
+        for m, (weight, bias) in zip(frozen, originals, strict=True):
+            m.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+            if bias is not None:
+                m.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        yield
+    finally:
+        for m, (weight, bias) in zip(frozen, originals, strict=True):
+            m.weight, m.bias = weight, bias
 
 
 class RowLogits(nn.Module):

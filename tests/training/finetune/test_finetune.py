@@ -1,8 +1,10 @@
+import contextlib
 from dataclasses import replace
 
 import pytest
 import torch
 
+import training.finetune.loop
 from tests.helpers import pretend_cpu, synthetic
 from training.finetune.distributed import SINGLE
 from training.finetune.loop import (
@@ -10,6 +12,7 @@ from training.finetune.loop import (
     Loop,
     TrainConfig,
     evaluate_loss,
+    prefix_cache,
     prepare_trainable,
     tail_forward,
     train,
@@ -73,6 +76,23 @@ def test_cached_prefix_matches_whole_model(blocks):
     # Adam turns float rounding in near-zero gradients (the cached prefix ran in other batches) into parameter
     # differences near 1e-5: seen on a 16-core machine, where the matrix products split differently
     torch.testing.assert_close(cached_state, plain_state, atol=1e-4, rtol=1e-3)
+
+
+def test_the_bfloat16_prefix_cast_once_gives_autocasts_numbers_bit_for_bit_and_puts_the_weights_back(monkeypatch):
+    model, data = fresh_model(), synthetic(40, seed=5)
+    prepare_trainable(model, TrainConfig(trainable_blocks=1, device="cpu"))
+    before = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
+
+    cache = prefix_cache(model, data.rows, 1, CPU, "prefix", progress=False, compute="bfloat16")
+
+    # autocast alone, casting the float32 weights at every call
+    monkeypatch.setattr(training.finetune.loop, "frozen_linears_cast", lambda module, dtype: contextlib.nullcontext())
+    expected = prefix_cache(model, data.rows, 1, CPU, "prefix", progress=False, compute="bfloat16")
+    float32 = prefix_cache(model, data.rows, 1, CPU, "prefix", progress=False)
+    assert all(torch.equal(c, e) for c, e in zip(cache, expected, strict=True))
+    assert not all(torch.equal(c, f) for c, f in zip(cache, float32, strict=True))  # bfloat16 did compute
+    assert all(p is model.get_parameter(name) and torch.equal(p, value) for name, (p, value) in before.items())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 @pytest.mark.parametrize("trainable", ["all", "last-blocks", "lora"])

@@ -294,6 +294,7 @@ def test_add_replace_and_remove_while_serving(client, checkpoints, tmp_path):
     ("checkpoint", "reason"),
     [
         pytest.param("missing", "CheckpointError: {path}: checkpoint directory not found", id="not-there"),
+        pytest.param("questions.csv", "CheckpointError: {path}: not a directory", id="a-file"),
         pytest.param("bad", "RuntimeError: warm-up forward on cpu (torch.float32) gave non-finite", id="warm-up"),
     ],
 )
@@ -301,6 +302,7 @@ def test_a_checkpoint_that_fails_its_checks_or_warm_up_is_refused_and_the_old_on
     client, tmp_path, checkpoint, reason
 ):
     before = classify(client, model="b")["results"]
+    (tmp_path / "questions.csv").write_text("text,label\n")
     path = str(tmp_path / checkpoint)
     error = error_of(client.put("/admin/models/b", json={"checkpoint": path}, headers=KEY), 422)
     assert error["type"] == "checkpoint_refused"

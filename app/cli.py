@@ -9,9 +9,11 @@ signal: a clean shutdown exits 0.
 Before uvicorn imports the app, `serve` checks what would otherwise fail only after the model has loaded, or fail
 with a traceback, and refuses it in one line on stderr that names the variable or option, its value and what would
 work, with its own exit status:
-  2  a SPAMGPT_* variable cannot be used (EXIT_USAGE; uvicorn's own usage errors, such as --port abc, exit 2 too)
-  3  no directory at SPAMGPT_CHECKPOINT_DIR or SPAMGPT_MODELS_DIR (EXIT_CHECKPOINT); a checkpoint refused while
-     loading exits 3 as well (uvicorn's startup failure), its log naming the file and what is wrong
+  2  a SPAMGPT_* variable cannot be used (EXIT_USAGE; uvicorn's own usage errors, such as --port abc, exit 2 too),
+     among them a model named twice and a SPAMGPT_DEFAULT_MODEL that names no model or is unset with several
+  3  no directory at SPAMGPT_CHECKPOINT_DIR or SPAMGPT_MODELS_DIR, or no checkpoint folder in SPAMGPT_MODELS_DIR
+     (EXIT_CHECKPOINT); a checkpoint refused while loading exits 3 as well (uvicorn's startup failure), its log
+     naming the file and what is wrong
   4  the --host and --port cannot be listened on: in use, not this machine's address, or privileged (EXIT_ADDRESS)
 
 Stalled and slow clients are bounded by default: uvicorn's --limit-concurrency is SPAMGPT_MAX_CONNECTIONS, and --http
@@ -72,9 +74,9 @@ def startup_checks(argv: list[str]) -> Settings:
         settings = settings_from_environment()
     except SettingsError as exc:
         raise StartupError(str(exc), EXIT_USAGE) from None
-    if settings.models_dir is not None:
-        check_models_dir(settings.models_dir)
-    elif settings.models is None:
+    if settings.models_dir is not None or settings.models is not None:
+        check_model_set(settings)
+    else:
         check_checkpoint_dir(settings.checkpoint_dir, given="checkpoint_dir" in settings.model_fields_set)
     check_address(argv)
     return settings
@@ -100,6 +102,24 @@ def check_models_dir(path: Path) -> None:
     if not path.is_dir():
         where = "" if path.is_absolute() else f" under {Path.cwd()}"
         message = f"{variable('models_dir')}={str(path)!r}: no such directory{where}; make it and put checkpoints in it"
+        raise StartupError(message, EXIT_CHECKPOINT)
+
+
+def check_model_set(settings: Settings) -> None:
+    """Raises StartupError for a model set that cannot serve, found before any checkpoint loads: EXIT_CHECKPOINT
+    for no directory at models_dir or, without models, no checkpoint folder in it; EXIT_USAGE for a name given twice
+    or a default_model that names no model or is unset with several (Settings.model_sources)."""
+    if settings.models_dir is not None:
+        check_models_dir(settings.models_dir)
+    try:
+        sources = settings.model_sources()
+    except ValueError as exc:
+        raise StartupError(str(exc), EXIT_USAGE) from None
+    if not sources:
+        message = (
+            f"{variable('models_dir')}={str(settings.models_dir)!r} holds no checkpoint subdirectories; "
+            f"put each model's checkpoint in a folder of its own there, or list them in {variable('models')}"
+        )
         raise StartupError(message, EXIT_CHECKPOINT)
 
 

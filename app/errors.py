@@ -188,15 +188,18 @@ def validation_details(exc: RequestValidationError, content_type: str | None = N
             "empty_text",
             "text_too_long",
             "no_visible_characters",
-            "texts_or_messages",
             "invalid_base64",
             "message_too_large",
         ):
-            # a wrong type names the type given; a wrong value of the right type ("top_k": 0) shows the value
+            # a wrong type names the type given; a wrong value of the right type ("top_k": 0) shows the value, but
+            # never a whole object: an object's own validator (app.schemas' model validators) says what is wrong
             wrong_type = err["type"].endswith("_type") or err["type"] == "text_or_texts"
-            given = type(err["input"]).__name__ if wrong_type else _shown(err["input"])
-            message = f"{message}, got {given}"
-        details.append(ErrorDetail(field=_field(err["loc"]), message=message))
+            if wrong_type or not isinstance(err["input"], dict):
+                given = type(err["input"]).__name__ if wrong_type else _shown(err["input"])
+                message = f"{message}, got {given}"
+        # an object's validator names the field its error is about in its context (app.schemas._model_or_models)
+        loc = (*err["loc"], err["ctx"]["field"]) if "field" in err.get("ctx", {}) else err["loc"]
+        details.append(ErrorDetail(field=_field(loc), message=message))
     return details
 
 

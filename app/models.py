@@ -32,7 +32,7 @@ import torch
 
 from app.errors import CheckpointRefused, ModelConflict, UnknownModel
 from app.metrics import Metrics
-from app.settings import check_model_name
+from app.settings import check_default_model, check_model_name, variable
 from training.runtime.classifier import Classifier
 from training.runtime.options import ClassifierOptions
 from training.runtime.shared import SharedClassifiers, give_back_freed_memory, member
@@ -97,14 +97,12 @@ class ModelRegistry:
         loaded models.
 
         Raises what loading the default model raised (CheckpointError, ValueError, RuntimeError), or ValueError for
-        a default that is not among the sources or unset with several sources: without its default model the
-        server cannot answer the requests that name none.
+        no sources, or a default that is not among the sources or unset with several (check_default_model): without
+        its default model the server cannot answer the requests that name none.
         """
-        names = [name for name, _ in sources]
-        if default is None and len(sources) > 1:
-            raise ValueError(f"{len(sources)} models {names}: name the one requests get by default (default_model)")
-        if default is not None and default not in names:
-            raise ValueError(f"default model {default!r} is not among the models {names}")
+        if not sources:
+            raise ValueError(f"no models to serve: set {variable('models_dir')} or {variable('models')}")
+        check_default_model([name for name, _ in sources], default)
         loop = asyncio.get_running_loop()
         for name, path in sources:
             try:
@@ -169,14 +167,27 @@ class ModelRegistry:
         the reason for a name refused at startup."""
         model = self.models.get(self.default if name is None else name)
         if model is None:
-            refused = f" (its checkpoint was refused at startup: {self.refused[name]})" if name in self.refused else ""
-            raise UnknownModel(f"no model named {name!r}{refused}; the models are {sorted(self.models)}")
+            raise self._unknown([name])
         return model
+
+    def _unknown(self, names: list[str]) -> UnknownModel:
+        """The 404 for `names`, none of them served: each, with why for one refused at startup, and those served."""
+        shown = [
+            f"{name!r} (its checkpoint was refused at startup: {self.refused[name]})"
+            if name in self.refused
+            else repr(name)
+            for name in names
+        ]
+        return UnknownModel(f"no model named {', '.join(shown)}; the models are {sorted(self.models)}")
 
     @contextmanager
     def use(self, names: list[str | None]) -> Iterator[list[ServedModel]]:
         """The models the names serve now, held until the block ends: a replacement or removal meanwhile lets the
-        block finish on these versions and gives back their memory after. Raises UnknownModel (get)."""
+        block finish on these versions and gives back their memory after. Raises UnknownModel naming every name not
+        served."""
+        unknown = [name for name in names if name is not None and name not in self.models]
+        if unknown:
+            raise self._unknown(unknown)
         models = [self.get(name) for name in names]  # all resolved before any is held: no await in between
         for model in models:
             model._hold(1)
@@ -221,7 +232,9 @@ class ModelRegistry:
         async with self._locks[name]:
             model = self.get(name)
             if name == self.default:
-                raise ModelConflict(f"{name!r} is the default model (default_model) and cannot be removed")
+                raise ModelConflict(
+                    f"{name!r} is the default model ({variable('default_model')}) and cannot be removed"
+                )
             del self.models[name]
             self.metrics.model_changes.labels(model=name, change="removed").inc()
             LOG.info("model %r removed", name)

@@ -156,14 +156,22 @@ MODEL_FIELDS = {
 
 
 def _model_or_models(request: BaseModel) -> BaseModel:
+    """Errors name the field they are about in their context's "field" (app.errors.validation_details)."""
+    models = {"field": "models"}
     if request.model is not None and request.models is not None:
-        raise PydanticCustomError("model_or_models", "give model or models, not both")
-    if request.models is not None and len(set(request.models)) < len(request.models):
-        raise PydanticCustomError(
-            "repeated_model", "models must not name a model twice, got {models}", {"models": request.models}
-        )
+        raise PydanticCustomError("model_or_models", "give model or models, not both", models)
+    if request.models is not None:
+        repeated = sorted({name for name in request.models if request.models.count(name) > 1})
+        if repeated:
+            raise PydanticCustomError(
+                "repeated_model",
+                "must not name a model twice, named twice: {repeated}",
+                {**models, "repeated": repeated},
+            )
     if request.models is not None and request.messages is not None:
-        raise PydanticCustomError("models_with_messages", "messages are answered by one model: give model, not models")
+        raise PydanticCustomError(
+            "models_with_messages", "messages are answered by one model: give model, not models", models
+        )
     return request
 
 

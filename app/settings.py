@@ -239,8 +239,9 @@ class Settings(BaseSettings):
         without either, checkpoint_dir under model_name (None: the name is derived from the checkpoint). A
         directory that cannot be read is one source whose loading then fails.
 
-        Raises ValueError for a name given twice (in `models` and as a folder of models_dir). A folder whose name
-        cannot name a model (check_model_name) is a source like any other, refused when it is loaded."""
+        Raises ValueError, naming the SPAMGPT_* variables, for a name given twice (in `models` and as a folder of
+        models_dir) and for a default_model check_default_model refuses. A folder whose name cannot name a model
+        (check_model_name) is a source like any other, refused when it is loaded."""
         if self.models_dir is None and self.models is None:
             return [(self.model_name, self.checkpoint_dir)]
         sources = named_checkpoints(self.models) if self.models else []
@@ -249,8 +250,13 @@ class Settings(BaseSettings):
         seen: dict[str, Path] = {}
         for name, path in sources:
             if name in seen:
-                raise ValueError(f"two models named {name!r}: {str(seen[name])!r} and {str(path)!r}")
+                raise ValueError(
+                    f"{variable('models')}={self.models!r} and {variable('models_dir')}={str(self.models_dir)!r}: "
+                    f"two models named {name!r} ({str(seen[name])!r} and {str(path)!r}); rename one"
+                )
             seen[name] = path
+        if sources:
+            check_default_model(list(seen), self.default_model)
         return sources
 
     @model_validator(mode="after")
@@ -301,6 +307,16 @@ def check_model_name(name: str) -> str:
             f"model name {name!r} must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
+
+
+def check_default_model(names: list[str | None], default: str | None) -> None:
+    """Raises ValueError naming SPAMGPT_DEFAULT_MODEL when `default` is not among `names` (the models to serve), or
+    unset while there are several: requests that name no model would have none to answer them."""
+    setting = variable("default_model")
+    if default is None and len(names) > 1:
+        raise ValueError(f"{setting} unset: {len(names)} models {names}; set it to the one requests naming none get")
+    if default is not None and default not in names:
+        raise ValueError(f"{setting}={default!r}: no model of that name; the models are {names}")
 
 
 def named_checkpoints(value: str) -> list[tuple[str, Path]]:

@@ -92,7 +92,7 @@ def test_settings_that_cannot_name_the_models_are_refused_naming_the_variable(mo
 
 
 def test_the_list_and_the_directory_serve_together_in_the_list_order_then_by_folder(checkpoints, tmp_path):
-    settings = Settings(models_dir=checkpoints, models=f"z={tmp_path / 'b2'},y={tmp_path / 'b2'}")
+    settings = Settings(models_dir=checkpoints, models=f"z={tmp_path / 'b2'},y={tmp_path / 'b2'}", default_model="a")
     names = [name for name, _ in settings.model_sources()]
     assert names == ["z", "y", "a", "b", "c"]
 
@@ -105,14 +105,23 @@ def test_a_name_in_the_list_and_the_directory_is_refused_at_startup(checkpoints,
 
 def test_several_models_without_a_default_are_refused_at_startup_naming_them(checkpoints):
     app = create_app(several(checkpoints, default_model=None))
-    with pytest.raises(ValueError, match=r"3 models \['a', 'b', 'c'\]: name the one requests get by default"):
+    with pytest.raises(
+        ValueError, match=r"^SPAMGPT_DEFAULT_MODEL unset: 3 models \['a', 'b', 'c'\]; set it to the one"
+    ):
         TestClient(app).__enter__()
 
 
 def test_a_default_that_is_not_served_is_refused_at_startup(checkpoints):
     app = create_app(several(checkpoints, default_model="spam"))
-    with pytest.raises(ValueError, match=r"default model 'spam' is not among the models \['a', 'b', 'c'\]"):
+    with pytest.raises(
+        ValueError, match=r"^SPAMGPT_DEFAULT_MODEL='spam': no model of that name; the models are \['a', 'b', 'c'\]$"
+    ):
         TestClient(app).__enter__()
+
+
+def test_an_empty_models_dir_is_refused_at_startup_naming_the_variable(tmp_path):
+    with pytest.raises(ValueError, match=r"^no models to serve: set SPAMGPT_MODELS_DIR or SPAMGPT_MODELS$"):
+        TestClient(create_app(Settings(models_dir=tmp_path, device="cpu"))).__enter__()
 
 
 def test_a_broken_checkpoint_beside_good_ones_is_named_and_the_good_ones_serve(checkpoints, caplog):
@@ -158,8 +167,13 @@ def test_models_answers_each_text_from_each_model_as_each_answers_alone(client):
 @pytest.mark.parametrize(
     ("body", "field", "message"),
     [
-        pytest.param({"model": "a", "models": ["b"]}, "body", "give model or models, not both", id="both"),
-        pytest.param({"models": ["a", "b", "a"]}, "body", "must not name a model twice", id="twice"),
+        pytest.param({"model": "a", "models": ["b"]}, "models", "give model or models, not both", id="both"),
+        pytest.param(
+            {"models": ["a", "b", "a", "b"]},
+            "models",
+            "must not name a model twice, named twice: ['a', 'b']",
+            id="twice",
+        ),
         pytest.param({"models": []}, "models", "at least 1 item", id="empty"),
         pytest.param({"model": 3}, "model", "valid string", id="not-a-string"),
     ],
@@ -168,6 +182,7 @@ def test_bad_model_choices_are_422_naming_the_field(client, body, field, message
     error = error_of(client.post("/classify", json={"texts": ["hi"], **body}, headers=KEY), 422)
     assert error["details"][0]["field"] == field
     assert message in error["details"][0]["message"]
+    assert "got {" not in error["message"]  # the body is not echoed back
 
 
 @pytest.mark.parametrize(
@@ -186,6 +201,18 @@ def test_an_unknown_model_is_404_listing_the_names(client, path, body):
         "message": "no model named 'nope'; the models are ['a', 'b', 'c']",
         "details": [],
     }
+
+
+def test_several_unknown_models_are_one_404_naming_each_and_why_one_was_refused(checkpoints):
+    (checkpoints / "draft").mkdir()
+    with TestClient(create_app(several(checkpoints))) as client:
+        body = {"texts": ["hi"], "models": ["a", "nope", "draft"]}
+        error = error_of(client.post("/classify", json=body, headers=KEY), 404)
+    draft = f"CheckpointError: {checkpoints / 'draft' / 'config.json'}: missing"
+    assert error["message"] == (
+        f"no model named 'nope', 'draft' (its checkpoint was refused at startup: {draft}); "
+        "the models are ['a', 'b', 'c']"
+    )
 
 
 def test_the_tei_and_hugging_face_routes_select_a_model_by_path_prefix(client):
@@ -267,6 +294,7 @@ def test_add_replace_and_remove_while_serving(client, checkpoints, tmp_path):
     ("checkpoint", "reason"),
     [
         pytest.param("missing", "CheckpointError: {path}: checkpoint directory not found", id="not-there"),
+        pytest.param("questions.csv", "CheckpointError: {path}: not a directory", id="a-file"),
         pytest.param("bad", "RuntimeError: warm-up forward on cpu (torch.float32) gave non-finite", id="warm-up"),
     ],
 )
@@ -274,6 +302,7 @@ def test_a_checkpoint_that_fails_its_checks_or_warm_up_is_refused_and_the_old_on
     client, tmp_path, checkpoint, reason
 ):
     before = classify(client, model="b")["results"]
+    (tmp_path / "questions.csv").write_text("text,label\n")
     path = str(tmp_path / checkpoint)
     error = error_of(client.put("/admin/models/b", json={"checkpoint": path}, headers=KEY), 422)
     assert error["type"] == "checkpoint_refused"
@@ -286,7 +315,12 @@ def test_a_checkpoint_that_fails_its_checks_or_warm_up_is_refused_and_the_old_on
 @pytest.mark.parametrize(
     ("call", "status", "message"),
     [
-        pytest.param(("delete", "/admin/models/a"), 409, "'a' is the default model", id="remove-default"),
+        pytest.param(
+            ("delete", "/admin/models/a"),
+            409,
+            "'a' is the default model (SPAMGPT_DEFAULT_MODEL) and cannot",
+            id="remove-default",
+        ),
         pytest.param(("delete", "/admin/models/nope"), 404, "no model named 'nope'", id="remove-unknown"),
         pytest.param(("put", "/admin/models/a b"), 422, "should match pattern", id="bad-name"),
         pytest.param(("put", "/admin/models/" + "x" * 65), 422, "should match pattern", id="long-name"),

@@ -92,3 +92,47 @@ def test_serve_help_needs_no_checkpoint(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         app.cli.main(["serve", "--help"])
     assert calls == [["app.main:create_app", "--factory", "--help"]]
+
+
+@pytest.mark.parametrize(
+    ("variables", "status", "expected"),
+    [
+        ({"SPAMGPT_MODELS_DIR": "{dir}"}, 3, "SPAMGPT_MODELS_DIR='{dir}' holds no checkpoint subdirectories; "),
+        (
+            {"SPAMGPT_MODELS_DIR": "{dir}", "SPAMGPT_DEFAULT_MODEL": "spam"},
+            3,
+            "SPAMGPT_MODELS_DIR='{dir}' holds no checkpoint subdirectories; ",
+        ),
+        (
+            {"SPAMGPT_MODELS_DIR": "{dir}", "SPAMGPT_MODELS": "a={dir}/x", "SPAMGPT_DEFAULT_MODEL": "a", "mkdir": "a"},
+            2,
+            "SPAMGPT_MODELS='a={dir}/x' and SPAMGPT_MODELS_DIR='{dir}': two models named 'a' ('{dir}/x' and "
+            "'{dir}/a'); rename one",
+        ),
+        (
+            {"SPAMGPT_MODELS": "a=x,b=y"},
+            2,
+            "SPAMGPT_DEFAULT_MODEL unset: 2 models ['a', 'b']; set it to the one requests naming none get",
+        ),
+        (
+            {"SPAMGPT_MODELS": "a=x,b=y", "SPAMGPT_DEFAULT_MODEL": "spam"},
+            2,
+            "SPAMGPT_DEFAULT_MODEL='spam': no model of that name; the models are ['a', 'b']",
+        ),
+        ({"SPAMGPT_MODELS": "a=x,a=y"}, 2, "SPAMGPT_MODELS='a=x,a=y': model 'a' given twice"),
+    ],
+)
+def test_serve_refuses_a_model_set_that_cannot_serve_in_one_line(
+    monkeypatch, capsys, tmp_path, variables, status, expected
+):
+    monkeypatch.setattr(app.cli.uvicorn, "main", lambda args, prog_name: pytest.fail("uvicorn ran"))
+    monkeypatch.setattr(app.cli.signal, "signal", lambda signum, handler: None)
+    if "mkdir" in variables:
+        (tmp_path / variables.pop("mkdir")).mkdir()
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value.format(dir=tmp_path))
+    with pytest.raises(SystemExit) as exited:
+        app.cli.main(["serve"])
+    err = capsys.readouterr().err
+    assert exited.value.code == status
+    assert err.startswith(f"spamgpt serve: error: {expected.format(dir=tmp_path)}") and err.count("\n") == 1

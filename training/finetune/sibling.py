@@ -16,7 +16,7 @@ import torch
 
 from training.config import FinetuneConfig
 from training.finetune.loop import frozen_prefix
-from training.runtime.checkpoint import CONFIG_FILE, Checkpoint, load_checkpoint
+from training.runtime.checkpoint import CONFIG_FILE, Checkpoint, CheckpointError, load_checkpoint
 from training.runtime.model import GPTClassifier
 from training.runtime.prefix import PrefixFingerprint, fingerprint
 from training.runtime.tokenizer import bpe_hashes
@@ -30,7 +30,10 @@ def prefix_source(config: FinetuneConfig) -> Checkpoint:
     a run whose --trainable would leave other blocks frozen than it did, or a max_tokens beyond its positions.
     """
     path = config.base.prefix_from
-    checkpoint = load_checkpoint(path)
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--prefix-from {str(path)!r}: {exc}") from None
     recorded, n_layer = checkpoint.card.prefix, checkpoint.model.config.n_layer
     if recorded is None:
         raise ValueError(

@@ -176,7 +176,8 @@ def load_checkpoint(
     """
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory not found")
+        problem = "not a directory (a checkpoint is a directory)" if path.exists() else "checkpoint directory not found"
+        raise CheckpointError(f"{path}: {problem}")
     raw = _read_json(path / CONFIG_FILE)
     config = _model_config(path / CONFIG_FILE, raw)
     card = _card(path / CONFIG_FILE, raw, config)

@@ -99,6 +99,7 @@ def test_bad_messages_are_422_naming_the_field(tiny_checkpoint, body, field, mes
     with TestClient(create_app(settings)) as client:
         error = error_of(client.post("/classify", json=body), 422)
     assert error["details"][0]["field"] == field and message in error["details"][0]["message"], error
+    assert "got {" not in error["message"]  # an object's own error never echoes the body back
 
 
 @pytest.mark.parametrize(

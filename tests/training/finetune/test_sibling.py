@@ -90,6 +90,20 @@ def test_a_sibling_that_would_not_share_the_prefix_is_refused(tmp_path, base, ca
     assert not (tmp_path / "topics").exists()
 
 
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        pytest.param(lambda p: p.write_text("text,label\n"), "{p}: not a directory", id="a-file"),
+        pytest.param(lambda p: p.mkdir(), "{p}/config.json: missing", id="no-config"),
+        pytest.param(lambda p: None, "{p}: checkpoint directory not found", id="nothing"),
+    ],
+)
+def test_a_prefix_from_that_is_no_checkpoint_is_named_with_the_option(tmp_path, capsys, make, message):
+    make(source := tmp_path / "draft")
+    assert main(sibling_argv(write_topics_csv(tmp_path / "t.csv"), source, tmp_path / "topics")) != 0
+    assert f"--prefix-from {str(source)!r}: {message.format(p=source)}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("trainable", "blocks"), [("all", None), ("lora", 0), ("last-blocks", 1)])
 def test_the_card_records_what_stayed_frozen(tmp_path, bpe_dir, trainable, blocks):
     data = write_messages_csv(tmp_path / "messages.csv", n=40)

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -47,6 +48,7 @@ def test_load_onto_a_lower_precision_dtype(tiny_checkpoint):
     ("breakage", "match"),
     [
         pytest.param(lambda c: c.rename(c.with_name("moved")), r"ckpt: checkpoint directory not found", id="no-dir"),
+        pytest.param(lambda c: shutil.rmtree(c) or c.write_text("text,label\n"), r"ckpt: not a directory", id="a-file"),
         pytest.param(lambda c: (c / "config.json").unlink(), r"config\.json: missing", id="no-config"),
         pytest.param(
             lambda c: (c / "config.json").write_text("{not json"), r"config\.json: not valid JSON", id="config-not-json"

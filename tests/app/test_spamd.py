@@ -393,6 +393,12 @@ BIG = b"Subject: big\r\n\r\n" + b"x" * (64 * 1024)
             b"SPAMD/1.0 76 EX_PROTOCOL Bad header line: (Set and Remove local in the same TELL)\r\n",
             id="tell-set-and-remove",
         ),
+        pytest.param(
+            request("TELL", b"", Message_class="spam", Set="local"),
+            True,
+            b"SPAMD/1.0 65 EX_DATAERR content is empty\r\n",
+            id="tell-empty-message",
+        ),
     ],
 )
 def test_bad_input_gets_the_protocols_error_and_others_are_served(server, expected, sent, half_close, answer):

@@ -123,11 +123,11 @@ class Verdict:
             score = f"{float(required) - 0.1:2.1f}"
         return score, required
 
-    def spam_header(self, command: str) -> str:
-        """`Spam: True ; 7.3 / 5.0`; REPORT_IFSPAM says Yes / No, as spamd does."""
-        yes, no = ("Yes", "No") if command == "REPORT_IFSPAM" else ("True", "False")
+    def spam_header(self) -> str:
+        """`Spam: True ; 7.3 / 5.0` (False for ham), for every scan as spamd writes it: libspamc reads the word
+        "True" alone as spam, so a Yes would make spamc -r pass spam as ham."""
         score, required = self.shown()
-        return f"Spam: {yes if self.is_spam else no} ; {score} / {required}"
+        return f"Spam: {self.is_spam} ; {score} / {required}"
 
 
 def spam_label(labels: tuple[str, ...]) -> str:
@@ -165,6 +165,8 @@ class SpamdServer:
         self.spam_label = spam_label(self.service.classifier.card.labels)
         self._server = await asyncio.start_server(self._connection, s.spamd_host, s.spamd_port, limit=MAX_LINE_BYTES)
         log.info("spamd protocol on %s:%d", s.spamd_host, s.spamd_port)
+        if s.spamd_allow_tell and self.service.feedback is None:
+            log.warning("SPAMGPT_SPAMD_ALLOW_TELL is on but SPAMGPT_FEEDBACK_ENABLED is off: every TELL is refused")
 
     async def stop(self) -> None:
         """Stop accepting, let open connections finish (their deadlines bound them), then close."""
@@ -233,12 +235,15 @@ class SpamdServer:
         return request
 
     def _check_tell(self, request: Request, writer: asyncio.StreamWriter) -> None:
-        """Raises SpamdError unless this TELL may be taken: enabled, from an allowed client, and well formed."""
+        """Raises SpamdError unless this TELL may be taken: enabled, with a feedback store, from an allowed client,
+        and well formed."""
         s = self.settings
         if not s.spamd_allow_tell:
             raise SpamdError("EX_UNAVAILABLE", "Service Unavailable: TELL is not enabled (SPAMGPT_SPAMD_ALLOW_TELL)")
         if not _allowed(writer, s.spamd_tell_allowed_ips):
             raise SpamdError("EX_NOPERM", f"client {_peer(writer)} is not in SPAMGPT_SPAMD_TELL_ALLOWED_IPS")
+        if self.service.feedback is None:  # refused before the message is read
+            raise SpamdError("EX_UNAVAILABLE", "Service Unavailable: no feedback store (SPAMGPT_FEEDBACK_ENABLED)")
         actions = {name: _actions(request.headers.get(name, "")) for name in ("set", "remove")}
         if "local" in actions["set"] and "local" in actions["remove"]:
             raise SpamdError("EX_PROTOCOL", "Bad header line: (Set and Remove local in the same TELL)")
@@ -269,7 +274,7 @@ class SpamdServer:
         else:
             expected = int(length)
             if expected > limit:  # zlib stream or not: nothing bigger is ever read
-                raise _too_big(expected, limit)
+                raise _too_big(f"{expected} bytes", limit)
             try:
                 body = await reader.readexactly(expected)
             except asyncio.IncompleteReadError as short:
@@ -279,8 +284,8 @@ class SpamdServer:
                 ) from None
         if compress is not None:
             body = _inflate(body, limit)
-        if len(body) > limit:
-            raise _too_big(len(body), limit)
+        if len(body) > limit:  # read or inflated to limit + 1 bytes only: the true size is unknown
+            raise _too_big(f"more than {limit} bytes", limit)
         return body
 
     async def _answer(self, request: Request) -> bytes:
@@ -310,23 +315,23 @@ class SpamdServer:
 
     async def _tell(self, request: Request) -> bytes:
         """TELL: `Set: local` records the message as its Message-class in the feedback store (app.feedback) and
-        answers `DidSet: local` once the record is durable. Nothing else is done: `remote` (reporting to shared
+        answers `DidSet: local` once the record is durable, or no DidSet when the store already held the message with
+        that label (spamd's answer when its learning changed nothing: spamc prints "Message was already
+        un/learned"). Nothing else is done: `remote` (reporting to shared
         networks such as Razor) has no meaning here, and the store keeps every report, so `Remove: local` (forget)
         is answered without DidRemove, which tells the client nothing was removed (PROTOCOL: "It is up to the
         caller to determine if the proper action happened"). Raises SpamdError."""
         feedback = self.service.feedback
-        if feedback is None:
-            raise SpamdError("EX_UNAVAILABLE", "Service Unavailable: no feedback store (SPAMGPT_FEEDBACK_ENABLED)")
         did_set = ""
         if "local" in _actions(request.headers.get("set", "")):
             label = self._label_of(request.headers["message-class"].strip().lower())
             try:
-                await feedback.record(request.body, label, source="spamd")
+                recorded = await feedback.record(request.body, label, source="spamd")
             except FeedbackStoreError as error:
                 raise SpamdError("EX_IOERR", str(error)) from None
             except ValueError as error:  # UnknownLabel, an empty message
                 raise SpamdError("EX_DATAERR", str(error)) from None
-            did_set = "DidSet: local\r\n"
+            did_set = "" if recorded.outcome == "same" else "DidSet: local\r\n"
         return f"SPAMD/1.1 0 EX_OK\r\n{did_set}\r\n".encode()
 
     def _label_of(self, message_class: str) -> str:
@@ -362,7 +367,7 @@ class SpamdServer:
 def answer_scan(request: Request, result: Verdict) -> bytes:
     """A scan's answer as spamd writes it, by command and protocol version (spamd.raw's check())."""
     command, version = request.command, request.version
-    spam = result.spam_header(command)
+    spam = result.spam_header()
     if command == "CHECK":
         return f"SPAMD/1.1 0 EX_OK\r\n{spam}\r\n\r\n".encode()
     if command in ("PROCESS", "HEADERS"):
@@ -476,8 +481,9 @@ def _inflate(data: bytes, limit: int) -> bytes:
     return body
 
 
-def _too_big(size: int, limit: int) -> SpamdError:
-    return SpamdError("EX_DATAERR", f"Message too big: {size} bytes, at most {limit} (SPAMGPT_MAX_MESSAGE_BYTES)")
+def _too_big(size: str, limit: int) -> SpamdError:
+    """EX_DATAERR for a message of `size` ("70000 bytes" when told, "more than LIMIT bytes" when not)."""
+    return SpamdError("EX_DATAERR", f"Message too big: {size}, at most {limit} (SPAMGPT_MAX_MESSAGE_BYTES)")
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

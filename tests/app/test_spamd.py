@@ -107,7 +107,7 @@ def expected(server) -> dict[str, Verdict]:
 
 
 def spam_line(result: Verdict) -> str:
-    return result.spam_header("CHECK")
+    return result.spam_header()
 
 
 # --- the score mapping and the marked message, without a server
@@ -186,8 +186,12 @@ def test_spamc_learn_records_the_message_in_the_feedback_store(server):
     raw = b"Subject: learn me\r\n\r\nA message the user says is spam.\r\n"
     learned = spamc(server[1], "-L", "spam", message=raw)
     assert (learned.returncode, learned.stdout) == (0, b"Message successfully un/learned\n"), learned.stderr
+    again = spamc(server[1], "-L", "spam", message=raw)  # nothing changed: no DidSet, as spamd answers
+    assert (again.returncode, again.stdout) == (0, b"Message was already un/learned\n"), again.stderr
+    relabelled = spamc(server[1], "-L", "ham", message=raw)
+    assert (relabelled.returncode, relabelled.stdout) == (0, b"Message successfully un/learned\n"), relabelled.stderr
     with FeedbackStore(server[2], ("ham", "spam")) as store:
-        assert [c.label for c in store.corrections() if c.content == raw] == ["spam"]
+        assert [c.label for c in store.corrections() if c.content == raw] == ["ham"]  # the latest report's
 
 
 # --- aiospamc
@@ -275,7 +279,7 @@ def test_metrics_count_spamd_requests_by_command_and_answer(server):
 
 # --- bad input: each answered with the protocol's code, or at the deadline; the server keeps serving
 
-TOO_BIG = b"SPAMD/1.0 65 EX_DATAERR Message too big: %d bytes, at most 65536 (SPAMGPT_MAX_MESSAGE_BYTES)\r\n"
+TOO_BIG = b"SPAMD/1.0 65 EX_DATAERR Message too big: %s, at most 65536 (SPAMGPT_MAX_MESSAGE_BYTES)\r\n"
 UNKNOWN = b"SPAMD/1.0 76 EX_PROTOCOL Bad header line: (unknown command or no SPAMC/version) "
 BIG = b"Subject: big\r\n\r\n" + b"x" * (64 * 1024)
 
@@ -302,19 +306,19 @@ BIG = b"Subject: big\r\n\r\n" + b"x" * (64 * 1024)
         pytest.param(
             b"CHECK SPAMC/1.5\r\nContent-length: 70000\r\n\r\n",
             False,
-            TOO_BIG % 70000,
+            TOO_BIG % b"70000 bytes",
             id="content-length-over-the-limit",
         ),
         pytest.param(
             b"CHECK SPAMC/1.2\r\n\r\n" + BIG,
             True,
-            TOO_BIG % 65537,
+            TOO_BIG % b"more than 65536 bytes",
             id="no-content-length-over-the-limit",
         ),
         pytest.param(
             request("CHECK", zlib.compress(BIG), Compress="zlib"),
             True,
-            TOO_BIG % 65537,
+            TOO_BIG % b"more than 65536 bytes",
             id="zlib-inflates-over-the-limit",
         ),
         pytest.param(
@@ -389,6 +393,12 @@ BIG = b"Subject: big\r\n\r\n" + b"x" * (64 * 1024)
             b"SPAMD/1.0 76 EX_PROTOCOL Bad header line: (Set and Remove local in the same TELL)\r\n",
             id="tell-set-and-remove",
         ),
+        pytest.param(
+            request("TELL", b"", Message_class="spam", Set="local"),
+            True,
+            b"SPAMD/1.0 65 EX_DATAERR content is empty\r\n",
+            id="tell-empty-message",
+        ),
     ],
 )
 def test_bad_input_gets_the_protocols_error_and_others_are_served(server, expected, sent, half_close, answer):
@@ -445,7 +455,9 @@ def boundary(request, tmp_path_factory, tiny_config, bpe_dir) -> tuple[Path, boo
 def test_a_message_on_the_threshold(boundary, tmp_path):
     checkpoint, is_spam = boundary
     port = free_port()
-    with live_server(checkpoint, tmp_path / "server.log", spamd_port=port):
+    # TELL on without a feedback store, for the ham case: refused at its header, with a warning at the start
+    tell_on = {} if is_spam else {"spamd_allow_tell": "true"}
+    with live_server(checkpoint, tmp_path / "server.log", spamd_port=port, **tell_on):
         answer = exchange(port, request("CHECK", MESSAGES["plain"]))
         assert answer == (
             b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; 5.0 / 5.0\r\n\r\n"
@@ -455,9 +467,22 @@ def test_a_message_on_the_threshold(boundary, tmp_path):
         if SPAMC is not None:
             check = spamc(port, "-c", message=MESSAGES["plain"])
             assert (check.stdout, check.returncode) == ((b"5.0/5.0\n", 1) if is_spam else (b"4.9/5.0\n", 0))
+            # REPORT_IFSPAM: the report on spam only, and (with -E) exit code 1 on spam
+            if_spam = spamc(port, "-r", "-E", message=MESSAGES["plain"])
+            assert (if_spam.returncode, if_spam.stdout.startswith(b"5.0/5.0\n")) == (int(is_spam), is_spam)
+            assert (b"Content analysis details:   (5.0 points, 5.0 required)" in if_spam.stdout) == is_spam
         if is_spam:  # TELL is off by default: refused with spamd's own answer
             with pytest.raises(UnavailableException, match="TELL is not enabled"):
                 asyncio.run(aiospamc.tell(MESSAGES["plain"], "spam", set_action="local", host="127.0.0.1", port=port))
+        else:  # the message is never sent: a TELL waiting for it would end at the arrival deadline instead
+            header = b"TELL SPAMC/1.5\r\nMessage-class: spam\r\nSet: local\r\nContent-length: 100\r\n\r\n"
+            refused = exchange(port, header, half_close=False)
+            assert (
+                refused
+                == b"SPAMD/1.0 69 EX_UNAVAILABLE Service Unavailable: no feedback store (SPAMGPT_FEEDBACK_ENABLED)\r\n"
+            )
+    warning = "SPAMGPT_SPAMD_ALLOW_TELL is on but SPAMGPT_FEEDBACK_ENABLED is off: every TELL is refused"
+    assert ((tmp_path / "server.log").read_text().count(warning)) == (0 if is_spam else 1)
 
 
 def test_a_client_outside_the_allowed_ips_and_one_over_the_connection_limit_are_answered(tiny_checkpoint, tmp_path):

@@ -72,9 +72,9 @@ def test_texts_results_carry_no_mail_field(client):
     [
         pytest.param({}, "body", "give either texts or messages", id="neither"),
         pytest.param({"texts": ["a"], "messages": ["b"]}, "body", "give either texts or messages", id="both"),
-        pytest.param({"texts": [], "messages": ["b"]}, "body", "give either texts or messages", id="empty-texts-too"),
-        pytest.param({"texts": None, "messages": ["b"]}, "body", "give either texts or messages", id="null-texts-too"),
-        pytest.param({"texts": ["a"], "messages": None}, "body", "give either texts or messages", id="null-messages-too"),
+        pytest.param({"texts": [], "messages": ["b"]}, "body", "give either texts or messages", id="empty-texts"),
+        pytest.param({"texts": None, "messages": ["b"]}, "body", "give either texts or messages", id="null-texts"),
+        pytest.param({"texts": ["a"], "messages": None}, "body", "give either texts or messages", id="null-messages"),
         pytest.param({"messages": []}, "messages", "at least 1 item", id="empty-list"),
         pytest.param({"messages": [HAM.decode(), 3]}, "messages.1", 'a string or {"base64"', id="not-a-message"),
         pytest.param({"messages": [{"base64": "@@@"}]}, "messages.0", "base64 not valid", id="bad-base64"),

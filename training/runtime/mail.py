@@ -21,9 +21,9 @@ The text is the chosen header fields, one `Name: value` line each, a blank line,
 - attachments (a filename, `Content-Disposition: attachment`, or a type that is not text) named and never decoded.
 
 What a message may cost is bounded: its first Extraction.max_bytes bytes are read; the body's text is cut at
-Extraction.max_chars characters (each part's text too, text/html's after its conversion; later parts are then not
-read); a header field's value at MAX_HEADER_CHARS, for the parser too (the standard library's parameter parsing is
-quadratic in a field's length: a 1 MB Content-Type field took a minute); the parts read at MAX_PARTS; and a message
+Extraction.max_chars characters (each part's text too, text/html's after its conversion, of at most MARKUP_PER_CHAR
+characters of markup a character; later parts are then not read); a header field's value at MAX_HEADER_CHARS, for
+the parser too (the standard library's parameter parsing is quadratic in a field's length: a 1 MB Content-Type field took a minute); the parts read at MAX_PARTS; and a message
 declaring more than MAX_MULTIPARTS multiparts, nested deeper than the parser's recursion allows, or cut at max_bytes
 inside its header block, is read from its headers alone and counted as a defect. Bytes that do not start with a
 header field are no message (is_message).
@@ -191,6 +191,10 @@ MAX_HEADER_CHARS = 4096  # of a header field's value read: policy.default's pars
 # parts of a message read (multiparts included); the rest is left unread and counted as one defect. Reading a
 # part's MIME fields costs up to ~1 ms (998-character Content-Type fields); real mail has a few dozen parts
 MAX_PARTS = 256
+# characters of markup converted per character of text still to read: Beautiful Soup's tree costs about 100 bytes and
+# 10 us a character of markup (1 MiB of HTML: 103 MiB, 10 s under load), and markup outweighs its text a few times
+# (20,000 nested <div> around a sentence: 220,000 characters)
+MARKUP_PER_CHAR = 4
 # what the stdlib's header parsers raise on some malformed values instead of recording a defect
 _PARSE_ERRORS = (errors.HeaderParseError, ValueError, IndexError, LookupError, AttributeError, TypeError)
 
@@ -227,10 +231,11 @@ def _read_parts(message: Message, max_chars: int) -> tuple[list[str], list[str],
         elif _is_attachment(part):
             attachments.append(_attachment_name(part))
         elif part.get_content_type() in ("text/plain", "text/html") and left > 0:
-            text = _decoded_text(part)
+            text, cut = _decoded_text(part), 0
             if part.get_content_type() == "text/html":
-                text = _html_to_text(text)
-            text, cut = text[:left], len(text) > left
+                markup = MARKUP_PER_CHAR * left
+                text, cut = _html_to_text(text[:markup]), int(len(text) > markup)
+            text, cut = text[:left], cut or len(text) > left
             text = _scrub(text).strip()
             left -= len(text)
             defects += cut

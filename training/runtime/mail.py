@@ -22,11 +22,11 @@ The text is the chosen header fields, one `Name: value` line each, a blank line,
 
 What a message may cost is bounded: its first Extraction.max_bytes bytes are read; the body's text is cut at
 Extraction.max_chars characters (each part's text too, text/html's after its conversion, of at most MARKUP_PER_CHAR
-characters of markup a character; later parts are then not read); a header field's value at MAX_HEADER_CHARS, for
-the parser too (the standard library's parameter parsing is quadratic in a field's length: a 1 MB Content-Type field took a minute); the parts read at MAX_PARTS; and a message
-declaring more than MAX_MULTIPARTS multiparts, nested deeper than the parser's recursion allows, or cut at max_bytes
-inside its header block, is read from its headers alone and counted as a defect. Bytes that do not start with a
-header field are no message (is_message).
+characters of markup a character; later parts are then not read); a header field's value at MAX_HEADER_CHARS, for the
+parser too (the standard library's parameter parsing is quadratic in a field's length: a 1 MB Content-Type field took a
+minute); the parts read at MAX_PARTS; and a message declaring more than MAX_MULTIPARTS multiparts, nested deeper than
+the parser's recursion allows, or cut at max_bytes inside its header block, is read from its headers alone and counted
+as a defect. Bytes that do not start with a header field are no message (is_message).
 """
 
 import codecs

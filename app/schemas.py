@@ -122,11 +122,19 @@ def classify_request_model(settings: Settings) -> type[BaseModel]:
             raise PydanticCustomError("texts_or_messages", "give either texts or messages")
         return body
 
+    def not_both(body):
+        # both fields named is the same mistake whatever one holds (null, [] next to a list): said before either is
+        # validated, so it is not reported as that field's own error
+        if isinstance(body, dict) and "texts" in body and "messages" in body:
+            raise PydanticCustomError("texts_or_messages", "give either texts or messages")
+        return body
+
     # extra="forbid": a misspelt field ("text") is an error, not silently ignored
     return create_model(
         "ClassifyRequest",
         __config__=ConfigDict(extra="forbid"),
         __validators__={
+            "not_both": model_validator(mode="before")(not_both),
             "one_kind": model_validator(mode="after")(one_kind),
             "one_way_to_name_models": model_validator(mode="after")(_model_or_models),
         },

@@ -27,6 +27,7 @@ from app.settings import Settings
 from app.spamd import SpamdServer
 from training.runtime.classifier import Classifier, MessageRows, Prediction
 from training.runtime.inference import nonfinite_rows
+from training.runtime.mail import NOT_A_MESSAGE, is_message
 
 # /info's limits beside the batcher's (app.batcher.BatchLimits): what one request and one connection may hold
 REQUEST_LIMITS = (
@@ -232,13 +233,18 @@ class Service:
         with self.models.use([model]) as (served,):
             classifier = served.classifier
             messages = await asyncio.to_thread(self._read_messages, classifier, raws)
-            unreadable = [path for path, m in zip(paths, messages, strict=True) if not m.readable]
+            unreadable = [(path, raw) for path, raw, m in zip(paths, raws, messages, strict=True) if not m.readable]
             if unreadable:
                 cause = (
                     "nothing readable: no visible characters in its subject or any readable part "
                     "(attachments are not read)"
                 )
-                raise InvalidInput.of([ErrorDetail(field=path, message=cause) for path in unreadable])
+                raise InvalidInput.of(
+                    [
+                        ErrorDetail(field=path, message=cause if is_message(raw) else NOT_A_MESSAGE)
+                        for path, raw in unreadable
+                    ]
+                )
             rows = [row for m in messages for row in m.rows]
             answers = await unless_client_leaves(receive, self._batcher.submit(rows, [(served,)] * len(rows)))
         logits = torch.stack([answer[0] for answer in answers])

@@ -21,11 +21,12 @@ The text is the chosen header fields, one `Name: value` line each, a blank line,
 - attachments (a filename, `Content-Disposition: attachment`, or a type that is not text) named and never decoded.
 
 What a message may cost is bounded: its first Extraction.max_bytes bytes are read; the body's text is cut at
-Extraction.max_chars characters (each part's decoded text too, before any HTML conversion; later parts are then not
-read); a header field's value at MAX_HEADER_CHARS, for the parser too (the standard library's parameter parsing is
-quadratic in a field's length: a 1 MB Content-Type field took a minute); the parts read at MAX_PARTS; and a message
-declaring more than MAX_MULTIPARTS multiparts, or nested deeper than the parser's recursion allows, is read from its
-headers alone and counted as a defect.
+Extraction.max_chars characters (each part's text too, text/html's after its conversion, of at most MARKUP_PER_CHAR
+characters of markup a character; later parts are then not read); a header field's value at MAX_HEADER_CHARS, for the
+parser too (the standard library's parameter parsing is quadratic in a field's length: a 1 MB Content-Type field took a
+minute); the parts read at MAX_PARTS; and a message declaring more than MAX_MULTIPARTS multiparts, nested deeper than
+the parser's recursion allows, or cut at max_bytes inside its header block, is read from its headers alone and counted
+as a defect. Bytes that do not start with a header field are no message (is_message).
 """
 
 import codecs
@@ -121,15 +122,20 @@ class MailText:
 def read_message(raw: bytes, extraction: Extraction = DEFAULT_EXTRACTION) -> MailText:
     """A raw message (RFC 5322 bytes, any line endings) -> the text the model reads, by the module's rules.
 
-    Never raises on malformed input: anything (b"", a text that is no message) is read as far as it goes, and
-    the malformations are counted in `defects`. The text may show nothing (no readable part, empty subject):
+    Never raises on malformed input: a message is read as far as it goes, and the malformations are counted in
+    `defects`; bytes that are no message (is_message: b"", a text without header fields) are read as no text and
+    one defect. The text may show nothing (no readable part, empty subject):
     callers refuse that by training.runtime.text.has_visible_characters, as for any text.
     """
+    if not is_message(raw):
+        return MailText(text="", subject="", message_id=None, defects=1)
     parser, cut = BytesParser(policy=_RAW_HEADERS), len(raw) > extraction.max_bytes
     raw = raw[: extraction.max_bytes]
+    # a cut inside the header block: no body is read (what the parser would take for one is a header's fragment)
+    headers_cut = cut and not _HEADER_END.search(raw)
     too_deep = sum(1 for _ in _MULTIPART.finditer(raw)) > MAX_MULTIPARTS
     try:
-        message = parser.parsebytes(raw, headersonly=too_deep)
+        message = parser.parsebytes(raw, headersonly=too_deep or headers_cut)
     except RecursionError:  # the feed parser recurses once per multipart level
         message, too_deep = parser.parsebytes(raw, headersonly=True), True
     defects = cut + too_deep + len(message.defects)
@@ -139,7 +145,8 @@ def read_message(raw: bytes, extraction: Extraction = DEFAULT_EXTRACTION) -> Mai
         defects += header_defects
         if value:
             lines.append(f"{name}: {value}")
-    body, attachments, part_defects = ([], [], 0) if too_deep else _read_parts(message, extraction.max_chars)
+    skip_body = too_deep or headers_cut
+    body, attachments, part_defects = ([], [], 0) if skip_body else _read_parts(message, extraction.max_chars)
     subject, _ = _header(message, "Subject")
     message_id, _ = _header(message, "Message-ID")
     return MailText(
@@ -149,6 +156,20 @@ def read_message(raw: bytes, extraction: Extraction = DEFAULT_EXTRACTION) -> Mai
         defects=defects + part_defects,
         attachments=tuple(attachments),
     )
+
+
+NOT_A_MESSAGE = "not a message: it does not start with a header field"
+# A message starts with a header field (RFC 5322 2.2: a name of printable ASCII but the colon, then a colon), after
+# the "From " line an mbox or the SpamAssassin corpus may keep above it. Bytes that do not (a text, a picture, NUL
+# bytes) are no mail: read as one, all of them would be a body.
+_MESSAGE_START = re.compile(rb"(From [^\n]*\n)?[!-9;-~]+:")
+_HEADER_END = re.compile(rb"\n\r?\n")
+
+
+def is_message(raw: bytes) -> bool:
+    """Whether `raw` starts as a message does, with a header field (after an mbox's "From " line). read_message
+    reads anything else as no text (one defect), so every caller refuses it, naming it by NOT_A_MESSAGE."""
+    return bool(_MESSAGE_START.match(raw))
 
 
 class _RawHeaders(Compat32):
@@ -170,6 +191,10 @@ MAX_HEADER_CHARS = 4096  # of a header field's value read: policy.default's pars
 # parts of a message read (multiparts included); the rest is left unread and counted as one defect. Reading a
 # part's MIME fields costs up to ~1 ms (998-character Content-Type fields); real mail has a few dozen parts
 MAX_PARTS = 256
+# characters of markup converted per character of text still to read: Beautiful Soup's tree costs about 100 bytes and
+# 10 us a character of markup (1 MiB of HTML: 103 MiB, 10 s under load), and markup outweighs its text a few times
+# (20,000 nested <div> around a sentence: 220,000 characters)
+MARKUP_PER_CHAR = 4
 # what the stdlib's header parsers raise on some malformed values instead of recording a defect
 _PARSE_ERRORS = (errors.HeaderParseError, ValueError, IndexError, LookupError, AttributeError, TypeError)
 
@@ -198,7 +223,6 @@ def _read_parts(message: Message, max_chars: int) -> tuple[list[str], list[str],
         if not stack:
             break
         part = stack.pop()
-        defects += len(part.defects)
         if part.is_multipart():
             children = part.get_payload()
             if part.get_content_subtype() == "alternative":
@@ -207,14 +231,17 @@ def _read_parts(message: Message, max_chars: int) -> tuple[list[str], list[str],
         elif _is_attachment(part):
             attachments.append(_attachment_name(part))
         elif part.get_content_type() in ("text/plain", "text/html") and left > 0:
-            text, cut = _decoded_text(part, left)
+            text, cut = _decoded_text(part), 0
             if part.get_content_type() == "text/html":
-                text = _html_to_text(text)
+                markup = MARKUP_PER_CHAR * left
+                text, cut = _html_to_text(text[:markup]), int(len(text) > markup)
+            text, cut = text[:left], cut or len(text) > left
             text = _scrub(text).strip()
             left -= len(text)
             defects += cut
             if text:
                 body.append(text)
+        defects += len(part.defects)  # after decoding: the decoder records what it could not decode (bad base64)
     return body, attachments, defects + int(bool(stack))
 
 
@@ -249,13 +276,9 @@ def _attachment_name(part: Message) -> str:
     return _filename(part) or part.get_content_type()
 
 
-def _decoded_text(part: Message, max_chars: int) -> tuple[str, int]:
-    """A text part's content, transfer encoding and charset decoded, cut at max_chars; and 1 when it was cut."""
-    payload = part.get_payload(decode=True) or b""
-    # a character is at most 4 bytes in any charset read here, so this cut never shortens the text itself
-    payload = payload[: 4 * max_chars + 4]
-    text = _decode(payload, part.get_content_charset())
-    return text[:max_chars], int(len(text) > max_chars)
+def _decoded_text(part: Message) -> str:
+    """A text part's content, transfer encoding and charset decoded (bounded by the bytes read, max_bytes)."""
+    return _decode(part.get_payload(decode=True) or b"", part.get_content_charset())
 
 
 def _decode(payload: bytes, charset: str | None) -> str:

@@ -21,12 +21,11 @@ why; the callers decide what that costs (finetune skips it, naming it on stderr;
 import hashlib
 import mailbox
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.runtime.mail import Extraction, MailText, read_message
+from training.runtime.mail import NOT_A_MESSAGE, Extraction, MailText, is_message, read_message
 from training.runtime.text import has_visible_characters
 
 MBOX_SUFFIX = ".mbox"
@@ -34,10 +33,6 @@ MBOX_SUFFIX = ".mbox"
 # (the parser holds it, its decoded text and its parts at once). Mail servers refuse far less by default (Postfix
 # 10 MB, Gmail 25 MB), so only a file that is not one message (an archive, a disk image) reaches it.
 MAX_MESSAGE_BYTES = 64 * 2**20
-# A message starts with a header field (RFC 5322 2.2: a name of printable ASCII but the colon, then a colon), after
-# the "From " line an mbox or the SpamAssassin corpus may keep above it. A file that does not (a text, a picture, NUL
-# bytes) is no mail: read_message would read all of it as a body.
-_MESSAGE_START = re.compile(rb"(From [^\n]*\n)?[!-9;-~]+:")
 
 
 @dataclass(frozen=True)
@@ -116,8 +111,8 @@ def read_mail(path: str | Path, extraction: Extraction, mbox: bool = False) -> I
 
 
 def _read(origin: Origin, label: str | None, raw: bytes, extraction: Extraction) -> Mail | Unreadable:
-    if not _MESSAGE_START.match(raw):
-        return Unreadable(origin, label, f"not a message: it does not start with a header field ({raw[:20]!r})")
+    if not is_message(raw):
+        return Unreadable(origin, label, f"{NOT_A_MESSAGE} ({raw[:20]!r})")
     mail = read_message(raw, extraction)
     if not has_visible_characters(mail.text):
         return Unreadable(origin, label, "no readable text (no text part, or nothing visible in it or the subject)")
@@ -191,7 +186,7 @@ def _message_file(file: Path) -> bytes | str:
 
 def _bounded(raw: bytes) -> bytes | str:
     if len(raw) > MAX_MESSAGE_BYTES:
-        return f"larger than {MAX_MESSAGE_BYTES // 2**20} MiB, skipped unread"
+        return f"larger than {MAX_MESSAGE_BYTES // 2**20} MiB, not read"
     return raw
 
 

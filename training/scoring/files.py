@@ -210,10 +210,12 @@ def _sms_rows(file: IO[bytes]) -> Iterator[Row | BadRow]:
 
 def _mail_rows(path: Path, fmt: str, extraction: Extraction, labelled: bool) -> Iterator[Row | BadRow]:
     """Each message of a mail input as a row numbered by its place in the input, its text what read_message makes of
-    it; a message that cannot be read (mail_sources.Unreadable) is a bad row naming its file."""
+    it; a message that cannot be read (mail_sources.Unreadable) is a bad row naming its file within a folder (a
+    file's number already names the message)."""
+    folder = path.is_dir()
     for item in read_mail(path, extraction, mbox=fmt == "mbox"):
         if isinstance(item, Unreadable):
-            yield BadRow(item.origin.number, f"{item.origin}: {item.error}")
+            yield BadRow(item.origin.number, f"{item.origin}: {item.error}" if folder else item.error)
             continue
         origin = item.origin
         fields = dict(zip(MAIL_COLUMNS, (origin.path, origin.mbox_message, item.mail.message_id), strict=True))

@@ -14,7 +14,7 @@ from app.main import create_app
 from tests.helpers import ROOT, error_of, live_server, tiny_card, tiny_settings
 from training.runtime.checkpoint import CONFIG_FILE, save_checkpoint
 from training.runtime.classifier import Classifier
-from training.runtime.mail import Extraction
+from training.runtime.mail import NOT_A_MESSAGE, Extraction
 from training.runtime.model import GPTClassifier
 from training.runtime.options import ClassifierOptions
 
@@ -72,12 +72,16 @@ def test_texts_results_carry_no_mail_field(client):
     [
         pytest.param({}, "body", "give either texts or messages", id="neither"),
         pytest.param({"texts": ["a"], "messages": ["b"]}, "body", "give either texts or messages", id="both"),
+        pytest.param({"texts": [], "messages": ["b"]}, "body", "give either texts or messages", id="empty-texts"),
+        pytest.param({"texts": None, "messages": ["b"]}, "body", "give either texts or messages", id="null-texts"),
+        pytest.param({"texts": ["a"], "messages": None}, "body", "give either texts or messages", id="null-messages"),
         pytest.param({"messages": []}, "messages", "at least 1 item", id="empty-list"),
         pytest.param({"messages": [HAM.decode(), 3]}, "messages.1", 'a string or {"base64"', id="not-a-message"),
         pytest.param({"messages": [{"base64": "@@@"}]}, "messages.0", "base64 not valid", id="bad-base64"),
         pytest.param({"messages": [{"raw": "x"}]}, "messages.0.base64", "required", id="unknown-field"),
-        pytest.param({"messages": [""]}, "messages.0", "nothing readable", id="zero-bytes"),
-        pytest.param({"messages": ["\0" * 1000]}, "messages.0", "nothing readable", id="nul-filled"),
+        pytest.param({"messages": [""]}, "messages.0", NOT_A_MESSAGE, id="zero-bytes"),
+        pytest.param({"messages": ["\0" * 1000]}, "messages.0", NOT_A_MESSAGE, id="nul-filled"),
+        pytest.param({"messages": ["just some words about lunch"]}, "messages.0", NOT_A_MESSAGE, id="no-header"),
         pytest.param(
             {
                 "messages": [
@@ -105,7 +109,6 @@ def test_bad_messages_are_422_naming_the_field(tiny_checkpoint, body, field, mes
 @pytest.mark.parametrize(
     "raw",
     [
-        pytest.param(b"just some words, not a message", id="not-a-message"),
         pytest.param(nested(10_000), id="10000-nested-multiparts"),
         pytest.param(b"Subject: " + b"x" * (1 << 20) + b"\r\n\r\nbody", id="1mb-header-line"),
         pytest.param(b"Subject: =?x-unknown?q?caf=E9?=\r\n\r\nbody", id="unknown-charset-word"),
@@ -122,8 +125,10 @@ def test_bad_but_readable_messages_are_classified_on_what_is_readable(client, ra
 @pytest.mark.parametrize(
     ("raw", "status", "message"),
     [
-        pytest.param(b"", 422, "body: nothing readable", id="zero-bytes"),
-        pytest.param(b"\0" * 4096, 422, "body: nothing readable", id="nul-filled"),
+        pytest.param(b"", 422, f"body: {NOT_A_MESSAGE}", id="zero-bytes"),
+        pytest.param(b"\0" * 4096, 422, f"body: {NOT_A_MESSAGE}", id="nul-filled"),
+        pytest.param(b"just some words about lunch", 422, f"body: {NOT_A_MESSAGE}", id="no-header"),
+        pytest.param(b"Subject: \r\n\r\n\t", 422, "body: nothing readable", id="nothing-visible"),
         pytest.param(with_attachment(30 << 20), 413, "the limit is 4194304 bytes", id="30mb-attachment"),
     ],
 )

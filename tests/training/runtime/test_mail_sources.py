@@ -164,8 +164,8 @@ def test_a_message_over_the_size_limit_is_skipped_unread(tmp_path, monkeypatch):
     monkeypatch.setattr(training.runtime.mail_sources, "MAX_MESSAGE_BYTES", 100)
     write(tmp_path / "big.eml", message("big", "x" * 200))
     write(tmp_path / "big.mbox", mbox(message("small"), message("big", "x" * 200)))
-    assert read(tmp_path / "big.eml")[0][2] == "larger than 0 MiB, skipped unread"
-    assert [r[2] for r in read(tmp_path / "big.mbox")] == ["small", "larger than 0 MiB, skipped unread"]
+    assert read(tmp_path / "big.eml")[0][2] == "larger than 0 MiB, not read"
+    assert [r[2] for r in read(tmp_path / "big.mbox")] == ["small", "larger than 0 MiB, not read"]
 
 
 def test_a_missing_path_raises(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import training.runtime.mail_sources
 from tests.helpers import tiny_settings
 from training.cli import main
 from training.runtime.classifier import Classifier
@@ -135,3 +136,14 @@ def test_each_bad_input_is_a_bad_row_naming_its_file_and_the_run_goes_on(tmp_pat
     with open(out, newline="", encoding="utf-8") as f:
         (row,) = list(csv.DictReader(f))
     assert row["path"] == "spam/caf\\xe9.eml" and row["true_label"] == "spam"
+
+
+def test_a_bad_message_of_one_mbox_file_is_named_once(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(training.runtime.mail_sources, "MAX_MESSAGE_BYTES", 100)
+    (tmp_path / "giant.mbox").write_bytes(mbox(message("big", "x" * 200), message("small")))
+    out = tmp_path / "scores.jsonl"
+    assert predict("--checkpoint", tiny_checkpoint, "--data", tmp_path / "giant.mbox", "--out", out) == 0
+    (bad,) = read_jsonl(tmp_path / "scores.jsonl.bad-rows.jsonl")
+    assert bad["error"] == "larger than 0 MiB, not read"
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert line == f"{tmp_path / 'giant.mbox'}, message 1: larger than 0 MiB, not read; skipped"

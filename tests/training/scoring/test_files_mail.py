@@ -60,7 +60,8 @@ def test_a_labelled_folder_gives_one_record_per_message_as_the_server_scores_it(
     for row, want in zip([rows[0], rows[3]], expected, strict=True):
         assert row["label"] == want.label and row["tokens"] == want.tokens and row["truncated"] == want.truncated
         assert row["probability_spam"] == pytest.approx(want.probabilities["spam"], abs=1e-6)
-    assert rows[3]["tokens"] > 48  # read in windows of the card's 48 tokens
+    # longer than the card's 48 tokens: read in its first window, the default rule (docs/mail.md)
+    assert rows[3]["truncated"] and rows[3]["tokens"] == 48
     assert read_jsonl(tmp_path / "scores.jsonl.bad-rows.jsonl") == [
         {"message": 5, "error": "spam/2.eml: an empty file"}
     ]

@@ -106,10 +106,9 @@ def test_rspamd_inserts_the_models_verdict_symbol(split_checkpoint, tmp_path):
             wait_listening(rspamd, port, log)
             spam_symbols = rspamc(port, MESSAGES[spam])
             assert "Symbol: GPT_SPAM " in spam_symbols and "GPT_HAM" not in spam_symbols, spam_symbols
-            # rspamd's spamassassin service inserts a symbol only for a score above 0 and logs the rest as clean
+            # rspamd's spamassassin service inserts a symbol only for a score above 0: a ham verdict adds none
             ham_symbols = rspamc(port, MESSAGES[ham])
             assert "GPT_SPAM" not in ham_symbols and "SPAMGPT_FAIL" not in ham_symbols, ham_symbols
-            assert "no spam detected - spam score: " in log.read_text() and "symbols: GPT_HAM" in log.read_text()
         finally:
             rspamd.terminate()
             rspamd.wait(timeout=60)

@@ -26,6 +26,10 @@ def test_schemathesis_finds_no_failure(tiny_checkpoint, tmp_path):
     config.write_text(
         f'[warnings]\nfail-on = true\n\n[auth.openapi.APIKeyHeader]\napi_key = "{API_KEY}"\n\n'
         '[[operations]]\ninclude-path = "/predict"\n[operations.checks.positive_data_acceptance]\n'
+        'expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]\n\n'
+        # /classify: a model name must be one served (404 otherwise), and texts or messages given, not both (422):
+        # rules of this server's models and of two fields that the JSON schema does not state
+        '[[operations]]\ninclude-path = "/classify"\n[operations.checks.positive_data_acceptance]\n'
         'expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]\n'
     )
     report = tmp_path / "report.json"

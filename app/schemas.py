@@ -102,7 +102,6 @@ def classify_request_model(settings: Settings) -> type[BaseModel]:
             "Texts to classify; each with a visible character (not only whitespace or invisible format "
             "characters), at most max_text_chars characters (see /info). Give texts or messages"
         ),
-        examples=[["WINNER!! Claim your free prize now", "See you at 5?"]],
     )
     messages = Field(
         None,
@@ -113,7 +112,6 @@ def classify_request_model(settings: Settings) -> type[BaseModel]:
             "(docs/mail.md): each a string, or {'base64': ...} for bytes a JSON string cannot carry; at most "
             "max_message_bytes bytes each (see /info). Give texts or messages"
         ),
-        examples=[["Subject: Lunch?\r\n\r\nSee you at noon."]],
     )
     text, message = bounded_text(settings.max_text_chars), bounded_message(settings.max_message_bytes)
 
@@ -129,10 +127,12 @@ def classify_request_model(settings: Settings) -> type[BaseModel]:
             raise PydanticCustomError("texts_or_messages", "give either texts or messages")
         return body
 
-    # extra="forbid": a misspelt field ("text") is an error, not silently ignored
+    # extra="forbid": a misspelt field ("text") is an error, not silently ignored; the schema states the rules
+    # between fields that the validators below enforce (whole-body examples: one field's alone would be combined
+    # with the other's by clients that build a body from per-field examples)
     return create_model(
         "ClassifyRequest",
-        __config__=ConfigDict(extra="forbid"),
+        __config__=ConfigDict(extra="forbid", json_schema_extra=ONE_BODY_SHAPE),
         __validators__={
             "not_both": model_validator(mode="before")(not_both),
             "one_kind": model_validator(mode="after")(one_kind),
@@ -145,6 +145,22 @@ def classify_request_model(settings: Settings) -> type[BaseModel]:
     )
 
 
+# What the JSON schema can state of classify_request_model's validators: texts or messages, model or models,
+# models only with texts (a name is checked against the models served, which change at runtime: a 404)
+ONE_BODY_SHAPE = {
+    "oneOf": [{"required": ["texts"]}, {"required": ["messages"]}],
+    "not": {
+        "anyOf": [
+            {"required": ["model", "models"], "properties": {"model": {"type": "string"}, "models": {"type": "array"}}},
+            {"required": ["messages", "models"], "properties": {"models": {"type": "array"}}},
+        ]
+    },
+    "examples": [
+        {"texts": ["WINNER!! Claim your free prize now", "See you at 5?"]},
+        {"messages": ["Subject: Lunch?\r\n\r\nSee you at noon."]},
+    ],
+}
+
 # /classify's choice of models (app.models): one by name, or several, each text answered by each
 MODEL_FIELDS = {
     "model": (
@@ -156,6 +172,7 @@ MODEL_FIELDS = {
         Field(
             None,
             min_length=1,
+            json_schema_extra={"uniqueItems": True},
             description="Several models, each answering each text (instead of model); models on one base share "
             "one pass of their common prefix. Texts only: messages are answered by one model",
         ),

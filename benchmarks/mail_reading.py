@@ -9,7 +9,7 @@ Results go to benchmarks/results/mail_reading.json.
 
 One fixed split for every choice: the messages (../shared/data/spamassassin-public-corpus/{ham,spam}, 2,750 ham of
 which 250 hard ham, 500 spam) are read under every header choice, and a message is kept only when its text shows
-something under each and is no near duplicate (training.finetune.data.near_duplicate_key) of a kept one under any;
+something under each and is no near duplicate (training.runtime.text.near_duplicate_key) of a kept one under any;
 finetune's own deduplication then drops nothing, so its seeded partition puts the same messages in the same roles
 for every choice (the run checks it). Each choice trains the tiny preset from random weights, every block
 trainable, through the product's CLI (one CSV per choice, seed 123, the default balancing: undersampled, the rows
@@ -32,14 +32,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import BPE_DIR, ROOT, SHARED_DATA, print_table, write_result
-from training.finetune.data import Dataset, near_duplicate_key, select_split
+from training.finetune.data import Dataset, select_split
 from training.finetune.evaluate import roc_auc, wilson_interval
 from training.runtime.checkpoint import SPLIT_FILE
 from training.runtime.classifier import Classifier
 from training.runtime.inference import require_finite
 from training.runtime.mail import DEFAULT_EXTRACTION, WINDOW_RULES, Extraction, read_message
 from training.runtime.options import ClassifierOptions
-from training.runtime.text import has_visible_characters
+from training.runtime.text import has_visible_characters, near_duplicate_key
 
 CORPUS = SHARED_DATA / "spamassassin-public-corpus"
 WORK = ROOT / "benchmarks" / "checkpoints" / "mail_reading"

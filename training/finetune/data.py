@@ -21,7 +21,7 @@ from pathlib import Path
 
 from training.runtime.mail import DEFAULT_EXTRACTION, Extraction
 from training.runtime.mail_sources import Unreadable, display, label_entries, read_mail
-from training.runtime.text import NO_VISIBLE_CHARACTERS, has_visible_characters
+from training.runtime.text import NO_VISIBLE_CHARACTERS, has_visible_characters, near_duplicate_key
 
 _SMS_FILE = "SMSSpamCollection"
 # The UCI SMS Spam Collection v.1 (CC BY 4.0; credits in training/assets/README.md), gzipped: 206,683 bytes
@@ -350,15 +350,6 @@ def _odd(text: str) -> str:
 def _clip(value, limit: int = 80):
     """Long values shortened for an error message."""
     return value[:limit] + "..." if isinstance(value, str) and len(value) > limit else value
-
-
-def near_duplicate_key(text: str) -> str:
-    """What two texts that read the same share: Unicode NFKC, case folded, format characters dropped and every
-    run of whitespace one space, trimmed. "FREE  prize" and "free prize\\n" share a key."""
-    folded = unicodedata.normalize("NFKC", text).casefold()
-    if not folded.isascii():  # ASCII has no format characters: most texts skip the walk
-        folded = "".join(c for c in folded if unicodedata.category(c) != "Cf")
-    return " ".join(folded.split())
 
 
 # --- Preparing ------------------------------------------------------------------------------------

@@ -18,14 +18,14 @@ from pathlib import Path
 import tiktoken
 
 from training.config import FinetuneConfig
-from training.finetune.data import Dataset, Partition, deduplicate, near_duplicate_key, text_id
+from training.finetune.data import Dataset, Partition, deduplicate, text_id
 from training.finetune.evaluate import Metrics, Rate, predict, split_metrics
 from training.runtime.checkpoint import SPLIT_FILE, load_checkpoint
 from training.runtime.feedback import FeedbackStore, FeedbackStoreError, correction_text
 from training.runtime.inference import Threshold, positive_label
 from training.runtime.mail import DEFAULT_EXTRACTION, Extraction
 from training.runtime.model import GPTClassifier
-from training.runtime.text import has_visible_characters
+from training.runtime.text import has_visible_characters, near_duplicate_key
 from training.runtime.tokenizer import encode_batch
 
 SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file (sqlite.org/fileformat.html)

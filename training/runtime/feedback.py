@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from training.finetune.data import near_duplicate_key
 from training.runtime.mail import DEFAULT_EXTRACTION, Extraction, read_message
-from training.runtime.text import NO_VISIBLE_CHARACTERS, has_visible_characters
+from training.runtime.text import NO_VISIBLE_CHARACTERS, has_visible_characters, near_duplicate_key
 
 # PRAGMA user_version of the schema below; a database of another version is refused, never rewritten
 SCHEMA_VERSION = 1

@@ -98,3 +98,12 @@ def visible_character_pattern() -> str:
         return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
 
     return "[" + "".join(char(a) if a == b else f"{char(a)}-{char(b)}" for a, b in ranges) + "]"
+
+
+def near_duplicate_key(text: str) -> str:
+    """What two texts that read the same share: Unicode NFKC, case folded, format characters dropped and every
+    run of whitespace one space, trimmed. "FREE  prize" and "free prize\\n" share a key."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    if not folded.isascii():  # ASCII has no format characters: most texts skip the walk
+        folded = "".join(c for c in folded if unicodedata.category(c) != "Cf")
+    return " ".join(folded.split())

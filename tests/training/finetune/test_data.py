@@ -17,13 +17,13 @@ from training.finetune.data import (
     load_dataset,
     load_sms_spam,
     load_table,
-    near_duplicate_key,
     partition,
     select_split,
     stratified_split,
     text_id,
     write_split,
 )
+from training.runtime.text import near_duplicate_key
 
 # Messages that CSV quoting or a naive split would mangle: quotes, commas, tabs, a lone quote.
 SMS_ROWS = [

@@ -11,7 +11,7 @@ import torch
 
 from tests.helpers import finetune_argv, run_training, write_messages_csv
 from training.cli import main
-from training.finetune.data import Dataset, Partition, load_dataset, near_duplicate_key
+from training.finetune.data import Dataset, Partition, load_dataset
 from training.finetune.evaluate import classification_metrics
 from training.finetune.feedback import (
     SQLITE_HEADER,
@@ -25,6 +25,7 @@ from training.runtime.checkpoint import REPORT_DIR, load_checkpoint
 from training.runtime.feedback import FeedbackStore
 from training.runtime.mail import read_message
 from training.runtime.model import GPTClassifier
+from training.runtime.text import near_duplicate_key
 
 MESSAGE = (
     b"Message-ID: <9@example.org>\r\nSubject: Cheap meds\r\nContent-Type: text/html\r\n\r\n<p>Buy <b>now</b></p>\r\n"

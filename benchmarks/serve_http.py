@@ -1,7 +1,7 @@
 """The app over real HTTP against the engine alone, on the same real SMS texts, in one run.
 
     python -m benchmarks.serve_http [--texts 512] [--seed 0] [--clients 32] [--bulk-size 64] [--bulk-clients 4]
-                                    [--precisions float32,int8,bfloat16]
+                                    [--precisions float32,int8,bfloat16] [--max-wait-ms MS]
 
 - engine: Classifier.tokenize and .predict in this process (tokenize, length-sorted batches at the app's
   default limits, forward, softmax): the most the server could do with these texts. Timed right before each HTTP
@@ -20,6 +20,10 @@
     (SPAMGPT_QUANTIZE_INT8=true) and bfloat16 (SPAMGPT_DTYPE=bfloat16, only where the CPU has it natively); on
     CUDA float16 and bfloat16.
 The runs above are in float32 on CPU (SPAMGPT_DTYPE=float32), in the device's default dtype elsewhere.
+--max-wait-ms sets how long every server's micro-batcher waits for more texts (SPAMGPT_MAX_WAIT_MS). With one-text
+clients that each wait for their answer, the app's default 2 ms lets the clients fall into two cohorts, each batch
+holding about half of them (the other half's texts arrive while it runs): a longer wait fills the batches (see
+docs/performance.md).
 How large the HTTP work is, measured in CPU time, which other load on the machine does not inflate the way it does
 wall time: the server process's CPU seconds per text over the timed run (its event loop, tokenizer threads, model
 thread and torch's threads) against the engine's per text (this process's CPU time over its timed run); the
@@ -265,6 +269,12 @@ def main(argv: list[str] | None = None) -> None:
         help="engines to serve one-text requests with besides the first runs': on CPU int8, bfloat16 (where native);"
         " on CUDA float16, bfloat16; others are left out",
     )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        help="SPAMGPT_MAX_WAIT_MS for every server (default: the app's); the result is written as "
+        "serve_http_wait<MS>ms",
+    )
     args = parser.parse_args(argv)
     on_cpu = args.device == "cpu"
     runnable = ("int8", "bfloat16") if on_cpu else ("float16", "bfloat16")
@@ -280,12 +290,13 @@ def main(argv: list[str] | None = None) -> None:
     require_shared_data()
     torch.set_num_threads(os.cpu_count())  # what the server's torch uses by default (SPAMGPT_TORCH_THREADS=0)
     texts = sample_texts(args.texts, args.seed)
-    settings = Settings(checkpoint_dir=".")  # the app's defaults, which the server runs with too
+    waits = {} if args.max_wait_ms is None else {"max_wait_ms": args.max_wait_ms}
+    settings = Settings(checkpoint_dir=".", **waits)  # the app's defaults, which the server runs with too
     single = [[text] for text in texts]
     bulk = [texts[i : i + args.bulk_size] for i in range(0, len(texts), args.bulk_size)]
     load_before = os.getloadavg()[0]
 
-    device = {"SPAMGPT_DEVICE": args.device}
+    device = {"SPAMGPT_DEVICE": args.device, **{f"SPAMGPT_{k.upper()}": str(v) for k, v in waits.items()}}
     scenarios = {  # name: (requests, clients, precision, server environment)
         "http_single_batching": (single, args.clients, base, device),
         "http_single_no_batching": (single, args.clients, base, {**device, "SPAMGPT_BATCHING": "false"}),
@@ -316,8 +327,9 @@ def main(argv: list[str] | None = None) -> None:
         **{f"single_batching_{p}_vs_engine": vs_engine(runs[f"http_single_batching_{p}"]) for p in faster},
     }
     met = {name: value >= TARGETS[name] for name, value in ratios.items()}
+    result = "serve_http" if args.device == "cpu" else f"serve_http_{args.device.replace(':', '')}"
     path = write_result(
-        "serve_http" if args.device == "cpu" else f"serve_http_{args.device.replace(':', '')}",
+        result + (f"_wait{args.max_wait_ms:g}ms" if waits else ""),
         {
             "model": "gpt2 124M architecture, random (seeded) weights (no pretrained weights here; same compute)",
             "texts": {
@@ -327,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
             },
             "server": {
                 "command": server_command("127.0.0.1", 0)[1:],
-                "environment": {"SPAMGPT_DEVICE": args.device, "SPAMGPT_REQUEST_TIMEOUT_S": REQUEST_SECONDS},
+                "environment": {**device, "SPAMGPT_REQUEST_TIMEOUT_S": REQUEST_SECONDS},
                 "environment_by_precision": {p: PRECISIONS[p][0] for p in (base, *faster)},
                 "settings": {
                     name: getattr(settings, name) for name in ("max_batch_size", "max_batch_tokens", "max_wait_ms")

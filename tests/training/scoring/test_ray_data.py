@@ -4,6 +4,7 @@
 import csv
 import random
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,10 @@ def test_ray_data_gives_the_single_process_results(local_ray, tiny_checkpoint, t
 def test_the_default_pool_fits_the_free_cpus_beside_the_reads(local_ray):
     from training.scoring.ray_data import worker_count
 
+    # an earlier test's actors give their CPUs back asynchronously after its pipeline ends: wait for an idle cluster
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert worker_count(cpus_per_worker=1, gpus_per_worker=0) == 3  # 4 CPUs, one left for reads and writes
     assert worker_count(cpus_per_worker=2, gpus_per_worker=0) == 1
     assert worker_count(cpus_per_worker=1, gpus_per_worker=1) == 1  # no GPU here: still one worker, never none

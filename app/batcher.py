@@ -11,10 +11,15 @@ sees another's. Right padding means a text's probabilities do not depend on its 
 
 A request whose texts have not started running within its deadline, or whose caller stops waiting (the
 client left), has its texts taken off the queue: nothing runs for a request nobody will read.
+
+Should the worker itself ever fail (a fault of this code, not of a batch: a batch's failure fails its requests
+only), the failure is logged, the queued requests and every later one are refused with NotReady, and `on_failure`
+is told, so that readiness turns 503 rather than every request waiting for its deadline.
 """
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Executor
@@ -24,6 +29,8 @@ from typing import Any
 from app.errors import DeadlineExceeded, NotReady, Overloaded
 from app.metrics import Metrics
 from app.settings import BatchLimits
+
+LOG = logging.getLogger("uvicorn.error")
 
 
 @dataclass(eq=False, slots=True)
@@ -48,7 +55,8 @@ class Batcher:
     """Texts from concurrent requests, queued and run in batches within `limits`.
 
     run: one batch of token ids and each row's need (what submit was given) -> one result per row, called on
-    `executor`'s threads. group: a need -> its group; texts of one group may share a batch.
+    `executor`'s threads. group: a need -> its group; texts of one group may share a batch. on_failure: called with
+    the exception should the worker fail.
     """
 
     def __init__(
@@ -58,8 +66,10 @@ class Batcher:
         limits: BatchLimits,
         executor: Executor,
         group: Callable[[Any], Hashable] = lambda need: None,
+        on_failure: Callable[[BaseException], None] = lambda exc: None,
     ):
         self.run, self.metrics, self.executor, self.group = run, metrics, executor, group
+        self.on_failure = on_failure
         self.max_batch_size, self.max_batch_tokens = limits.max_batch_size, limits.max_batch_tokens
         self.max_wait_s, self.max_queue_texts = limits.max_wait_ms / 1000, limits.max_queue_texts
         self.timeout_s, self.merge_requests = limits.request_timeout_s, limits.batching
@@ -67,9 +77,25 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._stopping = False
+        self.failure: BaseException | None = None  # what ended the worker, if anything did
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="spamgpt-batcher")
+        self._worker.add_done_callback(self._ended)
+
+    def _ended(self, worker: asyncio.Task) -> None:
+        """The worker's end: after stop(), nothing to do; otherwise it failed, and serving cannot go on."""
+        if worker.cancelled() or worker.exception() is None:
+            return
+        self.failure = worker.exception()
+        LOG.error("the batcher stopped on an internal error; no request can be served", exc_info=self.failure)
+        _fail(self._queue, NotReady(self._failed()))
+        self._queue.clear()
+        self.metrics.queue_depth.set(0)
+        self.on_failure(self.failure)
+
+    def _failed(self) -> str:
+        return f"the batcher stopped on an internal error ({type(self.failure).__name__}: {self.failure})"
 
     async def stop(self) -> None:
         """Refuse new requests (NotReady), run the queued ones to the end, then end the worker. The drain is
@@ -77,7 +103,7 @@ class Batcher:
         self._stopping = True
         self._arrived.set()
         if self._worker is not None:
-            await self._worker
+            await asyncio.wait([self._worker])  # a failure of the worker was logged when it ended (_ended)
 
     async def submit(self, rows: list[list[int]], needs: Sequence[Any] | None = None) -> list:
         """Results for `rows` in their order; needs: each row's need (None: None for every row). The request is
@@ -85,6 +111,8 @@ class Batcher:
         timeout_s (DeadlineExceeded) or if the caller is cancelled."""
         if self._stopping:
             raise NotReady("the server is shutting down")
+        if self.failure is not None:
+            raise NotReady(self._failed())
         free = self.max_queue_texts - len(self._queue)
         if len(rows) > free:
             raise Overloaded(f"queue full: {len(rows)} texts do not fit, {free} of {self.max_queue_texts} slots free")
@@ -118,6 +146,7 @@ class Batcher:
         self.metrics.dropped_texts.labels(reason=reason).inc(queued - len(self._queue))
         self.metrics.queue_depth.set(len(self._queue))
         request.future.cancel()
+        self._arrived.set()  # the queue changed: the worker looks at it again
 
     async def _work(self) -> None:
         while self._queue or not self._stopping:
@@ -126,18 +155,22 @@ class Batcher:
                 await self._run_batch(batch)
 
     async def _next_batch(self) -> list[_Text]:
-        await self._until(lambda: bool(self._queue) or self._stopping)
-        if not self._queue:
-            return []
-        deadline = self._queue[0].request.enqueued + self.max_wait_s
-        if self.merge_requests and asyncio.get_running_loop().time() < deadline:
-            # The wait counts from the oldest text's arrival: texts that queued up while the previous batch
-            # ran have waited already, so under load batches leave at once, before the previous batch's
-            # answers are sent, and the model never idles. Once stopping, nothing more will arrive: batches
-            # leave at once.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
-                    await self._until(lambda: self._stopping or self._fitting()[1])
+        while True:
+            await self._until(lambda: bool(self._queue) or self._stopping)
+            if not self._queue:
+                return []
+            deadline = self._queue[0].request.enqueued + self.max_wait_s
+            if self.merge_requests and asyncio.get_running_loop().time() < deadline:
+                # The wait counts from the oldest text's arrival: texts that queued up while the previous batch
+                # ran have waited already, so under load batches leave at once, before the previous batch's
+                # answers are sent, and the model never idles. Once stopping, nothing more will arrive: batches
+                # leave at once. A request withdrawn meanwhile (its caller left, or its deadline passed) may empty
+                # the queue: then the wait starts again from the next arrival.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(deadline):
+                        await self._until(lambda: self._stopping or not self._queue or self._fitting()[1])
+            if self._queue:
+                break
         batch, _ = self._fitting()
         if batch[-1] is self._queue[len(batch) - 1]:  # the head's texts in a row: the common case
             for _ in batch:

@@ -67,7 +67,8 @@ class LabelLogits:
 
 class Service:
     """One app instance's models and its state: "loading" until start() has loaded and warmed up the classifiers,
-    then "ok"; "failed" when loading raised; "draining" once shutdown began. Models added, replaced or removed while
+    then "ok"; "failed" when loading raised, or should the batcher stop on an internal error; "draining" once
+    shutdown began. Models added, replaced or removed while
     serving (app.models.ModelRegistry) leave the state "ok"."""
 
     def __init__(self, settings: Settings):
@@ -123,9 +124,14 @@ class Service:
             self.batch_limits,
             self.model_thread,
             group=lambda models: models[0].group,
+            on_failure=self._batcher_failed,
         )
         self._batcher.start()
         self.status, self.detail = "ok", None
+
+    def _batcher_failed(self, exc: BaseException) -> None:
+        """Readiness goes 503 ("failed") for good: no request can be served any more."""
+        self.status, self.detail = "failed", f"the batcher stopped: {type(exc).__name__}: {exc}"
 
     def drain(self) -> None:
         """Readiness goes 503 ("draining"); requests are still served until the batcher stops (Service.stop)."""

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from training.runtime.options import ClassifierOptions
+from training.runtime.options import ClassifierOptions, available_cpus, too_many_threads
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # The classifier's defaults are file scoring's too: one definition, in training.runtime.options
@@ -61,14 +61,14 @@ class Settings(BaseSettings):
     # Padded tokens (rows x longest row) per forward pass: bounds activation memory when texts are long.
     max_batch_tokens: int = Field(DEFAULTS["max_batch_tokens"], ge=1)
     # How long a batch waits for more texts: fuller batches under load, up to this much latency when idle.
-    max_wait_ms: float = Field(2.0, ge=0)
+    max_wait_ms: float = Field(2.0, ge=0, allow_inf_nan=False)
     # Texts waiting for the model: more absorbs bursts, fewer bounds memory and the wait before a 429.
     max_queue_texts: int = Field(2048, ge=1)
     # Seconds a request's texts may wait in the queue before it is answered 504 and they are dropped unrun (once
     # one has started, the request runs to the end). Shorter sheds load sooner, so clients retry elsewhere instead
     # of waiting on an overloaded replica; longer rides out bursts that would otherwise fail. Below the clients'
     # own timeouts, they get a clear 504 rather than a timeout of their own.
-    request_timeout_s: float = Field(10.0, gt=0)
+    request_timeout_s: float = Field(10.0, gt=0, allow_inf_nan=False)
     # Texts in one request: larger saves round trips, smaller keeps one client from filling the queue.
     max_texts_per_request: int = Field(256, ge=1)
     # Characters per text, checked before tokenizing so a huge string cannot eat CPU. GPT-2 contexts end
@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     # its first byte (and a new connection to send a whole first request): a slower one is answered 408 and closed.
     # Longer lets slow links send large bodies (4 MiB in 10 s needs about 3.4 Mbit/s); shorter frees the memory
     # and connection slots of stalled clients sooner.
-    request_arrival_timeout_s: float = Field(10.0, gt=0)
+    request_arrival_timeout_s: float = Field(10.0, gt=0, allow_inf_nan=False)
     # Body bytes held at once by all requests, from their first byte until they are answered: a request whose body
     # would pass it is refused at once with 429. Bounds the memory that many slow or stalled uploads can pin (at
     # most this plus uvicorn's 64 KiB read buffer per connection); larger admits more large requests at once.
@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     # before it stops accepting and finishes what is in flight: long enough for load balancers to see the 503 and
     # for Kubernetes to take the pod out of its Services (a few seconds), short enough that this plus uvicorn's
     # --timeout-graceful-shutdown (20 s in the image) fits the orchestrator's grace period (Kubernetes: 30 s).
-    drain_delay_s: float = Field(5.0, ge=0)
+    drain_delay_s: float = Field(5.0, ge=0, allow_inf_nan=False)
 
     # When set, /classify and /info need "Authorization: Bearer <key>" or "X-API-Key: <key>".
     # /health and /metrics stay open for load balancers and scrapers; /docs shows no data.
@@ -172,6 +172,13 @@ class Settings(BaseSettings):
     def _named_file(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
             raise ValueError("feedback_path must not be empty: name a file, e.g. feedback/feedback.db")
+        return value
+
+    @field_validator("torch_threads")
+    @classmethod
+    def _threads_within_the_cpus(cls, value: int) -> int:
+        if value > available_cpus():
+            raise ValueError(too_many_threads("torch_threads", value))
         return value
 
     @field_validator("device")
@@ -258,6 +265,15 @@ class Settings(BaseSettings):
         if sources:
             check_default_model(list(seen), self.default_model)
         return sources
+
+    @model_validator(mode="after")
+    def _a_lone_text_runs_before_its_deadline(self) -> "Settings":
+        if self.max_wait_ms >= 1000 * self.request_timeout_s:
+            raise ValueError(
+                f"max_wait_ms ({self.max_wait_ms:g}) must be below request_timeout_s ({self.request_timeout_s:g} s), "
+                "or a text arriving alone would wait for company past its deadline and never run"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_body_fits_in_flight(self) -> "Settings":

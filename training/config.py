@@ -11,7 +11,7 @@ from typing import Any
 
 from training.finetune.base import HF_REPOS
 from training.finetune.data import BALANCING, ROLES, is_sms_spam
-from training.runtime.device import DEVICE_HELP, resolve_device
+from training.runtime.device import DEVICE_HELP, require_available, resolve_device
 from training.runtime.model import PRESETS, GPTConfig
 from training.runtime.options import ClassifierOptions, opt
 from training.runtime.precision import (
@@ -145,7 +145,7 @@ class TrainConfig:
             raise ValueError(f"weight_decay must not be negative, got {self.weight_decay!r}")
         if self.precision not in TRAINING_PRECISIONS:
             raise ValueError(f"precision must be one of {TRAINING_PRECISIONS}, got {self.precision!r}")
-        resolve_device(self.device)
+        require_available(resolve_device(self.device))  # a device this machine lacks is a bad option
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ class EvaluateConfig:
     out: str | None = opt(None, "also write the metrics to this JSON file")
 
     def __post_init__(self):
-        resolve_device(self.device)
+        require_available(resolve_device(self.device))  # a device this machine lacks is a bad option
         if self.split not in ("all", *ROLES):
             raise ValueError(f"split must be one of {('all', *ROLES)}, got {self.split!r}")
 
@@ -295,6 +295,7 @@ class PredictConfig:
 
     def __post_init__(self):
         self.formats()
+        require_available(self.scoring.torch_device)  # a device this machine lacks is a bad option
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1, got {self.chunk_rows!r}")
         for path in self.written_paths():

@@ -295,3 +295,68 @@ def test_stop_does_not_wait_for_a_batch_to_fill():
 
     assert run(model, test, max_wait_ms=60_000) == [score([1])]
     assert model.batches == [[[1]]]
+
+
+@pytest.mark.parametrize("ends", ["cancelled", "deadline"])
+def test_a_request_that_leaves_while_the_idle_batcher_waits_for_company_leaves_it_serving(ends):
+    # the model is idle: the lone text waits up to max_wait for others, and its request leaves meanwhile (its
+    # client disconnected, or its deadline came first), emptying the queue under the waiting worker
+    model = FakeModel()
+
+    async def test(batcher):
+        leaving = asyncio.create_task(batcher.submit([[1]]))
+        await asyncio.sleep(0.05)  # the worker is in its max_wait
+        if ends == "cancelled":
+            leaving.cancel()
+        with pytest.raises(asyncio.CancelledError if ends == "cancelled" else DeadlineExceeded):
+            await leaving
+        await asyncio.sleep(0.3)  # past the wait the worker was in: it looks at the queue, empty now
+        after = await asyncio.wait_for(batcher.submit([[2], [3]]), 5)
+        return after, queue_depth(batcher), dropped(batcher, ends)
+
+    # max_wait above the deadline (which Settings refuse) lets the deadline pass during the wait; the next request
+    # fills a batch of max_batch_size 2, so it leaves at once, within its own deadline
+    timeout = {"request_timeout_s": 0.1} if ends == "deadline" else {}
+    after, depth, n_dropped = run(model, test, max_wait_ms=300, max_batch_size=2, **timeout)
+    assert after == [score([2]), score([3])]
+    assert model.batches == [[[2], [3]]]  # [1] never ran
+    assert (depth, n_dropped) == (0, 1)
+
+
+def test_a_withdrawn_head_leaves_the_texts_behind_it_to_run():
+    model = FakeModel()
+
+    async def test(batcher):
+        leaving = asyncio.create_task(batcher.submit([[1]]))
+        await asyncio.sleep(0.02)
+        staying = asyncio.create_task(batcher.submit([[2]]))
+        await asyncio.sleep(0.02)
+        leaving.cancel()
+        return await asyncio.wait_for(staying, 5)  # when the wait counted from [1]'s arrival ends
+
+    assert run(model, test, max_wait_ms=200) == [score([2])]
+    assert model.batches == [[[2]]]
+
+
+def test_a_failed_worker_refuses_every_request_and_says_so():
+    model = FakeModel()
+    failures = []
+
+    async def test(batcher):
+        def broken():
+            raise RuntimeError("broken")
+
+        batcher.on_failure = failures.append
+        batcher._fitting = broken  # a fault of the batcher's own code, not of a batch
+        with pytest.raises(NotReady) as queued:
+            await asyncio.wait_for(batcher.submit([[1]]), 5)  # at once, not at its deadline
+        with pytest.raises(NotReady) as later:
+            await batcher.submit([[2]])
+        return queued.value, later.value, queue_depth(batcher)
+
+    queued, later, depth = run(model, test)
+    message = "the batcher stopped on an internal error (RuntimeError: broken)"
+    assert queued.message == later.message == message
+    assert [str(f) for f in failures] == ["broken"]
+    assert depth == 0
+    assert model.batches == []

@@ -259,7 +259,7 @@ def test_shutdown_refuses_new_requests_and_finishes_the_queued_ones(tiny_checkpo
 
 
 def test_shutdown_does_not_wait_for_a_batch_to_fill(tiny_checkpoint):
-    app = create_app(tiny_settings(tiny_checkpoint, max_wait_ms=60_000))
+    app = create_app(tiny_settings(tiny_checkpoint, max_wait_ms=60_000, request_timeout_s=120))
 
     async def main():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
@@ -437,3 +437,27 @@ def test_a_failing_model_is_a_500_for_its_batch_only(tiny_checkpoint, monkeypatc
     assert "simulated" not in failed.text  # server internals stay in the log
     assert served.status_code == 200
     assert 'spamgpt_requests_total{route="/classify",status="500"} 1.0' in metrics
+
+
+def test_a_failed_batcher_turns_readiness_503_and_refuses_requests_at_once(tiny_checkpoint):
+    app = create_app(tiny_settings(tiny_checkpoint))
+
+    async def main():
+        async with serve_app(app) as client:
+            batcher = app.state.service._batcher
+
+            def broken():
+                raise RuntimeError("broken")
+
+            batcher._fitting = broken  # a fault of the batcher's own code: its worker ends
+            refused = await asyncio.wait_for(client.post("/classify", json={"texts": ["hello"]}), 5)
+            return refused, await client.get("/health"), await client.post("/classify", json={"texts": ["again"]})
+
+    refused, health, again = asyncio.run(main())
+    assert [r.status_code for r in (refused, health, again)] == [503, 503, 503]
+    assert health.json() == {
+        "status": "failed",
+        "model": None,
+        "detail": "the batcher stopped: RuntimeError: broken",
+    }
+    assert refused.json()["error"]["type"] == again.json()["error"]["type"] == "not_ready"

@@ -9,6 +9,7 @@ import training.runtime.precision
 from app.models import model_name
 from app.settings import Settings, SettingsError, settings_from_environment
 from tests.helpers import pretend_cpu
+from training.runtime.options import available_cpus
 
 
 def test_settings_are_read_from_the_environment(monkeypatch):
@@ -186,3 +187,42 @@ def test_every_refused_variable_gets_its_line(monkeypatch):
 def test_spamd_allowed_ips_are_read_comma_separated_as_spamd_takes_them(monkeypatch):
     monkeypatch.setenv("SPAMGPT_SPAMD_ALLOWED_IPS", "10.0.0.1, 192.168.0.0/16,::1")
     assert [str(n) for n in Settings().spamd_allowed_ips] == ["10.0.0.1/32", "192.168.0.0/16", "::1/128"]
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        pytest.param(
+            {"SPAMGPT_MAX_WAIT_MS": "inf"}, "SPAMGPT_MAX_WAIT_MS='inf': should be a finite number", id="infinite-wait"
+        ),
+        pytest.param(
+            {"SPAMGPT_REQUEST_TIMEOUT_S": "Infinity"},
+            "SPAMGPT_REQUEST_TIMEOUT_S='Infinity': should be a finite number",
+            id="infinite-timeout",
+        ),
+        pytest.param(
+            {"SPAMGPT_MAX_WAIT_MS": "5000", "SPAMGPT_REQUEST_TIMEOUT_S": "5"},
+            "SPAMGPT_MAX_WAIT_MS='5000', SPAMGPT_REQUEST_TIMEOUT_S='5': SPAMGPT_MAX_WAIT_MS (5000) must be below "
+            "SPAMGPT_REQUEST_TIMEOUT_S (5 s), or a text arriving alone would wait for company past its deadline and "
+            "never run",
+            id="wait-past-the-deadline",
+        ),
+        pytest.param(
+            {"SPAMGPT_TORCH_THREADS": "100000"},
+            f"SPAMGPT_TORCH_THREADS='100000': must be at most the {available_cpus()} CPUs this process may run on, "
+            "got 100000",
+            id="threads-past-the-cpus",
+        ),
+    ],
+)
+def test_values_that_would_hang_or_crash_the_server_are_refused(monkeypatch, variables, message):
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as refused:
+        settings_from_environment()
+    assert str(refused.value).startswith(message), str(refused.value)
+
+
+def test_as_many_threads_as_cpus_are_taken(monkeypatch):
+    monkeypatch.setenv("SPAMGPT_TORCH_THREADS", str(available_cpus()))
+    assert settings_from_environment().torch_threads == available_cpus()

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 import training.finetune.pipeline
 from tests.helpers import DELETE, HAM_WORDS, ROOT, SPAM_WORDS, edit_card, finetune_argv, write_messages_csv
@@ -170,6 +171,12 @@ def test_missing_weights_say_the_two_ways_out(csv_data, bpe_dir, tmp_path, monke
         pytest.param(["--trainable", "some"], "invalid choice: 'some'", id="choice"),
         pytest.param(["--balance", "oversample"], "invalid choice: 'oversample'", id="balance"),
         pytest.param(["--target-fpr", "1.5"], "target_fpr must lie in [0, 1), got 1.5", id="target-fpr"),
+        pytest.param(
+            ["--device", "cuda"],
+            "device 'cuda' requested but CUDA is not available",
+            id="absent-cuda",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here"),
+        ),
     ],
 )
 def test_bad_arguments(csv_data, bpe_dir, tmp_path, capsys, extra, message):

@@ -86,7 +86,8 @@ class Classifier:
 
         Raises CheckpointError for a checkpoint that cannot be loaded; ValueError for a prior it cannot take
         (load_checkpoint) or an LRU_CACHE_CAPACITY oneDNN would crash on (precision.bound_onednn_cache);
-        RuntimeError for a device that is not there or a warm-up that fails.
+        training.runtime.device.DeviceUnavailable (a ValueError) for a device that is not there; RuntimeError for a
+        warm-up that fails.
         """
         if options.threads:
             torch.set_num_threads(options.threads)

@@ -27,9 +27,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+class DeviceUnavailable(ValueError):
+    """A device this machine does not have: a bad option value where the commands take it."""
+
+
 def require_available(device: torch.device) -> None:
-    """Raises RuntimeError naming `device` when it is a CUDA or MPS device this machine does not have."""
+    """Raises DeviceUnavailable naming `device` when it is a CUDA or MPS device this machine does not have."""
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available")
+        raise DeviceUnavailable(f"device {str(device)!r} requested but CUDA is not available")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device {str(device)!r} requested but MPS is not available")
+        raise DeviceUnavailable(f"device {str(device)!r} requested but MPS is not available")

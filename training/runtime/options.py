@@ -3,6 +3,7 @@ one from its SPAMGPT_* fields) and the scoring commands (`predict`'s options, Ra
 rules. Apart from training.runtime.classifier so that training.config can hold it without importing the checkpoint
 loader."""
 
+import os
 from dataclasses import MISSING, dataclass, field
 
 import torch
@@ -27,12 +28,13 @@ class ClassifierOptions:
 
     Raises ValueError showing the bad value: a device torch does not know (training.runtime.device.resolve_device),
     precision options the device cannot run (training.runtime.precision.check_precision), a prior outside (0, 1), a
-    batch or window limit below 1, negative threads, a window rule not in WINDOW_RULES.
+    batch or window limit below 1, negative threads or more than the CPUs this process may run on, a window rule not
+    in WINDOW_RULES.
     """
 
     device: str = opt("auto", DEVICE_HELP)
     dtype: str = opt("auto", precision.DTYPE_HELP, precision.DTYPES)
-    quantize_int8: bool = opt(False, "CPU only: int8 weights for every linear layer, 1.5-2.3x float32's speed")
+    quantize_int8: bool = opt(False, "CPU only: int8 weights for every linear layer, 1.5x (AVX2) to 2.6x (VNNI) float32's speed")
     threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default (all cores)")
     batch_size: int = opt(32, "texts per forward pass: larger raises throughput until the device saturates")
     max_batch_tokens: int = opt(16384, "padded tokens (rows x longest row) per forward pass: bounds activation memory")
@@ -64,6 +66,8 @@ class ClassifierOptions:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.threads < 0:
             raise ValueError(f"threads must not be negative, got {self.threads!r}")
+        if self.threads > available_cpus():
+            raise ValueError(too_many_threads("threads", self.threads))
 
     @property
     def torch_device(self) -> torch.device:
@@ -74,3 +78,14 @@ class ClassifierOptions:
     def torch_dtype(self) -> torch.dtype:
         """The dtype `dtype` names on torch_device (training.runtime.precision.resolve_dtype)."""
         return precision.resolve_dtype(self.dtype, self.torch_device)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it, else every CPU)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def too_many_threads(name: str, threads: int) -> str:
+    """Why `threads` intra-op threads above available_cpus() are refused, naming the option `name`: more threads than
+    CPUs only contend, and torch starts every one (100,000 crash the process)."""
+    return f"{name} must be at most the {available_cpus()} CPUs this process may run on, got {threads!r}"

@@ -34,7 +34,9 @@ class ClassifierOptions:
 
     device: str = opt("auto", DEVICE_HELP)
     dtype: str = opt("auto", precision.DTYPE_HELP, precision.DTYPES)
-    quantize_int8: bool = opt(False, "CPU only: int8 weights for every linear layer, 1.5x (AVX2) to 2.6x (VNNI) float32's speed")
+    quantize_int8: bool = opt(
+        False, "CPU only: int8 weights for every linear layer, 1.5x (AVX2) to 2.6x (VNNI) float32's speed"
+    )
     threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default (all cores)")
     batch_size: int = opt(32, "texts per forward pass: larger raises throughput until the device saturates")
     max_batch_tokens: int = opt(16384, "padded tokens (rows x longest row) per forward pass: bounds activation memory")

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import BPE_DIR, ROOT, SMS_FILE, print_table, require_shared_data, write_result
+from benchmarks.common import BPE_DIR, ROOT, SMS_FILE, count, print_table, require_shared_data, write_result
 from training.finetune.data import BALANCING, deduplicate, load_sms_spam, select_split
 from training.finetune.evaluate import Predictions, Rate, choose_threshold, predict, split_metrics
 from training.runtime.checkpoint import REPORT_DIR, SPLIT_FILE, load_checkpoint
@@ -130,7 +130,7 @@ def row(option: str, result: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.balance", description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=("small", "gpt2"), default="small")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=count, default=1)
     parser.add_argument("--options", nargs="+", choices=BALANCING, default=list(BALANCING))
     args = parser.parse_args(argv)
     require_shared_data()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import BPE_DIR, SMS_FILE, print_table, require_shared_data, write_result
+from benchmarks.common import BPE_DIR, SMS_FILE, count, print_table, require_shared_data, write_result
 from training.finetune.data import load_sms_spam
 from training.runtime.checkpoint import ModelCard, save_checkpoint
 from training.runtime.classifier import Classifier, Prediction
@@ -80,7 +80,7 @@ def measure(preset: str, n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny", help="training.runtime.model preset")
-    parser.add_argument("--texts", type=int, default=400, help="the first N texts of the SMS Spam Collection")
+    parser.add_argument("--texts", type=count, default=400, help="the first N texts of the SMS Spam Collection")
     args = parser.parse_args()
     require_shared_data()
     result = measure(args.preset, args.texts)

@@ -4,6 +4,7 @@ CPU, serve_gpu on CUDA) both run. Each benchmark is a script of its own that imp
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -48,11 +49,28 @@ def require_shared_data() -> None:
 
 
 def sample_texts(n: int, seed: int) -> list[str]:
-    """n distinct real SMS texts, a seeded sample of the deduplicated collection."""
+    """n distinct real SMS texts, a seeded sample of the deduplicated collection. Exits with a message for an n
+    beyond the collection's distinct texts (--texts, which `count` already keeps at 1 or more)."""
     texts = deduplicate(load_sms_spam(SMS_FILE)).texts
     if n > len(texts):
-        raise ValueError(f"--texts {n} exceeds the {len(texts)} distinct texts")
+        sys.exit(f"error: --texts {n} exceeds the {len(texts)} distinct texts of {SMS_FILE}")
     return random.Random(seed).sample(texts, n)
+
+
+def count(value: str) -> int:
+    """An argparse type: a whole number of at least 1 (texts, clients, rounds, epochs, steps...)."""
+    number = int(value)  # argparse reports the ValueError as "invalid count value"
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value!r}")
+    return number
+
+
+def duration(value: str) -> float:
+    """An argparse type: a finite number above 0 (seconds, milliseconds, a rate)."""
+    number = float(value)
+    if not 0 < number < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {value!r}")
+    return number
 
 
 def machine() -> dict:

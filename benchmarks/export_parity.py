@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import BPE_DIR, print_table, require_shared_data, sample_texts, write_result
+from benchmarks.common import BPE_DIR, count, print_table, require_shared_data, sample_texts, write_result
 from training.export.formats import ONNX_FILE, ONNX_OPSET, export_hf, export_onnx, onnx_inputs
 from training.runtime.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from training.runtime.inference import pad_right, predict_probabilities
@@ -61,9 +61,9 @@ def onnx_probabilities(directory: Path, rows: list[list[int]], batch_size: int) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="gpt2")
-    parser.add_argument("--texts", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=256, help="at most the preset's positions (tiny: 64)")
+    parser.add_argument("--texts", type=count, default=512)
+    parser.add_argument("--batch-size", type=count, default=16)
+    parser.add_argument("--max-tokens", type=count, default=256, help="at most the preset's positions (tiny: 64)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     require_shared_data()

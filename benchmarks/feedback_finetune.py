@@ -18,7 +18,16 @@ import json
 import random
 from pathlib import Path
 
-from benchmarks.common import BPE_DIR, ROOT, SHARED_DATA, SMS_FILE, print_table, require_shared_data, write_result
+from benchmarks.common import (
+    BPE_DIR,
+    ROOT,
+    SHARED_DATA,
+    SMS_FILE,
+    count,
+    print_table,
+    require_shared_data,
+    write_result,
+)
 from training.config import BaseModelConfig, DataConfig, FinetuneConfig, TrainConfig
 from training.finetune.feedback import COMPARISON_FILE
 from training.finetune.pipeline import finetune
@@ -52,10 +61,10 @@ def accuracy(checkpoint: Path, messages: dict[str, list[Path]]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=int, nargs="+", default=[1, 10, 30])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=count, default=2)
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--corrections-per-label", type=int, default=20)
-    parser.add_argument("--unseen-per-label", type=int, default=100, help="other mails, never reported")
+    parser.add_argument("--corrections-per-label", type=count, default=20)
+    parser.add_argument("--unseen-per-label", type=count, default=100, help="other mails, never reported")
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args()
     require_shared_data()

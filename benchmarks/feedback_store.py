@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import print_table, write_result
+from benchmarks.common import count, print_table, write_result
 from training.runtime.feedback import FeedbackStore
 
 LABELS = ("ham", "spam")
@@ -66,9 +66,9 @@ CONTENDERS = {"1 writer": one_writer, "threads, one store": threads, "processes,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reports", type=int, default=300, help="reports per contender per round")
-    parser.add_argument("--writers", type=int, default=4, help="threads or processes of the concurrent contenders")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reports", type=count, default=300, help="reports per contender per round")
+    parser.add_argument("--writers", type=count, default=4, help="threads or processes of the concurrent contenders")
+    parser.add_argument("--rounds", type=count, default=3)
     parser.add_argument("--directory", type=Path, default=None, help="where the databases go (default: a temp dir)")
     args = parser.parse_args()
     rates = {name: [] for name in CONTENDERS}

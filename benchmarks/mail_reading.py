@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import BPE_DIR, ROOT, SHARED_DATA, print_table, write_result
+from benchmarks.common import BPE_DIR, ROOT, SHARED_DATA, count, print_table, write_result
 from training.finetune.data import Dataset, select_split
 from training.finetune.evaluate import roc_auc, wilson_interval
 from training.runtime.checkpoint import SPLIT_FILE
@@ -144,7 +144,7 @@ def score(checkpoint: Path, raws: list[bytes], labels: list[str], hard: list[boo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--choices", nargs="+", default=list(CHOICES), choices=list(CHOICES))
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=count, default=5)
     args = parser.parse_args()
     if not CORPUS.is_dir() or not (BPE_DIR / "vocab.bpe").is_file():
         sys.exit(f"needs the SpamAssassin corpus and GPT-2 BPE files under {SHARED_DATA} (SPAMGPT_SHARED_DATA)")

@@ -34,6 +34,7 @@ import torch
 from benchmarks.common import (
     BPE_DIR,
     ROOT,
+    count,
     print_table,
     require_shared_data,
     rss_mib,
@@ -176,9 +177,9 @@ def table(memory: dict | None, seconds: dict | None, texts: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--texts", type=int, default=48, help="real SMS texts each classifier is asked about")
-    parser.add_argument("--batch-size", type=int, default=16, help="texts per batch, as a micro-batcher forms them")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the batches")
+    parser.add_argument("--texts", type=count, default=48, help="real SMS texts each classifier is asked about")
+    parser.add_argument("--batch-size", type=count, default=16, help="texts per batch, as a micro-batcher forms them")
+    parser.add_argument("--rounds", type=count, default=2, help="interleaved rounds over the batches")
     parser.add_argument(
         "--parts",
         nargs="+",

@@ -35,6 +35,8 @@ import httpx
 from benchmarks.common import (
     ROOT,
     cached_random_checkpoint,
+    count,
+    duration,
     print_table,
     random_checkpoint,
     require_shared_data,
@@ -149,10 +151,10 @@ async def measure(url: str, pid: int, texts: list[str], checkpoints: list[Path],
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--replacements", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=4, help="swapping and steady phases alternate this many times")
-    parser.add_argument("--rate", type=float, default=8.0, help="requests a second, one text each")
-    parser.add_argument("--steady-seconds", type=float, help="each steady phase's length (default: the swapping's)")
+    parser.add_argument("--replacements", type=count, default=20)
+    parser.add_argument("--rounds", type=count, default=4, help="swapping and steady phases alternate this many times")
+    parser.add_argument("--rate", type=duration, default=8.0, help="requests a second, one text each")
+    parser.add_argument("--steady-seconds", type=duration, help="each steady phase's length (default: the swapping's)")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="model_swap", help="results/<name>.json")

@@ -36,6 +36,8 @@ from app.settings import Settings
 from benchmarks.common import (
     SMS_FILE,
     cached_random_checkpoint,
+    count,
+    duration,
     print_table,
     require_shared_data,
     rss_mib,
@@ -222,15 +224,15 @@ def summarize(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=40, help="seconds of overload")
-    parser.add_argument("--factor", type=float, default=10, help="offered load as a multiple of capacity")
-    parser.add_argument("--concurrency", type=int, default=8, help="closed-loop clients measuring capacity")
-    parser.add_argument("--capacity-seconds", type=float, default=15)
+    parser.add_argument("--duration", type=duration, default=40, help="seconds of overload")
+    parser.add_argument("--factor", type=duration, default=10, help="offered load as a multiple of capacity")
+    parser.add_argument("--concurrency", type=count, default=8, help="closed-loop clients measuring capacity")
+    parser.add_argument("--capacity-seconds", type=duration, default=15)
     # One core for the model leaves the other to the server's event loop and to this load generator: on two cores,
     # with torch on both, the generator falls behind and the event loop is starved, which measures the machine.
     parser.add_argument("--torch-threads", type=int, default=1, help="the server's SPAMGPT_TORCH_THREADS")
     parser.add_argument(
-        "--max-queue-texts", type=int, help="the server's SPAMGPT_MAX_QUEUE_TEXTS (default: its default)"
+        "--max-queue-texts", type=count, help="the server's SPAMGPT_MAX_QUEUE_TEXTS (default: its default)"
     )
     parser.add_argument("--name", default="overload", help="results/<name>.json")
     args = parser.parse_args(argv)

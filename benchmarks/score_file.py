@@ -31,6 +31,7 @@ from benchmarks.common import (
     ROOT,
     SMS_FILE,
     cached_random_checkpoint,
+    count,
     load_engine,
     print_table,
     require_shared_data,
@@ -109,9 +110,9 @@ def peak_memory(checkpoint: Path, rows: int, int8: bool, workdir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.score_file", description=__doc__.split("\n")[0])
-    parser.add_argument("--texts", type=int, default=512, help="distinct real SMS texts for the throughput ratio")
-    parser.add_argument("--rounds", type=int, default=2, help="engine and file scoring alternate this many times")
-    parser.add_argument("--memory-rows", type=int, default=300, help="rows of the small file; the large has 10x")
+    parser.add_argument("--texts", type=count, default=512, help="distinct real SMS texts for the throughput ratio")
+    parser.add_argument("--rounds", type=count, default=2, help="engine and file scoring alternate this many times")
+    parser.add_argument("--memory-rows", type=count, default=300, help="rows of the small file; the large has 10x")
     parser.add_argument("--int8", action="store_true", help="both sides int8 (SPAMGPT_QUANTIZE_INT8 / --quantize-int8)")
     args = parser.parse_args(argv)
     require_shared_data()

@@ -57,6 +57,7 @@ from benchmarks.common import (
     SMS_FILE,
     SPLIT_OVERHEAD_TOKENS,
     Forward,
+    count,
     load_engine,
     padded_tokens,
     print_table,
@@ -389,7 +390,7 @@ class Batches:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_engine", description=__doc__.split("\n")[0])
-    parser.add_argument("--texts", type=int, default=512, help="distinct real SMS texts to classify")
+    parser.add_argument("--texts", type=count, default=512, help="distinct real SMS texts to classify")
     parser.add_argument("--seed", type=int, default=0, help="which texts")
     parser.add_argument(
         "--quality-checkpoint", type=Path, default=TRAINED_CHECKPOINT, help="trained checkpoint for int8 quality"

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
+    count,
     load_engine,
     padded_tokens,
     print_table,
@@ -54,9 +55,9 @@ def dtype_contenders(dtype: str, engine: Classifier, plain: GPTClassifier, batch
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_gpu", description=__doc__.split("\n")[0])
-    parser.add_argument("--texts", type=int, default=4096, help="distinct real SMS texts to classify")
+    parser.add_argument("--texts", type=count, default=4096, help="distinct real SMS texts to classify")
     parser.add_argument("--seed", type=int, default=0, help="which texts")
-    parser.add_argument("--max-batch-size", type=int, default=256, help="texts per batch (SPAMGPT_MAX_BATCH_SIZE)")
+    parser.add_argument("--max-batch-size", type=count, default=256, help="texts per batch (SPAMGPT_MAX_BATCH_SIZE)")
     args = parser.parse_args(argv)
     require_shared_data()
     if not torch.cuda.is_available():

@@ -54,6 +54,7 @@ import torch
 from app.settings import Settings
 from benchmarks.common import (
     SMS_FILE,
+    count,
     cpu_seconds,
     load_engine,
     print_table,
@@ -257,11 +258,11 @@ def vs_engine(run: dict) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_http", description=__doc__.split("\n")[0])
-    parser.add_argument("--texts", type=int, default=512, help="distinct real SMS texts, each sent once per run")
+    parser.add_argument("--texts", type=count, default=512, help="distinct real SMS texts, each sent once per run")
     parser.add_argument("--seed", type=int, default=0, help="which texts")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent clients sending one text per request")
-    parser.add_argument("--bulk-size", type=int, default=64, help="texts per request in the bulk run")
-    parser.add_argument("--bulk-clients", type=int, default=4, help="concurrent clients in the bulk run")
+    parser.add_argument("--clients", type=count, default=32, help="concurrent clients sending one text per request")
+    parser.add_argument("--bulk-size", type=count, default=64, help="texts per request in the bulk run")
+    parser.add_argument("--bulk-clients", type=count, default=4, help="concurrent clients in the bulk run")
     parser.add_argument("--device", default="cpu", help="SPAMGPT_DEVICE for the server and the engine (cuda: float16)")
     parser.add_argument(
         "--precisions",
@@ -281,17 +282,21 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.precisions.split(",")) - set(PRECISIONS)
     if unknown:
         parser.error(f"--precisions: unknown {sorted(unknown)}; choose from {[p for p in PRECISIONS if p != 'auto']}")
-    faster = [p for p in args.precisions.split(",") if p in runnable]
-    skipped = {}
+    base = "float32" if on_cpu else "auto"
+    asked = [p for p in args.precisions.split(",") if p != base]
+    faster = [p for p in asked if p in runnable]
+    skipped = {p: f"not an engine precision on {args.device}" for p in asked if p not in runnable}
     if on_cpu and "bfloat16" in faster and not cpu_info().native_bfloat16:
         skipped["bfloat16"] = "no native bfloat16 on this CPU"
         faster.remove("bfloat16")
-    base = "float32" if on_cpu else "auto"
+    waits = {} if args.max_wait_ms is None else {"max_wait_ms": args.max_wait_ms}
+    try:
+        settings = Settings(checkpoint_dir=".", request_timeout_s=REQUEST_SECONDS, **waits)  # as the server runs
+    except ValueError as exc:  # a wait the server would refuse (negative, infinite, past the request deadline)
+        parser.error(f"--max-wait-ms {args.max_wait_ms:g}: {exc.errors()[0]['msg']}")
     require_shared_data()
     torch.set_num_threads(os.cpu_count())  # what the server's torch uses by default (SPAMGPT_TORCH_THREADS=0)
     texts = sample_texts(args.texts, args.seed)
-    waits = {} if args.max_wait_ms is None else {"max_wait_ms": args.max_wait_ms}
-    settings = Settings(checkpoint_dir=".", **waits)  # the app's defaults, which the server runs with too
     single = [[text] for text in texts]
     bulk = [texts[i : i + args.bulk_size] for i in range(0, len(texts), args.bulk_size)]
     load_before = os.getloadavg()[0]

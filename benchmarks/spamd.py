@@ -41,6 +41,7 @@ from benchmarks.common import (
     BPE_DIR,
     SHARED_DATA,
     cached_random_checkpoint,
+    count,
     print_table,
     require_shared_data,
     rss_mib,
@@ -206,11 +207,11 @@ def memory_under_bad_clients(server_pid: int, port: int, stalled: int, hold_s: f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--messages", type=count, default=48)
+    parser.add_argument("--rounds", type=count, default=3)
+    parser.add_argument("--clients", type=count, default=8)
     parser.add_argument("--weights", choices=("gpt2", "tiny"), default="gpt2")
-    parser.add_argument("--stalled", type=int, default=11, help="stalled connections of each kind (the memory part)")
+    parser.add_argument("--stalled", type=count, default=11, help="stalled connections of each kind (the memory part)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     require_shared_data()

@@ -26,6 +26,8 @@ from pathlib import Path
 from app.settings import Settings
 from benchmarks.common import (
     cached_random_checkpoint,
+    count,
+    duration,
     print_table,
     require_checkpoint,
     require_shared_data,
@@ -127,8 +129,8 @@ async def hold(url: str, pid: int, connections: int, hold_s: float, max_body_byt
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--connections", type=int, default=200)
-    parser.add_argument("--hold-s", type=float, default=14.0, help="past the default 10 s arrival timeout")
+    parser.add_argument("--connections", type=count, default=200)
+    parser.add_argument("--hold-s", type=duration, default=14.0, help="past the default 10 s arrival timeout")
     parser.add_argument("--checkpoint", type=Path, default=None)
     args = parser.parse_args()
     if args.checkpoint is not None:

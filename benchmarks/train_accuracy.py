@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import BPE_DIR, ROOT, SMS_FILE, require_shared_data, write_result
+from benchmarks.common import BPE_DIR, ROOT, SMS_FILE, duration, require_shared_data, write_result
 from training.runtime.checkpoint import REPORT_DIR, load_checkpoint
 
 CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "random-init-all"
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--from-checkpoint", action="store_true", help=f"report on {CHECKPOINT} as it is instead of training it"
     )
-    parser.add_argument("--wall-seconds", type=float, help="with --from-checkpoint: how long that run took")
+    parser.add_argument("--wall-seconds", type=duration, help="with --from-checkpoint: how long that run took")
     parser.add_argument(
         "--wall-source",
         default="given with --wall-seconds, measured outside this script",

@@ -27,7 +27,7 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import BPE_DIR, SMS_FILE, print_table, reference_logits, require_shared_data, write_result
+from benchmarks.common import BPE_DIR, SMS_FILE, count, print_table, reference_logits, require_shared_data, write_result
 from training.config import MAX_TOKENS, TrainConfig
 from training.finetune.data import balance, deduplicate, load_sms_spam, stratified_split
 from training.finetune.loop import Examples, prepare_trainable, train
@@ -183,10 +183,10 @@ def targets(results: dict[str, dict], val_rows: int, fastest: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--reference-steps", type=int, help="time only this many reference steps and project (default: all epochs)"
+        "--reference-steps", type=count, help="time only this many reference steps and project (default: all epochs)"
     )
     parser.add_argument(
-        "--no-cache-epochs", type=int, default=5, help="epochs of ours without the prefix cache; fewer are projected"
+        "--no-cache-epochs", type=count, default=5, help="epochs of ours without the prefix cache; fewer are projected"
     )
     parser.add_argument(
         "--no-bfloat16",

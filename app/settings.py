@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from training.runtime.options import ClassifierOptions, available_cpus, too_many_threads
+from training.runtime.options import MAX_THREADS, ClassifierOptions, too_many_threads
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # The classifier's defaults are file scoring's too: one definition, in training.runtime.options
@@ -177,7 +177,7 @@ class Settings(BaseSettings):
     @field_validator("torch_threads")
     @classmethod
     def _threads_within_the_cpus(cls, value: int) -> int:
-        if value > available_cpus():
+        if value > MAX_THREADS:
             raise ValueError(too_many_threads("torch_threads", value))
         return value
 

@@ -9,7 +9,7 @@ import training.runtime.precision
 from app.models import model_name
 from app.settings import Settings, SettingsError, settings_from_environment
 from tests.helpers import pretend_cpu
-from training.runtime.options import available_cpus
+from training.runtime.options import MAX_THREADS
 
 
 def test_settings_are_read_from_the_environment(monkeypatch):
@@ -209,9 +209,8 @@ def test_spamd_allowed_ips_are_read_comma_separated_as_spamd_takes_them(monkeypa
         ),
         pytest.param(
             {"SPAMGPT_TORCH_THREADS": "100000"},
-            f"SPAMGPT_TORCH_THREADS='100000': must be at most the {available_cpus()} CPUs this process may run on, "
-            "got 100000",
-            id="threads-past-the-cpus",
+            "SPAMGPT_TORCH_THREADS='100000': must be at most 1024 (more threads than CPUs only contend), got 100000",
+            id="threads-past-any-cpu",
         ),
     ],
 )
@@ -223,6 +222,7 @@ def test_values_that_would_hang_or_crash_the_server_are_refused(monkeypatch, var
     assert str(refused.value).startswith(message), str(refused.value)
 
 
-def test_as_many_threads_as_cpus_are_taken(monkeypatch):
-    monkeypatch.setenv("SPAMGPT_TORCH_THREADS", str(available_cpus()))
-    assert settings_from_environment().torch_threads == available_cpus()
+def test_threads_up_to_the_bound_are_taken_whatever_this_machine_has(monkeypatch):
+    # a manifest for a larger node is checked on smaller machines (CI): the bound does not depend on this one
+    monkeypatch.setenv("SPAMGPT_TORCH_THREADS", str(MAX_THREADS))
+    assert settings_from_environment().torch_threads == MAX_THREADS

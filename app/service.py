@@ -68,8 +68,8 @@ class LabelLogits:
 class Service:
     """One app instance's models and its state: "loading" until start() has loaded and warmed up the classifiers,
     then "ok"; "failed" when loading raised, or should the batcher stop on an internal error; "draining" once
-    shutdown began. Models added, replaced or removed while
-    serving (app.models.ModelRegistry) leave the state "ok"."""
+    shutdown began. Models added, replaced or removed while serving (app.models.ModelRegistry) leave the state
+    "ok"."""
 
     def __init__(self, settings: Settings):
         self.settings = settings

@@ -176,7 +176,7 @@ class Settings(BaseSettings):
 
     @field_validator("torch_threads")
     @classmethod
-    def _threads_within_the_cpus(cls, value: int) -> int:
+    def _threads_within_the_bound(cls, value: int) -> int:
         if value > MAX_THREADS:
             raise ValueError(too_many_threads("torch_threads", value))
         return value

@@ -28,12 +28,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-
 from app.errors import CheckpointRefused, ModelConflict, UnknownModel
 from app.metrics import Metrics
 from app.settings import check_default_model, check_model_name, variable
-from training.runtime.classifier import Classifier
+from training.runtime.classifier import Classifier, Reading
 from training.runtime.options import ClassifierOptions
 from training.runtime.shared import SharedClassifiers, give_back_freed_memory, member
 
@@ -138,24 +136,25 @@ class ModelRegistry:
         served = {m.key: m.name for m in self.models.values()}
         return [served[key] for key in self.shared.sharing(model.key) if key in served and key != model.key]
 
-    def run_batch(self, rows: list[list[int]], needs: list[tuple[ServedModel, ...]]) -> list[list[torch.Tensor]]:
+    def run_batch(self, rows: list[list[int]], needs: list[tuple[ServedModel, ...]]) -> list[list[Reading]]:
         """One batch the micro-batcher formed (app.batcher.Batcher), its rows of one group -> for each row, its
-        (n_labels,) float32 logits from each model it needs, in the order of its `needs`. Rows that need the same
-        models run as one forward pass: one model's through its Classifier.predict_logits, as a server of one model
-        runs it; several's through SharedClassifiers.predict_logits, the shared prefix once, then each model's tail.
-        Runs on the model thread."""
+        Reading from each model it needs, in the order of its `needs`. Rows that need the same models run as one
+        forward pass: one model's through its Classifier.predict_logits, as a server of one model runs it; several's
+        through SharedClassifiers.predict_logits, the shared prefix once, then each model's tail. Each model's
+        logits are read out here, once for the batch (Classifier.read_rows). Runs on the model thread."""
         rows_of: dict[tuple[ServedModel, ...], list[int]] = defaultdict(list)
         for i, models in enumerate(needs):
             rows_of[models].append(i)
-        results: list[list[torch.Tensor]] = [[] for _ in rows]
+        results: list[list[Reading]] = [[] for _ in rows]
         for models, indices in rows_of.items():
             asked = [rows[i] for i in indices]  # one list for all: SharedClassifiers runs their prefix once
             if len(models) == 1:
                 logits = {models[0].key: models[0].classifier.predict_logits(asked)}
             else:
                 logits = self.shared.predict_logits({m.key: asked for m in models})
+            readings = [m.classifier.read_rows(logits[m.key]) for m in models]
             for j, i in enumerate(indices):
-                results[i] = [logits[m.key][j] for m in models]
+                results[i] = [model_readings[j] for model_readings in readings]
         return results
 
     @staticmethod

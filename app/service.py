@@ -25,8 +25,7 @@ from app.models import ModelRegistry, ServedModel, yield_to_serving
 from app.schemas import Health, Info, ModelInfo
 from app.settings import Settings
 from app.spamd import SpamdServer
-from training.runtime.classifier import Classifier, MessageRows, Prediction
-from training.runtime.inference import nonfinite_rows
+from training.runtime.classifier import Classifier, MessageRows, Prediction, Reading
 from training.runtime.mail import NOT_A_MESSAGE, is_message
 
 # /info's limits beside the batcher's (app.batcher.BatchLimits): what one request and one connection may hold
@@ -49,11 +48,16 @@ INLINE_TOKENIZE_CHARS = 2048
 @dataclass(frozen=True)
 class Scored:
     """One model's answer to a request's texts: each text's token ids for that model, whether it was truncated,
-    and (N, n_labels) float32 logits, every row finite."""
+    and its Reading (read out with its batch on the model thread)."""
 
     rows: list[list[int]]
     truncated: list[bool]
-    logits: torch.Tensor
+    readings: list[Reading]
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(N, n_labels) float32 logits, the readings' rows stacked."""
+        return torch.stack([r.logits for r in self.readings])
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,7 @@ class Service:
         names = [model] if models is None else models
         with self.models.use(names) as served:
             scored = await self._score(texts, receive, served)
-        answers = {m.name: m.classifier.predictions(s.rows, s.truncated, s.logits) for m, s in scored.items()}
+        answers = {m.name: m.classifier.predictions(s.rows, s.truncated, s.readings) for m, s in scored.items()}
         if models is None:
             return {"model": served[0].name, "results": [result(p) for p in answers[served[0].name]]}
         return {"models": models, "results": [{n: result(answers[n][i]) for n in models} for i in range(len(texts))]}
@@ -253,9 +257,9 @@ class Service:
                 )
             rows = [row for m in messages for row in m.rows]
             answers = await unless_client_leaves(receive, self._batcher.submit(rows, [(served,)] * len(rows)))
-        logits = torch.stack([answer[0] for answer in answers])
+        windows = Scored(rows, [], [answer[0] for answer in answers])
         window_paths = [path for path, m in zip(paths, messages, strict=True) for _ in m.rows]
-        self._refuse_nonfinite({served: Scored(rows, [], logits)}, window_paths)
+        self._refuse_nonfinite({served: windows}, window_paths)
         self.metrics.model_texts.labels(model=served.name).inc(len(raws))
         results = [
             {
@@ -267,7 +271,7 @@ class Service:
                     "message_id": m.mail.message_id,
                 },
             }
-            for m, p in zip(messages, classifier.message_predictions(messages, logits), strict=True)
+            for m, p in zip(messages, classifier.message_predictions(messages, windows.logits), strict=True)
         ]
         return {"model": served.name, "results": results}
 
@@ -333,7 +337,7 @@ class Service:
         for g, ((ids, truncated), ms) in enumerate(zip(tokenized, asked.values(), strict=True)):
             group_answers = answers[g * len(texts) : (g + 1) * len(texts)]
             for j, m in enumerate(ms):
-                scored[m] = Scored(ids, truncated, torch.stack([answer[j] for answer in group_answers]))
+                scored[m] = Scored(ids, truncated, [answer[j] for answer in group_answers])
         self._refuse_nonfinite(scored, paths)
         for m in models:
             self.metrics.model_texts.labels(model=m.name).inc(len(texts))
@@ -364,7 +368,8 @@ class Service:
         named = {
             (paths[i], cause if len(scored) == 1 else f"model {m.name!r}: {cause}"): None
             for m, s in scored.items()
-            for i in nonfinite_rows(s.logits)
+            for i, reading in enumerate(s.readings)
+            if not reading.finite
         }
         details = [ErrorDetail(field=path, message=message) for path, message in named]
         if not details:

@@ -1,8 +1,8 @@
 """A checkpoint loaded to classify texts: the one load sequence and the one scoring call of every consumer.
 
 The server (app.service), file scoring (training.scoring.files) and Ray Data (training.scoring.ray_data) all load
-with Classifier.load and turn logits into answers with Classifier.predictions, so a text gets the same label and
-bit-identical probabilities from each of them. The server runs the forward pass through its micro-batcher
+with Classifier.load and turn logits into answers with Classifier.read_rows and .predictions, so a text gets the same
+label and bit-identical probabilities from each of them. The server runs the forward pass through its micro-batcher
 (Classifier.predict_logits on batches it forms); the others call Classifier.classify, which runs it in
 length-sorted batches within the options' limits.
 
@@ -41,6 +41,22 @@ class Prediction:
     probabilities: dict[str, float]  # by label in the card's order: float32 softmax, in 0..1, summing to 1
     tokens: int  # token ids the model read, after truncation
     truncated: bool  # the text was longer than the card's max_tokens (a message: than the windows read)
+
+
+@dataclass(slots=True)
+class Reading:
+    """One row of logits read out (Classifier.read_rows): its (n_labels,) float32 logits, and when they are all
+    finite its label and its probabilities by label in the card's order (float32 softmax at the deployment prior);
+    label and probabilities are None for a row the model failed on."""
+
+    logits: torch.Tensor
+    label: str | None
+    probabilities: dict[str, float] | None
+
+    @property
+    def finite(self) -> bool:
+        """The model gave finite logits: the row has an answer."""
+        return self.label is not None
 
 
 @dataclass(slots=True)
@@ -126,22 +142,35 @@ class Classifier:
         (predictions reports at the deployment prior); a row whose logits are not finite is NaN."""
         return probabilities(self.predict_logits(rows, max_batch_size, max_batch_tokens))
 
-    def predictions(self, rows: list[list[int]], truncated: list[bool], logits: torch.Tensor) -> list[Prediction]:
-        """N texts' token rows, truncation flags and (N, n_labels) logits -> their Predictions, in order: float32
-        softmax at the deployment prior, labels by the checkpoint's decision rule at its own prior
-        (training.runtime.inference.Readout: a deployment prior never moves a label).
+    def read_rows(self, logits: torch.Tensor) -> list[Reading]:
+        """(N, n_labels) float32 logits -> each row's Reading, in order: float32 softmax at the deployment prior,
+        the label by the checkpoint's decision rule at its own prior (training.runtime.inference.Readout: a
+        deployment prior never moves a label). A row whose logits are not all finite gets no label and no
+        probabilities: none is made up for it (callers refuse it).
 
-        The logits must be finite: callers refuse the texts whose rows are not first (nonfinite_rows,
+        The readout runs once on the whole tensor: the server reads each batch's rows on its model thread, so that
+        a request's answers cost its event loop no tensor work (app.models.ModelRegistry.run_batch)."""
+        probs, labels = self.checkpoint.readout.read(logits)
+        names = self.card.labels
+        return [
+            Reading(row, label, dict(zip(names, p, strict=True))) if finite else Reading(row, None, None)
+            for row, label, p, finite in zip(
+                logits.unbind(), labels, probs.tolist(), torch.isfinite(logits).all(dim=1).tolist(), strict=True
+            )
+        ]
+
+    def predictions(self, rows: list[list[int]], truncated: list[bool], readings: list[Reading]) -> list[Prediction]:
+        """N texts' token rows, truncation flags and Readings (read_rows) -> their Predictions, in order.
+
+        Every reading must be finite: callers refuse the texts whose rows are not first (Reading.finite,
         require_finite), since no probability is made up for them.
         """
-        return self._answers([len(ids) for ids in rows], truncated, logits)
+        return self._answers([len(ids) for ids in rows], truncated, readings)
 
-    def _answers(self, tokens: list[int], truncated: list[bool], logits: torch.Tensor) -> list[Prediction]:
-        probs, labels = self.checkpoint.readout.read(logits)
-        card = self.card
+    @staticmethod
+    def _answers(tokens: list[int], truncated: list[bool], readings: list[Reading]) -> list[Prediction]:
         return [
-            Prediction(label, dict(zip(card.labels, p, strict=True)), n, cut)
-            for label, p, n, cut in zip(labels, probs.tolist(), tokens, truncated, strict=True)
+            Prediction(r.label, r.probabilities, n, cut) for r, n, cut in zip(readings, tokens, truncated, strict=True)
         ]
 
     def read_messages(self, raws: list[bytes]) -> list[MessageRows]:
@@ -169,7 +198,7 @@ class Classifier:
             self.options.mail_windows,
             None if positive is None else self.card.labels.index(positive),
         )
-        return self._answers([m.tokens for m in messages], [m.truncated for m in messages], combined)
+        return self._answers([m.tokens for m in messages], [m.truncated for m in messages], self.read_rows(combined))
 
     def classify_messages(self, raws: list[bytes]) -> list[tuple[MailText, Prediction]]:
         """What each raw message was read as, and its Prediction, in order: read_messages, the windows run in
@@ -195,7 +224,7 @@ class Classifier:
         """
         rows, truncated = self.tokenize(texts)
         logits = require_finite(self.predict_logits(rows, self.options.batch_size, self.options.max_batch_tokens))
-        return self.predictions(rows, truncated, logits)
+        return self.predictions(rows, truncated, self.read_rows(logits))
 
     def warm_up(self) -> None:
         """One forward at the longest length, so the first text pays no lazy initialisation and a model that

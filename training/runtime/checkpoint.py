@@ -135,8 +135,21 @@ def package_version() -> str:
 
 def save_checkpoint(directory: str | Path, model: GPTClassifier, tokenizer_dir: str | Path, card: ModelCard) -> Path:
     """Write config.json, model.safetensors and tokenizer/ into `directory` (created if needed); the card's
-    `created` and `version` are set here."""
+    `created` and `version` are set here.
+
+    Raises CheckpointError, before writing anything, for a card that load_checkpoint would refuse with this model
+    (e.g. max_tokens beyond the model's block_size), naming what is wrong."""
     directory = Path(directory)
+    card = replace(card, created=datetime.now(UTC).isoformat(timespec="seconds"), version=package_version())
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "pooling": POOLING,
+        "tokenizer": {"name": "gpt2", "sha256": bpe_hashes(Path(tokenizer_dir))},
+        **card.to_json(),
+    }
+    text = json.dumps(config, indent=2) + "\n"
+    _card(directory / CONFIG_FILE, json.loads(text), model.config)  # as load_checkpoint will read it
     (directory / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
     for name in BPE_FILES:
         shutil.copyfile(Path(tokenizer_dir) / name, directory / TOKENIZER_DIR / name)
@@ -144,15 +157,7 @@ def save_checkpoint(directory: str | Path, model: GPTClassifier, tokenizer_dir: 
     save_file(weights, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     # safetensors creates the file owner-only; a server running as another user must still read it
     (directory / WEIGHTS_FILE).chmod(0o644)
-    card = replace(card, created=datetime.now(UTC).isoformat(timespec="seconds"), version=package_version())
-    config = {
-        "format_version": FORMAT_VERSION,
-        "model": model.config.to_dict(),
-        "pooling": POOLING,
-        "tokenizer": {"name": "gpt2", "sha256": bpe_hashes(directory / TOKENIZER_DIR)},
-        **card.to_json(),
-    }
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(text)
     return directory
 
 

@@ -175,6 +175,14 @@ def test_load_checkpoint_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path
         load_checkpoint(tmp_path / "ckpt")
 
 
+def test_save_checkpoint_refuses_a_card_the_loader_would_refuse_and_writes_nothing(tmp_path, tiny_config, bpe_dir):
+    """max_tokens past the model's block_size (64 for the tiny preset) would make a checkpoint no server loads: it is
+    refused before a file is written, naming the field."""
+    with pytest.raises(CheckpointError, match=r"'max_tokens' must be an integer in 1\.\.64, got 256"):
+        save_checkpoint(tmp_path / "ckpt", GPTClassifier(tiny_config), bpe_dir, tiny_card(max_tokens=256))
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_refuses_a_config_json_in_the_format_written_by_spamgpt_0_1_0(tiny_checkpoint):
     """config.json exactly as `finetune` wrote it in format 1: refused in one line that names the file, the version
     found and the command that writes the current format."""

@@ -97,9 +97,11 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
-def cpu_seconds(pid: int) -> float:
-    """Process `pid`'s CPU time so far, user and system, all its threads (utime + stime from /proc), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after the command name
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """Process `pid`'s CPU time so far, user and system, all its threads (utime + stime from /proc), in seconds;
+    given `thread` (a thread id of the process; its main thread's is `pid`), that thread's alone."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -4,8 +4,9 @@
                                     [--precisions float32,int8,bfloat16] [--max-wait-ms MS]
 
 - engine: Classifier.tokenize and .predict in this process (tokenize, length-sorted batches at the app's
-  default limits, forward, softmax): the most the server could do with these texts. Timed right before each HTTP
-  run, and each HTTP run is compared with its own engine run, so that other load on the machine hits both alike.
+  default limits, forward, softmax): the most the server could do with these texts. Timed right before and right
+  after each HTTP run, and each HTTP run is compared with the mean of its two engine runs, so that other load on the
+  machine, and its drift during a run, hit both alike.
 - http: a uvicorn server started as a subprocess with the image's server command (`python -m app`, which the
   Dockerfile's CMD `spamgpt serve` runs: uvicorn serving app.main:create_app; on 127.0.0.1 and a free port), loaded from
   a GPT-2 124M checkpoint with random weights (OpenAI's are not available here; the compute is the same). Clients are
@@ -28,7 +29,8 @@ How large the HTTP work is, measured in CPU time, which other load on the machin
 wall time: the server process's CPU seconds per text over the timed run (its event loop, tokenizer threads, model
 thread and torch's threads) against the engine's per text (this process's CPU time over its timed run); the
 difference is what serving over HTTP costs per text, and its share of the server's CPU the share of the machine
-that HTTP takes from the model.
+that HTTP takes from the model. The event loop's own part (the server's main thread: HTTP parsing, routing,
+validation, tokenizing short requests, answers, logging) is recorded per request.
 Every HTTP answer is checked against the engine's probabilities for the same text. SPAMGPT_REQUEST_TIMEOUT_S is
 raised to the clients' timeout, so that no request is shed (504) for its queue wait: this measures throughput.
 Clients and server share the machine's cores, as they would behind a local proxy.
@@ -192,9 +194,9 @@ async def load(url: str, pid: int, requests: list[list[str]], clients: int) -> d
     """Throughput, latencies and the server's (process `pid`) CPU seconds of sending every request once, after the
     same untimed (the first forward pass at each new shape is slower, and a warm server has seen them)."""
     await send_all(url, clients, requests)  # warm-up
-    cpu_before = cpu_seconds(pid)
+    cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
     run = await send_all(url, clients, requests)
-    server_cpu = cpu_seconds(pid) - cpu_before
+    server_cpu, loop_cpu = cpu_seconds(pid) - cpu_before, cpu_seconds(pid, thread=pid) - loop_before
     texts = sum(len(r) for r in requests)
     latencies = run["latencies"]
     return {
@@ -204,6 +206,7 @@ async def load(url: str, pid: int, requests: list[list[str]], clients: int) -> d
         "seconds": run["seconds"],
         "messages_per_second": texts / run["seconds"],
         "server_cpu_ms_per_text": 1000 * server_cpu / texts,
+        "event_loop_cpu_ms_per_request": 1000 * loop_cpu / len(requests),
         "latency_p50_ms": 1000 * statistics.median(latencies),
         "latency_p99_ms": 1000 * statistics.quantiles(latencies, n=100, method="inclusive")[98],
         "answers": run["answers"],
@@ -252,7 +255,8 @@ def http_overhead(run: dict, engine_cpu_ms_per_text: float) -> dict:
 
 
 def vs_engine(run: dict) -> float:
-    """An HTTP run's throughput over its engine's, in the same precision."""
+    """An HTTP run's throughput over its engine's (the mean of the runs before and after it), in the same
+    precision."""
     return run["messages_per_second"] / run["engine_messages_per_second"]
 
 
@@ -312,16 +316,17 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = random_checkpoint(Path(tmp) / "checkpoint")
         for name, (requests, clients, precision, env) in scenarios.items():
-            engine_seconds, engine_cpu, engine_answers = time_engine(
-                checkpoint, texts, settings, args.device, precision
-            )
+            before = time_engine(checkpoint, texts, settings, args.device, precision)
             env = {**env, **PRECISIONS[precision][0]}
             runs[name] = run_http(checkpoint, Path(tmp) / f"{name}.log", requests, clients, **env)
+            after = time_engine(checkpoint, texts, settings, args.device, precision)
+            engine_cpu = (before[1] + after[1]) / 2
             runs[name] |= {"precision": precision, **http_overhead(runs[name], 1000 * engine_cpu / len(texts))}
-            runs[name]["engine_messages_per_second"] = len(texts) / engine_seconds
-            runs[name]["max_probability_difference_vs_engine"] = max_difference(
-                runs[name].pop("answers"), engine_answers
-            )
+            runs[name] |= {
+                "engine_messages_per_second": statistics.mean(len(texts) / run[0] for run in (before, after)),
+                "engine_messages_per_second_before_after": [len(texts) / run[0] for run in (before, after)],
+            }
+            runs[name]["max_probability_difference_vs_engine"] = max_difference(runs[name].pop("answers"), before[2])
     load_after = os.getloadavg()[0]
 
     single_batching, no_batching = runs["http_single_batching"], runs["http_single_no_batching"]
@@ -370,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
             "p50 ms": r["latency_p50_ms"],
             "p99 ms": r["latency_p99_ms"],
             "server cpu ms/text": r["server_cpu_ms_per_text"],
+            "event loop cpu ms/request": r["event_loop_cpu_ms_per_request"],
             "engine cpu ms/text": r["engine_cpu_ms_per_text"],
         }
         for name, r in runs.items()

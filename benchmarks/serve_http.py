@@ -1,12 +1,13 @@
 """The app over real HTTP against the engine alone, on the same real SMS texts, in one run.
 
     python -m benchmarks.serve_http [--texts 512] [--seed 0] [--clients 32] [--bulk-size 64] [--bulk-clients 4]
-                                    [--precisions float32,int8,bfloat16] [--max-wait-ms MS]
+                                    [--precisions float32,int8,bfloat16] [--max-wait-ms MS] [--rounds 1]
 
 - engine: Classifier.tokenize and .predict in this process (tokenize, length-sorted batches at the app's
   default limits, forward, softmax): the most the server could do with these texts. Timed right before and right
-  after each HTTP run, and each HTTP run is compared with the mean of its two engine runs, so that other load on the
-  machine, and its drift during a run, hit both alike.
+  after each timed HTTP pass, and each pass is compared with the mean of its two engine runs, so that other load on
+  the machine, and its drift during a run, hit both alike. With --rounds N, each run makes N timed passes on one
+  server, the engine timed between them, and reports the pass with the median ratio (every pass under `rounds`).
 - http: a uvicorn server started as a subprocess with the image's server command (`python -m app`, which the
   Dockerfile's CMD `spamgpt serve` runs: uvicorn serving app.main:create_app; on 127.0.0.1 and a free port), loaded from
   a GPT-2 124M checkpoint with random weights (OpenAI's are not available here; the compute is the same). Clients are
@@ -39,6 +40,7 @@ Clients and server share the machine's cores, as they would behind a local proxy
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -47,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -190,10 +192,9 @@ async def send_all(url: str, clients: int, requests: list[list[str]]) -> dict:
     return {"seconds": seconds, "latencies": latencies, "answers": probabilities}
 
 
-async def load(url: str, pid: int, requests: list[list[str]], clients: int) -> dict:
-    """Throughput, latencies and the server's (process `pid`) CPU seconds of sending every request once, after the
-    same untimed (the first forward pass at each new shape is slower, and a warm server has seen them)."""
-    await send_all(url, clients, requests)  # warm-up
+async def timed_pass(url: str, pid: int, requests: list[list[str]], clients: int) -> dict:
+    """Throughput, latencies, each text's probabilities and the server's (process `pid`) CPU time of sending every
+    request once."""
     cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
     run = await send_all(url, clients, requests)
     server_cpu, loop_cpu = cpu_seconds(pid) - cpu_before, cpu_seconds(pid, thread=pid) - loop_before
@@ -213,9 +214,34 @@ async def load(url: str, pid: int, requests: list[list[str]], clients: int) -> d
     }
 
 
-def run_http(checkpoint: Path, log: Path, requests: list[list[str]], clients: int, **env: str) -> dict:
+def measure(
+    checkpoint: Path,
+    log: Path,
+    requests: list[list[str]],
+    clients: int,
+    engine: Callable[[], tuple[float, float, dict]],
+    rounds: int,
+    **env: str,
+) -> dict:
+    """`rounds` timed HTTP passes over `requests` on one server (after the same untimed: the first forward pass at
+    each new shape is slower, and a warm server has seen them), the engine (`engine`: time_engine's result) timed
+    before the first and after each, so that each pass sits between two engine runs. The pass with the median
+    ratio to the mean of its two engine runs is the result, every pass's numbers under `rounds`."""
+    texts = sum(len(r) for r in requests)
+    engines = [engine()]
+    passes = []
     with server(checkpoint, log, **env) as (url, pid):
-        return asyncio.run(load(url, pid, requests, clients))
+        asyncio.run(send_all(url, clients, requests))  # warm-up
+        for _ in range(rounds):
+            passes.append(asyncio.run(timed_pass(url, pid, requests, clients)))
+            engines.append(engine())
+    for run, before, after in zip(passes, engines, engines[1:], strict=False):
+        run["engine_messages_per_second"] = (texts / before[0] + texts / after[0]) / 2
+        run["engine_messages_per_second_before_after"] = [texts / before[0], texts / after[0]]
+        run |= http_overhead(run, 1000 * (before[1] + after[1]) / 2 / texts)
+        run["max_probability_difference_vs_engine"] = max_difference(run.pop("answers"), before[2])
+    result = sorted(passes, key=vs_engine)[(len(passes) - 1) // 2]  # the lower median for an even count
+    return {**result, "rounds": passes}
 
 
 def time_engine(
@@ -264,6 +290,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_http", description=__doc__.split("\n")[0])
     parser.add_argument("--texts", type=count, default=512, help="distinct real SMS texts, each sent once per run")
     parser.add_argument("--seed", type=int, default=0, help="which texts")
+    parser.add_argument(
+        "--rounds",
+        type=count,
+        default=1,
+        help="timed HTTP passes per run, each between two engine runs; the pass with the median ratio is reported",
+    )
     parser.add_argument("--clients", type=count, default=32, help="concurrent clients sending one text per request")
     parser.add_argument("--bulk-size", type=count, default=64, help="texts per request in the bulk run")
     parser.add_argument("--bulk-clients", type=count, default=4, help="concurrent clients in the bulk run")
@@ -316,17 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = random_checkpoint(Path(tmp) / "checkpoint")
         for name, (requests, clients, precision, env) in scenarios.items():
-            before = time_engine(checkpoint, texts, settings, args.device, precision)
+            engine = functools.partial(time_engine, checkpoint, texts, settings, args.device, precision)
             env = {**env, **PRECISIONS[precision][0]}
-            runs[name] = run_http(checkpoint, Path(tmp) / f"{name}.log", requests, clients, **env)
-            after = time_engine(checkpoint, texts, settings, args.device, precision)
-            engine_cpu = (before[1] + after[1]) / 2
-            runs[name] |= {"precision": precision, **http_overhead(runs[name], 1000 * engine_cpu / len(texts))}
-            runs[name] |= {
-                "engine_messages_per_second": statistics.mean(len(texts) / run[0] for run in (before, after)),
-                "engine_messages_per_second_before_after": [len(texts) / run[0] for run in (before, after)],
-            }
-            runs[name]["max_probability_difference_vs_engine"] = max_difference(runs[name].pop("answers"), before[2])
+            runs[name] = measure(checkpoint, Path(tmp) / f"{name}.log", requests, clients, engine, args.rounds, **env)
+            runs[name]["precision"] = precision
     load_after = os.getloadavg()[0]
 
     single_batching, no_batching = runs["http_single_batching"], runs["http_single_no_batching"]

@@ -68,6 +68,7 @@ from benchmarks.common import (
     write_result,
 )
 from tests.live_server import free_port
+from training.runtime.device import DeviceUnavailable, require_available
 from training.runtime.precision import cpu_info
 
 TARGETS = {
@@ -326,10 +327,26 @@ def main(argv: list[str] | None = None) -> None:
         skipped["bfloat16"] = "no native bfloat16 on this CPU"
         faster.remove("bfloat16")
     waits = {} if args.max_wait_ms is None else {"max_wait_ms": args.max_wait_ms}
+    try:  # as the servers run: a device or wait they would refuse (negative, infinite, past the request deadline)
+        settings = Settings(checkpoint_dir=".", device=args.device, request_timeout_s=REQUEST_SECONDS, **waits)
+    except ValueError as exc:
+        error = exc.errors()[0]
+        given = f"--device {args.device}" if error["loc"] == ("device",) else f"--max-wait-ms {args.max_wait_ms:g}"
+        parser.error(f"{given}: {error['msg']}")
     try:
-        settings = Settings(checkpoint_dir=".", request_timeout_s=REQUEST_SECONDS, **waits)  # as the server runs
-    except ValueError as exc:  # a wait the server would refuse (negative, infinite, past the request deadline)
-        parser.error(f"--max-wait-ms {args.max_wait_ms:g}: {exc.errors()[0]['msg']}")
+        require_available(torch.device(args.device))
+    except DeviceUnavailable as exc:
+        parser.error(f"--device {args.device}: {exc}")
+    if args.bulk_size > settings.max_texts_per_request:
+        parser.error(
+            f"--bulk-size {args.bulk_size}: the server takes at most {settings.max_texts_per_request} texts a request"
+        )
+    for option in ("clients", "bulk_clients"):
+        if getattr(args, option) > settings.max_connections:
+            parser.error(
+                f"--{option.replace('_', '-')} {getattr(args, option)}: the server holds at most "
+                f"{settings.max_connections} connections"
+            )
     require_shared_data()
     torch.set_num_threads(os.cpu_count())  # what the server's torch uses by default (SPAMGPT_TORCH_THREADS=0)
     texts = sample_texts(args.texts, args.seed)

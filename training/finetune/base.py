@@ -99,8 +99,9 @@ def base_config(directory: Path, n_labels: int, vocab_size: int) -> GPTConfig:
     """Our model config from `directory`/config.json: layers, heads, width, positions and vocabulary.
 
     `vocab_size` is the tokenizer's; the base's own must hold it (a larger one, padded for speed, is kept).
-    Raises WeightsError naming the file and what it found: not a GPT-2 config, every option our model does not
-    compute (with what works instead), or a vocabulary smaller than the tokenizer's.
+    Raises WeightsError naming the file when it is missing or not JSON; UnsupportedBase (no choice of --init helps)
+    naming what it found: not a GPT-2 config, every option our model does not compute (with what works instead),
+    a vocabulary smaller than the tokenizer's, or sizes our model cannot take.
     """
     file = directory / CONFIG_FILE
     if not file.is_file():
@@ -112,7 +113,7 @@ def base_config(directory: Path, n_labels: int, vocab_size: int) -> GPTConfig:
     if not isinstance(raw, dict) or raw.get("model_type") != "gpt2":
         found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         architectures = raw.get("architectures") if isinstance(raw, dict) else None
-        raise WeightsError(
+        raise UnsupportedBase(
             f"{file}: not a GPT-2-family model: model_type {found!r}, architectures {architectures!r} "
             "(expected model_type 'gpt2')"
         )
@@ -133,7 +134,10 @@ def base_config(directory: Path, n_labels: int, vocab_size: int) -> GPTConfig:
     sizes = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}
     sizes = {name: raw.get(name, default) for name, default in sizes.items()}
     if sizes["vocab_size"] < vocab_size:
-        raise WeightsError(f"{file}: vocab_size {sizes['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+        raise UnsupportedBase(
+            f"{file}: vocab_size {sizes['vocab_size']} is smaller than the tokenizer's {vocab_size}: the model "
+            "could not read every token"
+        )
     try:
         return GPTConfig(
             block_size=sizes["n_positions"],
@@ -144,7 +148,7 @@ def base_config(directory: Path, n_labels: int, vocab_size: int) -> GPTConfig:
             n_labels=n_labels,
         )
     except ValueError as exc:
-        raise WeightsError(f"{file}: {exc}") from exc
+        raise UnsupportedBase(f"{file}: {exc}") from exc
 
 
 def base_tensors(directory: Path) -> dict:

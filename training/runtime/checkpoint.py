@@ -137,22 +137,29 @@ def save_checkpoint(directory: str | Path, model: GPTClassifier, tokenizer_dir: 
     """Write config.json, model.safetensors and tokenizer/ into `directory` (created if needed); the card's
     `created` and `version` are set here.
 
-    Raises CheckpointError, before writing anything, for a card that load_checkpoint would refuse with this model
-    (e.g. max_tokens beyond the model's block_size), naming what is wrong."""
-    directory = Path(directory)
+    Raises CheckpointError, before writing anything, for what load_checkpoint would refuse: a card it refuses with
+    this model (e.g. max_tokens beyond the model's block_size), a tokenizer that cannot be read or has more tokens
+    than the model's vocab_size; naming what is wrong."""
+    directory, tokenizer_dir = Path(directory), Path(tokenizer_dir)
+    try:
+        hashes, tokenizer = bpe_hashes(tokenizer_dir), load_tokenizer(tokenizer_dir)
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from exc
     card = replace(card, created=datetime.now(UTC).isoformat(timespec="seconds"), version=package_version())
     config = {
         "format_version": FORMAT_VERSION,
         "model": model.config.to_dict(),
         "pooling": POOLING,
-        "tokenizer": {"name": "gpt2", "sha256": bpe_hashes(Path(tokenizer_dir))},
+        "tokenizer": {"name": "gpt2", "sha256": hashes},
         **card.to_json(),
     }
     text = json.dumps(config, indent=2) + "\n"
-    _card(directory / CONFIG_FILE, json.loads(text), model.config)  # as load_checkpoint will read it
+    # what load_checkpoint will check
+    _card(directory / CONFIG_FILE, json.loads(text), model.config)
+    _check_vocabulary(tokenizer_dir, tokenizer, model.config)
     (directory / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
     for name in BPE_FILES:
-        shutil.copyfile(Path(tokenizer_dir) / name, directory / TOKENIZER_DIR / name)
+        shutil.copyfile(tokenizer_dir / name, directory / TOKENIZER_DIR / name)
     weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(weights, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     # safetensors creates the file owner-only; a server running as another user must still read it
@@ -191,10 +198,7 @@ def load_checkpoint(
         tokenizer = load_tokenizer(path / TOKENIZER_DIR, expected_sha256=raw["tokenizer"]["sha256"])
     except TokenizerError as exc:
         raise CheckpointError(str(exc)) from exc
-    if tokenizer.n_vocab > config.vocab_size:
-        raise CheckpointError(
-            f"{path / TOKENIZER_DIR}: tokenizer has {tokenizer.n_vocab} tokens, model vocab_size {config.vocab_size}"
-        )
+    _check_vocabulary(path / TOKENIZER_DIR, tokenizer, config)
     if card.prefix is not None:
         wrong = mismatches(card.prefix, state, config, raw["tokenizer"]["sha256"])
         if wrong:
@@ -243,6 +247,14 @@ def _read_json(file: Path) -> dict:
     if missing:
         raise CheckpointError(f"{file}: missing field {missing[0]!r}")
     return raw
+
+
+def _check_vocabulary(directory: Path, tokenizer: tiktoken.Encoding, config: GPTConfig) -> None:
+    """Refuse a tokenizer (in `directory`) with more tokens than the model has embeddings."""
+    if tokenizer.n_vocab > config.vocab_size:
+        raise CheckpointError(
+            f"{directory}: tokenizer has {tokenizer.n_vocab} tokens, model vocab_size {config.vocab_size}"
+        )
 
 
 def _check_format_version(file: Path, found: object) -> None:

@@ -12,7 +12,14 @@ from torch.testing import assert_close
 
 from tests.helpers import write_messages_csv
 from training.cli import main
-from training.finetune.base import base_classifier, base_config, pretrained_classifier, resolve_base, weights_file
+from training.finetune.base import (
+    UnsupportedBase,
+    base_classifier,
+    base_config,
+    pretrained_classifier,
+    resolve_base,
+    weights_file,
+)
 from training.runtime.checkpoint import load_checkpoint
 from training.runtime.model import GPTConfig, Packing, WeightsError
 
@@ -85,7 +92,8 @@ def write_config(directory: Path, **config) -> Path:
     ],
 )
 def test_configs_we_cannot_compute_are_refused_naming_what_was_found(tmp_path, tokenizer, config, match):
-    with pytest.raises(WeightsError, match=match):
+    """UnsupportedBase, not a failure to get weights: no --init choice helps, and the CLI says so (exit 2)."""
+    with pytest.raises(UnsupportedBase, match=match):
         base_config(write_config(tmp_path / "base", **config), n_labels=2, vocab_size=tokenizer.n_vocab)
 
 
@@ -203,6 +211,18 @@ def test_a_config_with_several_unsupported_options_names_them_all_and_what_works
     err = capsys.readouterr().err
     assert "activation_function 'relu'" in err and "scale_attn_weights False" in err and "n_inner 100" in err
     assert "--preset with --init random --trainable all" in err and "Ways out" not in err
+
+
+def test_a_base_vocabulary_smaller_than_the_tokenizer_is_not_a_weights_problem(tmp_path, tokenizer, bpe_dir, capsys):
+    """With --init random no weights are fetched: the refusal says the base cannot be used, not how to get weights."""
+    small = tokenizer.n_vocab - 1
+    base = write_config(tmp_path / "base", model_type="gpt2", vocab_size=small, n_positions=32, n_embd=32, n_head=2)
+    data = write_messages_csv(tmp_path / "messages.csv", n=40)
+    argv = ["finetune", "--base", str(base), "--data", str(data), "--tokenizer-dir", str(bpe_dir), "--device", "cpu"]
+    assert main([*argv, "--init", "random", "--trainable", "all", "--out", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the base model is not supported: ")
+    assert f"vocab_size {small} is smaller than the tokenizer's {tokenizer.n_vocab}" in err and "Ways out" not in err
 
 
 def test_an_unreachable_hub_fails_at_once_naming_the_whole_way_out(tmp_path, bpe_dir, monkeypatch, capsys):

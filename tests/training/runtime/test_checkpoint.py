@@ -8,7 +8,7 @@ from tests.helpers import DELETE, edit_card, edit_tensors, flip_header_byte, pla
 from training.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.runtime.inference import Threshold, predict_probabilities
 from training.runtime.model import GPTClassifier, GPTConfig
-from training.runtime.tokenizer import encode_batch
+from training.runtime.tokenizer import BPE_FILES, PACKAGED_BPE_DIR, bpe_hashes, encode_batch
 
 TEXTS = ["WINNER!! Claim your free prize now", "See you at 5?", "", "the cat sat on the mat " * 10]
 
@@ -168,11 +168,21 @@ def test_load_checkpoint_refuses(tiny_checkpoint, breakage, match):
     assert not (tiny_checkpoint.parent / "pickle-ran").exists()
 
 
-def test_load_checkpoint_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path, tiny_config, bpe_dir):
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_by_save_and_by_load(tmp_path, tiny_config, bpe_dir):
     small = GPTClassifier(GPTConfig.from_preset("tiny", vocab_size=tiny_config.vocab_size - 1))
-    save_checkpoint(tmp_path / "ckpt", small, bpe_dir, tiny_card())
-    with pytest.raises(CheckpointError, match=rf"tokenizer has {tiny_config.vocab_size} tokens, model vocab_size"):
-        load_checkpoint(tmp_path / "ckpt")
+    larger = rf"tokenizer has {tiny_config.vocab_size} tokens, model vocab_size {tiny_config.vocab_size - 1}"
+    with pytest.raises(CheckpointError, match=larger):
+        save_checkpoint(tmp_path / "small", small, bpe_dir, tiny_card())
+    assert not (tmp_path / "small").exists()
+    # a checkpoint whose tokenizer was swapped afterwards for GPT-2's own 50,257 tokens, its hashes updated to match
+    checkpoint = save_checkpoint(tmp_path / "ckpt", GPTClassifier(tiny_config), bpe_dir, tiny_card())
+    for name in BPE_FILES:
+        shutil.copyfile(PACKAGED_BPE_DIR / name, checkpoint / "tokenizer" / name)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["tokenizer"]["sha256"] = bpe_hashes(checkpoint / "tokenizer")
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"has 50257 tokens, model vocab_size {tiny_config.vocab_size}"):
+        load_checkpoint(checkpoint)
 
 
 def test_save_checkpoint_refuses_a_card_the_loader_would_refuse_and_writes_nothing(tmp_path, tiny_config, bpe_dir):

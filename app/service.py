@@ -364,18 +364,22 @@ class Service:
         windows) whose row of a model's (N, n_labels) logits is not finite (and the model, when several answer),
         and counts those texts in spamgpt_model_errors_total; the request's other texts are not answered either."""
         cause = "the model gave non-finite logits (NaN or inf): a fault of the model, not of the text"
-        # a message's windows are rows of one path: it is named once
+        # a message's windows are rows of one path: it is named once (per model)
         named = {
-            (paths[i], cause if len(scored) == 1 else f"model {m.name!r}: {cause}"): None
+            (paths[i], None if len(scored) == 1 else m.name): None
             for m, s in scored.items()
             for i, reading in enumerate(s.readings)
             if not reading.finite
         }
-        details = [ErrorDetail(field=path, message=message) for path, message in named]
-        if not details:
+        if not named:
             return
+        details = [
+            ErrorDetail(field=path, message=cause if name is None else f"model {name!r}: {cause}")
+            for path, name in named
+        ]
+        where = ", ".join(path if name is None else f"{path} (model {name!r})" for path, name in named)
         self.metrics.model_errors.labels(cause="non_finite_logits").inc(len(details))
-        raise ModelError(f"{', '.join(d.field for d in details)}: {cause}", details)
+        raise ModelError(f"{where}: {cause}", details)
 
 
 def result(p: Prediction) -> dict:

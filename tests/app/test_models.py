@@ -22,7 +22,7 @@ from app.main import create_app
 from app.metrics import Metrics
 from app.service import Service
 from app.settings import BatchLimits, Settings, SettingsError, settings_from_environment
-from tests.helpers import edit_tensors, error_of, live_server, sibling, tiny_settings
+from tests.helpers import DELETE, edit_card, edit_tensors, error_of, live_server, sibling, tiny_settings
 from training.runtime.checkpoint import CheckpointError
 from training.runtime.classifier import Classifier
 
@@ -60,6 +60,25 @@ def classify(client, **body) -> dict:
     response = client.post("/classify", json={"texts": TEXTS, **body}, headers=KEY)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def test_a_model_that_overflows_on_a_text_is_named_in_the_error_of_a_several_models_request(checkpoints, tokenizer):
+    """c overflows on one token only (it loads and warms up; its prefix record dropped, as its embeddings no longer
+    match it): a request asking a and c about that text is refused with 500 naming the text and model c, at the top
+    level as in its details; a alone still answers it."""
+    (z,) = tokenizer.encode_ordinary("z")
+    edit_tensors(lambda state: state["transformer.wte.weight"][z].fill_(3e38))(checkpoints / "c")
+    edit_card(prefix=DELETE)(checkpoints / "c")
+    with TestClient(create_app(several(checkpoints))) as client:
+        both = client.post("/classify", json={"texts": ["ok", "a zebra"], "models": ["a", "c"]}, headers=KEY)
+        alone = client.post("/classify", json={"texts": ["a zebra"], "models": ["a"]}, headers=KEY)
+    error = error_of(both, 500)
+    assert error["message"].startswith("texts.1 (model 'c'): the model gave non-finite logits")
+    assert error["details"] == [
+        {"field": "texts.1", "message": "model 'c': the model gave non-finite logits (NaN or inf): a fault of the "
+         "model, not of the text"}
+    ]  # fmt: skip
+    assert alone.status_code == 200, alone.text
 
 
 # --- Settings and startup ------------------------------------------------------------------------------------------

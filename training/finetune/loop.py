@@ -27,6 +27,7 @@ from training.runtime.inference import PAD_ID, length_sorted_batches, pad_right
 from training.runtime.model import GPTClassifier, Packing
 
 PREFIX_BATCH_SIZE = 32  # the frozen prefix and validation run without gradients, so they afford larger batches
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where adamw uses torch's fused kernel (torch has it on both)
 
 
 @dataclass
@@ -365,12 +366,18 @@ class Loop:
 def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW that decays only the weight matrices and embeddings (p.dim() >= 2), nanoGPT's configure_optimizers:
     biases and LayerNorm gains are not pulled toward zero. Parameter groups: the decayed, then the others, each in
-    the order given (the order a resume state indexes them by)."""
+    the order given (the order a resume state indexes them by).
+
+    On CPU and CUDA, torch's fused kernel (fused=True): one pass over each tensor, where torch's default on CPU, a
+    loop of per-tensor operations, allocates several temporaries the size of each parameter at every step. For the
+    last block, ln_f and head of GPT-2 124M (7.1M parameters, 2 cores): 5 ms a step against 29 to 72 ms, which was
+    most of an epoch's time with the frozen prefix cached (docs/performance.md, "Training speed")."""
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused)
 
 
 def train(

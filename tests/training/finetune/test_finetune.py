@@ -127,6 +127,31 @@ def test_a_norm_gain_without_gradient_is_not_decayed():
     assert not torch.equal(loop.trainable["score.weight"], before["score.weight"])
 
 
+def test_adamw_is_fused_on_cpu_and_steps_as_the_per_tensor_loop_does():
+    """torch's fused AdamW on CPU: the same update as its default per-tensor loop, to float32 rounding."""
+    model = fresh_model()
+    config = TrainConfig(trainable="all", weight_decay=0.1, lr=0.01)
+    prepare_trainable(model, config)
+    loop = Loop.start(model, config, CPU, SINGLE, None)
+    assert all(g["fused"] for g in loop.optimizer.param_groups)
+    start = {name: p.detach().clone() for name, p in loop.trainable.items()}
+    reference = {name: p.clone().requires_grad_() for name, p in start.items()}
+    unfused = torch.optim.AdamW(
+        [{**g, "params": [reference[n] for n, p in loop.trainable.items() if any(p is q for q in g["params"])],
+          "fused": None} for g in loop.optimizer.param_groups]
+    )
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for name, p in loop.trainable.items():
+            p.grad = torch.randn(p.shape, generator=generator)
+            reference[name].grad = p.grad.clone()
+        loop.optimizer.step()
+        unfused.step()
+    for name, p in loop.trainable.items():
+        torch.testing.assert_close(p, reference[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert not torch.equal(loop.trainable["score.weight"], start["score.weight"])
+
+
 def test_last_blocks_freezes_the_rest():
     model = fresh_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

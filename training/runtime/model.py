@@ -140,7 +140,15 @@ class CausalSelfAttention(nn.Module):
         """(b, T, 3C) fused q, k, v of right-padded rows -> (b, T, C) causal attention output."""
         b, T, C = qkv.size(0), qkv.size(1), qkv.size(2) // 3
         q, k, v = qkv.view(b, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # each (b, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, nh, T, hs)
+        if qkv.requires_grad and qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu":
+            # torch's CPU attention backward runs 1.7x (rows of 120 tokens) to 7x (9 tokens) slower in bfloat16
+            # than in float32 (torch 2.13, 2 threads; docs/performance.md, "Training speed"): with gradients to
+            # take, bfloat16 q, k, v are attended in float32, out of the autocast that would cast them back; the
+            # forward pass alone is as fast in either.
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(qkv.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, nh, T, hs)
         return y.transpose(1, 2).reshape(b, T, C)
 
 

@@ -97,6 +97,30 @@ def test_a_block_given_keep_computes_only_those_tokens(model):
             assert_close(block(x, packing, keep=packing.last), block(x, packing)[packing.last])
 
 
+def test_bfloat16_attention_with_gradients_runs_in_float32_and_returns_bfloat16(model, tiny_config):
+    """Under bfloat16 autocast on CPU, attention that takes gradients computes in float32 (its backward is slow in
+    bfloat16 there); its forward alone stays in bfloat16."""
+    attn = model.transformer.h[0].attn
+    torch.manual_seed(1)
+    qkv = torch.randn(2, 6, 3 * tiny_config.n_embd, dtype=torch.bfloat16)
+    q, k, v = qkv.view(2, 6, 3, tiny_config.n_head, -1).permute(2, 0, 3, 1, 4)
+
+    def expected(dtype):
+        y = torch.nn.functional.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True)
+        return y.to(torch.bfloat16).transpose(1, 2).reshape(2, 6, -1)
+
+    assert not torch.equal(expected(torch.float32), expected(torch.bfloat16))  # the two precisions do differ here
+    leaf = qkv.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with_grad = attn.attend(leaf)
+        without = attn.attend(qkv)
+    assert with_grad.dtype == without.dtype == torch.bfloat16
+    assert torch.equal(with_grad, expected(torch.float32))
+    assert torch.equal(without, expected(torch.bfloat16))
+    with_grad.float().sum().backward()
+    assert leaf.grad.dtype == torch.bfloat16 and leaf.grad.abs().sum() > 0
+
+
 def test_prefix_then_suffix_equals_forward_at_every_split(model, tiny_config):
     idx, lengths = pad_right(ROWS, pad_id=0)
     with torch.no_grad():

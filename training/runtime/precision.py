@@ -96,9 +96,10 @@ def check_precision(device: torch.device, dtype: str, quantize_int8: bool) -> No
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The torch dtype: "auto" -> on CUDA bfloat16 where the GPU computes it natively (float32's range: GPT-2's
     activations are known to overflow float16), else float16; float32 elsewhere, even on a CPU with native
-    bfloat16: measured (docs/performance.md), bfloat16 runs 0.66x float32 on an Intel Xeon with avx512_bf16 and
-    no AMX (its matrix product 0.56x) and 1.68x on an AMD Zen 4, which the flags cannot tell apart, and its
-    probabilities differ from float32's by up to about 1e-2: ask for it with dtype bfloat16. Any other name of
+    bfloat16, so that a CPU's probabilities (and the thresholds chosen on them) are the same on every CPU: measured
+    (docs/performance.md), bfloat16 runs 0.66x float32 on an Intel Xeon with avx512_bf16 and no AMX (its matrix
+    product 0.56x), 1.68x on an AMD Zen 4 and 2.39x on a Xeon with amx_bf16, int8 faster still on all three, and
+    its probabilities differ from float32's by up to about 1e-2: ask for it with dtype bfloat16. Any other name of
     DTYPES -> that torch dtype."""
     if dtype != "auto":
         return getattr(torch, dtype)

@@ -136,10 +136,12 @@ def test_adamw_is_fused_on_cpu_and_steps_as_the_per_tensor_loop_does():
     assert all(g["fused"] for g in loop.optimizer.param_groups)
     start = {name: p.detach().clone() for name, p in loop.trainable.items()}
     reference = {name: p.clone().requires_grad_() for name, p in start.items()}
-    unfused = torch.optim.AdamW(
-        [{**g, "params": [reference[n] for n, p in loop.trainable.items() if any(p is q for q in g["params"])],
-          "fused": None} for g in loop.optimizer.param_groups]
-    )
+    names = {id(p): name for name, p in loop.trainable.items()}
+    groups = [
+        {**g, "params": [reference[names[id(p)]] for p in g["params"]], "fused": None}
+        for g in loop.optimizer.param_groups
+    ]
+    unfused = torch.optim.AdamW(groups)
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
         for name, p in loop.trainable.items():

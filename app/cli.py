@@ -10,7 +10,9 @@ Before uvicorn imports the app, `serve` checks what would otherwise fail only af
 with a traceback, and refuses it in one line on stderr that names the variable or option, its value and what would
 work, with its own exit status:
   2  a SPAMGPT_* variable cannot be used (EXIT_USAGE; uvicorn's own usage errors, such as --port abc, exit 2 too),
-     among them a model named twice and a SPAMGPT_DEFAULT_MODEL that names no model or is unset with several
+     among them a model named twice, a SPAMGPT_DEFAULT_MODEL that names no model or is unset with several, and a
+     SPAMGPT_DEVICE this machine does not have (the settings themselves do not depend on the machine, so that CI can
+     check a manifest meant for a GPU node)
   3  no directory at SPAMGPT_CHECKPOINT_DIR or SPAMGPT_MODELS_DIR, or no checkpoint folder in SPAMGPT_MODELS_DIR
      (EXIT_CHECKPOINT); a checkpoint refused while loading exits 3 as well (uvicorn's startup failure), its log
      naming the file and what is wrong
@@ -32,6 +34,7 @@ from typing import NoReturn
 import uvicorn
 
 from app.settings import Settings, SettingsError, settings_from_environment, variable
+from training.runtime.device import DeviceUnavailable, require_available
 
 # Seconds in-flight requests get to finish after the listening socket closes; then they are cancelled. Every
 # orchestrator's grace period is sized from it: compose's stop_grace_period, Kubernetes'
@@ -65,8 +68,8 @@ class StartupError(Exception):
 
 
 def startup_checks(argv: list[str]) -> Settings:
-    """The settings, once they, the checkpoint directory and the address `argv` (uvicorn's options) asks for have
-    been checked: in milliseconds, before uvicorn loads the model.
+    """The settings, once they, the device, the checkpoint directory and the address `argv` (uvicorn's options) asks
+    for have been checked: in milliseconds, before uvicorn loads the model.
 
     Raises StartupError with EXIT_USAGE, EXIT_CHECKPOINT or EXIT_ADDRESS.
     """
@@ -74,6 +77,10 @@ def startup_checks(argv: list[str]) -> Settings:
         settings = settings_from_environment()
     except SettingsError as exc:
         raise StartupError(str(exc), EXIT_USAGE) from None
+    try:
+        require_available(settings.classifier_options().torch_device)
+    except DeviceUnavailable as exc:
+        raise StartupError(f"{variable('device')}={settings.device!r}: {exc}", EXIT_USAGE) from None
     if settings.models_dir is not None or settings.models is not None:
         check_model_set(settings)
     else:

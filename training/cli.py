@@ -6,6 +6,7 @@ flattened, are the options with their defaults, help text and choices. `train` i
 """
 
 import argparse
+import re
 import sys
 import typing
 from dataclasses import MISSING
@@ -58,6 +59,22 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         target.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
+# A quoted value in a message (Python's repr of a str or path): option names inside it are left as they are.
+QUOTED = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""
+
+
+def flag_names(message: str, cls: type) -> str:
+    """`message` (a config's refusal, which names its fields) with each option field of `cls` spelled as the command
+    line takes it, outside quoted values: quantize_int8 -> --quantize-int8, dtype -> --dtype."""
+    names = [f.name for f, _, _ in option_fields(cls) if not f.metadata.get("positional")]
+    option = re.compile(r"(?<![-\w/.])(" + "|".join(map(re.escape, names)) + r")(?![-\w/.])")  # not in a path
+    parts = re.split(f"({QUOTED})", message)
+    return "".join(
+        part if i % 2 else option.sub(lambda m: "--" + m.group(1).replace("_", "-"), part)
+        for i, part in enumerate(parts)
+    )
+
+
 def build_parser(
     prog: str = "python -m training",
     description: str = "Fine-tune GPT-2 into a text classifier.",
@@ -91,7 +108,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     try:
         config = from_flat(cls, namespace)
     except ValueError as exc:
-        subparser.error(str(exc))  # exits with status 2 after the usage line
+        subparser.error(flag_names(str(exc), cls))  # exits with status 2 after the usage line
     try:
         command(config)
     except UnsupportedBase as exc:

@@ -5,6 +5,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 import app.cli
 import training.cli
@@ -76,6 +77,18 @@ def test_serve_refuses_a_bad_variable_in_one_line_before_uvicorn(monkeypatch, ca
         app.cli.main(["serve"])
     assert exited.value.code == app.cli.EXIT_USAGE == 2
     expected = "SPAMGPT_PRIOR='1.5': should be less than 1 (use a number > 0 and < 1, or leave it unset)"
+    assert capsys.readouterr().err == f"spamgpt serve: error: {expected}\n"
+
+
+def test_serve_refuses_a_device_this_machine_lacks_in_one_line_before_uvicorn(monkeypatch, capsys):
+    monkeypatch.setattr(app.cli.uvicorn, "main", lambda args, prog_name: pytest.fail("uvicorn ran"))
+    monkeypatch.setattr(app.cli.signal, "signal", lambda signum, handler: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("SPAMGPT_DEVICE", "cuda")
+    with pytest.raises(SystemExit) as exited:
+        app.cli.main(["serve"])
+    assert exited.value.code == app.cli.EXIT_USAGE
+    expected = "SPAMGPT_DEVICE='cuda': device 'cuda' requested but CUDA is not available"
     assert capsys.readouterr().err == f"spamgpt serve: error: {expected}\n"
 
 

@@ -165,15 +165,21 @@ def test_missing_weights_say_the_two_ways_out(csv_data, bpe_dir, tmp_path, monke
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        pytest.param(["--epochs", "0"], "epochs must be at least 1, got 0", id="epochs"),
-        pytest.param(["--max-tokens", "65"], "max_tokens must lie in 1..64 for preset 'tiny', got 65", id="max-tokens"),
-        pytest.param(["--weights", "w.safetensors"], "'w.safetensors' has no use with --init random", id="weights"),
+        pytest.param(["--epochs", "0"], "error: --epochs must be at least 1, got 0", id="epochs"),
+        pytest.param(
+            ["--max-tokens", "65"], "error: --max-tokens must lie in 1..64 for --preset 'tiny', got 65", id="max-tokens"
+        ),
+        pytest.param(
+            ["--weights", "w.safetensors"],
+            "error: --weights 'w.safetensors' has no use with --init random",
+            id="weights",
+        ),
         pytest.param(["--trainable", "some"], "invalid choice: 'some'", id="choice"),
         pytest.param(["--balance", "oversample"], "invalid choice: 'oversample'", id="balance"),
-        pytest.param(["--target-fpr", "1.5"], "target_fpr must lie in [0, 1), got 1.5", id="target-fpr"),
+        pytest.param(["--target-fpr", "1.5"], "error: --target-fpr must lie in [0, 1), got 1.5", id="target-fpr"),
         pytest.param(
             ["--device", "cuda"],
-            "device 'cuda' requested but CUDA is not available",
+            "error: --device 'cuda' requested but CUDA is not available",
             id="absent-cuda",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here"),
         ),
@@ -183,6 +189,31 @@ def test_bad_arguments(csv_data, bpe_dir, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
         main(finetune_argv(csv_data, bpe_dir, tmp_path / "out", *extra))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        pytest.param(
+            ["--dtype", "float16"],
+            "error: --dtype 'float16' is not supported on CPU; use float32",
+            id="float16",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="auto is CUDA here"),
+        ),
+        pytest.param(
+            ["--dtype", "bfloat16", "--quantize-int8"],
+            "error: --quantize-int8 quantizes a float32 model, got --dtype 'bfloat16'; use --dtype auto or float32",
+            id="int8-bfloat16",
+        ),
+    ],
+)
+def test_predict_refusals_name_its_flags(trained, csv_data, tmp_path, capsys, extra, message):
+    """A refused option is named as the command line spells it, also where the rule is shared with the server."""
+    argv = ["predict", "--checkpoint", str(trained), "--data", str(csv_data), "--out", str(tmp_path / "p.csv")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_refuses_to_replace_other_files(csv_data, bpe_dir, tmp_path, capsys):

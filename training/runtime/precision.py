@@ -80,7 +80,8 @@ def check_precision(device: torch.device, dtype: str, quantize_int8: bool) -> No
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if device.type == "cpu" and dtype == "float16":
-        raise ValueError(f"dtype {dtype!r} is not supported on CPU; use float32, or quantize_int8 for speed")
+        native = ", bfloat16 (this CPU computes it natively)" if native_bfloat16(device) else ""
+        raise ValueError(f"dtype {dtype!r} is not supported on CPU; use float32{native}, or quantize_int8 for speed")
     if device.type == "cpu" and dtype == "bfloat16" and not native_bfloat16(device):
         raise ValueError(
             f"dtype 'bfloat16' on CPU needs native bfloat16 (CPU flag {' or '.join(NATIVE_BFLOAT16_FLAGS)}), which"

@@ -13,6 +13,7 @@ from training.runtime.precision import (
     ONEDNN_CACHE_CAPACITY,
     Int8Linear,
     PackedLinear,
+    check_precision,
     cpu_info,
     pack_linears,
     prepare_for_inference,
@@ -215,3 +216,11 @@ def test_packed_bfloat16_gives_the_plain_bfloat16_models_probabilities(mid_model
     assert sum(isinstance(m, PackedLinear) for m in bfloat16.modules()) == 4 * MID_CONFIG.n_layer + 1
     torch.testing.assert_close(packed, unpacked, rtol=0, atol=1e-2)  # both bfloat16, rounded in other places
     torch.testing.assert_close(packed, plain, rtol=0, atol=2e-2)  # the bar of test_classifier's bfloat16 test
+
+
+@pytest.mark.parametrize(("flags", "offered"), [(("avx512_bf16",), True), (("avx2",), False)])
+def test_float16_on_cpu_is_refused_offering_bfloat16_only_where_native(monkeypatch, flags, offered):
+    pretend_cpu(monkeypatch, *flags)
+    with pytest.raises(ValueError, match="dtype 'float16' is not supported on CPU; use float32") as refused:
+        check_precision(CPU_DEVICE, "float16", quantize_int8=False)
+    assert ("bfloat16 (this CPU computes it natively)" in str(refused.value)) is offered

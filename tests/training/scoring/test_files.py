@@ -287,9 +287,9 @@ def test_rows_are_scored_a_chunk_at_a_time(tmp_path, tiny_checkpoint, monkeypatc
     [
         pytest.param(["--dtype", "float16"], "not supported on CPU", id="half-on-cpu"),
         pytest.param(["--out", "results.parquet"], "cannot tell the format", id="unknown-output-suffix"),
-        pytest.param(["--chunk-rows", "0"], "chunk_rows must be at least 1", id="zero-chunk"),
-        pytest.param(["--batch-size", "0"], "batch_size must be at least 1", id="zero-batch"),
-        pytest.param(["--threads", "100000"], "threads must be at most 1024", id="threads-past-any-cpu"),
+        pytest.param(["--chunk-rows", "0"], "error: --chunk-rows must be at least 1", id="zero-chunk"),
+        pytest.param(["--batch-size", "0"], "error: --batch-size must be at least 1", id="zero-batch"),
+        pytest.param(["--threads", "100000"], "error: --threads must be at most 1024", id="threads-past-any-cpu"),
         pytest.param(
             ["--device", "cuda"],
             "device 'cuda' requested but CUDA is not available",

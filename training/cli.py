@@ -61,18 +61,26 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 # A quoted value in a message (Python's repr of a str or path): option names inside it are left as they are.
 QUOTED = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""
+# What follows an option's name where a message speaks of the option: its value, or a rule about it.
+OPTION_FOLLOWERS = (" '", ' "', " must ", " should ")
 
 
 def flag_names(message: str, cls: type) -> str:
-    """`message` (a config's refusal, which names its fields) with each option field of `cls` spelled as the command
-    line takes it, outside quoted values: quantize_int8 -> --quantize-int8, dtype -> --dtype."""
-    names = [f.name for f, _, _ in option_fields(cls) if not f.metadata.get("positional")]
-    option = re.compile(r"(?<![-\w/.])(" + "|".join(map(re.escape, names)) + r")(?![-\w/.])")  # not in a path
-    parts = re.split(f"({QUOTED})", message)
-    return "".join(
-        part if i % 2 else option.sub(lambda m: "--" + m.group(1).replace("_", "-"), part)
-        for i, part in enumerate(parts)
-    )
+    """`message` (a config's refusal, which names its fields) with the option fields of `cls` spelled as the command
+    line takes them: quantize_int8 -> --quantize-int8, "dtype 'float16'" -> "--dtype 'float16'". A name is taken
+    for the option where it has an underscore, is followed by a value or a rule (OPTION_FOLLOWERS) or follows "use ";
+    elsewhere it is a word of the sentence ("no pretrained weights"). Quoted values and paths are left alone."""
+    names = "|".join(re.escape(f.name) for f, _, _ in option_fields(cls) if not f.metadata.get("positional"))
+    word_or_quoted = re.compile(rf"({QUOTED})|(?<![-\w/.])({names})(?![-\w/.])")
+
+    def spelled(m: re.Match) -> str:
+        name = m.group(2)
+        if name is None:
+            return m.group(1)
+        option = "_" in name or message[: m.start()].endswith("use ") or message[m.end() :].startswith(OPTION_FOLLOWERS)
+        return "--" + name.replace("_", "-") if option else name
+
+    return word_or_quoted.sub(spelled, message)
 
 
 def build_parser(

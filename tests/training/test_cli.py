@@ -13,7 +13,7 @@ import torch
 
 import training.finetune.pipeline
 from tests.helpers import DELETE, HAM_WORDS, ROOT, SPAM_WORDS, edit_card, finetune_argv, write_messages_csv
-from training.cli import main
+from training.cli import flag_names, main
 from training.config import BaseModelConfig, DataConfig, FinetuneConfig, TrainConfig
 from training.finetune.pipeline import ReplaceRefused, finetune, training_config
 from training.finetune.resume import state_dir
@@ -214,6 +214,22 @@ def test_predict_refusals_name_its_flags(trained, csv_data, tmp_path, capsys, ex
         main([*argv, *extra])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("weight_decay must not be negative", "--weight-decay must not be negative"),
+        ("precision 'x' is not known; use precision auto", "--precision 'x' is not known; use --precision auto"),
+        (
+            "preset 'tiny' has no pretrained weights, or pick a preset of ['gpt2']",
+            "--preset 'tiny' has no pretrained weights, or pick a preset of ['gpt2']",
+        ),
+        ("data/out.csv: cannot tell; '--out data' stays", "data/out.csv: cannot tell; '--out data' stays"),
+    ],
+)
+def test_flag_names_spell_options_and_leave_words_values_and_paths(message, expected):
+    assert flag_names(message, FinetuneConfig) == expected
 
 
 def test_refuses_to_replace_other_files(csv_data, bpe_dir, tmp_path, capsys):

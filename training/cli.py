@@ -61,14 +61,15 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 # A quoted value in a message (Python's repr of a str or path): option names inside it are left as they are.
 QUOTED = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""
-# What follows an option's name where a message speaks of the option: its value, or a rule about it.
-OPTION_FOLLOWERS = (" '", ' "', " must ", " should ")
+# What follows an option's name where a message speaks of the option: its value (quoted, a number, None, True or
+# False), or a rule about it.
+OPTION_FOLLOWER = re.compile(r" (?:['\"]|-?\d|None\b|True\b|False\b|must |should )")
 
 
 def flag_names(message: str, cls: type) -> str:
     """`message` (a config's refusal, which names its fields) with the option fields of `cls` spelled as the command
     line takes them: quantize_int8 -> --quantize-int8, "dtype 'float16'" -> "--dtype 'float16'". A name is taken
-    for the option where it has an underscore, is followed by a value or a rule (OPTION_FOLLOWERS) or follows "use ";
+    for the option where it has an underscore, is followed by a value or a rule (OPTION_FOLLOWER) or follows "use ";
     elsewhere it is a word of the sentence ("no pretrained weights"). Quoted values and paths are left alone."""
     names = "|".join(re.escape(f.name) for f, _, _ in option_fields(cls) if not f.metadata.get("positional"))
     word_or_quoted = re.compile(rf"({QUOTED})|(?<![-\w/.])({names})(?![-\w/.])")
@@ -77,7 +78,7 @@ def flag_names(message: str, cls: type) -> str:
         name = m.group(2)
         if name is None:
             return m.group(1)
-        option = "_" in name or message[: m.start()].endswith("use ") or message[m.end() :].startswith(OPTION_FOLLOWERS)
+        option = "_" in name or message[: m.start()].endswith("use ") or OPTION_FOLLOWER.match(message, m.end())
         return "--" + name.replace("_", "-") if option else name
 
     return word_or_quoted.sub(spelled, message)
@@ -125,7 +126,10 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     except WeightsError as exc:
         print(f"error: could not get the base GPT-2 weights: {exc}\n{WEIGHTS_HELP}", file=sys.stderr)
         return 2
-    except (CheckpointError, NonFiniteLogits, TokenizerError, ValueError, OSError, ImportError) as exc:
+    except ValueError as exc:  # an option found wrong only once the run looks (a base's positions, the device)
+        print(f"error: {flag_names(str(exc), cls)}", file=sys.stderr)
+        return 1
+    except (CheckpointError, NonFiniteLogits, TokenizerError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -12,7 +12,16 @@ import pytest
 import torch
 
 import training.finetune.pipeline
-from tests.helpers import DELETE, HAM_WORDS, ROOT, SPAM_WORDS, edit_card, finetune_argv, write_messages_csv
+from tests.helpers import (
+    DELETE,
+    HAM_WORDS,
+    ROOT,
+    SPAM_WORDS,
+    edit_card,
+    finetune_argv,
+    pretend_cpu,
+    write_messages_csv,
+)
 from training.cli import flag_names, main
 from training.config import BaseModelConfig, DataConfig, FinetuneConfig, TrainConfig
 from training.finetune.pipeline import ReplaceRefused, finetune, training_config
@@ -232,6 +241,16 @@ def test_flag_names_spell_options_and_leave_words_values_and_paths(message, expe
     assert flag_names(message, FinetuneConfig) == expected
 
 
+def test_an_option_found_wrong_once_the_run_looks_is_named_as_its_flag(
+    csv_data, bpe_dir, tmp_path, monkeypatch, capsys
+):
+    """bfloat16 fine-tuning on a CPU that would emulate it is refused when training starts, naming --precision."""
+    pretend_cpu(monkeypatch, "avx2")
+    assert main(finetune_argv(csv_data, bpe_dir, tmp_path / "out", "--precision", "bfloat16", "--device", "cpu")) == 1
+    assert "error: --precision 'bfloat16' needs a device that computes it natively" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_refuses_to_replace_other_files(csv_data, bpe_dir, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
@@ -370,7 +389,7 @@ def test_a_checkpoint_of_other_arguments_is_replaced_only_when_told(
     monkeypatch.setattr(training.finetune.pipeline, "train", lambda *a, **k: pytest.fail("trains"))
     assert main(finetune_argv(csv_data, bpe_dir, out, "--seed", "7")) == 1
     err = capsys.readouterr().err
-    assert f"{out} was trained with other arguments (seed): seed 123 -> 7" in err
+    assert f"{out} was trained with other arguments (seed): --seed 123 -> 7" in err
     assert "pass --overwrite to replace it, or another --out" in err
     other_data = write_messages_csv(tmp_path / "other.csv", seed=1)
     assert main(finetune_argv(other_data, bpe_dir, out)) == 1

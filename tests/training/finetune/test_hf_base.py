@@ -153,7 +153,7 @@ def test_finetune_from_a_local_base_directory(tmp_path, tokenizer, bpe_dir, caps
     hf_first = base_classifier(str(tmp_path / "base"), 2, tokenizer.n_vocab).transformer.h[0].attn.c_attn.weight
     assert torch.equal(checkpoint.model.transformer.h[0].attn.c_attn.weight, hf_first)
     assert main([*argv[:-2], "--max-tokens", "129", "--out", str(tmp_path / "other")]) == 1
-    assert "max_tokens must lie in 1..128 for base" in capsys.readouterr().err
+    assert "--max-tokens must lie in 1..128 for --base" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*argv, "--weights", "w.safetensors", "--out", str(tmp_path / "x")])
     assert "give one" in capsys.readouterr().err

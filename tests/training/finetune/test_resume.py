@@ -101,7 +101,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, bpe_dir, caps
 
     # Resuming with other arguments is refused and leaves the state alone
     assert main([*argv, "--resume", "--lr", "2e-3"]) == 1
-    assert "other arguments (lr 0.001 -> 0.002)" in capsys.readouterr().err
+    assert "other arguments (--lr 0.001 -> 0.002)" in capsys.readouterr().err
     # The resumed and the reference run in processes like the killed one's (same threads, same arithmetic)
     resumed = run_training([*argv, "--resume"])
     assert f"resuming after epoch 2 from {state}" in resumed

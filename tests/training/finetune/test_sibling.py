@@ -76,7 +76,7 @@ def test_a_sibling_on_other_labels_keeps_the_prefix_and_shares_it_when_served(tm
                      id="other-blocks"),
         pytest.param(("--tokenizer-dir", "x"), r"brings its weights and tokenizer: drop \['--tokenizer-dir'\]",
                      id="tokenizer"),
-        pytest.param(("--max-tokens", "65"), r"max_tokens must lie in 1..64 for --prefix-from", id="max-tokens"),
+        pytest.param(("--max-tokens", "65"), r"--max-tokens must lie in 1..64 for --prefix-from", id="max-tokens"),
     ],
 )  # fmt: skip
 def test_a_sibling_that_would_not_share_the_prefix_is_refused(tmp_path, base, capsys, extra, message):

@@ -369,10 +369,10 @@ def _results_made_by(tmp_path, checkpoint, data: Path, *argv) -> Path:
     [
         pytest.param("input", "another input", 5, id="another-input"),
         pytest.param("checkpoint", "another checkpoint: its model.safetensors differ", 40, id="another-checkpoint"),
-        pytest.param(["--prior", "0.02"], "prior None then, 0.02 now", 40, id="another-prior"),
-        pytest.param(["--quantize-int8"], "quantize_int8 False then, True now", 40, id="int8"),
-        pytest.param(["--output-prefix", "p_"], "output_prefix '' then, 'p_' now", 40, id="another-prefix"),
-        pytest.param(["--input-format", "lines"], "input_format 'csv' then, 'lines' now", 41, id="another-reading"),
+        pytest.param(["--prior", "0.02"], "--prior None then, 0.02 now", 40, id="another-prior"),
+        pytest.param(["--quantize-int8"], "--quantize-int8 False then, True now", 40, id="int8"),
+        pytest.param(["--output-prefix", "p_"], "--output-prefix '' then, 'p_' now", 40, id="another-prefix"),
+        pytest.param(["--input-format", "lines"], "--input-format 'csv' then, 'lines' now", 41, id="another-reading"),
     ],
 )
 def test_a_resume_is_refused_when_another_run_made_the_output(

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from training.config import BaseModelConfig, EvaluateConfig, FinetuneConfig, changed_options, flatten, from_flat
-from training.finetune.base import base_classifier, pretrained_classifier
+from training.finetune.base import base_classifier, base_config, pretrained_classifier
 from training.finetune.calibration import fit_temperature
 from training.finetune.data import (
     ROLES,
@@ -113,8 +113,8 @@ def finetune(config: FinetuneConfig) -> Path:
     interrupted run saved beside `out` is refused rather than discarded.
 
     Raises ValueError for an `out` that holds files but no checkpoint, or a checkpoint or saved state that this run
-    would replace unasked (ReplaceRefused), data that cannot be split, or a precision the device cannot compute
-    natively;
+    would replace unasked (ReplaceRefused), data that cannot be split, a max_tokens beyond the base's positions (a
+    local base's before the data is read), or a precision the device cannot compute natively;
     training.finetune.resume.ResumeError (a ValueError) for `resume` with state saved by other arguments or data;
     training.runtime.model.WeightsError when the base weights cannot be had; TokenizerError, OSError.
     """
@@ -127,6 +127,8 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     out = Path(config.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / CONFIG_FILE).is_file():
         raise ValueError(f"--out {str(out)!r} holds files but no checkpoint; refusing to replace it")
+    if config.base.base is not None and config.base.max_tokens is not None and Path(config.base.base).is_dir():
+        check_base_positions(config.base, base_config(Path(config.base.base), 2, 0).block_size)  # before the data
     data = config.data
     source = load_dataset(data.data, data.text_column, data.label_column)
     unique, dropped = deduplicate_counted(source)
@@ -400,15 +402,19 @@ def base_model(base: BaseModelConfig, n_labels: int, vocab_size: int, seed: int)
     torch.manual_seed(seed)  # the head (and everything, with init random) starts from the seed
     if base.base is not None:
         model = base_classifier(base.base, n_labels, vocab_size, pretrained=base.init == "pretrained")
-        if base.max_tokens is not None and base.max_tokens > model.config.block_size:
-            raise ValueError(
-                f"max_tokens must lie in 1..{model.config.block_size} for base {base.base!r}, got {base.max_tokens!r}"
-            )
+        check_base_positions(base, model.config.block_size)
         return model
     config = GPTConfig.from_preset(base.preset, vocab_size=vocab_size, n_labels=n_labels)
     if base.init == "random":
         return GPTClassifier(config)
     return pretrained_classifier(config, base.preset, source=base.weights)
+
+
+def check_base_positions(base: BaseModelConfig, block_size: int) -> None:
+    """Raises ValueError for a base.max_tokens beyond `block_size`, the positions of base.base. finetune checks a
+    local base before it reads the data, and base_model a Hub base once it is had."""
+    if base.max_tokens is not None and base.max_tokens > block_size:
+        raise ValueError(f"max_tokens must lie in 1..{block_size} for base {base.base!r}, got {base.max_tokens!r}")
 
 
 def encode(enc: tiktoken.Encoding, ds: Dataset, label_names: list[str], max_tokens: int) -> Examples:

@@ -154,6 +154,9 @@ def test_finetune_from_a_local_base_directory(tmp_path, tokenizer, bpe_dir, caps
     assert torch.equal(checkpoint.model.transformer.h[0].attn.c_attn.weight, hf_first)
     assert main([*argv[:-2], "--max-tokens", "129", "--out", str(tmp_path / "other")]) == 1
     assert "--max-tokens must lie in 1..128 for --base" in capsys.readouterr().err
+    unread = [*argv[:-2], "--max-tokens", "129", "--data", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "o")]
+    assert main(unread) == 1  # refused before the data is read: no complaint about the missing file
+    assert "--max-tokens must lie in 1..128 for --base" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*argv, "--weights", "w.safetensors", "--out", str(tmp_path / "x")])
     assert "give one" in capsys.readouterr().err

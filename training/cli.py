@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     except WeightsError as exc:
         print(f"error: could not get the base GPT-2 weights: {exc}\n{WEIGHTS_HELP}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # an option found wrong only once the run looks (a base's positions, the device)
+    except ValueError as exc:  # an option found wrong once the run looks: a base's positions, emulated bfloat16, ...
         print(f"error: {flag_names(str(exc), cls)}", file=sys.stderr)
         return 1
     except (CheckpointError, NonFiniteLogits, TokenizerError, OSError, ImportError) as exc:

@@ -128,7 +128,8 @@ def _finetune(config: FinetuneConfig, group: Group) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / CONFIG_FILE).is_file():
         raise ValueError(f"--out {str(out)!r} holds files but no checkpoint; refusing to replace it")
     if config.base.base is not None and config.base.max_tokens is not None and Path(config.base.base).is_dir():
-        check_base_positions(config.base, base_config(Path(config.base.base), 2, 0).block_size)  # before the data
+        # before the data is read; only the base's positions count here (no labels, no tokenizer to hold yet)
+        check_base_positions(config.base, base_config(Path(config.base.base), n_labels=2, vocab_size=0).block_size)
     data = config.data
     source = load_dataset(data.data, data.text_column, data.label_column)
     unique, dropped = deduplicate_counted(source)

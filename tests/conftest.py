@@ -15,10 +15,14 @@ from training.runtime.tokenizer import load_tokenizer
 @pytest.fixture(autouse=True)
 def hub_on_loopback(monkeypatch):
     """The Hugging Face Hub's endpoint is a closed loopback port: a test that reaches for the Hub is refused at once,
-    and nothing leaves the machine."""
+    and nothing leaves the machine. Proxy variables are cleared too: through a proxy, even the loopback endpoint
+    would be asked of another machine (training.finetune.base.hub_unreachable probes the proxy when one is set)."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    for name in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
 
 
 @pytest.fixture(scope="session")

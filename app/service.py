@@ -21,7 +21,7 @@ from app.edge.protocol import ARRIVAL_TIMEOUT_STATE
 from app.errors import ClientClosedRequest, ErrorDetail, InvalidInput, ModelError, NotReady
 from app.feedback import Feedback
 from app.metrics import Metrics
-from app.models import ModelRegistry, ServedModel, yield_to_serving
+from app.models import ModelRegistry, ServedModel
 from app.schemas import Health, Info, ModelInfo
 from app.settings import Settings
 from app.spamd import SpamdServer
@@ -83,16 +83,11 @@ class Service:
         self.models = ModelRegistry(settings.classifier_options(), self.metrics)
         self.batch_limits = settings.batch_limits()
         self._batcher: Batcher | None = None
-        # Every model call (load, warm-up, batches) on this one thread: torch's intra-op thread pool belongs to
-        # the thread that calls it, and one pool per calling thread would leave idle pools spinning on the cores
-        # that the running one needs.
+        # Every model call at startup (load, warm-up) and every batch on this one thread: torch's intra-op thread
+        # pool belongs to the thread that calls it, and a second live pool slows every batch (app.models.
+        # loading_thread, which loads the models changed while serving on threads that end)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spamgpt-model")
         self.feedback: Feedback | None = None  # the corrections store, when settings.feedback_enabled
-        # Models added or replaced while serving load and warm up here, beside the model thread that keeps serving,
-        # at a lower priority (app.models.yield_to_serving): where cores are short, the batches go first
-        self.load_thread = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="spamgpt-load", initializer=yield_to_serving
-        )
 
     @property
     def model_name(self) -> str | None:
@@ -147,7 +142,6 @@ class Service:
         if self._batcher is not None:
             await self._batcher.stop()
         self.model_thread.shutdown()
-        self.load_thread.shutdown()
         if self.feedback is not None:
             self.feedback.close()
 

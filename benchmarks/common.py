@@ -34,6 +34,8 @@ BPE_DIR = SHARED_DATA / "gpt2-bpe"
 RESULTS = ROOT / "benchmarks" / "results"
 # random_checkpoint's, written once and reused by the benchmarks that start servers (git-ignored)
 RANDOM_CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "gpt2-random"
+# other random weights (seed 1): what a live change loads
+SECOND_RANDOM_CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "gpt2-random-seed1"
 SPLIT_OVERHEAD_TOKENS = 64  # what one forward pass costs beyond its tokens, for splitting the stricter setup's passes
 
 Forward = Callable[[list[list[int]]], torch.Tensor]  # token id rows -> probabilities on the CPU, (N, n_labels)
@@ -155,12 +157,12 @@ def random_checkpoint(directory: Path, seed: int = 0) -> Path:
     return save_checkpoint(directory, model, BPE_DIR, card)
 
 
-def cached_random_checkpoint(directory: Path = RANDOM_CHECKPOINT) -> Path:
-    """random_checkpoint (seed 0, max_tokens 256) in `directory`: written once, reused while this spamgpt loads it."""
+def cached_random_checkpoint(directory: Path = RANDOM_CHECKPOINT, seed: int = 0) -> Path:
+    """random_checkpoint (`seed`, max_tokens 256) in `directory`: written once, reused while this spamgpt loads it."""
     try:
         load_checkpoint(directory)
     except CheckpointError:
-        return random_checkpoint(directory)
+        return random_checkpoint(directory, seed)
     return directory
 
 

@@ -33,33 +33,21 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import (
-    ROOT,
+    SECOND_RANDOM_CHECKPOINT,
     cached_random_checkpoint,
     count,
     duration,
     print_table,
-    random_checkpoint,
     require_shared_data,
     rss_mib,
     sample_texts,
     write_result,
 )
 from tests.live_server import live_server
-from training.runtime.checkpoint import CheckpointError, load_checkpoint
 
 KEY = "benchmark-key"
-SECOND_CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "gpt2-random-seed1"
 P99_TARGET = 1.5  # p99 during replacements at most this many times p99 without
 RSS_SLACK = 0.10  # after a removal, RSS within this share of the removed model's size of where it was
-
-
-def second_checkpoint() -> Path:
-    """random_checkpoint with seed 1 in SECOND_CHECKPOINT: written once, reused while this spamgpt loads it."""
-    try:
-        load_checkpoint(SECOND_CHECKPOINT)
-    except CheckpointError:
-        return random_checkpoint(SECOND_CHECKPOINT, seed=1)
-    return SECOND_CHECKPOINT
 
 
 def percentiles(values: list[float]) -> dict:
@@ -162,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.replacements % args.rounds:
         parser.error(f"--replacements {args.replacements} must be a multiple of --rounds {args.rounds}")
     require_shared_data()
-    checkpoints = [cached_random_checkpoint(), second_checkpoint()]
+    checkpoints = [cached_random_checkpoint(), cached_random_checkpoint(SECOND_RANDOM_CHECKPOINT, seed=1)]
     texts = sample_texts(500, args.seed)
     random.Random(args.seed).shuffle(texts)
     settings = {"models": f"spam={checkpoints[0]}", "api_key": KEY, "torch_threads": args.torch_threads}

@@ -84,7 +84,7 @@ async def put_model(name: ModelName, body: CheckpointSource, service: ReadyServi
     holding the old version finish on it, later ones get the new. Answers once the old version's last request is
     answered and its memory given back. A checkpoint that fails its checks or its warm-up is refused (422) and
     changes nothing. Changes to one name are made one at a time, in the order they arrive."""
-    model, previous = await service.models.put(name, FilePath(body.checkpoint), service.load_thread)
+    model, previous = await service.models.put(name, FilePath(body.checkpoint))
     response.status_code = 200 if previous else 201
     replaced = None if previous is None else Replaced(revision=previous.revision, checkpoint=str(previous.path))
     return ModelChange(model=service.model_info(model), replaced=replaced)

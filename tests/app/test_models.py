@@ -9,7 +9,6 @@ import logging
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -402,7 +401,7 @@ def test_a_replacement_lets_waiting_requests_finish_on_the_old_version_and_later
         release = await hold_model_thread(service)
         waiting = [asyncio.create_task(service.classify(TEXTS, never_disconnects, model="b")) for _ in range(3)]
         await until(lambda: old.in_use == 3)
-        put = asyncio.create_task(service.models.put("b", tmp_path / "b2", service.load_thread))
+        put = asyncio.create_task(service.models.put("b", tmp_path / "b2"))
         await until(lambda: service.models.get("b") is not old)
         assert service.health().status == "ok" and not put.done()  # the old version is still held
         later = asyncio.create_task(service.classify(TEXTS, never_disconnects, model="b"))
@@ -455,11 +454,9 @@ def test_replacements_of_one_model_run_one_at_a_time_in_the_order_asked(checkpoi
 
     async def test(service: Service):
         monkeypatch.setattr(Classifier, "load", classmethod(timed_load))
-        # the loads run on two threads, so nothing but the registry's lock keeps them apart
-        service.load_thread = ThreadPoolExecutor(max_workers=2)
-        first = asyncio.create_task(service.models.put("b", tmp_path / "b2", service.load_thread))
-        second = asyncio.create_task(service.models.put("b", tmp_path / "bad", service.load_thread))
-        third = asyncio.create_task(service.models.put("b", checkpoints / "c", service.load_thread))
+        first = asyncio.create_task(service.models.put("b", tmp_path / "b2"))
+        second = asyncio.create_task(service.models.put("b", tmp_path / "bad"))
+        third = asyncio.create_task(service.models.put("b", checkpoints / "c"))
         results = await asyncio.gather(first, second, third, return_exceptions=True)
         return results, service.models.get("b")
 
@@ -470,6 +467,33 @@ def test_replacements_of_one_model_run_one_at_a_time_in_the_order_asked(checkpoi
     assert isinstance(second, CheckpointRefused) and "non-finite logits" in second.message
     assert third[1] is first[0] and third[0] is serving and serving.revision == 3
     assert serving.classifier.card.labels == ("ham", "spam")
+
+
+def test_a_change_while_serving_loads_on_a_thread_that_ends_with_it(checkpoints, tmp_path):
+    # a thread that had run torch and lived on would keep a second OpenMP pool beside the model thread's, and slow
+    # every later batch (app.models.loading_thread)
+    loaders = []
+    load = Classifier.load
+
+    def recorded_load(cls, path, options):
+        loaders.append(threading.current_thread())
+        return load(path, options)
+
+    async def test(service: Service):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Classifier, "load", classmethod(recorded_load))
+            first, _ = await service.models.put("b", tmp_path / "b2")
+            await service.models.put("extra", checkpoints / "c")
+        answer = await service.classify(TEXTS, never_disconnects, model="b")
+        return first.revision, answer
+
+    revision, answer = run_service(several(checkpoints), test)
+    assert revision == 2 and len(answer["results"]) == len(TEXTS)
+    assert len(loaders) == 2 and loaders[0] is not loaders[1]
+    assert all(thread is not threading.main_thread() for thread in loaders)
+    for thread in loaders:
+        thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in loaders), "a loading thread outlived its change"
 
 
 def test_batches_take_the_heads_group_from_several_requests_and_leave_the_others_in_place():

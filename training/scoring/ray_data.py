@@ -20,6 +20,8 @@ CPUs, one. A fixed pool larger than what fits would leave its pending actors wai
 hold and the reads starved of one, so nothing would finish.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from training.runtime.classifier import Classifier
@@ -34,11 +36,18 @@ class RayScorer:
     """The callable class for `Dataset.map_batches`: each Ray worker (actor) builds one, which loads and checks the
     checkpoint once; each call scores a batch of rows in NumPy format (column name -> array).
 
+    The load and every batch run on one thread of the scorer's own: Ray Data builds the scorer and calls it on
+    different threads, and torch's intra-op thread pool belongs to the thread that calls it; two live pools in one
+    process slow every batch (app.models.loading_thread says how). Measured with one worker of 2 CPUs on 2 cores,
+    2,048 texts, worker start and load included: int8 13.3-13.5 s against 15.8-16.3 s with the model called on Ray's
+    threads, float32 36.5-36.7 s against 37.6-37.7 s.
+
     Raises CheckpointError (in the worker) for a checkpoint that cannot be loaded.
     """
 
     def __init__(self, checkpoint: str, options: ClassifierOptions, text_column: str = "text", prefix: str = ""):
-        self.classifier = Classifier.load(checkpoint, options)
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spamgpt-model")
+        self.classifier = self.model_thread.submit(Classifier.load, checkpoint, options).result()
         self.text_column, self.prefix = text_column, prefix
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -46,7 +55,8 @@ class RayScorer:
         added."""
         usable = np.array([usable_text(text) for text in batch[self.text_column]], dtype=bool)
         batch = {name: column[usable] for name, column in batch.items()}
-        predictions = self.classifier.classify([str(text) for text in batch[self.text_column]])
+        texts = [str(text) for text in batch[self.text_column]]
+        predictions = self.model_thread.submit(self.classifier.classify, texts).result()
         records = [result_record(p) for p in predictions]
         columns = result_columns(self.classifier.card.labels)
         added = {self.prefix + name: np.array([r[name] for r in records]) for name in columns}

@@ -86,6 +86,9 @@ class ModelRegistry:
         self._revisions: dict[str, int] = defaultdict(int)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._loading = asyncio.Lock()  # loads while serving, one at a time: one model's memory in flight
+        # what reads the default model's labels as they were at startup (the spamd listener, the feedback store):
+        # while anything does, a replacement of the default model must keep them
+        self.label_readers: list[str] = []
 
     async def start(
         self, sources: list[tuple[str | None, Path]], default: str | None, loader: Executor
@@ -204,7 +207,8 @@ class ModelRegistry:
         replaced.
 
         Raises CheckpointRefused with the loader's reason (CheckpointError, ValueError, RuntimeError of a failed
-        warm-up): nothing changes then.
+        warm-up), or for a replacement of the default model with other labels while label_readers read them: nothing
+        changes then.
         """
         loop = asyncio.get_running_loop()
         async with self._locks[name]:
@@ -212,6 +216,7 @@ class ModelRegistry:
                 with loading_thread() as loader:
                     try:
                         classifier = await loop.run_in_executor(loader, Classifier.load, path, self.options)
+                        self._check_labels(name, classifier.card.labels)
                     except Exception as exc:
                         self.metrics.model_changes.labels(model=name, change="refused").inc()
                         raise CheckpointRefused(f"{path}: {type(exc).__name__}: {exc}") from None
@@ -225,6 +230,19 @@ class ModelRegistry:
             if previous is not None:
                 await self._give_back(previous)
             return model, previous
+
+    def _check_labels(self, name: str, labels: tuple[str, ...]) -> None:
+        """Raises ValueError for a replacement of the default model with other labels while label_readers read
+        them."""
+        if name != self.default or not self.label_readers:
+            return
+        served = self.models[name].classifier.card.labels
+        if labels != served:
+            raise ValueError(
+                f"the labels of {name!r}, the default model, are {list(served)} and are used by "
+                f"{' and '.join(self.label_readers)}: a replacement keeps them (restart the server to change them); "
+                f"this checkpoint's are {list(labels)}"
+            )
 
     async def remove(self, name: str) -> ServedModel:
         """Stop serving `name`: requests that already hold it finish on it, later ones get UnknownModel. Returns

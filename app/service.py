@@ -113,6 +113,7 @@ class Service:
             await self.models.start(s.model_sources(), s.default_model, self.model_thread)
             if s.feedback_enabled:  # a damaged database stops the start, naming its file
                 self.feedback = await Feedback.open(s.feedback_path, self.classifier.card.labels)
+                self.models.label_readers.append("the feedback store")
         except Exception as exc:
             self.status, self.detail = "failed", f"{type(exc).__name__}: {exc}"
             raise

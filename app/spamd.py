@@ -163,6 +163,7 @@ class SpamdServer:
         """Raises RuntimeError for a model with no spam label, OSError when the address cannot be listened on."""
         s = self.settings
         self.spam_label = spam_label(self.service.classifier.card.labels)
+        self.service.models.label_readers.append("the spamd listener")
         self._server = await asyncio.start_server(self._connection, s.spamd_host, s.spamd_port, limit=MAX_LINE_BYTES)
         log.info("spamd protocol on %s:%d", s.spamd_host, s.spamd_port)
         if s.spamd_allow_tell and self.service.feedback is None:

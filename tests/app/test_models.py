@@ -469,6 +469,30 @@ def test_replacements_of_one_model_run_one_at_a_time_in_the_order_asked(checkpoi
     assert serving.classifier.card.labels == ("ham", "spam")
 
 
+def test_the_default_model_keeps_its_labels_while_the_feedback_store_reads_them(checkpoints, tmp_path):
+    # the feedback store was opened with the default model's labels, as the spamd listener takes its spam label
+    async def test(service: Service):
+        with pytest.raises(CheckpointRefused) as refused:
+            await service.models.put("a", tmp_path / "b2")  # labels x, y, z
+        other_name, _ = await service.models.put("c", tmp_path / "b2")  # not the default: free to change
+        same_labels, _ = await service.models.put("a", checkpoints / "c")
+        return refused.value.message, other_name.classifier.card.labels, same_labels.revision
+
+    settings = several(checkpoints, feedback_enabled=True, feedback_path=tmp_path / "feedback.db")
+    message, other_labels, revision = run_service(settings, test)
+    assert message.endswith(
+        "ValueError: the labels of 'a', the default model, are ['ham', 'spam'] and are used by the feedback store: "
+        "a replacement keeps them (restart the server to change them); this checkpoint's are ['x', 'y', 'z']"
+    )
+    assert other_labels == ("x", "y", "z") and revision == 2
+
+    async def unread(service: Service):  # nothing reads the default model's labels: they may change
+        new, _ = await service.models.put("a", tmp_path / "b2")
+        return new.classifier.card.labels
+
+    assert run_service(several(checkpoints), unread) == ("x", "y", "z")
+
+
 def test_a_change_while_serving_loads_on_a_thread_that_ends_with_it(checkpoints, tmp_path):
     # a thread that had run torch and lived on would keep a second OpenMP pool beside the model thread's, and slow
     # every later batch (app.models.loading_thread)

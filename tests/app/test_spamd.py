@@ -10,6 +10,7 @@ import subprocess
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import aiospamc
@@ -498,3 +499,26 @@ def test_a_client_outside_the_allowed_ips_and_one_over_the_connection_limit_are_
             time.sleep(1)  # for the server to accept it first
             busy = exchange(port, b"PING SPAMC/1.5\r\n\r\n")
         assert busy == b"SPAMD/1.0 75 EX_TEMPFAIL Service busy: 1 connections open, retry later\r\n"
+
+
+def test_a_replacement_of_the_default_model_with_other_labels_is_refused_and_spamd_serves_on(
+    tiny_config, bpe_dir, tmp_path
+):
+    # the listener took its spam label from the default model at startup: a model without it would fail every CHECK
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "spam", GPTClassifier(tiny_config), bpe_dir, tiny_card())
+    three = replace(tiny_config, n_labels=3)
+    languages = save_checkpoint(tmp_path / "lang", GPTClassifier(three), bpe_dir, tiny_card(labels=("de", "en", "fr")))
+    port = free_port()
+    settings = {"models": f"spam={checkpoint}", "api_key": "secret", "spamd_port": port}
+    with (
+        live_server(None, tmp_path / "server.log", **settings) as (url, _),
+        httpx.Client(base_url=url, headers={"X-API-Key": "secret"}, trust_env=False, timeout=30) as http,
+    ):
+        refused = http.put("/admin/models/spam", json={"checkpoint": str(languages)})
+        answer = exchange(port, request("CHECK", MESSAGES["plain"]))
+        assert http.get("/admin/models").json()["models"][0]["revision"] == 1
+    assert refused.status_code == 422
+    assert refused.json()["error"]["type"] == "checkpoint_refused"
+    assert "are ['ham', 'spam'] and are used by the spamd listener" in refused.json()["error"]["message"]
+    assert answer.startswith(b"SPAMD/1.1 0 EX_OK\r\nSpam: ")

@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 
 from app.settings import Settings
-from tests.helpers import documentation_pages
+from tests.helpers import documentation_pages, sibling
+from training.runtime.classifier import Classifier
+from training.runtime.options import ClassifierOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIABLE = re.compile(r"SPAMGPT_[A-Z0-9_]*[A-Z0-9]")
@@ -77,3 +79,25 @@ def test_every_link_in_the_readme_and_docs_lands():
 def test_the_readme_links_every_page_under_docs():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert [page.name for page in documentation_pages()[1:] if f"](docs/{page.name})" not in readme] == []
+
+
+def python_block(page: str, after: str) -> str:
+    """The first ```python block of `page` after the text `after`."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    start = text.index("```python\n", text.index(after)) + len("```python\n")
+    return text[start : text.index("```", start)]
+
+
+def test_the_shared_prefix_example_runs_as_written(tmp_path, tiny_config, bpe_dir, monkeypatch, capsys):
+    checkpoints = tmp_path / "checkpoints"
+    sibling(checkpoints / "spam", tiny_config, bpe_dir, base_seed=0, tail_seed=1)
+    sibling(checkpoints / "questions", tiny_config, bpe_dir, base_seed=0, tail_seed=2, labels=("question", "other"))
+    texts = ["WINNER!! Claim your free prize now", "See you at 5?"]
+    alone = {
+        name: [p.label for p in Classifier.load(checkpoints / name, ClassifierOptions(device="cpu")).classify(texts)]
+        for name in ("spam", "questions")
+    }
+    monkeypatch.chdir(tmp_path)
+    exec(python_block("docs/serving.md", "Served together from Python"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["['spam', 'questions']", f"spam {alone['spam']}", f"questions {alone['questions']}"]

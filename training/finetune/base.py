@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from safetensors.torch import load_file
 
 from training.runtime.model import GPTClassifier, GPTConfig, WeightsError, load_hf_gpt2
+from training.runtime.tokenizer import file_problem
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
 # OpenAI's GPT-2 weights for the presets of their sizes
@@ -104,8 +105,8 @@ def base_config(directory: Path, n_labels: int, vocab_size: int) -> GPTConfig:
     a vocabulary smaller than the tokenizer's, or sizes our model cannot take.
     """
     file = directory / CONFIG_FILE
-    if not file.is_file():
-        raise WeightsError(f"{file}: missing; a base model directory needs config.json and its safetensors")
+    if problem := file_problem(file):
+        raise WeightsError(f"{file}: {problem}; a base model directory needs config.json and its safetensors")
     try:
         raw = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -22,6 +22,7 @@ from pathlib import Path
 from training.runtime.mail import DEFAULT_EXTRACTION, Extraction
 from training.runtime.mail_sources import Unreadable, display, label_entries, read_mail
 from training.runtime.text import NO_VISIBLE_CHARACTERS, has_visible_characters, near_duplicate_key
+from training.runtime.tokenizer import file_problem
 
 _SMS_FILE = "SMSSpamCollection"
 # The UCI SMS Spam Collection v.1 (CC BY 4.0; credits in training/assets/README.md), gzipped: 206,683 bytes
@@ -500,8 +501,8 @@ def select_split(ds: Dataset, file: Path, name: str) -> Dataset:
 
     Raises ValueError when the file is missing, records no such role or none of the rows is in it.
     """
-    if not file.is_file():
-        raise ValueError(f"{file}: missing, so --split {name} cannot be selected")
+    if problem := file_problem(file):
+        raise ValueError(f"{file}: {problem}, so --split {name} cannot be selected")
     recorded = json.loads(file.read_text())
     if name not in recorded:
         raise ValueError(f"{file}: records no {name!r} rows (it has {sorted(recorded)})")

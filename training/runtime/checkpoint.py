@@ -32,7 +32,7 @@ from training.runtime.mail import Extraction
 from training.runtime.model import GPTClassifier, GPTConfig
 from training.runtime.prefix import PrefixFingerprint, mismatches
 from training.runtime.record import from_flat
-from training.runtime.tokenizer import BPE_FILES, TokenizerError, bpe_hashes, load_tokenizer
+from training.runtime.tokenizer import BPE_FILES, TokenizerError, bpe_hashes, file_problem, load_tokenizer
 
 FORMAT_VERSION = 2
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR, REPORT_DIR = (
@@ -230,9 +230,14 @@ def _serve_at(card: ModelCard, rate: float) -> tuple[ModelCard, Readout]:
     return served, readout
 
 
+def _require_file(file: Path) -> None:
+    """Raises CheckpointError unless `file` is a regular file (tokenizer.file_problem says why not)."""
+    if problem := file_problem(file):
+        raise CheckpointError(f"{file}: {problem}")
+
+
 def _read_json(file: Path) -> dict:
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
+    _require_file(file)
     try:
         raw = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -391,8 +396,7 @@ def _threshold(file: Path, threshold: object, labels: list[str]) -> Threshold | 
 
 
 def _read_weights(file: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
+    _require_file(file)
     try:
         state = load_file(file)
     except Exception as exc:  # safetensors raises its own error types for truncation and bad headers

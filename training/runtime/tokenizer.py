@@ -33,11 +33,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_problem(file: Path) -> str | None:
+    """Why `file` cannot be read as a file: "missing" where nothing is there, "not a regular file" where a
+    directory, a FIFO or a device is (reading a FIFO would wait for a writer); None for a regular file."""
+    if file.is_file():
+        return None
+    return "not a regular file" if file.exists() else "missing"
+
+
 def bpe_hashes(directory: Path) -> dict[str, str]:
-    """{file name: sha256} of `directory`'s BPE_FILES; TokenizerError naming the first one missing."""
-    missing = [name for name in BPE_FILES if not (directory / name).is_file()]
-    if missing:
-        raise TokenizerError(f"{directory / missing[0]}: tokenizer file missing")
+    """{file name: sha256} of `directory`'s BPE_FILES; TokenizerError naming the first one missing or not a regular
+    file (a directory, a FIFO)."""
+    for file in (directory / name for name in BPE_FILES):
+        if problem := file_problem(file):
+            raise TokenizerError(f"{file}: tokenizer file {problem}")
     return {name: sha256_file(directory / name) for name in BPE_FILES}
 
 

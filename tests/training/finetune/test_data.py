@@ -559,6 +559,11 @@ def test_split_file_selects_each_role(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps({"train": [], "validation": [], "test": []}))
     with pytest.raises(ValueError, match=r"records no 'evaluation' rows"):
         select_split(ds, tmp_path / "old.json", "evaluation")
+    with pytest.raises(ValueError, match=r"gone\.json: missing, so --split test cannot be selected$"):
+        select_split(ds, tmp_path / "gone.json", "test")
+    (tmp_path / "dir" / "split.json").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"split\.json: not a regular file, so --split test cannot be selected$"):
+        select_split(ds, tmp_path / "dir" / "split.json", "test")
 
 
 def test_fingerprint_covers_texts_labels_and_order():

@@ -97,6 +97,14 @@ def test_configs_we_cannot_compute_are_refused_naming_what_was_found(tmp_path, t
         base_config(write_config(tmp_path / "base", **config), n_labels=2, vocab_size=tokenizer.n_vocab)
 
 
+def test_a_base_config_that_is_missing_or_not_a_file_is_named_as_such(tmp_path, tokenizer):
+    with pytest.raises(WeightsError, match=r"base/config\.json: missing; a base model directory needs"):
+        base_config(tmp_path / "base", n_labels=2, vocab_size=tokenizer.n_vocab)
+    (tmp_path / "base" / "config.json").mkdir(parents=True)
+    with pytest.raises(WeightsError, match=r"base/config\.json: not a regular file; a base model directory needs"):
+        base_config(tmp_path / "base", n_labels=2, vocab_size=tokenizer.n_vocab)
+
+
 def test_missing_weights_and_missing_shards_are_named(tmp_path, tokenizer):
     base = write_config(tmp_path / "base", model_type="gpt2", vocab_size=tokenizer.n_vocab, **ODD)
     with pytest.raises(WeightsError, match=r"neither model\.safetensors nor model\.safetensors\.index\.json"):

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import pytest
@@ -49,7 +50,12 @@ def test_load_onto_a_lower_precision_dtype(tiny_checkpoint):
     [
         pytest.param(lambda c: c.rename(c.with_name("moved")), r"ckpt: checkpoint directory not found", id="no-dir"),
         pytest.param(lambda c: shutil.rmtree(c) or c.write_text("text,label\n"), r"ckpt: not a directory", id="a-file"),
-        pytest.param(lambda c: (c / "config.json").unlink(), r"config\.json: missing", id="no-config"),
+        pytest.param(lambda c: (c / "config.json").unlink(), r"config\.json: missing$", id="no-config"),
+        pytest.param(
+            lambda c: (c / "config.json").unlink() or os.mkfifo(c / "config.json"),
+            r"config\.json: not a regular file$",
+            id="config-fifo",
+        ),
         pytest.param(
             lambda c: (c / "config.json").write_text("{not json"), r"config\.json: not valid JSON", id="config-not-json"
         ),
@@ -122,7 +128,17 @@ def test_load_onto_a_lower_precision_dtype(tiny_checkpoint):
             r"'tokenizer' must record the sha256 of \['vocab\.bpe'",
             id="tokenizer-field",
         ),
-        pytest.param(lambda c: (c / "model.safetensors").unlink(), r"model\.safetensors: missing", id="no-weights"),
+        pytest.param(lambda c: (c / "model.safetensors").unlink(), r"model\.safetensors: missing$", id="no-weights"),
+        pytest.param(
+            lambda c: (c / "model.safetensors").unlink() or (c / "model.safetensors").mkdir(),
+            r"model\.safetensors: not a regular file$",
+            id="weights-a-directory",
+        ),
+        pytest.param(
+            lambda c: (c / "tokenizer" / "vocab.bpe").unlink() or os.mkfifo(c / "tokenizer" / "vocab.bpe"),
+            r"vocab\.bpe: tokenizer file not a regular file$",
+            id="tokenizer-fifo",
+        ),
         pytest.param(truncate, r"model\.safetensors: not a readable safetensors file", id="truncated"),
         pytest.param(flip_header_byte, r"model\.safetensors: not a readable safetensors file", id="header-byte"),
         pytest.param(plant_pickle, r"model\.safetensors: not a readable safetensors file", id="pickle"),

@@ -20,6 +20,7 @@ from app.errors import (
 )
 from app.routes.deps import ReadyService, ServiceDep, require_api_key
 from app.schemas import ModelInfo
+from app.service import Service
 from app.settings import MODEL_NAME
 
 
@@ -30,6 +31,17 @@ async def require_admin_key(service: ServiceDep) -> None:
 
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key), Depends(require_api_key)])
+
+
+async def changeable_service(service: ReadyService) -> Service:
+    """The service, unless it is shutting down; raises NotReady (503) then: a model loaded while draining would
+    never serve, and its load would hold the shutdown back."""
+    if service.status == "draining":
+        raise NotReady("the server is shutting down: no model changes while it drains")
+    return service
+
+
+ChangeableService = Annotated[Service, Depends(changeable_service)]
 ModelName = Annotated[str, Path(pattern=f"^{MODEL_NAME.pattern}$", description="1 to 64 letters, digits, . _ -")]
 ADMIN_ERRORS = (AdminDisabled, Unauthorized, NotReady)
 
@@ -78,7 +90,9 @@ async def list_models(service: ReadyService) -> ModelList:
     responses={201: {"model": ModelChange, "description": "Added"}}
     | error_responses(*ADMIN_ERRORS, CheckpointRefused, InvalidInput),
 )
-async def put_model(name: ModelName, body: CheckpointSource, service: ReadyService, response: Response) -> ModelChange:
+async def put_model(
+    name: ModelName, body: CheckpointSource, service: ChangeableService, response: Response
+) -> ModelChange:
     """Serve the checkpoint at `checkpoint` as `name`: 201 when added, 200 when it replaces the version serving now.
     The new version is loaded and warmed up while the old one serves, then takes over at once: requests already
     holding the old version finish on it, later ones get the new. Answers once the old version's last request is
@@ -91,7 +105,7 @@ async def put_model(name: ModelName, body: CheckpointSource, service: ReadyServi
 
 
 @router.delete("/models/{name}", responses=error_responses(*ADMIN_ERRORS, UnknownModel, ModelConflict))
-async def remove_model(name: str, service: ReadyService) -> Removal:
+async def remove_model(name: str, service: ChangeableService) -> Removal:
     """Stop serving `name`: requests that already hold it finish on it, later ones get 404. Answers once its last
     request is answered and its memory given back. The default model cannot be removed (409)."""
     model = await service.models.remove(name)

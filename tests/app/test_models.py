@@ -469,6 +469,19 @@ def test_replacements_of_one_model_run_one_at_a_time_in_the_order_asked(checkpoi
     assert serving.classifier.card.labels == ("ham", "spam")
 
 
+def test_no_model_changes_while_draining_and_the_list_still_answers(client, checkpoints):
+    client.app.state.service.drain()
+    added = client.put("/admin/models/extra", json={"checkpoint": str(checkpoints / "c")}, headers=KEY)
+    removed = client.delete("/admin/models/c", headers=KEY)
+    for answer in (added, removed):
+        error = error_of(answer, 503)
+        assert (error["type"], error["message"]) == (
+            "not_ready",
+            "the server is shutting down: no model changes while it drains",
+        )
+    assert sorted(m["model"] for m in client.get("/admin/models", headers=KEY).json()["models"]) == ["a", "b", "c"]
+
+
 def test_the_default_model_keeps_its_labels_while_the_feedback_store_reads_them(checkpoints, tmp_path):
     # the feedback store was opened with the default model's labels, as the spamd listener takes its spam label
     async def test(service: Service):

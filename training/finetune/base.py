@@ -174,7 +174,10 @@ def base_tensors(directory: Path) -> dict:
 
 
 def read_tensors(file: Path) -> dict:
-    """Every tensor of the safetensors `file`. Raises WeightsError naming it when it is missing or unreadable."""
+    """Every tensor of the safetensors `file`. Raises WeightsError naming it when it is missing, not a regular file
+    (a FIFO would block the read until something wrote to it) or unreadable."""
+    if problem := file_problem(file):
+        raise WeightsError(f"{file}: {problem}")
     try:
         return load_file(file)
     except Exception as exc:  # missing shard, truncation, a header safetensors cannot read

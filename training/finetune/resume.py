@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from training.config import changed_options
 from training.finetune.loop import History, TrainState
+from training.runtime.tokenizer import file_problem
 
 STATE_FORMAT = 1
 STATE_FILE = "state.json"
@@ -103,6 +104,8 @@ def load_state(directory: Path, record: dict) -> TrainState | None:
             "to start over"
         )
     tensor_file = directory / meta["tensors"]
+    if problem := file_problem(tensor_file):  # a FIFO would block the read until something wrote to it
+        raise ResumeError(f"{tensor_file}: {problem}")
     try:
         tensors = load_file(tensor_file)
     except Exception as exc:  # safetensors raises its own error types for truncation and bad headers

@@ -112,6 +112,13 @@ def test_missing_weights_and_missing_shards_are_named(tmp_path, tokenizer):
     (base / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"h.0.ln_1.weight": "shard-1.safetensors"}})
     )
+    with pytest.raises(WeightsError, match=r"shard-1\.safetensors: missing$"):
+        base_classifier(str(base), n_labels=2, vocab_size=tokenizer.n_vocab)
+    (base / "shard-1.safetensors").mkdir()  # as a FIFO would be, which opening would wait on
+    with pytest.raises(WeightsError, match=r"shard-1\.safetensors: not a regular file$"):
+        base_classifier(str(base), n_labels=2, vocab_size=tokenizer.n_vocab)
+    (base / "shard-1.safetensors").rmdir()
+    (base / "shard-1.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(WeightsError, match=r"shard-1\.safetensors: not a readable safetensors file"):
         base_classifier(str(base), n_labels=2, vocab_size=tokenizer.n_vocab)
 

@@ -88,6 +88,18 @@ def test_state_of_another_run_is_refused(tmp_path, record, message):
         load_state(tmp_path, record)
 
 
+def test_a_state_whose_tensor_file_is_gone_or_not_a_file_is_refused_naming_it(tmp_path):
+    _, states, _ = run(TrainConfig(epochs=1, batch_size=6, device="cpu"))
+    save_state(tmp_path, states[0], RECORD)
+    (tensors,) = tmp_path.glob("*.safetensors")
+    tensors.unlink()
+    with pytest.raises(ResumeError, match=rf"{tensors.name}: missing$"):
+        load_state(tmp_path, RECORD)
+    tensors.mkdir()  # as a FIFO would be, which opening would wait on
+    with pytest.raises(ResumeError, match=rf"{tensors.name}: not a regular file$"):
+        load_state(tmp_path, RECORD)
+
+
 # --- A real process, killed ---------------------------------------------------------------------------------
 
 

@@ -157,9 +157,11 @@ def base_tensors(directory: Path) -> dict:
 
     Raises WeightsError naming the file that is missing or unreadable.
     """
-    if (directory / WEIGHTS_FILE).is_file():
-        files = [directory / WEIGHTS_FILE]
-    elif (directory / INDEX_FILE).is_file():
+    if (directory / WEIGHTS_FILE).exists():
+        files = [directory / WEIGHTS_FILE]  # read_tensors refuses one that is not a regular file
+    elif (directory / INDEX_FILE).exists():
+        if problem := file_problem(directory / INDEX_FILE):
+            raise WeightsError(f"{directory / INDEX_FILE}: {problem}")
         try:
             weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -202,8 +204,8 @@ def weights_file(source: str | Path) -> Path:
     path = Path(source)
     if path.is_dir():
         path = path / WEIGHTS_FILE
-    if not path.is_file():
-        raise WeightsError(f"no GPT-2 weights at {path}")
+    if problem := file_problem(path):
+        raise WeightsError(f"no GPT-2 weights at {path}: {problem}")
     return path
 
 

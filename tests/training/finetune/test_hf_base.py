@@ -109,6 +109,10 @@ def test_missing_weights_and_missing_shards_are_named(tmp_path, tokenizer):
     base = write_config(tmp_path / "base", model_type="gpt2", vocab_size=tokenizer.n_vocab, **ODD)
     with pytest.raises(WeightsError, match=r"neither model\.safetensors nor model\.safetensors\.index\.json"):
         base_classifier(str(base), n_labels=2, vocab_size=tokenizer.n_vocab)
+    (base / "model.safetensors").mkdir()
+    with pytest.raises(WeightsError, match=r"base[/\\]model\.safetensors: not a regular file$"):
+        base_classifier(str(base), n_labels=2, vocab_size=tokenizer.n_vocab)
+    (base / "model.safetensors").rmdir()
     (base / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"h.0.ln_1.weight": "shard-1.safetensors"}})
     )
@@ -190,10 +194,13 @@ def test_local_weights_file(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert weights_file(tmp_path) == tmp_path / "model.safetensors"
     assert weights_file(tmp_path / "model.safetensors") == tmp_path / "model.safetensors"
-    with pytest.raises(WeightsError, match=r"no GPT-2 weights at .*elsewhere$"):
+    with pytest.raises(WeightsError, match=r"no GPT-2 weights at .*elsewhere: missing$"):
         weights_file(tmp_path / "elsewhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(WeightsError, match=r"no GPT-2 weights at .*empty[/\\]model\.safetensors$"):
+    with pytest.raises(WeightsError, match=r"no GPT-2 weights at .*empty[/\\]model\.safetensors: missing$"):
+        weights_file(tmp_path / "empty")
+    (tmp_path / "empty" / "model.safetensors").mkdir()  # as a FIFO would be, which opening would wait on
+    with pytest.raises(WeightsError, match=r"model\.safetensors: not a regular file$"):
         weights_file(tmp_path / "empty")
 
 

@@ -182,7 +182,7 @@ def read_tensors(file: Path) -> dict:
         raise WeightsError(f"{file}: {problem}")
     try:
         return load_file(file)
-    except Exception as exc:  # missing shard, truncation, a header safetensors cannot read
+    except Exception as exc:  # truncation, a header safetensors cannot read
         raise WeightsError(f"{file}: not a readable safetensors file ({exc})") from exc
 
 
